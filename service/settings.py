@@ -1,0 +1,104 @@
+"""Service settings, read from `CAMPSEARCH_*` environment variables (and a `.env` file).
+
+One class holds every knob an operator may turn; validators refuse unsafe combinations at
+start-up rather than at the first request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MEBIBYTE = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; the defaults are the embedded laptop setup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CAMPSEARCH_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path("data")
+    checkpoint: Path | None = Field(
+        default=None, description="Model checkpoint; None means the shipped default model."
+    )
+    extractor: Literal["grid", "detectron2"] = "grid"
+    detectron2_weights: Path | None = None
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'")
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db; without it an in-process cache serves."
+    )
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    index_factory: str = Field(
+        default="auto", description="A FAISS factory string, or 'auto' to pick by corpus size."
+    )
+    nprobe: int = Field(default=32, ge=1)
+    ef_search: int = Field(default=128, ge=1)
+
+    max_upload_bytes: int = Field(default=20 * MEBIBYTE, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_query_chars: int = Field(default=2_000, ge=1)
+    max_limit: int = Field(default=100, ge=1)
+    max_candidates: int = Field(default=1_000, ge=1)
+
+    batch_max_size: int = Field(default=16, ge=1, description="Queries per reranker call.")
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    queue_max_size: int = Field(default=256, ge=1, description="Waiting queries before 429.")
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    allow_anonymous_writes: bool = False
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        """Accept a comma-separated string from the environment as well as a list."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_long(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < 16 for key in keys):
+            raise ValueError("every API key must have at least 16 characters")
+        return keys
+
+    @model_validator(mode="after")
+    def _refuse_open_writes_on_the_network(self) -> Settings:
+        """Without API keys, writes are anonymous: only allow that on a loopback address."""
+        if not self.api_keys and not self.allow_anonymous_writes and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host!r} without API keys: set CAMPSEARCH_API_KEYS, "
+                "or CAMPSEARCH_ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes"
+            )
+        return self
+
+    @property
+    def writes_need_key(self) -> bool:
+        return bool(self.api_keys)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own `Settings(...)` instead."""
+    return Settings()

@@ -1,0 +1,114 @@
+"""The micro-batcher groups concurrent jobs, keeps order, and refuses work when full."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batching import MicroBatcher, QueueFullError
+
+
+def test_concurrent_jobs_share_one_call_and_get_their_own_results() -> None:
+    calls: list[list[int]] = []
+
+    def square_all(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        return [job * job for job in jobs]
+
+    async def scenario() -> list[int]:
+        batcher = MicroBatcher(square_all, max_batch_size=8, max_wait_s=0.05)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(n) for n in range(8)))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == [n * n for n in range(8)]
+    assert len(calls) == 1 and sorted(calls[0]) == list(range(8))
+
+
+def test_batch_size_is_bounded() -> None:
+    sizes: list[int] = []
+
+    def identity(jobs: list[int]) -> list[int]:
+        sizes.append(len(jobs))
+        return list(jobs)
+
+    async def scenario() -> list[int]:
+        batcher = MicroBatcher(identity, max_batch_size=3, max_wait_s=0.02)
+        try:
+            return await asyncio.gather(*(batcher.submit(n) for n in range(10)))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == list(range(10))
+    assert max(sizes) <= 3 and sum(sizes) == 10
+
+
+def test_the_model_runs_off_the_event_loop() -> None:
+    loop_threads: set[int] = set()
+
+    def record_thread(jobs: list[int]) -> list[int]:
+        loop_threads.add(threading.get_ident())
+        return list(jobs)
+
+    async def scenario() -> int:
+        batcher = MicroBatcher(record_thread, max_batch_size=2, max_wait_s=0)
+        try:
+            await batcher.submit(1)
+        finally:
+            await batcher.stop()
+        return threading.get_ident()
+
+    event_loop_thread = asyncio.run(scenario())
+    assert loop_threads and event_loop_thread not in loop_threads
+
+
+def test_full_queue_is_refused_with_a_retry_hint() -> None:
+    release = threading.Event()
+
+    def slow(jobs: list[int]) -> list[int]:
+        release.wait(5)
+        return list(jobs)
+
+    async def scenario() -> QueueFullError:
+        batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0, max_queue_size=2)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)  # the worker holds job 0; the queue is empty again
+        waiting = [asyncio.create_task(batcher.submit(n)) for n in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError) as refused:
+            await batcher.submit(3)
+        release.set()
+        assert await first == 0
+        assert [await task for task in waiting] == [1, 2]
+        await batcher.stop()
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.retry_after_s >= 1
+    assert "waiting" in str(refused)
+
+
+def test_a_failing_batch_fails_each_caller_and_the_batcher_keeps_going() -> None:
+    def fail_on_negative(jobs: list[int]) -> list[int]:
+        if any(job < 0 for job in jobs):
+            raise ValueError("negative job")
+        return list(jobs)
+
+    async def scenario() -> int:
+        batcher = MicroBatcher(fail_on_negative, max_batch_size=1, max_wait_s=0)
+        try:
+            with pytest.raises(ValueError, match="negative job"):
+                await batcher.submit(-1)
+            return await batcher.submit(5)
+        finally:
+            await batcher.stop()
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()) == 5
+    assert time.monotonic() - started < 5
