@@ -1,0 +1,584 @@
+"""The corpus: catalog + durable feature store + shortlist indexes, with ONE ingest order and
+ONE recovery rule. No model logic: callers pass arrays computed elsewhere.
+
+Ingest order (`add_image`, `add_caption`):
+  1. image bytes -> ``images/<sha[:2]>/<sha256><ext>`` (temp file, fsync, rename, fsync dir);
+     the name is the content hash, never a client's file name;
+  2. ids reserved in the catalog (a committed counter; never reused);
+  3. region features (float16) and pooled vectors (float32) -> LMDB, in ONE transaction;
+  4. catalog rows -> SQLite, in ONE transaction.  THIS COMMIT IS THE ACKNOWLEDGEMENT:
+     the item exists once, and only once, it commits;
+  5. pooled vectors -> the in-memory FAISS indexes (saved by `save`, which records the model
+     version and catalog sequence it matches).
+Deletes commit the catalog first (the acknowledgement), then update indexes, store, cache, file.
+
+Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
+  * store entries and image files whose id / path has no catalog row are orphans of a crash
+    before step 4 (or after a delete's commit): they are deleted, so never visible;
+  * each index file is loaded; if it is missing, unreadable, truncated, fails its checksum or
+    was built for another dimension/model version, it is REBUILT from the pooled vectors in the
+    store; if it loads but its ids differ from the catalog's (a crash after step 4 before the
+    next save), it is RECONCILED: missing ids added from the store, extra ids removed.
+    Either way a warning says so and why, and the repaired index is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from index.atomic import TEMP_SUFFIX, write_atomically
+from index.cache import CachedFeatureStore, FeatureCache, LocalFeatureCache, cache_keyspace
+from index.catalog import CaptionRecord, Catalog, ImageRecord
+from index.codec import decode_arrays
+from index.errors import (
+    CorruptIndexError,
+    DimensionError,
+    IndexMismatchError,
+    NotFoundError,
+)
+from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
+from index.locks import ReadWriteLock
+from index.shortlist import (
+    DEFAULT_EF_SEARCH,
+    DEFAULT_NPROBE,
+    FLAT,
+    ShortlistIndex,
+    UseGpu,
+    choose_factory,
+)
+
+logger = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.sqlite3"
+STORE_DIR = "features"
+IMAGES_DIR = "images"
+INDEX_DIR = "index"
+AUTO_FACTORY = "auto"
+REBUILD_BATCH = 10_000
+EXTENSION_PATTERN = re.compile(r"^(\.[a-z0-9]{1,5})?$")
+POOLED_KEY = "vector"
+
+Kind = Literal["images", "captions"]
+
+
+def regions_namespace(extractor: str, version: str) -> str:
+    return f"regions:{extractor}:{version}"
+
+
+def pooled_namespace(kind: Kind, model_version: str) -> str:
+    return f"pooled:{kind}:{model_version}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class RegionArrays:
+    """Stored region features of one image (what the reranker and the explanation need)."""
+
+    features: np.ndarray  # float16 [R, D]
+    boxes: np.ndarray  # float32 [R, 4], normalised (x0, y0, x1, y1)
+    image_size: tuple[int, int]  # (width, height) pixels
+
+
+@dataclass(frozen=True)
+class NewCaption:
+    text: str
+    token_ids: Sequence[int]
+    pooled: np.ndarray  # float [dim], the caption's shortlist vector
+
+
+@dataclass(frozen=True)
+class AddedImage:
+    image: ImageRecord
+    captions: tuple[CaptionRecord, ...]
+    created: bool  # False: an image with the same sha256 existed; nothing was written
+
+
+@dataclass
+class RecoveryReport:
+    """What `Corpus.open` found and repaired (also logged)."""
+
+    orphan_features: int = 0
+    orphan_files: int = 0
+    rebuilt: dict[str, str] = field(default_factory=dict)  # index name -> why
+    reconciled: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (+n, -n)
+    missing_pooled: dict[str, int] = field(default_factory=dict)  # name -> rows not indexable
+
+
+class Corpus:
+    """Images and captions that survive restarts and crashes, searchable by pooled vector.
+
+    Thread-safe: writes are serialised; searches run concurrently and never see a row that is
+    not committed in the catalog or that a committed delete removed.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        dim: int,
+        extractor: str,
+        extractor_version: str,
+        model_version: str,
+        image_factory: str = FLAT,
+        caption_factory: str = FLAT,
+        nprobe: int = DEFAULT_NPROBE,
+        ef_search: int = DEFAULT_EF_SEARCH,
+        use_gpu: UseGpu = "auto",
+        cache: FeatureCache | None = None,
+        map_size: int = DEFAULT_MAP_SIZE,
+    ) -> None:
+        """Prefer `Corpus.open`, which also runs the recovery rule."""
+        self.data_dir = Path(data_dir)
+        self.dim = dim
+        self.model_version = model_version
+        self.regions_namespace = regions_namespace(extractor, extractor_version)
+        self._factories = {"images": image_factory, "captions": caption_factory}
+        self._index_options: dict[str, Any] = {
+            "nprobe": nprobe,
+            "ef_search": ef_search,
+            "use_gpu": use_gpu,
+        }
+        self.catalog = Catalog(self.data_dir / CATALOG_FILE)
+        self.store = FeatureStore(self.data_dir / STORE_DIR, map_size=map_size)
+        self.cache = cache if cache is not None else LocalFeatureCache()
+        self.regions = CachedFeatureStore(
+            self.store,
+            self.cache,
+            namespace=self.regions_namespace,
+            keyspace=cache_keyspace(extractor, extractor_version),
+        )
+        self.indexes: dict[Kind, ShortlistIndex] = {}
+        self._write_lock = threading.Lock()
+        self._visibility = ReadWriteLock()
+        self._dirty = False
+        self.recovery = RecoveryReport()
+
+    @classmethod
+    def open(cls, data_dir: Path, **options: Any) -> Corpus:
+        """Open (or create) the corpus in `data_dir` and apply the recovery rule.
+
+        Options are `Corpus.__init__`'s keyword arguments. A factory of "auto" picks one by
+        corpus size (`choose_factory`) when the index is (re)built.
+        """
+        corpus = cls(data_dir, **options)
+        corpus._recover()
+        return corpus
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def add_image(
+        self,
+        image_bytes: bytes,
+        *,
+        width: int,
+        height: int,
+        region_features: np.ndarray,
+        region_boxes: np.ndarray,
+        pooled: np.ndarray,
+        captions: Sequence[NewCaption] = (),
+        extension: str = "",
+    ) -> AddedImage:
+        """Store an image with its regions, shortlist vector and captions; durable on return.
+
+        region_features [R, D] (stored float16), region_boxes [R, 4] normalised, pooled [dim].
+        `extension` (e.g. ".jpg", from the decoded format, never the client's name) is appended
+        to the stored file name. An image whose sha256 exists is not stored again: the existing
+        record comes back with `created=False` and `captions` are ignored (use `add_caption`).
+        """
+        features, boxes = _region_arrays(region_features, region_boxes)
+        image_vector = self._pooled(pooled)
+        caption_vectors = [self._pooled(caption.pooled) for caption in captions]
+        if not EXTENSION_PATTERN.match(extension):
+            raise ValueError(f"extension must look like '.jpg', got {extension!r}")
+        sha256 = sha256_hex(image_bytes)
+        with self._write_lock:
+            existing = self.catalog.find_image_by_sha256(sha256)
+            if existing is not None:
+                return AddedImage(existing, tuple(self.catalog.captions_of(existing.id)), False)
+            stored_path = self._write_image_file(sha256, image_bytes, extension)
+            (image_id,) = self.catalog.allocate_ids("images", 1)
+            caption_ids = self.catalog.allocate_ids("captions", len(captions))
+            region_record = {
+                "features": features,
+                "boxes": boxes,
+                "image_size": np.asarray([width, height], dtype=np.int32),
+            }
+            puts = {
+                self.regions_namespace: {image_id: region_record},
+                pooled_namespace("images", self.model_version): {
+                    image_id: {POOLED_KEY: image_vector}
+                },
+            }
+            if captions:
+                puts[pooled_namespace("captions", self.model_version)] = {
+                    cid: {POOLED_KEY: vector}
+                    for cid, vector in zip(caption_ids, caption_vectors, strict=True)
+                }
+            created = time.time()
+            image = ImageRecord(image_id, sha256, stored_path, int(width), int(height), created)
+            caption_records = tuple(
+                CaptionRecord(
+                    cid, image_id, caption.text, tuple(map(int, caption.token_ids)), created
+                )
+                for cid, caption in zip(caption_ids, captions, strict=True)
+            )
+            try:
+                self.store.write(puts)
+                with self._visibility.write():
+                    self.catalog.insert([image], caption_records)  # the acknowledgement
+                    self.indexes["images"].add([image_id], image_vector[None])
+                    if captions:
+                        self.indexes["captions"].add(caption_ids, np.stack(caption_vectors))
+            except BaseException:
+                if self.catalog.get_image(image_id) is None:  # not acknowledged: undo
+                    self._forget_files_and_features(
+                        [stored_path], {image_id}, set(caption_ids), quiet=True
+                    )
+                raise
+            self._dirty = True
+            return AddedImage(image, caption_records, True)
+
+    def add_caption(
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        pooled: np.ndarray,
+        *,
+        image_id: int | None = None,
+    ) -> CaptionRecord:
+        """Add a caption (of `image_id`, or free-standing); durable on return.
+
+        Raises NotFoundError when `image_id` is given and does not exist.
+        """
+        vector = self._pooled(pooled)
+        with self._write_lock:
+            if image_id is not None and self.catalog.get_image(image_id) is None:
+                raise NotFoundError(f"image {image_id} does not exist")
+            (caption_id,) = self.catalog.allocate_ids("captions", 1)
+            record = CaptionRecord(
+                caption_id, image_id, text, tuple(map(int, token_ids)), time.time()
+            )
+            self.store.write(
+                {
+                    pooled_namespace("captions", self.model_version): {
+                        caption_id: {POOLED_KEY: vector}
+                    }
+                }
+            )
+            try:
+                with self._visibility.write():
+                    self.catalog.insert(captions=[record])  # the acknowledgement
+                    self.indexes["captions"].add([caption_id], vector[None])
+            except BaseException:
+                if self.catalog.get_caption(caption_id) is None:
+                    self._forget_files_and_features([], set(), {caption_id}, quiet=True)
+                raise
+            self._dirty = True
+            return record
+
+    def delete_image(self, image_id: int) -> bool:
+        """Delete an image, its captions, features and file. False when it did not exist."""
+        with self._write_lock:
+            image = self.catalog.get_image(image_id)
+            if image is None:
+                return False
+            with self._visibility.write():
+                caption_ids = self.catalog.delete_image(image_id)  # the acknowledgement
+                if caption_ids is None:
+                    return False
+                self.indexes["images"].remove([image_id])
+                self.indexes["captions"].remove(caption_ids)
+            self._forget_files_and_features([image.stored_path], {image_id}, set(caption_ids))
+            self._dirty = True
+            return True
+
+    def delete_caption(self, caption_id: int) -> bool:
+        with self._write_lock:
+            with self._visibility.write():
+                if not self.catalog.delete_caption(caption_id):  # the acknowledgement
+                    return False
+                self.indexes["captions"].remove([caption_id])
+            self._forget_files_and_features([], set(), {caption_id})
+            self._dirty = True
+            return True
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get_image(self, image_id: int) -> ImageRecord | None:
+        return self.catalog.get_image(image_id)
+
+    def get_images(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        return self.catalog.get_images(ids)
+
+    def get_caption(self, caption_id: int) -> CaptionRecord | None:
+        return self.catalog.get_caption(caption_id)
+
+    def find_image_by_sha256(self, sha256: str) -> ImageRecord | None:
+        return self.catalog.find_image_by_sha256(sha256)
+
+    def image_path(self, record: ImageRecord) -> Path:
+        return self.data_dir / record.stored_path
+
+    def search_images(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shortlist images for query vectors [Q, dim]: (scores [Q, k], ids [Q, k]; -1 empty)."""
+        with self._visibility.read():
+            return self.indexes["images"].search(vectors, k)
+
+    def search_captions(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._visibility.read():
+            return self.indexes["captions"].search(vectors, k)
+
+    def get_region_features(self, ids: Sequence[int]) -> dict[int, RegionArrays]:
+        """Region features of `ids` (cache, then durable store); absent ids are absent."""
+        return {
+            item_id: RegionArrays(
+                arrays["features"], arrays["boxes"], tuple(int(v) for v in arrays["image_size"])
+            )
+            for item_id, arrays in self.regions.get_many(ids).items()
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Counts, index kinds and cache health (for /readyz and logs)."""
+        return {
+            "images": self.catalog.count_images(),
+            "captions": self.catalog.count_captions(),
+            "indexes": {
+                name: {"factory": index.factory, "count": len(index), "trained": index.is_trained}
+                for name, index in self.indexes.items()
+            },
+            "cache": self.cache.status().as_dict(),
+        }
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write both indexes atomically, recording the catalog sequence they match."""
+        with self._write_lock:
+            self._save_indexes()
+
+    def close(self) -> None:
+        """Save the indexes if they changed and release the files."""
+        with self._write_lock:
+            if self._dirty:
+                self._save_indexes()
+            self.store.close()
+            self.catalog.close()
+
+    def __enter__(self) -> Corpus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        with self._write_lock:
+            self._collect_orphans()
+            repaired = False
+            for kind in ("images", "captions"):
+                repaired |= self._load_or_rebuild(kind)
+            if repaired:
+                self._save_indexes()
+
+    def _collect_orphans(self) -> None:
+        """Delete features and files that no catalog row owns (never acknowledged)."""
+        valid = {"images": self.catalog.image_ids(), "captions": self.catalog.caption_ids()}
+        deletes: dict[str, np.ndarray] = {}
+        for namespace in self.store.namespaces():
+            owner: Kind | None = (
+                "images"
+                if namespace.startswith(("regions:", "pooled:images:"))
+                else "captions"
+                if namespace.startswith("pooled:captions:")
+                else None
+            )
+            if owner is None:
+                continue
+            orphans = np.setdiff1d(self.store.ids(namespace), valid[owner])
+            if len(orphans):
+                deletes[namespace] = orphans
+        if deletes:
+            self.store.write(deletes={ns: ids.tolist() for ns, ids in deletes.items()})
+            self.recovery.orphan_features = int(sum(len(ids) for ids in deletes.values()))
+            logger.warning(
+                "removed %d orphan feature records (written before a crash, never acknowledged)",
+                self.recovery.orphan_features,
+            )
+        images_dir = self.data_dir / IMAGES_DIR
+        if images_dir.is_dir():
+            referenced = {
+                record.stored_path
+                for record in self.catalog.get_images(valid["images"].tolist()).values()
+            }
+            for path in images_dir.rglob("*"):
+                relative = path.relative_to(self.data_dir).as_posix()
+                if path.is_file() and (
+                    relative not in referenced or path.name.endswith(TEMP_SUFFIX)
+                ):
+                    path.unlink()
+                    self.recovery.orphan_files += 1
+            if self.recovery.orphan_files:
+                logger.warning(
+                    "removed %d orphan image files (never acknowledged)", self.recovery.orphan_files
+                )
+
+    def _load_or_rebuild(self, kind: Kind) -> bool:
+        """Load the saved index of `kind` or repair it; True when it changed since the file."""
+        path = self._index_path(kind)
+        factory = self._factories[kind]
+        expected_factory = None if factory == AUTO_FACTORY else factory
+        catalog_ids = self.catalog.image_ids() if kind == "images" else self.catalog.caption_ids()
+        try:
+            index, meta = ShortlistIndex.load(
+                path, dim=self.dim, factory=expected_factory, **self._index_options
+            )
+            if meta.get("model_version") != self.model_version:
+                raise IndexMismatchError(
+                    f"built for model {meta.get('model_version')!r}, now {self.model_version!r}"
+                )
+        except FileNotFoundError:
+            reason = "no index file"
+            return self._rebuild(kind, catalog_ids, reason, warn=len(catalog_ids) > 0)
+        except (CorruptIndexError, IndexMismatchError, OSError) as error:
+            return self._rebuild(kind, catalog_ids, str(error), warn=True)
+        self.indexes[kind] = index
+        extra = np.setdiff1d(index.ids(), catalog_ids)
+        missing = np.setdiff1d(catalog_ids, index.ids())
+        if len(extra) == 0 and len(missing) == 0:
+            return False
+        logger.warning(
+            "%s index at %s is stale (catalog sequence %s, index saved at %s): "
+            "adding %d, removing %d from the durable store",
+            kind,
+            path,
+            self.catalog.sequence,
+            meta.get("catalog_sequence"),
+            len(missing),
+            len(extra),
+        )
+        index.remove(extra)
+        self._add_from_store(kind, index, missing)
+        self.recovery.reconciled[kind] = (len(missing), len(extra))
+        return True
+
+    def _rebuild(self, kind: Kind, catalog_ids: np.ndarray, reason: str, *, warn: bool) -> bool:
+        factory = self._factories[kind]
+        if factory == AUTO_FACTORY:
+            factory = choose_factory(len(catalog_ids), self.dim)
+        if warn:
+            logger.warning(
+                "rebuilding the %s index (%s, %d vectors) from the durable store: %s",
+                kind,
+                factory,
+                len(catalog_ids),
+                reason,
+            )
+            self.recovery.rebuilt[kind] = reason
+        index = ShortlistIndex(self.dim, factory, **self._index_options)
+        self._add_from_store(kind, index, catalog_ids)
+        self.indexes[kind] = index
+        return True
+
+    def _add_from_store(self, kind: Kind, index: ShortlistIndex, ids: np.ndarray) -> None:
+        namespace = pooled_namespace(kind, self.model_version)
+        lost = 0
+        for start in range(0, len(ids), REBUILD_BATCH):
+            chunk = ids[start : start + REBUILD_BATCH].tolist()
+            found = self.store.get_many_encoded(namespace, chunk)
+            lost += len(chunk) - len(found)
+            if found:
+                vectors = np.stack([decode_arrays(found[i])[POOLED_KEY] for i in found])
+                index.add(list(found), vectors)
+        if lost:
+            self.recovery.missing_pooled[kind] = lost
+            logger.error(
+                "%d %s have no pooled vector for model %s and are not searchable: re-embed them",
+                lost,
+                kind,
+                self.model_version,
+            )
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _index_path(self, kind: Kind) -> Path:
+        return self.data_dir / INDEX_DIR / f"{kind}.faiss"
+
+    def _save_indexes(self) -> None:
+        meta = {"model_version": self.model_version, "catalog_sequence": self.catalog.sequence}
+        for kind, index in self.indexes.items():
+            index.save(self._index_path(kind), meta=meta)
+        self._dirty = False
+
+    def _pooled(self, vector: np.ndarray) -> np.ndarray:
+        array = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if array.shape != (self.dim,) or not np.isfinite(array).all():
+            raise DimensionError(
+                f"pooled vectors must be finite [{self.dim}], got {np.shape(vector)}"
+            )
+        if not np.linalg.norm(array) > 0:
+            raise DimensionError("a pooled vector is all zeros")
+        return array
+
+    def _write_image_file(self, sha256: str, data: bytes, extension: str) -> str:
+        relative = f"{IMAGES_DIR}/{sha256[:2]}/{sha256}{extension}"
+        target = self.data_dir / relative
+        if not target.exists():
+            write_atomically(target, [data])
+        return relative
+
+    def _forget_files_and_features(
+        self,
+        stored_paths: Sequence[str],
+        image_ids: set[int],
+        caption_ids: set[int],
+        *,
+        quiet: bool = False,
+    ) -> None:
+        """Remove what no catalog row owns any more. Best effort when `quiet` (the next open
+        collects anything left)."""
+        deletes: dict[str, list[int]] = {}
+        for namespace in self.store.namespaces():
+            if namespace.startswith(("regions:", "pooled:images:")) and image_ids:
+                deletes[namespace] = sorted(image_ids)
+            elif namespace.startswith("pooled:captions:") and caption_ids:
+                deletes[namespace] = sorted(caption_ids)
+        try:
+            if deletes:
+                self.store.write(deletes=deletes)
+            self.regions.invalidate(image_ids)
+            for stored_path in stored_paths:
+                (self.data_dir / stored_path).unlink(missing_ok=True)
+        except Exception:
+            if not quiet:
+                raise
+            logger.exception("cleanup after a failed write did not finish; next start will")
+
+
+def _region_arrays(features: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float16 [R, D] features and float32 [R, 4] boxes; refuses wrong shapes and non-finite."""
+    features = np.asarray(features)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if features.ndim != 2 or 0 in features.shape:
+        raise DimensionError(f"region features must be [R, D] with R, D > 0, got {features.shape}")
+    if boxes.shape != (features.shape[0], 4):
+        raise DimensionError(f"region boxes must be [{features.shape[0]}, 4], got {boxes.shape}")
+    if not np.isfinite(features).all() or not np.isfinite(boxes).all():
+        raise DimensionError("region features and boxes must be finite")
+    stored = features.astype(np.float16)
+    if not np.isfinite(stored).all():
+        raise DimensionError("region features overflow float16 (|x| > 65504): rescale them")
+    return stored, boxes

@@ -1,0 +1,41 @@
+"""Typed storage errors. The service maps them to HTTP statuses in one place.
+
+Every error names what failed and what an operator can do about it.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class for every failure of the stored side (catalog, feature store, indexes)."""
+
+
+class StorageFullError(StorageError):
+    """The disk (or the feature store's configured maximum size) is full; nothing was written.
+
+    The service answers 507 Insufficient Storage: free disk space or raise the limit.
+    """
+
+
+class CorruptIndexError(StorageError):
+    """A saved shortlist index cannot be read back (truncated, bad checksum, wrong format)."""
+
+
+class IndexMismatchError(StorageError):
+    """A saved index does not fit the settings (dimension or factory string changed)."""
+
+
+class DimensionError(StorageError, ValueError):
+    """Vectors of the wrong shape were passed to an index (e.g. 512-d into a 256-d index)."""
+
+
+class CatalogSchemaError(StorageError):
+    """The catalog was written by a newer camp-search (its schema version is unknown here)."""
+
+
+class InvalidRecordError(StorageError, ValueError):
+    """A stored record cannot be encoded or decoded (unsupported dtype, bad header)."""
+
+
+class NotFoundError(StorageError, KeyError):
+    """An id that the caller expected to exist does not (e.g. a caption for a missing image)."""

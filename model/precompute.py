@@ -1,0 +1,328 @@
+"""The precompute split of the CAMP scorer (DESIGN §4.3): same scores, far less work per pair.
+
+Matrix products regroup (W(A X) = A(X Wᵀ)), so every projection of an image's regions V is
+computed once per image and every projection of a caption's words T once per caption:
+
+* stage-1 keys/queries of both sides;
+* the stage-2 self-attention logits collapse to per-item kernels: for words,
+  (M_t W3ᵀ)(M_t W4ᵀ)ᵀ = A_t2v [(V W3ᵀ)(V W4ᵀ)ᵀ] A_t2vᵀ, so the image keeps (V W3ᵀ)(V W4ᵀ)ᵀ/√d
+  [R, R]; the caption keeps (T W1ᵀ)(T W2ᵀ)ᵀ/√d [L, L];
+* the refined messages are P·V and P·T with P = (self-attention)(cross-attention) small
+  [L, R] / [R, L] matrices, so the halves of the fusion layers W_fv = [W_a | W_b] apply to
+  V and T once: W_a v and W_b F_v = (P_v (T W_bᵀ)) / ||P_v T||.
+
+What stays per pair is the attention itself, the norms and gates, the pooling MLP's first layer
+and the score MLP. Captions are trimmed to their own length; padding up to a batch's longest
+caption is masked exactly, so scores do not depend on padding or batching (to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.encoders import EncodedText, length_mask
+from model.scorer import L2NORM_EPS, AttentionMaps, CampScorer, l2norm, masked_logits
+
+# Working memory one chunk of an N x M grid may use (activations, not the inputs).
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
+
+
+@dataclass
+class ImagePrecompute:
+    """Per-image tensors of N images with R regions each (rows can be cached per image).
+
+    regions V [N, R, d]; queries V Wqvᵀ and keys V Wkvᵀ [N, R, d]; word_message_logits
+    (V W3ᵀ)(V W4ᵀ)ᵀ/√d [N, R, R]; fusion_self V W_aᵀ (first half of image_fusion) [N, R, d];
+    fusion_for_words V W_bᵀ (second half of text_fusion) [N, R, d].
+    """
+
+    regions: Tensor
+    queries: Tensor
+    keys: Tensor
+    word_message_logits: Tensor
+    gram: Tensor
+    fusion_self: Tensor
+    fusion_for_words: Tensor
+
+    def __len__(self) -> int:
+        return self.regions.shape[0]
+
+    def select(self, index: Tensor | slice | list[int]) -> ImagePrecompute:
+        return ImagePrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def to(self, device=None, dtype=None) -> ImagePrecompute:
+        return ImagePrecompute(
+            **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)}
+        )
+
+    @staticmethod
+    def cat(items: list[ImagePrecompute]) -> ImagePrecompute:
+        regions = {item.regions.shape[1] for item in items}
+        if len(regions) != 1:
+            raise ValueError(f"images with different region counts cannot batch: {regions}")
+        return ImagePrecompute(
+            **{f.name: torch.cat([getattr(i, f.name) for i in items]) for f in fields(items[0])}
+        )
+
+
+_CAPTION_WORD_FIELDS = ("words", "queries", "keys", "fusion_self", "fusion_for_regions")
+_CAPTION_SQUARE_FIELDS = ("region_message_logits", "gram")
+
+
+@dataclass
+class CaptionPrecompute:
+    """Per-caption tensors of N captions, padded to the longest of them (L).
+
+    words T [N, L, d] (zero past each length); lengths [N] int64; queries T Wqtᵀ, keys T Wktᵀ
+    [N, L, d]; region_message_logits (T W1ᵀ)(T W2ᵀ)ᵀ/√d [N, L, L]; gram T Tᵀ [N, L, L];
+    fusion_self T W_aᵀ (first half of text_fusion) [N, L, d]; fusion_for_regions T W_bᵀ
+    (second half of image_fusion) [N, L, d].
+    """
+
+    words: Tensor
+    lengths: Tensor
+    queries: Tensor
+    keys: Tensor
+    region_message_logits: Tensor
+    gram: Tensor
+    fusion_self: Tensor
+    fusion_for_regions: Tensor
+
+    def __len__(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def mask(self) -> Tensor:
+        return length_mask(self.lengths, self.words.shape[1])
+
+    def select(self, index: Tensor | slice | list[int]) -> CaptionPrecompute:
+        """A subset, trimmed to its own longest caption."""
+        picked = CaptionPrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return picked.trimmed()
+
+    def trimmed(self) -> CaptionPrecompute:
+        width = int(self.lengths.max())
+        if width == self.words.shape[1]:
+            return self
+        changes = {name: getattr(self, name)[:, :width] for name in _CAPTION_WORD_FIELDS}
+        for name in _CAPTION_SQUARE_FIELDS:
+            changes[name] = getattr(self, name)[:, :width, :width]
+        return replace(self, **changes)
+
+    def to(self, device=None, dtype=None) -> CaptionPrecompute:
+        moved = {
+            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+            for f in fields(self)
+            if f.name != "lengths"
+        }
+        return CaptionPrecompute(lengths=self.lengths.to(device=device), **moved)
+
+    @staticmethod
+    def cat(items: list[CaptionPrecompute]) -> CaptionPrecompute:
+        """Concatenate, re-padding every caption to the longest one."""
+        width = max(item.words.shape[1] for item in items)
+
+        def pad(x: Tensor, dims: int) -> Tensor:
+            extra = width - x.shape[1]
+            return F.pad(x, (0, extra) * dims if dims == 2 else (0, 0, 0, extra))
+
+        out = {
+            name: torch.cat([pad(getattr(i, name), 1) for i in items])
+            for name in _CAPTION_WORD_FIELDS
+        }
+        for name in _CAPTION_SQUARE_FIELDS:
+            out[name] = torch.cat([pad(getattr(i, name), 2) for i in items])
+        out["lengths"] = torch.cat([i.lengths for i in items])
+        return CaptionPrecompute(**out)
+
+
+def _rownorm(mix: Tensor, mix_gram: Tensor) -> Tensor:
+    """||P X|| per row from P and P·(X Xᵀ), plus the l2norm epsilon."""
+    return (mix * mix_gram).sum(-1).clamp_min(0).sqrt() + L2NORM_EPS
+
+
+class PrecomputedScorer:
+    """Scores (image, caption) pairs from per-item precomputed tensors, equal to the direct form.
+
+    Built on a `CampScorer`'s weights (no copy). Device and dtype follow the inputs; under CUDA
+    autocast the matmuls run in bf16/fp16 and softmaxes in fp32.
+    """
+
+    def __init__(self, scorer: CampScorer) -> None:
+        self.scorer = scorer
+
+    # -- per item ------------------------------------------------------------------------------
+    def precompute_images(self, images: Tensor) -> ImagePrecompute:
+        """V [N, R, d] (image encoder output) -> per-image tensors."""
+        s, d = self.scorer, self.scorer.embed_size
+        message_query = s.word_message_query(images)
+        message_key = s.word_message_key(images)
+        return ImagePrecompute(
+            regions=images,
+            queries=s.image_query(images),
+            keys=s.image_key(images),
+            word_message_logits=message_query @ message_key.transpose(-2, -1) / math.sqrt(d),
+            gram=images @ images.transpose(-2, -1),
+            fusion_self=F.linear(images, s.image_fusion.weight[:, :d]),
+            fusion_for_words=F.linear(images, s.text_fusion.weight[:, d:]),
+        )
+
+    def precompute_captions(self, text: EncodedText) -> CaptionPrecompute:
+        """Word features of N captions -> per-caption tensors, trimmed to the longest."""
+        s, d = self.scorer, self.scorer.embed_size
+        width = int(text.lengths.max())
+        words = text.words[:, :width] * text.mask[:, :width].unsqueeze(-1).to(text.words.dtype)
+        message_query = s.region_message_query(words)
+        message_key = s.region_message_key(words)
+        return CaptionPrecompute(
+            words=words,
+            lengths=text.lengths.to(torch.int64),
+            queries=s.text_query(words),
+            keys=s.text_key(words),
+            region_message_logits=message_query @ message_key.transpose(-2, -1) / math.sqrt(d),
+            gram=words @ words.transpose(-2, -1),
+            fusion_self=F.linear(words, s.text_fusion.weight[:, :d]),
+            fusion_for_regions=F.linear(words, s.image_fusion.weight[:, d:]),
+        )
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score_grid(
+        self,
+        images: ImagePrecompute,
+        captions: CaptionPrecompute,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    ) -> Tensor:
+        """Scores [Ni, Nc] of every image against every caption, in memory-bounded chunks.
+
+        The chunk size comes from `memory_budget_bytes`, so 1,000 images x 5,000 captions run
+        without ever holding Ni·Nc·L·d values.
+        """
+        ni, nc = len(images), len(captions)
+        per_pair = self.bytes_per_pair(images, captions)
+        max_pairs = max(1, memory_budget_bytes // per_pair)
+        caption_block = min(nc, max_pairs)
+        image_block = max(1, min(ni, max_pairs // caption_block))
+        out = images.regions.new_empty((ni, nc), dtype=torch.float32)
+        for j in range(0, nc, caption_block):
+            block = captions.select(slice(j, j + caption_block))
+            for i in range(0, ni, image_block):
+                scores, _ = self._score(images.select(slice(i, i + image_block)), block, "grid")
+                out[i : i + image_block, j : j + caption_block] = scores
+        return out
+
+    def score_text_against_images(
+        self, caption: CaptionPrecompute, images: ImagePrecompute, explain: bool = False
+    ) -> tuple[Tensor, AttentionMaps | None]:
+        """One caption x K images (the text->image reranker): scores [K], maps [K, 1, ...]."""
+        if len(caption) != 1:
+            raise ValueError(f"expected one caption, got {len(caption)}")
+        scores, maps = self._score(images, caption.trimmed(), "grid", explain=explain)
+        return scores[:, 0], maps
+
+    def score_image_against_captions(
+        self, image: ImagePrecompute, captions: CaptionPrecompute, explain: bool = False
+    ) -> tuple[Tensor, AttentionMaps | None]:
+        """One image x K captions (the image->caption reranker): scores [K], maps [1, K, ...]."""
+        if len(image) != 1:
+            raise ValueError(f"expected one image, got {len(image)}")
+        scores, maps = self._score(image, captions.trimmed(), "grid", explain=explain)
+        return scores[0], maps
+
+    def score_pairs(self, images: ImagePrecompute, captions: CaptionPrecompute) -> Tensor:
+        """Scores [K] of aligned pairs (images[k], captions[k])."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images cannot pair with {len(captions)} captions")
+        scores, _ = self._score(images, captions.trimmed(), "pairs")
+        return scores
+
+    @staticmethod
+    def bytes_per_pair(images: ImagePrecompute, captions: CaptionPrecompute) -> int:
+        """Upper estimate of the working memory of one pair (activations of `_score`)."""
+        r, d = images.regions.shape[1], images.regions.shape[2]
+        length = captions.words.shape[1]
+        elements = 10 * (r + length) * d + 12 * (r * length + r * r + length * length)
+        return elements * max(4, images.regions.element_size())
+
+    # -- the per-pair math ---------------------------------------------------------------------
+    def _score(
+        self,
+        img: ImagePrecompute,
+        cap: CaptionPrecompute,
+        pairing: str,
+        explain: bool = False,
+    ) -> tuple[Tensor, AttentionMaps | None]:
+        """`grid`: all Ni x Nc pairs -> [Ni, Nc]; `pairs`: aligned -> [K]."""
+        s = self.scorer
+        if pairing == "grid":
+            i, j, o = "i", "j", "ij"
+
+            def per_image(x: Tensor) -> Tensor:
+                return x.unsqueeze(1)
+
+            def per_caption(x: Tensor) -> Tensor:
+                return x.unsqueeze(0)
+        else:
+            i, j, o = "k", "k", "k"
+
+            def per_image(x: Tensor) -> Tensor:
+                return x
+
+            per_caption = per_image
+
+        scale = 1.0 / math.sqrt(s.embed_size)
+        keep = per_caption(cap.mask)  # [.., L]
+
+        # Stage 1: cross attention. t2v: words over regions; v2t: regions over real words.
+        attn_t2v = (torch.einsum(f"{j}ld,{i}rd->{o}lr", cap.queries, img.keys) * scale).softmax(-1)
+        logits_v2t = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.queries, cap.keys) * scale
+        attn_v2t = masked_logits(logits_v2t, keep.unsqueeze(-2)).softmax(-1)
+
+        # Stage 2 with the per-item kernels; P = selfattn @ crossattn maps messages to items.
+        region_logits = torch.einsum(f"{o}rl,{j}lm->{o}rm", attn_v2t, cap.region_message_logits)
+        selfattn_v = (region_logits @ attn_v2t.transpose(-2, -1)).softmax(-1)
+        word_logits = torch.einsum(f"{o}lr,{i}rs->{o}ls", attn_t2v, img.word_message_logits)
+        word_logits = word_logits @ attn_t2v.transpose(-2, -1)
+        selfattn_t = masked_logits(word_logits, keep.unsqueeze(-2)).softmax(-1)
+        mix_v = selfattn_v @ attn_v2t  # [.., R, L]
+        mix_t = selfattn_t @ attn_t2v  # [.., L, R]
+
+        # Refined messages F = P·X / ||P·X|| are never formed: their norms come from the Gram
+        # matrices (||P X||² = rowsum((P XXᵀ) ⊙ P)), the gates from V Tᵀ, and the fusion's
+        # second half from P (X W_bᵀ), with gate/norm folded into the small P.
+        regions, words = per_image(img.regions), per_caption(cap.words)
+        region_word_dots = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.regions, cap.words)
+        norm_v = _rownorm(mix_v, torch.einsum(f"{o}rl,{j}lm->{o}rm", mix_v, cap.gram))
+        norm_t = _rownorm(mix_t, torch.einsum(f"{o}lr,{i}rs->{o}ls", mix_t, img.gram))
+        gate_v = torch.sigmoid((mix_v * region_word_dots).sum(-1) / norm_v)
+        gate_t = torch.sigmoid((mix_t * region_word_dots.transpose(-2, -1)).sum(-1) / norm_t)
+        mix_v = mix_v * (gate_v / norm_v).unsqueeze(-1)
+        mix_t = mix_t * (gate_t / norm_t).unsqueeze(-1)
+        fused_v = torch.einsum(f"{o}rl,{j}ld->{o}rd", mix_v, cap.fusion_for_regions)
+        fused_t = torch.einsum(f"{o}lr,{i}rd->{o}ld", mix_t, img.fusion_for_words)
+        # v-hat = ReLU(g·(W_a v) + g·(W_b F)) + v, in place on the per-pair buffers.
+        fused_v = fused_v.addcmul_(gate_v.unsqueeze(-1), per_image(img.fusion_self))
+        fused_t = fused_t.addcmul_(gate_t.unsqueeze(-1), per_caption(cap.fusion_self))
+        fused_v = fused_v.relu_().add_(regions)
+        fused_t = fused_t.relu_().add_(words)
+
+        pooled_v, pool_attn_v = s.image_pool(fused_v)
+        pooled_t, pool_attn_t = s.text_pool(fused_t, keep)
+        scores = s.score_mlp(l2norm(pooled_v), l2norm(pooled_t))
+        if not explain:
+            return scores, None
+        maps = AttentionMaps(
+            attn_t2v=attn_t2v,
+            attn_v2t=attn_v2t,
+            selfattn_v=selfattn_v,
+            selfattn_t=selfattn_t,
+            gate_v=gate_v,
+            gate_t=gate_t,
+            pool_attn_v=pool_attn_v,
+            pool_attn_t=pool_attn_t,
+        )
+        return scores, maps

@@ -1,0 +1,213 @@
+"""`extract`: real flickr8k photos and a corrupt file in a tmp folder -> the precomputed
+layout; refusals; resume after an interrupt; the CLI command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from model.extract import (
+    META_FILE,
+    REFUSED_FILE,
+    SHARDS_DIR,
+    ExtractInputError,
+    extract_dataset,
+    read_manifest,
+)
+from model.extractors.grid import GridExtractor
+from model.images import decode_image
+from service.cli import app
+
+SPLIT_SIZES = {"train": 5, "dev": 3}  # real photos per split; dev also gets a corrupt file
+SHARD_SIZE = 2
+BATCH_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def grid() -> GridExtractor:
+    return GridExtractor(device="cpu", batch_size=BATCH_SIZE)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path, shared_dir: Path) -> Path:
+    """A manifest over copies of real flickr8k photos, plus one truncated JPEG in `dev`."""
+    source = shared_dir / "data" / "flickr8k"
+    entries = [
+        json.loads(line) for line in (source / "manifest.jsonl").read_text().splitlines()[:8]
+    ]
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    lines = []
+    splits = ["train"] * SPLIT_SIZES["train"] + ["dev"] * SPLIT_SIZES["dev"]
+    for entry, split in zip(entries, splits, strict=True):
+        shutil.copy(source / entry["image"], root / entry["image"])
+        lines.append({**entry, "split": split})
+    corrupt = root / "images" / "broken.jpg"
+    corrupt.write_bytes((source / entries[0]["image"]).read_bytes()[:3000])
+    lines.insert(
+        6, {"image": "images/broken.jpg", "id": "broken", "split": "dev", "captions": ["a"] * 5}
+    )
+    (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root / "manifest.jsonl"
+
+
+def test_manifest_to_precomputed_layout(dataset: Path, tmp_path: Path, grid: GridExtractor) -> None:
+    out = tmp_path / "out"
+    summary = extract_dataset(dataset, out, grid, dtype="float16", shard_size=SHARD_SIZE)
+    assert summary.images == SPLIT_SIZES
+    records = read_manifest(dataset)
+    for split, count in SPLIT_SIZES.items():
+        ims = np.load(out / f"{split}_ims.npy")
+        boxes = np.load(out / f"{split}_boxes.npy")
+        assert ims.shape == (count, 49, 1280) and ims.dtype == np.float16
+        assert boxes.shape == (count, 49, 4) and boxes.dtype == np.float32
+        ids = (out / f"{split}_ids.txt").read_text().splitlines()
+        kept = [r for r in records if r.split == split and r.id != "broken"]
+        assert ids == [r.id for r in kept]
+        captions = (out / f"{split}_caps.txt").read_text().splitlines()
+        assert captions == [c for r in kept for c in r.captions]  # 5 consecutive per image
+        assert len(captions) == 5 * count
+    # the stored features are the extractor's own, cast to float16
+    first = next(r for r in records if r.split == "dev")
+    (direct,) = grid.extract([decode_image(first.path.read_bytes()).image])
+    np.testing.assert_array_equal(
+        np.load(out / "dev_ims.npy")[0], direct.features.astype(np.float16)
+    )
+    # the corrupt file is refused, listed with its reason, and its captions are gone
+    refused = [json.loads(line) for line in (out / REFUSED_FILE).read_text().splitlines()]
+    assert [(r["id"], r["split"], r["code"]) for r in refused] == [
+        ("broken", "dev", "corrupt_image")
+    ]
+    assert "truncated or damaged" in refused[0]["reason"]
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["extractor"] == "grid" and meta["extractor_version"] == grid.version
+    assert meta["dtype"] == "float16" and meta["fit"] == "squash"
+    assert meta["splits"]["dev"] == {"images": 3, "captions": 15, "refused": 1}
+    assert not (out / SHARDS_DIR).exists()
+
+
+def test_folder_input_has_no_captions(
+    tmp_path: Path, shared_dir: Path, grid: GridExtractor
+) -> None:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    photos = sorted((shared_dir / "data" / "coco-mini" / "images").iterdir())[:2]
+    shutil.copy(photos[0], folder / "a.jpg")
+    shutil.copy(photos[1], folder / "nested" / "b.jpg")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+    summary = extract_dataset(folder, tmp_path / "out", grid, dtype="float32")
+    assert summary.images == {"images": 2} and not summary.has_captions
+    assert (tmp_path / "out" / "images_ids.txt").read_text().splitlines() == [
+        "a.jpg",
+        "nested/b.jpg",
+    ]
+    assert not (tmp_path / "out" / "images_caps.txt").exists()
+    assert np.load(tmp_path / "out" / "images_ims.npy").dtype == np.float32
+    assert [(r.id, r.code) for r in summary.refused] == [("notes.png", "unsupported_image_format")]
+
+
+class CountingExtractor:
+    """Wraps a real extractor: counts extract calls and can fail on the n-th one."""
+
+    def __init__(self, inner: GridExtractor, fail_on_call: int | None = None) -> None:
+        self.inner, self.fail_on_call, self.calls = inner, fail_on_call, 0
+        self.extract_original = inner.extract
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interrupt")
+        return self.extract_original(images)
+
+
+def test_resume_after_interrupt_redoes_only_unfinished_shards(
+    dataset: Path, tmp_path: Path, grid: GridExtractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    # shards of 2 images, batches of 2: one extract call per shard of real images.
+    # train: 3 shards (2+2+1); dev (4 incl. broken): 2 shards -> 5 shards, 5 calls.
+    interrupted = CountingExtractor(grid, fail_on_call=3)
+    monkeypatch.setattr(grid, "extract", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_dataset(dataset, out, grid, shard_size=SHARD_SIZE)
+    finished = sorted(p.name for p in (out / SHARDS_DIR).glob("*/*.npz"))
+    assert finished == ["train-00000.npz", "train-00001.npz"]
+    assert not (out / "train_ims.npy").exists()
+
+    resumed = CountingExtractor(grid)
+    monkeypatch.setattr(grid, "extract", resumed)
+    summary = extract_dataset(dataset, out, grid, shard_size=SHARD_SIZE)
+    assert resumed.calls == 3  # the 2 finished shards were not redone
+    assert (summary.shards_total, summary.shards_reused) == (5, 2)
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(grid, "extract", CountingExtractor(grid))
+    extract_dataset(dataset, fresh, grid, shard_size=SHARD_SIZE)
+    for name in ("train_ims.npy", "dev_ims.npy", "train_boxes.npy"):
+        np.testing.assert_array_equal(np.load(out / name), np.load(fresh / name))
+
+    again = CountingExtractor(grid)
+    monkeypatch.setattr(grid, "extract", again)
+    rerun = extract_dataset(dataset, out, grid, shard_size=SHARD_SIZE)
+    assert again.calls == 0 and rerun.images == SPLIT_SIZES  # a finished run is not redone
+    assert [r.id for r in rerun.refused] == ["broken"]
+
+
+def test_changed_settings_do_not_reuse_shards(
+    dataset: Path, tmp_path: Path, grid: GridExtractor, monkeypatch
+) -> None:
+    out = tmp_path / "out"
+    extract_dataset(dataset, out, grid, dtype="float16", shard_size=SHARD_SIZE)
+    counting = CountingExtractor(grid)
+    monkeypatch.setattr(grid, "extract", counting)
+    extract_dataset(dataset, out, grid, dtype="float32", shard_size=SHARD_SIZE)
+    assert counting.calls == 5
+    assert np.load(out / "train_ims.npy").dtype == np.float32
+
+
+def test_bad_inputs(tmp_path: Path, grid: GridExtractor) -> None:
+    with pytest.raises(ExtractInputError, match="neither a manifest"):
+        extract_dataset(tmp_path / "missing", tmp_path / "out", grid)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.jpg"}\n')
+    with pytest.raises(ExtractInputError, match=r"bad\.jsonl:1"):
+        extract_dataset(bad, tmp_path / "out", grid)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExtractInputError, match="holds no image files"):
+        extract_dataset(tmp_path / "empty", tmp_path / "out", grid)
+    with pytest.raises(ValueError, match="dtype"):
+        extract_dataset(tmp_path / "empty", tmp_path / "out", grid, dtype="int8")
+
+
+def test_cli_extract(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli-out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(dataset),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--fit",
+            "pad",
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) refused" in result.output and "broken.jpg" in result.output
+    assert np.load(out / "train_ims.npy").shape == (5, 49, 1280)
+    assert json.loads((out / META_FILE).read_text())["fit"] == "pad"
+    bad = CliRunner().invoke(
+        app, ["extract", str(dataset), "--out", str(out), "--extractor", "clip"]
+    )
+    assert bad.exit_code == 2 and "no extractor named 'clip'" in bad.output
