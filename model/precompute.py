@@ -307,8 +307,11 @@ class PrecomputedScorer:
         # v-hat = ReLU(g·(W_a v) + g·(W_b F)) + v, in place on the per-pair buffers.
         fused_v = fused_v.addcmul_(gate_v.unsqueeze(-1), per_image(img.fusion_self))
         fused_t = fused_t.addcmul_(gate_t.unsqueeze(-1), per_caption(cap.fusion_self))
-        fused_v = fused_v.relu_().add_(regions)
-        fused_t = fused_t.relu_().add_(words)
+        if torch.is_grad_enabled():  # training: autograd needs ReLU's output unmodified
+            fused_v, fused_t = fused_v.relu() + regions, fused_t.relu() + words
+        else:
+            fused_v = fused_v.relu_().add_(regions)
+            fused_t = fused_t.relu_().add_(words)
 
         pooled_v, pool_attn_v = s.image_pool(fused_v)
         pooled_t, pool_attn_t = s.text_pool(fused_t, keep)

@@ -107,3 +107,83 @@ def extract(
             table.add_row(refusal.image, refusal.reason)
         console.print(table)
         console.print(f"(also in {out}/refused.jsonl)")
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="bind address (default CAMPSEARCH_HOST)"),
+    port: int | None = typer.Option(None, help="port (default CAMPSEARCH_PORT, 8000)"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Run the HTTP API and the web UI; data lives in CAMPSEARCH_DATA_DIR (default ./data)."""
+    from service.commands import serve as run_server
+
+    run_server(host, port, log_level)
+
+
+@app.command()
+def ingest(
+    source: Path = typer.Argument(..., help="manifest.jsonl, or a folder of photos"),
+    server: str | None = typer.Option(
+        None, help="URL of a running server (key from CAMPSEARCH_API_KEY); default: local data dir"
+    ),
+    jobs: int = typer.Option(2, min=1, help="photos in flight at once"),
+    max_captions: int | None = typer.Option(None, min=0, help="keep the first N captions each"),
+    refused: Path | None = typer.Option(None, help="write refused files here (JSON lines)"),
+) -> None:
+    """Bulk-ingest photos with their captions. Resumable: rerun it and stored photos are skipped."""
+    from service.commands import ingest_command
+
+    ingest_command(
+        source, None, server=server, jobs=jobs, max_captions=max_captions, refused_out=refused
+    )
+
+
+@app.command()
+def demo(
+    server: str | None = typer.Option(None, help="URL of a running server; default: local"),
+) -> None:
+    """Ingest the offline demo corpus (photos bundled with scikit-image, captions by us)."""
+    from service.commands import console, ingest_command
+    from service.demo import DemoUnavailableError, demo_items
+
+    try:
+        items = demo_items()
+    except DemoUnavailableError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    ingest_command(None, items, server=server)
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="precomputed folder or manifest.jsonl"),
+    split: str = typer.Option(..., "--split", help="split name, e.g. dev, test, testall (COCO)"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="our checkpoint (default: the shipped model)"
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="write the metrics JSON here"),
+    modes: str = typer.Option(
+        "pooled,two_stage,exhaustive", help="comma-separated: pooled, two_stage, exhaustive"
+    ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
+    ks: str = typer.Option("10,50,100,200", "--ks", help="two-stage shortlist sizes"),
+) -> None:
+    """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split."""
+    from model.evaluate_cli import run_evaluate
+
+    run_evaluate(data, split, checkpoint, json_out, modes.split(","), device, ks=ks)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(
+        ..., "--config", help="training preset (model/configs/train_*.json)"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="run folder (default: from the config)"),
+    resume: bool = typer.Option(True, help="continue from the run folder's last checkpoint"),
+) -> None:
+    """Train a retrieval model from a JSON preset; checkpoints, metrics log and best model."""
+    from model.training.cli import run_train
+
+    run_train(config, out, resume)

@@ -26,3 +26,49 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_retrieval_model(shared_dir):
+    """A real RetrievalModel with seeded random weights (vocabulary from coco-mini captions)."""
+    from service_support import coco_photos, tiny_model
+
+    words = [caption for _, captions in coco_photos(shared_dir, 239) for caption in captions]
+    return tiny_model(words)
+
+
+@pytest.fixture(scope="session")
+def small_grid_extractor():
+    """The real grid extractor (ImageNet weights) at a small input size: 4 regions per photo."""
+    from service_support import small_extractor
+
+    return small_extractor()
+
+
+@pytest.fixture(scope="session")
+def ui_stack_api(shared_dir, tmp_path_factory):
+    """`camp-search serve` (shipped default model, API key set) holding 12 coco-mini photos;
+    shared by the browser and nginx tests. Yields (ApiServer, [IngestedPhoto])."""
+    from ui_stack import UI_PHOTO_COUNT, ApiServer, ingest_coco_mini
+
+    server = ApiServer(tmp_path_factory.mktemp("ui-api")).start()
+    try:
+        yield server, ingest_coco_mini(server.url, shared_dir, UI_PHOTO_COUNT)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Debian Chromium driven by Playwright, per module (Playwright's sync API owns an
+    event loop while it runs); skips only when Chromium is not installed."""
+    from ui_stack import chromium_available, launch_chromium
+
+    if not chromium_available():
+        pytest.skip("Chromium is not installed: apt-get install -y chromium (make system-deps)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()

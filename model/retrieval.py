@@ -1,0 +1,217 @@
+"""`RetrievalModel`: everything the service needs from the learned side, from ONE checkpoint.
+
+The service never touches encoders, vocabularies or fusion weights: it encodes texts and
+images into shortlist vectors and rerank precomputes, and asks for fused scores of aligned
+(image, caption) pairs. See docs/MODEL_CARD.md for the shipped default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import CampCheckpoint, load_checkpoint
+from model.network import RetrievalNetwork
+from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.vocab import END, START
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
+DEFAULT_VERSION = "default-v1"
+DEFAULT_EXTRACTOR = {"name": "grid", "config": {"fit": "squash"}}
+
+
+@dataclass
+class EncodedTexts:
+    """Texts encoded for both stages.
+
+    pooled: float32 [B, e] l2-normalised shortlist vectors; token_ids: what the catalog stores;
+    tokens: display words aligned with the word features (explanations); precompute: CAMP's
+    per-caption tensors on the model's device (`.select(i)` gives one caption).
+    """
+
+    pooled: np.ndarray
+    token_ids: list[list[int]]
+    tokens: list[list[str]]
+    precompute: CaptionPrecompute
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" -> CUDA when present, else CPU; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class RetrievalModel:
+    """Inference facade over a `RetrievalNetwork`: shortlist vectors, rerank tensors, fusion.
+
+    All methods run under `torch.inference_mode` and are safe to call from one worker thread.
+    """
+
+    def __init__(
+        self,
+        network: RetrievalNetwork,
+        *,
+        version: str,
+        extractor_name: str,
+        extractor_config: dict[str, Any],
+        device: torch.device,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.network = network.to(device).eval()
+        self.version = version
+        self.extractor_name = extractor_name
+        self.extractor_config = dict(extractor_config)
+        self.region_dim = network.spec.region_dim
+        self.pooled_dim = network.pooled_dim
+        self.device = device
+        self.metadata = dict(metadata or {})
+        self.scorer = PrecomputedScorer(network.camp.scorer)
+        self._wordpieces = None
+        if network.spec.text_encoder == "minilm":
+            from model.minilm import WordpieceTokenizer
+
+            self._wordpieces = WordpieceTokenizer(max_wordpieces=network.spec.max_wordpieces)
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, device: str = "auto") -> RetrievalModel:
+        """None -> the shipped default model (model/weights/default.pt); weights only."""
+        return cls.from_checkpoint(load_checkpoint(path or DEFAULT_CHECKPOINT), device=device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: CampCheckpoint, *, device: str | torch.device = "auto"
+    ) -> RetrievalModel:
+        meta = checkpoint.metadata
+        extractor = meta.get("extractor") or DEFAULT_EXTRACTOR
+        version = meta.get("version") or checkpoint.config.name or "unversioned"
+        return cls(
+            RetrievalNetwork.from_checkpoint(checkpoint),
+            version=str(version),
+            extractor_name=str(extractor["name"]),
+            extractor_config=dict(extractor.get("config") or {}),
+            device=resolve_device(device),
+            metadata=meta,
+        )
+
+    # -- text side --------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[str]]]:
+        """Token ids and display tokens, one list per text; refuses empty texts."""
+        texts = list(texts)
+        for index, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text {index} is empty; give at least one word")
+        if self._wordpieces is not None:
+            batch = self._wordpieces(texts)
+            ids = [
+                row[:length].tolist()
+                for row, length in zip(batch.input_ids, batch.lengths, strict=True)
+            ]
+            return ids, batch.tokens
+        vocabulary = self.network.vocabulary
+        from model.tokenizer import tokenize
+
+        max_words = self.network.camp_config().max_words
+        token_ids = [vocabulary.encode(text, max_words=max_words) for text in texts]
+        tokens = [[START, *tokenize(text)[:max_words], END] for text in texts]
+        return token_ids, tokens
+
+    def text_features(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad ids and run the text side up to CAMP's projection: ([B, L, h], lengths [B])."""
+        lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)
+        padded = torch.zeros(len(token_ids), int(lengths.max()), dtype=torch.int64)
+        for row, ids in enumerate(token_ids):
+            padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        with torch.inference_mode():
+            features = self.network.text_features(padded.to(self.device), lengths.to(self.device))
+        return features, lengths.to(self.device)
+
+    def encode_texts(self, texts: Sequence[str]) -> EncodedTexts:
+        token_ids, tokens = self.tokenize(texts)
+        features, lengths = self.text_features(token_ids)
+        with torch.inference_mode():
+            pooled = self.network.pooled_text(features, lengths)
+            words = self.network.words_from_features(features, lengths)
+            precompute = self.scorer.precompute_captions(words)
+        return EncodedTexts(
+            pooled=pooled.float().cpu().numpy(),
+            token_ids=token_ids,
+            tokens=tokens,
+            precompute=precompute,
+        )
+
+    # -- image side -------------------------------------------------------------------------------
+    def _regions(self, regions: np.ndarray) -> torch.Tensor:
+        array = np.asarray(regions)
+        if array.ndim != 3 or array.shape[-1] != self.region_dim:
+            raise ValueError(
+                f"expected region features [B, R, {self.region_dim}], got {array.shape}"
+            )
+        if array.dtype != np.float32 or not array.flags.writeable:  # memmaps are read-only
+            array = array.astype(np.float32)
+        return torch.from_numpy(array).to(self.device)
+
+    def pooled_images(self, regions: np.ndarray) -> np.ndarray:
+        """[B, R, D] float16/32 region features -> [B, e] float32 unit shortlist vectors."""
+        with torch.inference_mode():
+            return self.network.pooled_images(self._regions(regions)).float().cpu().numpy()
+
+    def precompute_images(self, regions: np.ndarray) -> ImagePrecompute:
+        """[B, R, D] -> per-image rerank tensors on self.device (cache them per image id)."""
+        with torch.inference_mode():
+            encoded = self.network.camp.image_encoder(self._regions(regions))
+            return self.scorer.precompute_images(encoded)
+
+    # -- second stage -----------------------------------------------------------------------------
+    def camp_logits(self, images: ImagePrecompute, captions: CaptionPrecompute) -> torch.Tensor:
+        """CAMP's pre-sigmoid scores [K] of aligned pairs."""
+        with torch.inference_mode():
+            return self.scorer.score_pairs(images, captions)
+
+    def fuse(self, shortlist_scores: torch.Tensor, camp_logits: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.network.fusion(shortlist_scores.to(camp_logits), camp_logits)
+
+    def rerank_pairs(
+        self,
+        images: ImagePrecompute,
+        captions: CaptionPrecompute,
+        shortlist_scores: np.ndarray,
+    ) -> np.ndarray:
+        """Aligned (images[k], captions[k], shortlist_scores[k]) -> K fused scores, float32.
+
+        Higher is better. One call may hold the candidates of several queries.
+        """
+        shortlist = torch.as_tensor(np.asarray(shortlist_scores, dtype=np.float32))
+        if shortlist.shape != (len(images),):
+            raise ValueError(
+                f"need one shortlist score per pair: {len(images)} pairs, "
+                f"scores of shape {tuple(shortlist.shape)}"
+            )
+        logits = self.camp_logits(images, captions)
+        return self.fuse(shortlist.to(self.device), logits).float().cpu().numpy()
+
+    def explain_pair(self, image: ImagePrecompute, caption: CaptionPrecompute) -> dict[str, Any]:
+        """Attention of one (image, caption) pair, JSON-ready.
+
+        word_region [L][R] (each word over regions), region_pooling [R] and word_pooling [L]
+        (pooling attention averaged over heads), camp_score in (0, 1).
+        """
+        if len(image) != 1 or len(caption) != 1:
+            raise ValueError(f"explain one pair: got {len(image)} images, {len(caption)} captions")
+        with torch.inference_mode():
+            logits, maps = self.scorer.score_text_against_images(caption, image, explain=True)
+        length = int(caption.lengths[0])
+        return {
+            "word_region": maps.attn_t2v[0, 0, :length].float().cpu().tolist(),
+            "region_pooling": maps.pool_attn_v[0, 0].mean(0).float().cpu().tolist(),
+            "word_pooling": maps.pool_attn_t[0, 0].mean(0)[:length].float().cpu().tolist(),
+            "camp_score": float(torch.sigmoid(logits[0].float())),
+        }

@@ -1,0 +1,1 @@
+"""Training (kept apart from the inference import path: nothing in model/ imports this)."""

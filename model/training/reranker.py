@@ -1,0 +1,210 @@
+"""Stage 2: CAMP as a residual reranker over the frozen shortlist, trained on mined shortlists.
+
+final = shortlist_weight · pooled_score + camp_weight · camp_logit. The score MLP's output layer
+starts at zero, so training starts from exactly the shortlist's ranking and CAMP only has to
+learn a correction. Each step takes B caption queries (t2i) and B image queries (i2t); every
+query gets its positive plus `negatives` candidates drawn from its own pooled top-`pool` (what
+the reranker sees at serving time), and the loss is a listwise softmax cross-entropy over each
+group (the positive in slot 0). `loss="bce_hardest"` instead uses the authors' BCE on the
+group's hardest negative (DESIGN §4.4).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.network import RetrievalNetwork
+from model.precompute import CaptionPrecompute, PrecomputedScorer
+from model.training.features import FrozenSplit
+from model.training.mining import MinedShortlists, sample_negatives
+
+CAPTIONS_PER_IMAGE = 5
+LOSSES = ("listwise", "bce_hardest")
+
+
+@dataclass(frozen=True)
+class RerankerTrainingConfig:
+    steps: int = 300
+    queries_per_direction: int = 16
+    negatives: int = 15
+    pool: int = 100
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 2.0
+    loss: str = "listwise"
+    seed: int = 0
+    train_fusion: bool = True
+    # residual: the loss sees shortlist + CAMP (fusion trained); otherwise CAMP alone (fusion
+    # fixed at shortlist 0 / CAMP 1 while training, tuned on dev afterwards).
+    residual: bool = True
+    # Start CAMP from the shortlist heads' linear maps (needs embed_size == pooled_dim).
+    warm_start: bool = False
+
+
+def reranker_optimizer(
+    network: RetrievalNetwork, config: RerankerTrainingConfig
+) -> torch.optim.Optimizer:
+    parameters = list(network.camp.parameters())
+    if config.train_fusion and config.residual:
+        parameters += list(network.fusion.parameters())
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+# Fusion layers start this much smaller than PyTorch's default (exactly zero would freeze
+# them: ReLU has no gradient at 0), so a warm-started CAMP begins near the heads' ranking.
+WARM_START_FUSION_SCALE = 0.05
+
+
+def warm_start_from_heads(network: RetrievalNetwork) -> None:
+    """CAMP's encoders <- the heads' linear maps; fusion small; score = cosine skip only.
+
+    At the start v*, t* are attention-pooled (near-uniform) encoder outputs, so the cosine
+    skip reproduces the linear part of the pooled score and training refines it with the
+    cross-modal messages instead of learning an image-text alignment from scratch.
+    """
+    spec, heads, camp = network.spec, network.heads, network.camp
+    if heads is None or spec.embed_size != spec.pooled_dim or not spec.camp_cosine_skip:
+        raise ValueError(
+            "warm start needs shortlist heads, embed_size == pooled_dim and camp_cosine_skip=True"
+        )
+    if not hasattr(camp.text_encoder, "projection"):
+        raise ValueError("warm start is implemented for the minilm text encoder")
+    with torch.no_grad():
+        camp.image_encoder.fc.load_state_dict(heads.image.linear.state_dict())
+        camp.text_encoder.projection.load_state_dict(heads.text.linear.state_dict())
+        camp.scorer.image_fusion.weight.mul_(WARM_START_FUSION_SCALE)
+        camp.scorer.text_fusion.weight.mul_(WARM_START_FUSION_SCALE)
+        camp.scorer.score_out.weight.zero_()
+        camp.scorer.score_out.bias.zero_()
+        camp.scorer.cosine_scale.fill_(float(heads.logit_scale))
+
+
+def init_residual(network: RetrievalNetwork) -> None:
+    """Start as the shortlist: shortlist weight = InfoNCE scale, CAMP output layer zero."""
+    with torch.no_grad():
+        network.fusion.shortlist_weight.fill_(float(network.heads.logit_scale))
+        network.fusion.camp_weight.fill_(1.0)
+        network.camp.scorer.score_out.weight.zero_()
+        network.camp.scorer.score_out.bias.zero_()
+        if network.camp.scorer.cosine_scale is not None:
+            network.camp.scorer.cosine_scale.zero_()
+
+
+def _group_scores(
+    network: RetrievalNetwork,
+    scorer: PrecomputedScorer,
+    data: FrozenSplit,
+    image_index: np.ndarray,
+    caption_index: np.ndarray,
+    shortlist_scores: Tensor,
+) -> Tensor:
+    """Final scores [P] of aligned (image, caption) pairs, with autograd."""
+    unique_images, image_slot = np.unique(image_index, return_inverse=True)
+    unique_captions, caption_slot = np.unique(caption_index, return_inverse=True)
+    encoded_images = network.camp.image_encoder(data.regions(unique_images))
+    images = scorer.precompute_images(encoded_images).select(torch.as_tensor(image_slot))
+    features, lengths = data.tokens.batch(unique_captions)
+    words = network.words_from_features(features, lengths)
+    captions: CaptionPrecompute = scorer.precompute_captions(words).select(
+        torch.as_tensor(caption_slot)
+    )
+    logits = scorer.score_pairs(images, captions)
+    return network.fusion(shortlist_scores, logits)
+
+
+def _loss(final: Tensor, group: int, kind: str) -> Tensor:
+    scores = final.view(-1, group)
+    if kind == "listwise":
+        return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.int64))
+    probs = torch.sigmoid(scores).clamp(1e-6, 1 - 1e-6)
+    return -(torch.log(probs[:, 0]) + torch.log(1 - probs[:, 1:].max(dim=1).values)).mean()
+
+
+def train_reranker(
+    network: RetrievalNetwork,
+    data: FrozenSplit,
+    mined: MinedShortlists,
+    config: RerankerTrainingConfig,
+    on_step: Callable[[int, float, float], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[float]:
+    """Train CAMP (+ fusion) in place; heads stay frozen. on_step(step, loss, pairs_per_s).
+
+    Pass `optimizer` (from `reranker_optimizer`) to carry its state across epochs.
+    """
+    if config.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {config.loss!r}")
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    optimizer = optimizer or reranker_optimizer(network, config)
+    if not config.residual:
+        with torch.no_grad():
+            network.fusion.shortlist_weight.fill_(0.0)
+            network.fusion.camp_weight.fill_(1.0)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    scorer = PrecomputedScorer(network.camp.scorer)
+    caption_image = data.caption_image
+    group = config.negatives + 1
+    b = config.queries_per_direction
+    losses = []
+    network.train()
+    for step in range(config.steps):
+        started = time.perf_counter()
+        # t2i: caption queries, image candidates.
+        captions = rng.choice(len(caption_image), size=b, replace=False)
+        t2i_positive = mined.t2i[captions] == caption_image[captions][:, None]
+        t2i_neg = sample_negatives(
+            mined.t2i[captions], t2i_positive, config.negatives, rng, config.pool
+        )
+        t2i_images = np.concatenate(
+            [
+                caption_image[captions][:, None],
+                np.take_along_axis(mined.t2i[captions], t2i_neg, axis=1),
+            ],
+            axis=1,
+        )
+        t2i_pooled = _pooled_pairs(network, data, t2i_images, np.repeat(captions, group))
+        # i2t: image queries, caption candidates.
+        images = rng.choice(len(data.region_means), size=b, replace=False)
+        i2t_positive = (mined.i2t[images] // CAPTIONS_PER_IMAGE) == images[:, None]
+        i2t_neg = sample_negatives(
+            mined.i2t[images], i2t_positive, config.negatives, rng, config.pool
+        )
+        own_caption = images * CAPTIONS_PER_IMAGE + rng.integers(0, CAPTIONS_PER_IMAGE, size=b)
+        i2t_captions = np.concatenate(
+            [own_caption[:, None], np.take_along_axis(mined.i2t[images], i2t_neg, axis=1)], axis=1
+        )
+        i2t_pooled = _pooled_pairs(network, data, np.repeat(images, group), i2t_captions)
+
+        image_index = np.concatenate([t2i_images.reshape(-1), np.repeat(images, group)])
+        caption_index = np.concatenate([np.repeat(captions, group), i2t_captions.reshape(-1)])
+        shortlist = torch.cat([t2i_pooled, i2t_pooled])
+        final = _group_scores(network, scorer, data, image_index, caption_index, shortlist)
+        loss = _loss(final, group, config.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1], len(final) / (time.perf_counter() - started))
+    network.eval()
+    return losses
+
+
+@torch.no_grad()
+def _pooled_pairs(
+    network: RetrievalNetwork, data: FrozenSplit, image_index: np.ndarray, caption_index: np.ndarray
+) -> Tensor:
+    """Pooled (shortlist) scores of aligned pairs, flattened."""
+    image_index, caption_index = image_index.reshape(-1), caption_index.reshape(-1)
+    image_vectors = network.heads.image.embed_mean(data.region_means[image_index])
+    text_vectors = network.heads.text.embed_mean(data.text_means[caption_index])
+    return (image_vectors * text_vectors).sum(-1)

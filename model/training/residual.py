@@ -1,0 +1,186 @@
+"""The CPU recipe of the shipped model: pooled heads (InfoNCE), then CAMP as a residual reranker.
+
+Every epoch is checkpointed; `resume` continues after the last finished epoch; the best
+checkpoint is chosen by the dev rsum of two-stage ranking at the product's K on the first
+`selection.dev_images` dev images (a subset keeps per-epoch selection cheap on a CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from model.data import load_precomputed
+from model.network import NetworkSpec, RetrievalNetwork
+from model.training.dev_eval import evaluate_frozen
+from model.training.features import FrozenSplit, frozen_split
+from model.training.fusion_tuning import tune_fusion
+from model.training.mining import mine_shortlists
+from model.training.pooled import PooledTrainingConfig, train_pooled_heads
+from model.training.recipes import TrainConfig
+from model.training.reranker import (
+    RerankerTrainingConfig,
+    init_residual,
+    reranker_optimizer,
+    train_reranker,
+    warm_start_from_heads,
+)
+from model.training.run_state import RunFolder
+
+DEFAULT_SELECTION_IMAGES = 250
+DEFAULT_SELECTION_K = 100
+MINE_K = 200
+
+
+def frozen_subset(data: FrozenSplit, images: int) -> FrozenSplit:
+    from model.training.features import token_means
+
+    images = min(images, len(data.region_means))
+    split = data.split.subset(slice(0, images))
+    tokens = data.tokens
+    end = tokens.offsets[5 * images]
+    from model.token_cache import TokenFeatures
+
+    sub_tokens = TokenFeatures(
+        features=tokens.features[:end], offsets=tokens.offsets[: 5 * images + 1]
+    )
+    return FrozenSplit(
+        split=split,
+        region_means=data.region_means[:images],
+        tokens=sub_tokens,
+        text_means=token_means(sub_tokens),
+    )
+
+
+def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Console) -> Path:
+    """Train and return the path of the best checkpoint."""
+    torch.manual_seed(config.seed)
+    data_root, cache = Path(config.data["root"]), Path(config.data["text_cache"])
+    started = time.perf_counter()
+    train = frozen_split(load_precomputed(data_root, config.data.get("train", "train")), cache)
+    dev_full = frozen_split(load_precomputed(data_root, config.data.get("dev", "dev")), cache)
+    dev = frozen_subset(dev_full, int(config.selection.get("dev_images", DEFAULT_SELECTION_IMAGES)))
+    select_k = str(config.selection.get("k", DEFAULT_SELECTION_K))
+    console.print(
+        f"features ready in {time.perf_counter() - started:.1f} s "
+        f"(train {len(train.caption_image)} captions, dev subset {len(dev.region_means)} images)"
+    )
+    network = RetrievalNetwork(NetworkSpec.from_dict(config.network), backbone=None)
+    metadata = config.metadata()
+    state = run.resume_state() if resume else None
+    best = state["best_rsum"] if state else float("-inf")
+    pooled_cfg = PooledTrainingConfig(**{"seed": config.seed, **config.pooled})
+    rerank_epochs = int(config.reranker.get("epochs", 1))
+    rerank_cfg = RerankerTrainingConfig(
+        **{"seed": config.seed, **{k: v for k, v in config.reranker.items() if k != "epochs"}}
+    )
+    done_pooled = state is not None
+    done_rerank = state["epoch"] + 1 if state and state["stage"] == "reranker" else 0
+    if state is not None:
+        network.load_state_dict(state["network"])
+        console.print(f"resumed after {state['stage']} epoch {state['epoch']}")
+
+    def select(stage: str, epoch: int, optimizer) -> None:
+        nonlocal best
+        if stage == "reranker" and not rerank_cfg.residual:
+            weight, sweep = tune_fusion(
+                network, dev, int(select_k), float(network.heads.logit_scale)
+            )
+            run.log(
+                event="fusion",
+                stage=stage,
+                epoch=epoch,
+                camp_weight=weight,
+                sweep={str(w): m["rsum"] for w, m in sweep.items()},
+            )
+            console.print(f"fusion tuned on the dev subset: CAMP weight {weight}")
+        result = evaluate_frozen(network, dev, ks=(int(select_k),))
+        rsum = result["two_stage"][select_k]["rsum"]
+        run.log(
+            event="dev",
+            stage=stage,
+            epoch=epoch,
+            pooled_rsum=result["pooled"]["rsum"],
+            two_stage_rsum=rsum,
+            k=int(select_k),
+        )
+        console.print(
+            f"{stage} epoch {epoch}: dev-subset pooled rsum "
+            f"{result['pooled']['rsum']:.1f}, two-stage K={select_k} rsum {rsum:.1f}"
+        )
+        if rsum > best:
+            best = rsum
+            run.save_best(network, metadata)
+        run.save_epoch(network, metadata, stage, epoch, optimizer, best)
+
+    if not done_pooled:
+        assert network.heads is not None
+
+        def on_epoch(epoch: int, loss: float, seconds: float) -> None:
+            run.log(
+                event="epoch",
+                stage="pooled",
+                epoch=epoch,
+                loss=loss,
+                seconds=seconds,
+                captions_per_s=len(train.text_means) / seconds,
+            )
+            console.print(
+                f"pooled epoch {epoch}: loss {loss:.4f} "
+                f"({len(train.text_means) / seconds:.0f} captions/s)"
+            )
+
+        train_pooled_heads(
+            network.heads,
+            train.region_means,
+            train.text_means,
+            train.caption_image,
+            pooled_cfg,
+            on_epoch=on_epoch,
+        )
+        if rerank_cfg.warm_start:
+            warm_start_from_heads(network)
+        if rerank_cfg.residual:
+            init_residual(network)
+        select("pooled", pooled_cfg.epochs - 1, torch.optim.SGD([torch.zeros(1)], lr=0))
+    for parameter in network.heads.parameters():
+        parameter.requires_grad_(False)
+    with torch.no_grad():
+        mined = mine_shortlists(
+            network.heads.image.embed_mean(train.region_means),
+            network.heads.text.embed_mean(train.text_means),
+            MINE_K,
+        )
+    optimizer = reranker_optimizer(network, rerank_cfg)
+    if state is not None and state["stage"] == "reranker":
+        optimizer.load_state_dict(state["optimizer"])
+    for epoch in range(done_rerank, rerank_epochs):
+        cfg = RerankerTrainingConfig(**{**rerank_cfg.__dict__, "seed": config.seed + epoch})
+        started = time.perf_counter()
+
+        def on_step(step, loss, pairs_per_s, epoch=epoch, cfg=cfg, started=started) -> None:
+            if step % 10 == 0:
+                run.log(
+                    event="step",
+                    stage="reranker",
+                    epoch=epoch,
+                    step=step,
+                    loss=loss,
+                    pairs_per_s=pairs_per_s,
+                    fusion=[
+                        float(network.fusion.shortlist_weight),
+                        float(network.fusion.camp_weight),
+                    ],
+                )
+            if step % 50 == 0:
+                console.print(
+                    f"reranker epoch {epoch} step {step}/{cfg.steps}: loss {loss:.4f}, "
+                    f"{pairs_per_s:.0f} pairs/s, {time.perf_counter() - started:.0f} s"
+                )
+
+        train_reranker(network, train, mined, cfg, on_step=on_step, optimizer=optimizer)
+        select("reranker", epoch, optimizer)
+    return run.path / "best.pt"

@@ -1,0 +1,104 @@
+"""The FastAPI app: `create_app(settings)` assembles routers, middleware and error handlers.
+
+The model and the corpus load in the background after the server starts listening, so
+`/healthz` answers at once and `/readyz` reports 503 until search can work. On shutdown the
+batcher drains and the indexes are saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from index.errors import NotFoundError, StorageFullError
+from model.extractors import RegionExtractor
+from service.errors import install_error_handlers, problem_response
+from service.metrics import ServiceMetrics
+from service.request_metrics import RequestMetrics
+from service.routes import captions, health, images, search
+from service.runtime import ServiceState
+from service.settings import Settings, get_settings
+from service.uploads import FORM_OVERHEAD_BYTES, BodySizeLimit
+
+if TYPE_CHECKING:
+    from model.retrieval import RetrievalModel
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+API_VERSION = "1"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    model: RetrievalModel | None = None,
+    extractor: RegionExtractor | None = None,
+    static_dir: Path | None = STATIC_DIR,
+) -> FastAPI:
+    """The service app. `model` / `extractor` may be passed already loaded (tests, benches);
+    otherwise they load from `settings` when the app starts. The web UI in `static_dir` is
+    served at `/` when that folder exists."""
+    settings = settings or get_settings()
+    state = ServiceState(settings, ServiceMetrics(), model=model, extractor=extractor)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.metrics.watch(lambda: state.runtime.live_state() if state.runtime else {})
+        state.begin()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="camp-search",
+        version=API_VERSION,
+        summary="Text-to-image and image-to-caption search: a FAISS shortlist reranked by CAMP.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.add_exception_handler(StorageFullError, _on_storage_full)  # type: ignore[arg-type]
+    app.add_exception_handler(NotFoundError, _on_not_found)  # type: ignore[arg-type]
+
+    for router in (search.router, images.router, captions.router, health.router):
+        app.include_router(router)
+    if static_dir is not None and static_dir.is_dir():
+        app.mount("/", StaticFiles(directory=static_dir, html=True), name="ui")
+
+    # Outermost last: metrics see every answer, including the body limit's 413.
+    app.add_middleware(
+        BodySizeLimit, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "X-API-Key"],
+        )
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    return app
+
+
+async def _on_storage_full(request: Request, error: StorageFullError) -> JSONResponse:
+    logger.error("storage is full: %s", error)
+    return problem_response(
+        507,
+        "Insufficient storage",
+        "the server's storage is full; nothing was written. Retry after the operator frees space.",
+        instance=request.url.path,
+    )
+
+
+async def _on_not_found(request: Request, error: NotFoundError) -> JSONResponse:
+    return problem_response(404, "Not found", str(error).strip("'\""), instance=request.url.path)

@@ -1,0 +1,313 @@
+"""Bulk ingest: a manifest or a folder of photos, into a data directory or a running server.
+
+Resumable by design: before a photo is processed its SHA-256 is looked up in the target, so
+rerunning the same command after an interrupt skips everything already stored (a photo is
+stored with its captions in one commit, so nothing is half-done). Refused files (not an image,
+too large, ...) are reported with the reason and do not stop the run; an unreachable server or
+a rejected API key does stop it.
+
+Sources:
+* ``manifest.jsonl``: one JSON object per line with ``image`` (a path relative to the manifest)
+  and optional ``captions`` (a list of strings), as in DESIGN §5;
+* a folder: every image file under it (sorted), with optional captions in a sidecar text file
+  of the same name (``beach.jpg`` + ``beach.txt``, one caption per line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import httpx
+
+from service.auth import API_KEY_HEADER
+from service.errors import ProblemError
+from service.runtime import ServiceRuntime
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_JOBS = 2
+HTTP_TIMEOUT_S = 120.0  # one upload may wait for a CPU extraction behind others
+MAX_RETRIES = 5
+MAX_RETRY_WAIT_S = 30.0
+
+Outcome = Literal["added", "existing", "refused"]
+
+
+class IngestSourceError(ValueError):
+    """The manifest or folder cannot be read (missing, malformed line, no images)."""
+
+
+class IngestAbortedError(RuntimeError):
+    """The target cannot take writes at all (unreachable server, rejected key, busy data dir)."""
+
+
+class RefusedError(Exception):
+    """The target refused one photo; `status` is the HTTP status (or the local equivalent)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    path: Path
+    captions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    path: str
+    status: int
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    existing: int = 0
+    refused: list[Refusal] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.added + self.existing + len(self.refused)
+
+
+class IngestTarget(Protocol):
+    """Where photos go: a local data directory or a server."""
+
+    max_upload_bytes: int
+
+    async def known(self, sha256: str) -> bool: ...
+
+    async def add(self, data: bytes, captions: Sequence[str]) -> Outcome: ...
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def read_source(source: Path, *, max_captions: int | None = None) -> list[IngestItem]:
+    """Photos to ingest from a manifest (.jsonl) or a folder; `max_captions` keeps the first
+    N captions of each photo (e.g. to hold one out for evaluation)."""
+    source = Path(source)
+    if source.is_dir():
+        items = _folder_items(source)
+    elif source.is_file():
+        items = _manifest_items(source)
+    else:
+        raise IngestSourceError(f"{source} is neither a manifest file nor a folder")
+    if not items:
+        raise IngestSourceError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if max_captions is not None:
+        items = [IngestItem(i.path, i.captions[:max_captions]) for i in items]
+    return items
+
+
+def _manifest_items(manifest: Path) -> list[IngestItem]:
+    items = []
+    with manifest.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                image = entry["image"]
+                captions = entry.get("captions") or []
+                if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
+                    raise TypeError("'image' must be a string and 'captions' a list of strings")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise IngestSourceError(
+                    f"{manifest}:{number}: expected {{'image': path, 'captions': [...]}}: {error}"
+                ) from error
+            items.append(IngestItem(manifest.parent / image, tuple(captions)))
+    return items
+
+
+def _folder_items(folder: Path) -> list[IngestItem]:
+    items = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            sidecar = path.with_suffix(".txt")
+            captions = ()
+            if sidecar.is_file():
+                lines = sidecar.read_text(encoding="utf-8").splitlines()
+                captions = tuple(line.strip() for line in lines if line.strip())
+            items.append(IngestItem(path, captions))
+    return items
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+async def ingest(
+    items: Sequence[IngestItem],
+    target: IngestTarget,
+    *,
+    jobs: int = DEFAULT_JOBS,
+    on_done: Callable[[IngestItem, Outcome], None] | None = None,
+) -> IngestReport:
+    """Send every item to `target` with at most `jobs` in flight; never raises for one bad
+    file (it is refused in the report), raises `IngestAbortedError` when the target is gone."""
+    report = IngestReport()
+    started = time.perf_counter()
+    queue: asyncio.Queue[IngestItem] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            outcome = await _ingest_one(item, target, report)
+            if on_done is not None:
+                on_done(item, outcome)
+
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, jobs))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _ingest_one(item: IngestItem, target: IngestTarget, report: IngestReport) -> Outcome:
+    try:
+        size = item.path.stat().st_size
+        if size > target.max_upload_bytes:
+            raise RefusedError(
+                413, f"{size:,} bytes is over the limit of {target.max_upload_bytes:,} bytes"
+            )
+        data = await asyncio.to_thread(item.path.read_bytes)
+        if await target.known(hashlib.sha256(data).hexdigest()):
+            outcome: Outcome = "existing"
+        else:
+            outcome = await target.add(data, item.captions)
+    except RefusedError as refusal:
+        report.refused.append(Refusal(str(item.path), refusal.status, refusal.reason))
+        return "refused"
+    except OSError as error:
+        report.refused.append(Refusal(str(item.path), 0, f"cannot read the file: {error}"))
+        return "refused"
+    if outcome == "added":
+        report.added += 1
+    else:
+        report.existing += 1
+    return outcome
+
+
+def write_refusals(report: IngestReport, path: Path) -> None:
+    """One JSON object per refused file, so a later run can retry exactly those."""
+    with path.open("w", encoding="utf-8") as out:
+        for refusal in report.refused:
+            out.write(json.dumps(refusal.__dict__) + "\n")
+
+
+# --- targets ------------------------------------------------------------------------------
+
+
+class HttpTarget:
+    """A running server: `GET /v1/images?sha256=` to skip, `POST /v1/images` to add.
+
+    429/503 answers are retried after their Retry-After (bounded); 401/403 and connection
+    failures abort the run.
+    """
+
+    def __init__(
+        self, base_url: str, *, api_key: str | None = None, timeout_s: float = HTTP_TIMEOUT_S
+    ) -> None:
+        headers = {API_KEY_HEADER: api_key} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self.client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self.max_upload_bytes = 0
+
+    async def open(self) -> HttpTarget:
+        info = await self._request("GET", "/v1/info")
+        if info.status_code != 200:
+            raise IngestAbortedError(
+                f"{self.base_url} is not ready ({info.status_code}): {_detail(info)}"
+            )
+        self.max_upload_bytes = int(info.json()["limits"]["max_upload_bytes"])
+        return self
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def known(self, sha256: str) -> bool:
+        response = await self._request("GET", "/v1/images", params={"sha256": sha256})
+        if response.status_code != 200:
+            raise IngestAbortedError(f"lookup failed ({response.status_code}): {_detail(response)}")
+        return response.json()["count"] > 0
+
+    async def add(self, data: bytes, captions: Sequence[str]) -> Outcome:
+        response = await self._request(
+            "POST",
+            "/v1/images",
+            files={"file": ("upload", data, "application/octet-stream")},
+            data={"captions": list(captions)} if captions else None,
+        )
+        if response.status_code == 201:
+            return "added"
+        if response.status_code == 200:
+            return "existing"
+        if response.status_code in (401, 403):
+            raise IngestAbortedError(f"the server refused the API key: {_detail(response)}")
+        raise RefusedError(response.status_code, _detail(response))
+
+    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                response = await self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
+            except httpx.TransportError as error:
+                raise IngestAbortedError(f"cannot reach {self.base_url}: {error}") from error
+            if response.status_code not in (429, 503) or attempt == MAX_RETRIES:
+                return response
+            await asyncio.sleep(_retry_after_s(response, attempt))
+        raise AssertionError("unreachable")
+
+
+def _retry_after_s(response: httpx.Response, attempt: int) -> float:
+    try:
+        wait = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        wait = 2.0**attempt
+    return min(MAX_RETRY_WAIT_S, max(0.1, wait))
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    return str(body.get("detail") or body)
+
+
+class LocalTarget:
+    """A data directory, written in-process through the same `Indexer` as the API (holds the
+    data directory's lock, so no server may run on it meanwhile)."""
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+        self.max_upload_bytes = runtime.settings.max_upload_bytes
+
+    async def known(self, sha256: str) -> bool:
+        return await asyncio.to_thread(self.runtime.corpus.find_image_by_sha256, sha256) is not None
+
+    async def add(self, data: bytes, captions: Sequence[str]) -> Outcome:
+        try:
+            stored = await self.runtime.indexer.add_image(data, captions)
+        except ProblemError as problem:
+            reasons = "; ".join(p.reason for p in problem.errors) or problem.detail
+            raise RefusedError(problem.status, reasons) from problem
+        return "added" if stored.created else "existing"

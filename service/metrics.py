@@ -1,0 +1,156 @@
+"""Prometheus metrics: request counts, per-stage latency histograms, cache and batcher state.
+
+Each app gets its own `CollectorRegistry`, so several apps in one process (tests, benchmarks)
+never collide. Routes are labelled by their template (`/v1/images/{image_id}`), never by the
+raw path, so label cardinality stays bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STAGES = (
+    "decode",
+    "encode",
+    "shortlist",
+    "features",
+    "precompute",
+    "rerank",
+    "explain",
+    "extract",
+    "store",
+)
+# Seconds; from sub-millisecond cache hits to multi-second CPU extraction.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ServiceMetrics:
+    """The service's metrics and a registry to expose them with."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "campsearch_http_requests",
+            "HTTP requests by method, route template and status code.",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "campsearch_http_request_seconds",
+            "HTTP request latency by route template.",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_latency = Histogram(
+            "campsearch_stage_seconds",
+            "Latency of one pipeline stage (encode, shortlist, features, rerank, extract, ...).",
+            ("stage",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rerank_batch_jobs = Histogram(
+            "campsearch_rerank_batch_jobs",
+            "Queries fused into one reranker call by the micro-batcher.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.precompute_cache = Counter(
+            "campsearch_precompute_cache_lookups",
+            "Per-item rerank tensors looked up in the in-process LRU, by kind and result.",
+            ("kind", "result"),
+            registry=self.registry,
+        )
+        self.upload_region_cache = Counter(
+            "campsearch_upload_region_lookups",
+            "Region features of an upload: found by sha256 in the corpus/cache, or extracted.",
+            ("source",),
+            registry=self.registry,
+        )
+        for stage in STAGES:  # exported at 0 from the start, so dashboards see every stage
+            self.stage_latency.labels(stage)
+
+    @contextmanager
+    def time_stage(self, stage: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+        """Observe the block's duration for `stage`; also add milliseconds to `timings`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.stage_latency.labels(stage).observe(elapsed)
+            if timings is not None:
+                timings[stage] = timings.get(stage, 0.0) + elapsed * 1000.0
+
+    def watch(self, collect: Callable[[], dict[str, Any]]) -> None:
+        """Export live state (cache stats, queue depth, corpus sizes) read at scrape time."""
+        self.registry.register(_StateCollector(collect))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the running service at scrape time (never stale, never double-kept)."""
+
+    def __init__(self, collect: Callable[[], dict[str, Any]]) -> None:
+        self._collect = collect
+
+    def describe(self) -> list[Any]:
+        return []  # values only exist once the service is ready
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._collect()
+        if not state:
+            return
+        cache = state["cache"]
+        stats = GaugeMetricFamily(
+            "campsearch_feature_cache_events",
+            "Feature cache counters since start (hits, misses, errors, bypassed).",
+            labels=("backend", "event"),
+        )
+        for event, value in cache["stats"].items():
+            stats.add_metric((cache["backend"], event), float(value))
+        yield stats
+        healthy = GaugeMetricFamily(
+            "campsearch_feature_cache_healthy",
+            "1 when the feature cache answers, 0 while the service reads the store directly.",
+            labels=("backend",),
+        )
+        healthy.add_metric((cache["backend"],), 1.0 if cache["healthy"] else 0.0)
+        yield healthy
+        yield GaugeMetricFamily(
+            "campsearch_rerank_queue_depth",
+            "Queries waiting for the reranker.",
+            value=float(state["queued"]),
+        )
+        sizes = GaugeMetricFamily(
+            "campsearch_corpus_items", "Items in the corpus.", labels=("kind",)
+        )
+        for kind in ("images", "captions"):
+            sizes.add_metric((kind,), float(state[kind]))
+        yield sizes

@@ -1,0 +1,414 @@
+"""The two-stage search (DESIGN §2): pooled-vector shortlist, then the CAMP reranker.
+
+text -> images:  encode the text -> FAISS top-K images -> their rerank tensors (in-process LRU,
+                 else ONE feature fetch through the cache for the misses) -> micro-batched
+                 rerank -> sort, `min_score`, `limit` -> catalog metadata (+ explanation).
+image -> captions: the same with the sides swapped; the image's regions come from the corpus
+                 (by id) or from `UploadRegions` (an upload).
+
+Every blocking step (torch, FAISS, LMDB, SQLite) runs in a worker thread; the reranker runs on
+the micro-batcher's thread. Stage timings go to the response and to Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from index.corpus import Corpus, RegionArrays
+from model.precompute import CaptionPrecompute, ImagePrecompute
+from service.batching import MicroBatcher
+from service.errors import FieldProblem, ProblemError
+from service.lru import ByteBoundedLRU
+from service.metrics import ServiceMetrics
+from service.regions import ImageRegions
+from service.rerank import RerankJob
+from service.schemas import (
+    CaptionHit,
+    CaptionSearchResponse,
+    Explanation,
+    ImageHit,
+    ImageSearchRequest,
+    ImageSearchResponse,
+    SearchOptions,
+    Timings,
+)
+
+if TYPE_CHECKING:
+    from model.retrieval import RetrievalModel
+
+# Per-image rerank tensors cost ~1 MB at d=1024 (less at smaller d) and ~5 ms to build on a
+# CPU; per-caption ones are ~20x smaller. The budgets bound the process's memory.
+IMAGE_PRECOMPUTE_CACHE_BYTES = 512 * 2**20
+CAPTION_PRECOMPUTE_CACHE_BYTES = 128 * 2**20
+RETRY_AFTER_TIMEOUT_S = 1
+
+
+def image_file_url(image_id: int) -> str:
+    return f"/v1/images/{image_id}/file"
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """What the reranker and the explanation need of one image (cached per image id)."""
+
+    precompute: ImagePrecompute  # [1]
+    boxes: np.ndarray  # [R, 4]
+    image_size: tuple[int, int]
+
+
+def _tensor_bytes(item: object) -> int:
+    total = 0
+    for f in fields(item):  # type: ignore[arg-type]
+        value = getattr(item, f.name)
+        if isinstance(value, torch.Tensor):
+            total += value.element_size() * value.nelement()
+        elif isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif hasattr(value, "__dataclass_fields__"):
+            total += _tensor_bytes(value)
+    return total
+
+
+class SearchPipeline:
+    """Both search directions over one corpus, one model and one micro-batcher."""
+
+    def __init__(
+        self,
+        model: RetrievalModel,
+        corpus: Corpus,
+        batcher: MicroBatcher[RerankJob, np.ndarray],
+        metrics: ServiceMetrics,
+        *,
+        request_timeout_s: float = 30.0,
+        image_cache_bytes: int = IMAGE_PRECOMPUTE_CACHE_BYTES,
+        caption_cache_bytes: int = CAPTION_PRECOMPUTE_CACHE_BYTES,
+    ) -> None:
+        self.model = model
+        self.corpus = corpus
+        self.batcher = batcher
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        self.image_tensors: ByteBoundedLRU[int, ImageTensors] = ByteBoundedLRU(
+            image_cache_bytes, _tensor_bytes
+        )
+        self.caption_tensors: ByteBoundedLRU[int, CaptionPrecompute] = ByteBoundedLRU(
+            caption_cache_bytes, _tensor_bytes
+        )
+
+    # --- text -> images ---------------------------------------------------------------------
+
+    async def images_for_text(self, request: ImageSearchRequest) -> ImageSearchResponse:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        with self.metrics.time_stage("encode", timings):
+            encoded = await asyncio.to_thread(self.model.encode_texts, [request.text])
+        query = encoded.precompute.select([0])
+        k = max(request.candidates, request.limit)
+        with self.metrics.time_stage("shortlist", timings):
+            scores, ids = await asyncio.to_thread(self.corpus.search_images, encoded.pooled, k)
+        shortlist = _shortlist(scores[0], ids[0])
+
+        tensors: dict[int, ImageTensors] = {}
+        if request.rerank and shortlist:
+            with self.metrics.time_stage("features", timings):
+                tensors = await asyncio.to_thread(self.tensors_of_images, [c.id for c in shortlist])
+            shortlist = [c for c in shortlist if c.id in tensors]  # deleted meanwhile
+        if request.rerank and shortlist:
+            job = RerankJob(
+                images=ImagePrecompute.cat([tensors[c.id].precompute for c in shortlist]),
+                captions=query,
+                shortlist_scores=np.asarray([c.score for c in shortlist], dtype=np.float32),
+            )
+            with self.metrics.time_stage("rerank", timings):
+                final = await self._rerank(job)
+        else:
+            final = np.asarray([c.score for c in shortlist], dtype=np.float32)
+        chosen = _best(shortlist, final, request.limit, request.min_score)
+
+        records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
+        explanations: dict[int, Explanation] = {}
+        if request.explain and chosen:
+            with self.metrics.time_stage("explain", timings):
+                explanations = await asyncio.to_thread(
+                    self._explain_images, [c.id for c, _ in chosen], query, encoded.tokens[0]
+                )
+        results = [
+            ImageHit(
+                id=c.id,
+                score=score,
+                shortlist_score=c.score,
+                shortlist_rank=c.rank,
+                url=image_file_url(c.id),
+                captions=records[c.id],
+                explanation=explanations.get(c.id),
+            )
+            for c, score in chosen
+            if c.id in records
+        ]
+        return ImageSearchResponse(results=results, timings_ms=_timings(timings, started))
+
+    # --- image -> captions ------------------------------------------------------------------
+
+    async def captions_for_image_id(
+        self, image_id: int, options: SearchOptions
+    ) -> CaptionSearchResponse:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        with self.metrics.time_stage("features", timings):
+            stored = await asyncio.to_thread(self.corpus.get_region_features, [image_id])
+            if image_id in stored:
+                tensors = await asyncio.to_thread(self.tensors_of_images, [image_id], stored)
+        if image_id not in stored:
+            reason = f"no image with id {image_id}"
+            raise ProblemError(404, "Not found", reason, [FieldProblem("body.image_id", reason)])
+        regions = stored[image_id]
+        return await self._captions_for(
+            ImageRegions(regions.features, regions.boxes, regions.image_size, "corpus", image_id),
+            tensors[image_id],
+            options,
+            timings,
+            started,
+        )
+
+    async def captions_for_regions(
+        self,
+        regions: ImageRegions,
+        options: SearchOptions,
+        *,
+        timings: dict[str, float],
+        started: float,
+    ) -> CaptionSearchResponse:
+        """Search with an upload's regions; `timings` and `started` (perf_counter) may already
+        count its decoding and extraction."""
+        cached = (
+            self.image_tensors.get_many([regions.image_id]).get(regions.image_id)
+            if regions.image_id is not None  # the same bytes are in the corpus
+            else None
+        )
+        if cached is None:
+            with self.metrics.time_stage("precompute", timings):
+                precompute = await asyncio.to_thread(
+                    self.model.precompute_images, np.asarray(regions.features)[None]
+                )
+            cached = ImageTensors(precompute, np.asarray(regions.boxes), regions.image_size)
+        return await self._captions_for(regions, cached, options, timings, started)
+
+    async def _captions_for(
+        self,
+        regions: ImageRegions,
+        image: ImageTensors,
+        options: SearchOptions,
+        timings: dict[str, float],
+        started: float,
+    ) -> CaptionSearchResponse:
+        with self.metrics.time_stage("encode", timings):
+            pooled = await asyncio.to_thread(
+                self.model.pooled_images, np.asarray(regions.features)[None]
+            )
+        k = max(options.candidates, options.limit)
+        with self.metrics.time_stage("shortlist", timings):
+            scores, ids = await asyncio.to_thread(self.corpus.search_captions, pooled, k)
+        shortlist = _shortlist(scores[0], ids[0])
+
+        captions: dict[int, CaptionPrecompute] = {}
+        if (options.rerank or options.explain) and shortlist:
+            with self.metrics.time_stage("features", timings):
+                captions = await asyncio.to_thread(
+                    self.tensors_of_captions, [c.id for c in shortlist]
+                )
+            shortlist = [c for c in shortlist if c.id in captions]
+        if options.rerank and shortlist:
+            job = RerankJob(
+                images=image.precompute,
+                captions=CaptionPrecompute.cat([captions[c.id] for c in shortlist]),
+                shortlist_scores=np.asarray([c.score for c in shortlist], dtype=np.float32),
+            )
+            with self.metrics.time_stage("rerank", timings):
+                final = await self._rerank(job)
+        else:
+            final = np.asarray([c.score for c in shortlist], dtype=np.float32)
+        chosen = _best(shortlist, final, options.limit, options.min_score)
+
+        records = await asyncio.to_thread(
+            self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
+        )
+        explanations: dict[int, Explanation] = {}
+        if options.explain and chosen:
+            with self.metrics.time_stage("explain", timings):
+                explanations = await asyncio.to_thread(
+                    self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
+                )
+        results = [
+            CaptionHit(
+                id=c.id,
+                text=records[c.id].text,
+                image_id=records[c.id].image_id,
+                score=score,
+                shortlist_score=c.score,
+                shortlist_rank=c.rank,
+                explanation=explanations.get(c.id),
+            )
+            for c, score in chosen
+            if c.id in records
+        ]
+        return CaptionSearchResponse(results=results, timings_ms=_timings(timings, started))
+
+    # --- per-item tensors (cached) ------------------------------------------------------------
+
+    def tensors_of_images(
+        self, ids: Sequence[int], stored: dict[int, RegionArrays] | None = None
+    ) -> dict[int, ImageTensors]:
+        """Rerank tensors of the images that exist: LRU hits, then ONE feature fetch + ONE
+        precompute call for the misses (grouped by region count). `stored` may hold region
+        features the caller already fetched."""
+        found = self.image_tensors.get_many(ids)
+        self.metrics.precompute_cache.labels("image", "hit").inc(len(found))
+        missing = [i for i in ids if i not in found]
+        if not missing:
+            return found
+        self.metrics.precompute_cache.labels("image", "miss").inc(len(missing))
+        if stored is None or any(i not in stored for i in missing):
+            stored = self.corpus.get_region_features(missing)
+        by_regions: dict[int, list[int]] = {}
+        for image_id in missing:
+            if image_id not in stored:
+                continue
+            regions = stored[image_id]
+            by_regions.setdefault(regions.features.shape[0], []).append(image_id)
+        built: dict[int, ImageTensors] = {}
+        with self.metrics.time_stage("precompute"):
+            for group in by_regions.values():
+                batch = np.stack([stored[i].features for i in group])
+                precompute = self.model.precompute_images(batch)
+                for row, image_id in enumerate(group):
+                    built[image_id] = ImageTensors(
+                        precompute.select([row]),
+                        np.asarray(stored[image_id].boxes),
+                        stored[image_id].image_size,
+                    )
+        self.image_tensors.put_many(built)
+        return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+
+    def tensors_of_captions(self, ids: Sequence[int]) -> dict[int, CaptionPrecompute]:
+        """Rerank tensors of the captions that exist; misses are re-encoded in one call."""
+        found = self.caption_tensors.get_many(ids)
+        self.metrics.precompute_cache.labels("caption", "hit").inc(len(found))
+        missing = [i for i in ids if i not in found]
+        if not missing:
+            return found
+        self.metrics.precompute_cache.labels("caption", "miss").inc(len(missing))
+        records = self.corpus.catalog.get_captions(missing)
+        order = [i for i in missing if i in records]
+        built: dict[int, CaptionPrecompute] = {}
+        if order:
+            with self.metrics.time_stage("precompute"):
+                encoded = self.model.encode_texts([records[i].text for i in order])
+            for row, caption_id in enumerate(order):
+                built[caption_id] = encoded.precompute.select([row])
+            self.caption_tensors.put_many(built)
+        return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+
+    def forget(self, image_ids: Sequence[int] = (), caption_ids: Sequence[int] = ()) -> None:
+        """Drop cached tensors of deleted items (ids are never reused; this frees memory)."""
+        self.image_tensors.discard(image_ids)
+        self.caption_tensors.discard(caption_ids)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    async def _rerank(self, job: RerankJob) -> np.ndarray:
+        try:
+            return await asyncio.wait_for(self.batcher.submit(job), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProblemError(
+                503,
+                "Timed out",
+                f"the reranker did not answer within {self.request_timeout_s:g} s; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_TIMEOUT_S)},
+            ) from None
+
+    def _image_records(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        """{image id: its caption texts} for the ids that still exist."""
+        images = self.corpus.get_images(ids)
+        return {i: [c.text for c in self.corpus.catalog.captions_of(i)] for i in ids if i in images}
+
+    def _explain_images(
+        self, ids: Sequence[int], query: CaptionPrecompute, words: list[str]
+    ) -> dict[int, Explanation]:
+        tensors = self.tensors_of_images(ids)
+        return {
+            i: _explanation(
+                self.model.explain_pair(tensors[i].precompute, query), words, tensors[i]
+            )
+            for i in ids
+            if i in tensors
+        }
+
+    def _explain_captions(
+        self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
+    ) -> dict[int, Explanation]:
+        records = self.corpus.catalog.get_captions(list(captions))
+        explanations: dict[int, Explanation] = {}
+        for caption_id, precompute in captions.items():
+            if caption_id not in records:
+                continue
+            words = self.model.tokenize([records[caption_id].text])[1][0]
+            explanation = self.model.explain_pair(image.precompute, precompute)
+            explanations[caption_id] = _explanation(explanation, words, image)
+        return explanations
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    id: int
+    score: float
+    rank: int
+
+
+def _shortlist(scores: np.ndarray, ids: np.ndarray) -> list[_Candidate]:
+    return [
+        _Candidate(int(i), float(s), rank)
+        for rank, (s, i) in enumerate(zip(scores, ids, strict=True))
+        if i >= 0
+    ]
+
+
+def _best(
+    candidates: list[_Candidate], final: np.ndarray, limit: int, min_score: float | None
+) -> list[tuple[_Candidate, float]]:
+    """Best first (ties keep shortlist order), at or above `min_score`, at most `limit`."""
+    order = np.argsort(-final, kind="stable")
+    chosen = [(candidates[i], float(final[i])) for i in order]
+    if min_score is not None:
+        chosen = [(c, s) for c, s in chosen if s >= min_score]
+    return chosen[:limit]
+
+
+def _explanation(raw: dict, words: list[str], image: ImageTensors) -> Explanation:
+    word_region = raw["word_region"]
+    return Explanation(
+        words=list(words[: len(word_region)]),
+        boxes=np.asarray(image.boxes, dtype=np.float32).round(5).tolist(),
+        image_size=image.image_size,
+        word_region=word_region,
+        region_pooling=raw["region_pooling"],
+        word_pooling=raw["word_pooling"],
+        camp_score=raw["camp_score"],
+    )
+
+
+def _timings(stages: dict[str, float], started: float) -> Timings:
+    total = (time.perf_counter() - started) * 1000.0
+    return Timings(
+        encode=stages.get("encode", 0.0),
+        shortlist=stages.get("shortlist", 0.0),
+        features=sum(stages.get(name, 0.0) for name in ("features", "extract", "precompute")),
+        rerank=stages.get("rerank", 0.0),
+        total=total,
+    )

@@ -1,0 +1,141 @@
+"""The second stage as one batched model call: queries' candidate pairs concatenated.
+
+A `RerankJob` is one query with its K shortlisted candidates: one caption x K images
+(text -> images) or one image x K captions (image -> captions). `PairReranker` is the
+micro-batcher's batch function: it lays the jobs' pairs end to end and scores them with as
+few `RetrievalModel.rerank_pairs` calls as the memory budget allows (usually one), so
+concurrent requests share one model call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+
+if TYPE_CHECKING:
+    from model.retrieval import RetrievalModel
+
+# Working memory of one reranker call (activations of every pair in it). 1,000 pairs of
+# 49 regions x 12 words at d=1024 take about 2.5 GB, so a CPU call holds ~200 pairs.
+RERANK_MEMORY_BUDGET_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """One query side (length 1) against K candidates (length K), with their shortlist scores.
+
+    Exactly one of `images` / `captions` has length 1 unless K == 1; the other has length K.
+    """
+
+    images: ImagePrecompute
+    captions: CaptionPrecompute
+    shortlist_scores: np.ndarray  # float32 [K]
+
+    def __post_init__(self) -> None:
+        k = len(self.shortlist_scores)
+        if k == 0:
+            raise ValueError("a rerank job needs at least one candidate")
+        if len(self.images) not in (1, k) or len(self.captions) not in (1, k):
+            raise ValueError(
+                f"{len(self.images)} images and {len(self.captions)} captions cannot form "
+                f"{k} pairs: one side must have length 1, the other K"
+            )
+
+    @property
+    def size(self) -> int:
+        return len(self.shortlist_scores)
+
+    @property
+    def region_count(self) -> int:
+        return int(self.images.regions.shape[1])
+
+    def pairs(self, start: int, stop: int) -> tuple[ImagePrecompute, CaptionPrecompute]:
+        """Aligned pairs start..stop, repeating the query side."""
+        return _take(self.images, start, stop), _take(self.captions, start, stop)
+
+    def bytes_per_pair(self) -> int:
+        return PrecomputedScorer.bytes_per_pair(self.images, self.captions)
+
+
+def _take(side, start: int, stop: int):
+    if len(side) == 1:
+        return side.select([0] * (stop - start))
+    return side.select(slice(start, stop))
+
+
+class PairReranker:
+    """Batch function for `MicroBatcher`: jobs in, final scores [K] per job out, in order."""
+
+    def __init__(
+        self,
+        model: RetrievalModel,
+        *,
+        memory_budget_bytes: int = RERANK_MEMORY_BUDGET_BYTES,
+        on_call: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.memory_budget_bytes = memory_budget_bytes
+        self._on_call = on_call  # (jobs in the batch, seconds of model time), for metrics
+
+    def __call__(self, jobs: Sequence[RerankJob]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        outputs = [np.empty(job.size, dtype=np.float32) for job in jobs]
+        # Jobs with different region counts (a detector's variable boxes) cannot share a call.
+        by_regions: dict[int, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_regions.setdefault(job.region_count, []).append(index)
+        for members in by_regions.values():
+            per_pair = max(jobs[i].bytes_per_pair() for i in members)
+            max_pairs = max(1, self.memory_budget_bytes // per_pair)
+            for chunk in _chunks([(i, jobs[i].size) for i in members], max_pairs):
+                self._score_chunk(jobs, chunk, outputs)
+        if self._on_call is not None:
+            self._on_call(len(jobs), time.perf_counter() - started)
+        return outputs
+
+    def _score_chunk(
+        self,
+        jobs: Sequence[RerankJob],
+        chunk: list[tuple[int, int, int]],
+        outputs: list[np.ndarray],
+    ) -> None:
+        parts = [jobs[j].pairs(a, b) for j, a, b in chunk]
+        images = ImagePrecompute.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        captions = CaptionPrecompute.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        shortlist = np.concatenate([jobs[j].shortlist_scores[a:b] for j, a, b in chunk])
+        scores = np.asarray(
+            self.model.rerank_pairs(images, captions, shortlist.astype(np.float32)),
+            dtype=np.float32,
+        ).reshape(-1)
+        if len(scores) != len(shortlist):
+            raise RuntimeError(f"rerank_pairs returned {len(scores)} scores for {len(shortlist)}")
+        offset = 0
+        for j, a, b in chunk:
+            outputs[j][a:b] = scores[offset : offset + b - a]
+            offset += b - a
+
+
+def _chunks(sizes: list[tuple[int, int]], max_pairs: int) -> list[list[tuple[int, int, int]]]:
+    """Split jobs (index, K) into chunks of at most `max_pairs` pairs: [(index, start, stop)]."""
+    chunks: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = max_pairs
+    for index, size in sizes:
+        start = 0
+        while start < size:
+            take = min(size - start, room)
+            current.append((index, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                chunks.append(current)
+                current, room = [], max_pairs
+    if current:
+        chunks.append(current)
+    return chunks

@@ -1,0 +1,110 @@
+"""Images: add (multipart upload with captions), read, fetch the stored bytes, delete."""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
+from fastapi.responses import FileResponse
+
+from service.deps import RuntimeDep, SettingsDep, WriteAccess
+from service.errors import FieldProblem, ProblemError
+from service.indexer import StoredImage
+from service.pipeline import image_file_url
+from service.schemas import MAX_ID, CaptionPublic, ImagePublic, ImagesPublic
+from service.uploads import read_upload
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="Image id.")]
+
+
+def image_public(stored: StoredImage) -> ImagePublic:
+    return ImagePublic(
+        id=stored.image.id,
+        sha256=stored.image.sha256,
+        width=stored.image.width,
+        height=stored.image.height,
+        regions=stored.regions,
+        url=image_file_url(stored.image.id),
+        captions=[
+            CaptionPublic(id=c.id, text=c.text, image_id=c.image_id) for c in stored.captions
+        ],
+    )
+
+
+def _not_found(image_id: int) -> ProblemError:
+    reason = f"no image with id {image_id}"
+    return ProblemError(404, "Not found", reason, [FieldProblem("path.image_id", reason)])
+
+
+@router.post(
+    "",
+    response_model=ImagePublic,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[WriteAccess],
+    responses={200: {"model": ImagePublic, "description": "The same bytes were already stored."}},
+)
+async def add_image(
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, ...).")],
+    captions: Annotated[list[str] | None, Form(description="Captions of the photo.")] = None,
+) -> ImagePublic:
+    """Store a photo: extract its regions, index it, keep its captions. 201 when new; 200 with
+    the existing record when the same bytes were stored before (its captions are unchanged)."""
+    data = await read_upload(file, max_bytes=settings.max_upload_bytes)
+    stored = await runtime.indexer.add_image(data, captions or [])
+    if not stored.created:
+        response.status_code = status.HTTP_200_OK
+    return image_public(stored)
+
+
+@router.get("", response_model=ImagesPublic)
+async def find_images(
+    runtime: RuntimeDep,
+    sha256: Annotated[
+        str, Query(pattern=SHA256_PATTERN, description="Lower-case hex SHA-256 of the bytes.")
+    ],
+) -> ImagesPublic:
+    """Images whose bytes have this SHA-256 (0 or 1): lets bulk ingest skip what is stored."""
+    record = runtime.corpus.find_image_by_sha256(sha256)
+    stored = None if record is None else await runtime.indexer.describe(record.id)
+    data = [] if stored is None else [image_public(stored)]
+    return ImagesPublic(data=data, count=len(data))
+
+
+@router.get("/{image_id}", response_model=ImagePublic)
+async def get_image(image_id: ImageId, runtime: RuntimeDep) -> ImagePublic:
+    stored = await runtime.indexer.describe(image_id)
+    if stored is None:
+        raise _not_found(image_id)
+    return image_public(stored)
+
+
+@router.get("/{image_id}/file", response_class=FileResponse)
+async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse:
+    """The stored bytes, with the content type of their decoded format."""
+    record = runtime.corpus.get_image(image_id)
+    if record is None:
+        raise _not_found(image_id)
+    path = runtime.corpus.image_path(record)
+    if not path.is_file():  # deleted between the lookup and now
+        raise _not_found(image_id)
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(
+        path,
+        media_type=media_type,
+        headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": record.sha256},
+    )
+
+
+@router.delete("/{image_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess])
+async def delete_image(image_id: ImageId, runtime: RuntimeDep) -> Response:
+    """Delete a photo with its captions and features; it never appears in results again."""
+    if not await runtime.indexer.delete_image(image_id):
+        raise _not_found(image_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

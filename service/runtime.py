@@ -1,0 +1,309 @@
+"""Everything a running service holds, built from `Settings`, and its lifecycle.
+
+`ServiceRuntime.build` loads the model, the region extractor, the feature cache and the corpus
+(blocking: run it in a thread). `ServiceState` is what the app keeps: "starting" until the
+runtime is built, then "ready" (or "failed" with the reason), so `/healthz` answers at once and
+`/readyz` says 503 until search can work.
+
+One process owns a data directory: `DataDirLock` (an advisory `flock`) refuses a second server
+or a local bulk ingest on the same folder, whose in-memory indexes would silently diverge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
+from index.corpus import Corpus
+from model.extractors import RegionExtractor, create_extractor
+from service.batching import MicroBatcher
+from service.indexer import Indexer
+from service.metrics import ServiceMetrics
+from service.pipeline import SearchPipeline
+from service.regions import UploadRegions
+from service.rerank import PairReranker, RerankJob
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from model.retrieval import RetrievalModel
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".campsearch.lock"
+SAVE_INTERVAL_S = 60.0  # indexes are also rebuilt from the store on start, so this is a speed-up
+LOCAL_CACHE_BYTES = 512 * 2**20
+
+Phase = Literal["starting", "ready", "failed"]
+
+
+class DataDirBusyError(RuntimeError):
+    """Another process (a server or a bulk ingest) is using the data directory."""
+
+
+class DataDirLock:
+    """An exclusive advisory lock on `data_dir/.campsearch.lock`, held while the corpus is open."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> DataDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusyError(
+                f"{self.path.parent} is in use by another camp-search process (a running "
+                "server?); stop it, or ingest into it over HTTP with --server URL"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def build_cache(settings: Settings) -> FeatureCache:
+    """Redis when `CAMPSEARCH_REDIS_URL` is set (a dead Redis only makes it unhealthy), else
+    an in-process LRU."""
+    if settings.redis_url:
+        cache = RedisFeatureCache(settings.redis_url, ttl_s=settings.cache_ttl_s)
+        if not cache.check():
+            logger.warning("Redis is not answering; serving from the durable store meanwhile")
+        return cache
+    return LocalFeatureCache(max_bytes=LOCAL_CACHE_BYTES, ttl_s=settings.cache_ttl_s)
+
+
+def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtractor:
+    """The extractor the model was trained on, on the configured device."""
+    if settings.extractor != model.extractor_name:
+        raise ValueError(
+            f"the model was trained on {model.extractor_name!r} regions, but "
+            f"CAMPSEARCH_EXTRACTOR is {settings.extractor!r}: use the model's extractor"
+        )
+    config: dict[str, object] = {**model.extractor_config, "device": settings.device}
+    if settings.extractor == "detectron2" and settings.detectron2_weights is not None:
+        config["weights"] = settings.detectron2_weights
+    return create_extractor(model.extractor_name, config)
+
+
+def open_corpus(
+    settings: Settings, model: RetrievalModel, extractor: RegionExtractor, cache: FeatureCache
+) -> Corpus:
+    return Corpus.open(
+        settings.data_dir,
+        dim=model.pooled_dim,
+        extractor=extractor.name,
+        extractor_version=extractor.version,
+        model_version=model.version,
+        image_factory=settings.index_factory,
+        caption_factory=settings.index_factory,
+        nprobe=settings.nprobe,
+        ef_search=settings.ef_search,
+        cache=cache,
+    )
+
+
+@dataclass
+class ServiceRuntime:
+    """The loaded service: model, extractor, corpus, cache, batcher, pipeline and indexer."""
+
+    settings: Settings
+    model: RetrievalModel
+    extractor: RegionExtractor
+    cache: FeatureCache
+    corpus: Corpus
+    batcher: MicroBatcher[RerankJob, np.ndarray]
+    pipeline: SearchPipeline
+    regions: UploadRegions
+    indexer: Indexer
+    metrics: ServiceMetrics
+    lock: DataDirLock
+    saved_sequence: int = -1
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        *,
+        model: RetrievalModel | None = None,
+        extractor: RegionExtractor | None = None,
+    ) -> ServiceRuntime:
+        """Load everything (seconds: model weights, extractor weights, index files).
+
+        `model` / `extractor` may be passed in already loaded (tests, benchmarks).
+        """
+        lock = DataDirLock(settings.data_dir).acquire()
+        try:
+            if model is None:
+                from model.retrieval import RetrievalModel
+
+                model = RetrievalModel.load(settings.checkpoint, device=settings.device)
+            extractor = extractor or build_extractor(settings, model)
+            cache = build_cache(settings)
+            corpus = open_corpus(settings, model, extractor, cache)
+        except BaseException:
+            lock.release()
+            raise
+        reranker = PairReranker(
+            model, on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs)
+        )
+        batcher: MicroBatcher[RerankJob, np.ndarray] = MicroBatcher(
+            reranker,
+            max_batch_size=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            max_queue_size=settings.queue_max_size,
+            name="rerank",
+        )
+        pipeline = SearchPipeline(
+            model, corpus, batcher, metrics, request_timeout_s=settings.request_timeout_s
+        )
+        regions = UploadRegions(
+            corpus, extractor, cache, metrics=metrics, max_waiting=settings.queue_max_size
+        )
+        indexer = Indexer(
+            model,
+            corpus,
+            regions,
+            pipeline,
+            metrics,
+            max_image_bytes=settings.max_upload_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_caption_chars=settings.max_query_chars,
+        )
+        runtime = cls(
+            settings=settings,
+            model=model,
+            extractor=extractor,
+            cache=cache,
+            corpus=corpus,
+            batcher=batcher,
+            pipeline=pipeline,
+            regions=regions,
+            indexer=indexer,
+            metrics=metrics,
+            lock=lock,
+        )
+        runtime.saved_sequence = corpus.catalog.sequence
+        return runtime
+
+    def save_if_changed(self) -> bool:
+        """Save the indexes when the catalog changed since the last save (blocking)."""
+        sequence = self.corpus.catalog.sequence
+        if sequence == self.saved_sequence:
+            return False
+        self.corpus.save()
+        self.saved_sequence = sequence
+        return True
+
+    def live_state(self) -> dict[str, object]:
+        """Cheap numbers for metrics scraping."""
+        return {
+            "cache": self.cache.status().as_dict(),
+            "queued": self.batcher.queued,
+            "images": len(self.corpus.indexes["images"]),
+            "captions": len(self.corpus.indexes["captions"]),
+        }
+
+    def close(self) -> None:
+        """Save and release everything (blocking); the batcher must be stopped first."""
+        try:
+            self.regions.close()
+            self.corpus.close()
+            close_cache = getattr(self.cache, "close", None)
+            if close_cache is not None:
+                close_cache()
+        finally:
+            self.lock.release()
+
+
+@dataclass
+class ServiceState:
+    """What the app holds: the phase, the runtime once built, and why it failed if it did."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    model: RetrievalModel | None = None
+    extractor: RegionExtractor | None = None
+    phase: Phase = "starting"
+    runtime: ServiceRuntime | None = None
+    error: str = ""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Build the runtime in a worker thread, then start the batcher and the saver."""
+        try:
+            runtime = await asyncio.to_thread(
+                ServiceRuntime.build,
+                self.settings,
+                self.metrics,
+                model=self.model,
+                extractor=self.extractor,
+            )
+            await runtime.batcher.start()
+        except Exception as error:  # reported by /readyz and /healthz; the process stays up
+            logger.exception("the service failed to start")
+            self.phase, self.error = "failed", f"{type(error).__name__}: {error}"
+            self._ready.set()
+            return
+        self.runtime = runtime
+        self.phase = "ready"
+        self._tasks.append(asyncio.create_task(self._save_periodically()))
+        self._ready.set()
+        logger.info(
+            "ready: model %s, extractor %s on %s, %d images, %d captions",
+            runtime.model.version,
+            runtime.extractor.version,
+            runtime.extractor.device,
+            runtime.corpus.catalog.count_images(),
+            runtime.corpus.catalog.count_captions(),
+        )
+
+    def begin(self) -> None:
+        """Start loading in the background (the server accepts requests meanwhile)."""
+        self._tasks.append(asyncio.create_task(self.start()))
+
+    async def wait_ready(self, timeout_s: float | None = None) -> Phase:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        return self.phase
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            await runtime.batcher.stop()
+            await asyncio.to_thread(runtime.close)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL_S)
+            runtime = self.runtime
+            if runtime is None:
+                return
+            try:
+                await asyncio.to_thread(runtime.save_if_changed)
+            except Exception:  # the next start rebuilds from the store; keep serving
+                logger.exception("saving the indexes failed; will retry")

@@ -1,0 +1,193 @@
+"""Request and response bodies of the HTTP API (what clients see; never storage records).
+
+Static bounds live on the fields (`ge=1`, non-blank text); the upper bounds come from the
+operator's settings and are checked by `service.deps` against `Settings` (one place), so the
+same schema serves every deployment. Field descriptions end up in the OpenAPI page at /docs.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_LIMIT = 10
+DEFAULT_CANDIDATES = 100
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range: no stored id is larger
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must contain at least one non-space character")
+    return text
+
+
+# --- search requests ----------------------------------------------------------------------
+
+
+class SearchOptions(BaseModel):
+    """Options shared by both search directions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(
+        DEFAULT_LIMIT, ge=1, description="Hits to return (at most CAMPSEARCH_MAX_LIMIT)."
+    )
+    candidates: int = Field(
+        DEFAULT_CANDIDATES,
+        ge=1,
+        description="Shortlist size K that the reranker scores (at most "
+        "CAMPSEARCH_MAX_CANDIDATES); raised to `limit` when smaller.",
+    )
+    rerank: bool = Field(True, description="Rerank the shortlist with the CAMP scorer.")
+    min_score: float | None = Field(
+        None, allow_inf_nan=False, description="Drop hits whose final score is below this."
+    )
+    explain: bool = Field(
+        False, description="Attach region boxes and word-region attention to every hit."
+    )
+
+
+class ImageSearchRequest(SearchOptions):
+    """Text -> images."""
+
+    text: str = Field(
+        ..., min_length=1, description="The query (at most CAMPSEARCH_MAX_QUERY_CHARS)."
+    )
+
+    _text_not_blank = field_validator("text")(_not_blank)
+
+
+class CaptionSearchByIdRequest(SearchOptions):
+    """Image -> captions, for an image already in the corpus (uses its stored regions)."""
+
+    image_id: int = Field(..., ge=0, le=MAX_ID, description="Id of an indexed image.")
+
+
+class CaptionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(..., min_length=1, description="The caption (at most max_query_chars).")
+    image_id: int | None = Field(
+        None, ge=0, le=MAX_ID, description="The image it describes, if any."
+    )
+
+    _text_not_blank = field_validator("text")(_not_blank)
+
+
+# --- explanations -------------------------------------------------------------------------
+
+
+class Explanation(BaseModel):
+    """Why a pair matched: enough for a UI to draw a heat map over the photo.
+
+    `boxes[r]` is region r as normalised (x0, y0, x1, y1); `word_region[w][r]` is how much
+    word `words[w]` attends to region r (rows sum to 1); `region_pooling[r]` and
+    `word_pooling[w]` are the weights CAMP's attention pooling gave each region and word.
+    """
+
+    words: list[str]
+    boxes: list[list[float]]
+    image_size: tuple[int, int]
+    word_region: list[list[float]]
+    region_pooling: list[float]
+    word_pooling: list[float]
+    camp_score: float
+
+
+# --- search responses ---------------------------------------------------------------------
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per stage of this request (0 for a stage that did not run)."""
+
+    encode: float = 0.0
+    shortlist: float = 0.0
+    features: float = 0.0
+    rerank: float = 0.0
+    total: float = 0.0
+
+
+class ImageHit(BaseModel):
+    id: int
+    score: float = Field(description="Final score (reranked, or the shortlist score).")
+    shortlist_score: float
+    shortlist_rank: int = Field(description="0-based rank in the FAISS shortlist.")
+    url: str = Field(description="Where the photo's bytes are served.")
+    captions: list[str]
+    explanation: Explanation | None = None
+
+
+class ImageSearchResponse(BaseModel):
+    results: list[ImageHit]
+    timings_ms: Timings
+
+
+class CaptionHit(BaseModel):
+    id: int
+    text: str
+    image_id: int | None
+    score: float
+    shortlist_score: float
+    shortlist_rank: int
+    explanation: Explanation | None = None
+
+
+class CaptionSearchResponse(BaseModel):
+    results: list[CaptionHit]
+    timings_ms: Timings
+
+
+# --- resources ----------------------------------------------------------------------------
+
+
+class CaptionPublic(BaseModel):
+    id: int
+    text: str
+    image_id: int | None = None
+
+
+class ImagePublic(BaseModel):
+    id: int
+    sha256: str
+    width: int
+    height: int
+    regions: int = Field(description="Region features stored for the reranker.")
+    url: str
+    captions: list[CaptionPublic]
+
+
+class ImagesPublic(BaseModel):
+    data: list[ImagePublic]
+    count: int
+
+
+# --- operations ---------------------------------------------------------------------------
+
+
+class ComponentState(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready', 'degraded' (still serving) or 'starting'.")
+    components: list[ComponentState]
+
+
+class CorpusSizes(BaseModel):
+    images: int
+    captions: int
+
+
+class ServiceInfo(BaseModel):
+    model_version: str
+    extractor: str
+    extractor_version: str
+    device: str
+    embedding_dim: int
+    region_dim: int
+    regions_per_image: int
+    index_factories: dict[str, str]
+    corpus: CorpusSizes
+    cache: str
+    limits: dict[str, int]

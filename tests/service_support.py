@@ -1,0 +1,118 @@
+"""Helpers for the service tests: a small real model, a real extractor, real servers.
+
+The API tests run the real stack (FastAPI app, pipeline, micro-batcher, corpus on disk, grid
+extractor with its ImageNet weights) around a small `RetrievalModel` with random weights, so
+they take seconds; tests/test_e2e_service.py uses the shipped default model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model.extractors.grid import GridExtractor
+from model.network import NetworkSpec, RetrievalNetwork
+from model.retrieval import RetrievalModel
+from model.vocab import Vocabulary
+from service.settings import Settings
+
+READY_TIMEOUT_S = 60.0
+SMALL_INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor, 12x fewer pixels than 224
+TEST_API_KEY = "test-key-0123456789abcdef"
+
+
+def tiny_model(words: list[str]) -> RetrievalModel:
+    """A real `RetrievalModel` (GRU text side) with seeded random weights."""
+    torch.manual_seed(0)
+    vocabulary = Vocabulary.build(words, min_count=1)
+    spec = NetworkSpec(
+        text_encoder="gru", embed_size=32, pooled_dim=16, pooled_hidden=32, word_dim=16
+    )
+    network = RetrievalNetwork(spec, vocabulary=vocabulary)
+    return RetrievalModel(
+        network,
+        version="tiny-test",
+        extractor_name="grid",
+        extractor_config={"fit": "squash"},
+        device=torch.device("cpu"),
+    )
+
+
+def small_extractor() -> GridExtractor:
+    return GridExtractor(input_size=SMALL_INPUT_SIZE, device="cpu")
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=data_dir, _env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+def png_bytes(color: tuple[int, int, int] | str, size: tuple[int, int] = (96, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def coco_photos(shared_dir: Path, count: int) -> list[tuple[Path, list[str]]]:
+    """The first `count` photos of coco-mini with their captions."""
+    manifest = shared_dir / "data" / "coco-mini" / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    return [(manifest.parent / row["image"], row["captions"]) for row in rows[:count]]
+
+
+@contextmanager
+def running_client(app: FastAPI) -> Iterator[TestClient]:
+    """A TestClient whose app finished loading (or failed to)."""
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_until_loaded(app)
+        yield client
+
+
+def wait_until_loaded(app: FastAPI, timeout_s: float = READY_TIMEOUT_S) -> None:
+    state = app.state.service
+    deadline = time.monotonic() + timeout_s
+    while state.phase == "starting":
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not finish loading")
+        time.sleep(0.02)
+
+
+class ServerThread:
+    """uvicorn serving `app` on a free port in a background thread (real HTTP, real sockets)."""
+
+    def __init__(self, app: FastAPI, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not become ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        if self.thread.is_alive():
+            raise RuntimeError("the server did not stop")
