@@ -23,8 +23,9 @@ INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor on fewer pixels
 
 
 @pytest.fixture(scope="module")
-def flickr_slice(shared_dir, tmp_path_factory):
-    """Real photos and captions: the first 160 train and 40 dev images of Flickr8K."""
+def flickr_slice_dir(shared_dir, tmp_path_factory):
+    """Real photos and captions: the first 160 train and 40 dev images of Flickr8K, extracted
+    into root/precomp, with root/text-cache for their MiniLM token features."""
     from model.extract import extract_dataset
     from model.extractors import create_extractor
 
@@ -39,9 +40,14 @@ def flickr_slice(shared_dir, tmp_path_factory):
     )
     extractor = create_extractor("grid", {"input_size": INPUT_SIZE, "device": "cpu"})
     extract_dataset(manifest, root / "precomp", extractor)
-    cache = root / "text-cache"
-    train = frozen_split(load_precomputed(root / "precomp", "train"), cache)
-    dev = frozen_split(load_precomputed(root / "precomp", "dev"), cache)
+    return root
+
+
+@pytest.fixture(scope="module")
+def flickr_slice(flickr_slice_dir):
+    cache = flickr_slice_dir / "text-cache"
+    train = frozen_split(load_precomputed(flickr_slice_dir / "precomp", "train"), cache)
+    dev = frozen_split(load_precomputed(flickr_slice_dir / "precomp", "dev"), cache)
     return train, dev
 
 
@@ -113,3 +119,118 @@ def test_negative_sampling_never_picks_a_positive():
     assert picked.shape == (50, 5)
     assert not (picked == 3).any() and picked.max() < 8
     assert all(len(set(row)) == 5 for row in picked.tolist())
+
+
+def test_train_command_checkpoints_every_epoch_and_resumes(
+    flickr_slice, flickr_slice_dir, tmp_path
+):
+    """`camp-search train` on the slice: per-epoch checkpoints, best.pt, metrics, resume."""
+    from typer.testing import CliRunner
+
+    from model.retrieval import RetrievalModel
+    from service.cli import app
+
+    config = {
+        "recipe": "residual",
+        "version": "slice-test",
+        "data": {
+            "root": str(flickr_slice_dir / "precomp"),
+            "train": "train",
+            "dev": "dev",
+            "text_cache": str(flickr_slice_dir / "text-cache"),
+        },
+        "extractor": {"name": "grid", "config": {"fit": "squash", "input_size": INPUT_SIZE}},
+        "network": {
+            "text_encoder": "minilm",
+            "embed_size": 16,
+            "pooled_dim": 16,
+            "pooled_hidden": 32,
+            "camp_cosine_skip": True,
+        },
+        "pooled": {"epochs": 2, "batch_size": 64},
+        "reranker": {
+            "epochs": 2,
+            "steps": 3,
+            "queries_per_direction": 4,
+            "negatives": 3,
+            "pool": 10,
+            "residual": False,
+            "warm_start": True,
+        },
+        "selection": {"dev_images": 20, "k": 10},
+        "out": str(tmp_path / "run"),
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", "--config", str(path)])
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "best.pt",
+        "resume.pt",
+        "metrics.jsonl",
+        "epoch-pooled-1.pt",
+        "epoch-reranker-0.pt",
+        "epoch-reranker-1.pt",
+    } <= names
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "dev" for e in events) == 3
+    model = RetrievalModel.load(run / "best.pt", device="cpu")
+    assert model.version == "slice-test" and model.pooled_dim == 16
+    # Resume: every epoch is done, so nothing more is trained and no new epoch appears.
+    second = runner.invoke(app, ["train", "--config", str(path)])
+    assert second.exit_code == 0, second.output
+    assert "resumed after reranker epoch 1" in " ".join(second.output.split())
+    assert {p.name for p in run.iterdir()} == names
+
+
+def test_official_recipe_runs_its_three_stages(shared_dir, tmp_path):
+    """The authors' recipe (GRU, BCE hardest negative, 3 stages) on the tiny fake split."""
+    from typer.testing import CliRunner
+
+    from model.retrieval import RetrievalModel
+    from service.cli import app
+
+    payload = torch.load(
+        shared_dir / "parity" / "camp_tiny_eval_fake_5N_rows.pt", weights_only=False
+    )
+    data = tmp_path / "precomp"
+    data.mkdir()
+    for split in ("train", "dev"):
+        np.save(data / f"{split}_ims.npy", np.repeat(payload["image_feats"].numpy(), 5, 0))
+        (data / f"{split}_caps.txt").write_text("\n".join(payload["captions_txt"]) + "\n")
+    stage = {"epochs": 1, "lr": 0.01, "lr_step_epochs": 1, "batch_size": 8}
+    config = {
+        "recipe": "camp_official",
+        "version": "official-test",
+        "data": {"root": str(data), "min_count": 1},
+        "extractor": {"name": "detectron2", "config": {}},
+        "network": {
+            "text_encoder": "gru",
+            "embed_size": 16,
+            "word_dim": 8,
+            "region_dim": 64,
+            "pooled_dim": 8,
+            "pooled_hidden": 16,
+        },
+        "stages": [
+            {**stage, "name": "attention", "optimizer": "adam", "freeze": []},
+            {**stage, "name": "fusion", "optimizer": "sgd", "freeze": ["encoders", "attention"]},
+            {**stage, "name": "all", "optimizer": "sgd", "freeze": []},
+        ],
+        "pooled": {"epochs": 2, "batch_size": 16},
+        "out": str(tmp_path / "run"),
+    }
+    path = tmp_path / "official.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for name in ("epoch-attention-0.pt", "epoch-fusion-0.pt", "epoch-all-0.pt", "best.pt"):
+        assert (run / name).exists(), name
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in events if e["event"] == "dev"] == ["attention", "fusion", "all"]
+    model = RetrievalModel.load(run / "best.pt", device="cpu")
+    assert model.extractor_name == "detectron2" and model.pooled_dim == 8

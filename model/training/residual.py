@@ -171,8 +171,8 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                     loss=loss,
                     pairs_per_s=pairs_per_s,
                     fusion=[
-                        float(network.fusion.shortlist_weight),
-                        float(network.fusion.camp_weight),
+                        float(network.fusion.shortlist_weight.detach()),
+                        float(network.fusion.camp_weight.detach()),
                     ],
                 )
             if step % 50 == 0:
