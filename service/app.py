@@ -22,6 +22,7 @@ from index.errors import NotFoundError, StorageFullError
 from model.extractors import RegionExtractor
 from service.errors import install_error_handlers, problem_response
 from service.metrics import ServiceMetrics
+from service.ratelimit import REQUESTS, WRITES, RateLimit, RateLimiter
 from service.request_metrics import RequestMetrics
 from service.routes import captions, health, images, search
 from service.runtime import ServiceState
@@ -49,6 +50,11 @@ def create_app(
     served at `/` when that folder exists."""
     settings = settings or get_settings()
     state = ServiceState(settings, ServiceMetrics(), model=model, extractor=extractor)
+    limiter = RateLimiter(
+        window_s=settings.rate_limit_window_s,
+        limits={REQUESTS: settings.rate_limit_requests, WRITES: settings.rate_limit_writes},
+        redis_url=settings.redis_url,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +64,7 @@ def create_app(
             yield
         finally:
             await state.stop()
+            await limiter.close()
 
     app = FastAPI(
         title="camp-search",
@@ -79,6 +86,10 @@ def create_app(
     app.add_middleware(
         BodySizeLimit, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
+    # Refuse over-budget clients before any body is read; CORS outside it so that a browser
+    # can read the 429.
+    app.add_middleware(RateLimit, limiter=limiter, api_keys=settings.api_keys)
+    # CORS is closed unless origins are configured: no Access-Control-* header for anyone.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -54,7 +54,19 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     allow_anonymous_writes: bool = False
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins a browser may call the API from; none by default"
+    )
+
+    rate_limit_window_s: int = Field(
+        default=60, ge=1, description="Length of one rate-limit window (fixed windows)."
+    )
+    rate_limit_requests: int = Field(
+        default=3_000, ge=0, description="/v1 requests per client per window; 0 turns it off."
+    )
+    rate_limit_writes: int = Field(
+        default=1_200, ge=0, description="Of those, writes (POST/DELETE of images and captions)."
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

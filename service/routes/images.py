@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 from typing import Annotated
 
@@ -14,6 +15,8 @@ from service.indexer import StoredImage
 from service.pipeline import image_file_url
 from service.schemas import MAX_ID, CaptionPublic, ImagePublic, ImagesPublic
 from service.uploads import read_upload
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -91,14 +94,25 @@ async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse
     record = runtime.corpus.get_image(image_id)
     if record is None:
         raise _not_found(image_id)
-    path = runtime.corpus.image_path(record)
+    path = runtime.corpus.image_path(record).resolve()
+    if not path.is_relative_to(runtime.corpus.data_dir.resolve()):
+        # Stored paths are written by the corpus (sha256 names), never by clients; one that
+        # leaves the data dir means a tampered catalog: serve nothing.
+        logger.error("image %d has a stored path outside the data dir; not serving it", image_id)
+        raise _not_found(image_id)
     if not path.is_file():  # deleted between the lookup and now
         raise _not_found(image_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(
         path,
         media_type=media_type,
-        headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": record.sha256},
+        headers={
+            "Cache-Control": "public, max-age=31536000, immutable",
+            "ETag": record.sha256,
+            # Stored bytes may also parse as HTML or a zip (polyglots): never let a browser
+            # sniff them into anything but the image type they were decoded as.
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 
