@@ -26,11 +26,11 @@ from typing import Literal, Protocol
 
 import httpx
 
+from model.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
 from service.auth import API_KEY_HEADER
 from service.errors import ProblemError
 from service.runtime import ServiceRuntime
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_JOBS = 2
 HTTP_TIMEOUT_S = 120.0  # one upload may wait for a CPU extraction behind others
 MAX_RETRIES = 5
@@ -132,16 +132,21 @@ def _manifest_items(manifest: Path) -> list[IngestItem]:
 
 
 def _folder_items(folder: Path) -> list[IngestItem]:
-    items = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            sidecar = path.with_suffix(".txt")
-            captions = ()
-            if sidecar.is_file():
-                lines = sidecar.read_text(encoding="utf-8").splitlines()
-                captions = tuple(line.strip() for line in lines if line.strip())
-            items.append(IngestItem(path, captions))
-    return items
+    """The same images `camp-search extract` would take, each with the captions of its sidecar
+    `photo.txt` (one per line), if any."""
+    try:
+        records = list_image_folder(folder)
+    except ExtractInputError as error:
+        raise IngestSourceError(str(error)) from error
+    return [IngestItem(record.path, _sidecar_captions(record.path)) for record in records]
+
+
+def _sidecar_captions(image: Path) -> tuple[str, ...]:
+    sidecar = image.with_suffix(".txt")
+    if not sidecar.is_file():
+        return ()
+    lines = sidecar.read_text(encoding="utf-8").splitlines()
+    return tuple(line.strip() for line in lines if line.strip())
 
 
 # --- the run ------------------------------------------------------------------------------

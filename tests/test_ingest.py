@@ -55,7 +55,7 @@ def test_sources_from_a_folder_and_a_manifest(photo_folder, tmp_path) -> None:
     with pytest.raises(IngestSourceError, match="neither"):
         read_source(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(IngestSourceError, match="no images"):
+    with pytest.raises(IngestSourceError, match="holds no image"):
         read_source(tmp_path / "empty")
 
 
