@@ -46,6 +46,12 @@ class ProblemError(Exception):
         return f"{self.status} {self.title}: {self.detail}"
 
 
+def not_found(resource: str, item_id: int) -> ProblemError:
+    """404 for an unknown `{resource}_id` in the path (resource: "image" or "caption")."""
+    reason = f"no {resource} with id {item_id}"
+    return ProblemError(404, "Not found", reason, [FieldProblem(f"path.{resource}_id", reason)])
+
+
 def problem_response(
     status: int,
     title: str,

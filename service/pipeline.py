@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -120,16 +120,12 @@ class SearchPipeline:
             with self.metrics.time_stage("features", timings):
                 tensors = await asyncio.to_thread(self.tensors_of_images, [c.id for c in shortlist])
             shortlist = [c for c in shortlist if c.id in tensors]  # deleted meanwhile
-        if request.rerank and shortlist:
-            job = RerankJob(
-                images=ImagePrecompute.cat([tensors[c.id].precompute for c in shortlist]),
-                captions=query,
-                shortlist_scores=np.asarray([c.score for c in shortlist], dtype=np.float32),
-            )
-            with self.metrics.time_stage("rerank", timings):
-                final = await self._rerank(job)
-        else:
-            final = np.asarray([c.score for c in shortlist], dtype=np.float32)
+        final = await self._final_scores(
+            shortlist,
+            request.rerank,
+            timings,
+            lambda: (ImagePrecompute.cat([tensors[c.id].precompute for c in shortlist]), query),
+        )
         chosen = _best(shortlist, final, request.limit, request.min_score)
 
         records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
@@ -224,16 +220,12 @@ class SearchPipeline:
                     self.tensors_of_captions, [c.id for c in shortlist]
                 )
             shortlist = [c for c in shortlist if c.id in captions]
-        if options.rerank and shortlist:
-            job = RerankJob(
-                images=image.precompute,
-                captions=CaptionPrecompute.cat([captions[c.id] for c in shortlist]),
-                shortlist_scores=np.asarray([c.score for c in shortlist], dtype=np.float32),
-            )
-            with self.metrics.time_stage("rerank", timings):
-                final = await self._rerank(job)
-        else:
-            final = np.asarray([c.score for c in shortlist], dtype=np.float32)
+        final = await self._final_scores(
+            shortlist,
+            options.rerank,
+            timings,
+            lambda: (image.precompute, CaptionPrecompute.cat([captions[c.id] for c in shortlist])),
+        )
         chosen = _best(shortlist, final, options.limit, options.min_score)
 
         records = await asyncio.to_thread(
@@ -321,6 +313,23 @@ class SearchPipeline:
         self.caption_tensors.discard(caption_ids)
 
     # --- internals ----------------------------------------------------------------------------
+
+    async def _final_scores(
+        self,
+        shortlist: Sequence[_Candidate],
+        rerank: bool,
+        timings: dict[str, float],
+        pairs: Callable[[], tuple[ImagePrecompute, CaptionPrecompute]],
+    ) -> np.ndarray:
+        """The reranker's fused scores of the shortlist (aligned K images x K captions from
+        `pairs`), or the shortlist's own scores when reranking is off or nothing is left."""
+        shortlist_scores = np.asarray([c.score for c in shortlist], dtype=np.float32)
+        if not (rerank and shortlist):
+            return shortlist_scores
+        images, captions = pairs()
+        job = RerankJob(images=images, captions=captions, shortlist_scores=shortlist_scores)
+        with self.metrics.time_stage("rerank", timings):
+            return await self._rerank(job)
 
     async def _rerank(self, job: RerankJob) -> np.ndarray:
         try:

@@ -7,17 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response, status
 
 from service.deps import RuntimeDep, WriteAccess
-from service.errors import FieldProblem, ProblemError
+from service.errors import FieldProblem, ProblemError, not_found
 from service.schemas import MAX_ID, CaptionCreate, CaptionPublic
 
 router = APIRouter(prefix="/v1/captions", tags=["captions"])
 
 CaptionId = Annotated[int, Path(ge=0, le=MAX_ID, description="Caption id.")]
-
-
-def _not_found(caption_id: int) -> ProblemError:
-    reason = f"no caption with id {caption_id}"
-    return ProblemError(404, "Not found", reason, [FieldProblem("path.caption_id", reason)])
 
 
 @router.post(
@@ -39,12 +34,12 @@ async def add_caption(body: CaptionCreate, runtime: RuntimeDep) -> CaptionPublic
 async def get_caption(caption_id: CaptionId, runtime: RuntimeDep) -> CaptionPublic:
     record = runtime.corpus.get_caption(caption_id)
     if record is None:
-        raise _not_found(caption_id)
+        raise not_found("caption", caption_id)
     return CaptionPublic(id=record.id, text=record.text, image_id=record.image_id)
 
 
 @router.delete("/{caption_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess])
 async def delete_caption(caption_id: CaptionId, runtime: RuntimeDep) -> Response:
     if not await runtime.indexer.delete_caption(caption_id):
-        raise _not_found(caption_id)
+        raise not_found("caption", caption_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, st
 from fastapi.responses import FileResponse
 
 from service.deps import RuntimeDep, SettingsDep, WriteAccess
-from service.errors import FieldProblem, ProblemError
+from service.errors import not_found
 from service.indexer import StoredImage
 from service.pipeline import image_file_url
 from service.schemas import MAX_ID, CaptionPublic, ImagePublic, ImagesPublic
@@ -36,11 +36,6 @@ def image_public(stored: StoredImage) -> ImagePublic:
             CaptionPublic(id=c.id, text=c.text, image_id=c.image_id) for c in stored.captions
         ],
     )
-
-
-def _not_found(image_id: int) -> ProblemError:
-    reason = f"no image with id {image_id}"
-    return ProblemError(404, "Not found", reason, [FieldProblem("path.image_id", reason)])
 
 
 @router.post(
@@ -84,7 +79,7 @@ async def find_images(
 async def get_image(image_id: ImageId, runtime: RuntimeDep) -> ImagePublic:
     stored = await runtime.indexer.describe(image_id)
     if stored is None:
-        raise _not_found(image_id)
+        raise not_found("image", image_id)
     return image_public(stored)
 
 
@@ -93,15 +88,15 @@ async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse
     """The stored bytes, with the content type of their decoded format."""
     record = runtime.corpus.get_image(image_id)
     if record is None:
-        raise _not_found(image_id)
+        raise not_found("image", image_id)
     path = runtime.corpus.image_path(record).resolve()
     if not path.is_relative_to(runtime.corpus.data_dir.resolve()):
         # Stored paths are written by the corpus (sha256 names), never by clients; one that
         # leaves the data dir means a tampered catalog: serve nothing.
         logger.error("image %d has a stored path outside the data dir; not serving it", image_id)
-        raise _not_found(image_id)
+        raise not_found("image", image_id)
     if not path.is_file():  # deleted between the lookup and now
-        raise _not_found(image_id)
+        raise not_found("image", image_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(
         path,
@@ -120,5 +115,5 @@ async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse
 async def delete_image(image_id: ImageId, runtime: RuntimeDep) -> Response:
     """Delete a photo with its captions and features; it never appears in results again."""
     if not await runtime.indexer.delete_image(image_id):
-        raise _not_found(image_id)
+        raise not_found("image", image_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
