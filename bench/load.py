@@ -13,11 +13,21 @@ end, so a new sha256 each time). Per kind: count, errors by status, throughput, 
 and the checks: no 5xx, no request over the server's request timeout. The ratios load/baseline
 of throughput and p50 are printed.
 
-`--soak-minutes M` then keeps the same load for M minutes and samples the server's RSS every
-`--rss-every` seconds; it reports the RSS after the first minute and at the end, and the growth.
+`--soak-minutes M` then keeps the same load for M minutes and, every `--rss-every` seconds,
+samples the server's resident memory by kind from /proc/PID/status (total, RssAnon: heap, malloc
+arenas, tensors, what a leak grows; RssFile: mapped files such as LMDB pages, reclaimable;
+RssShmem) and, from /metrics, the bytes each in-process cache holds and the corpus size. Per kind
+it reports the value at the start, after the first minute and at the end, the growth after the
+first minute, and the slope over the last half of the soak in MiB/min (about 0: levelled off),
+with the images added and the growth per added image.
+
+`--cache-mib N` serves with all three cache budgets (CAMPSEARCH_IMAGE_CACHE_MIB,
+CAMPSEARCH_CAPTION_CACHE_MIB, CAMPSEARCH_FEATURE_CACHE_MIB) at N MiB, so they fill within a soak;
+`--malloc-arena-max N` sets MALLOC_ARENA_MAX for the server (glibc's per-thread heaps);
+`--heap-trim-interval S` how often it hands freed heap back to the OS (0: never).
 
     python bench/load.py --seconds 60 --json results/load.json
-    python bench/load.py --seconds 60 --soak-minutes 10 --json results/soak.json
+    python bench/load.py --seconds 30 --soak-minutes 10 --cache-mib 64 --json results/soak.json
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "coco-mini" / "manifest.jsonl"
@@ -48,6 +59,9 @@ READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 30.0  # the server's CAMPSEARCH_REQUEST_TIMEOUT_S for this run
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 30.0  # the client waits longer, to see slow answers
 MIX = {"text": 0.7, "photo": 0.2, "ingest": 0.1}  # --mix overrides it
+# /proc/PID/status fields (kB) -> the names the soak reports them under (MiB)
+RSS_FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+SCRAPE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -110,7 +124,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(workdir: Path, port: int, redis_url: str | None) -> subprocess.Popen:
+def start_server(
+    workdir: Path,
+    port: int,
+    redis_url: str | None,
+    cache_mib: int | None = None,
+    malloc_arena_max: int | None = None,
+    heap_trim_interval_s: float | None = None,
+) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPSEARCH_")}
     env.update(
         CAMPSEARCH_DATA_DIR=str(workdir / "data"),
@@ -122,6 +143,13 @@ def start_server(workdir: Path, port: int, redis_url: str | None) -> subprocess.
     )
     if redis_url:
         env["CAMPSEARCH_REDIS_URL"] = redis_url
+    if cache_mib is not None:
+        for cache in ("IMAGE", "CAPTION", "FEATURE"):
+            env[f"CAMPSEARCH_{cache}_CACHE_MIB"] = str(cache_mib)
+    if malloc_arena_max is not None:
+        env["MALLOC_ARENA_MAX"] = str(malloc_arena_max)
+    if heap_trim_interval_s is not None:
+        env["CAMPSEARCH_HEAP_TRIM_INTERVAL_S"] = str(heap_trim_interval_s)
     command = shutil.which("camp-search") or str(Path(sys.executable).parent / "camp-search")
     args = [command, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = (workdir / "server.log").open("wb")
@@ -143,9 +171,36 @@ async def wait_ready(url: str, process: subprocess.Popen) -> None:
     raise TimeoutError("the server did not become ready")
 
 
+def rss_parts_mib(pid: int) -> dict[str, float]:
+    """The server's resident memory (MiB): total `rss` = `anon` + `file` + `shmem`."""
+    parts: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in RSS_FIELDS:
+            parts[RSS_FIELDS[name]] = round(int(value.split()[0]) / 1024, 1)
+    return parts
+
+
 def rss_mib(pid: int) -> float:
-    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_parts_mib(pid)["rss"]
+
+
+async def scrape_memory(client: httpx.AsyncClient) -> dict[str, float]:
+    """From /metrics: MiB held by each in-process cache (`cache_<name>`) and the `images`
+    stored; empty when the scrape fails or is slower than SCRAPE_TIMEOUT_S (the load goes on)."""
+    try:
+        response = await client.get("/metrics", timeout=SCRAPE_TIMEOUT_S)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "campsearch_memory_cache_bytes":
+                found[f"cache_{sample.labels['cache']}"] = round(sample.value / 2**20, 1)
+            elif sample.name == "campsearch_corpus_items" and sample.labels["kind"] == "images":
+                found["images"] = int(sample.value)
+    return found
 
 
 # --- the load ----------------------------------------------------------------------------------
@@ -225,29 +280,81 @@ async def soak(
     minutes: float,
     every_s: float,
     mix: dict[str, float],
-):
-    samples: list[tuple[float, float]] = []
+) -> tuple[Phase, dict]:
+    samples: list[dict[str, float]] = []
     started = time.monotonic()
 
-    async def sample() -> None:
-        while True:
-            samples.append((round(time.monotonic() - started, 1), round(rss_mib(pid), 1)))
-            await asyncio.sleep(every_s)
+    async with httpx.AsyncClient(base_url=url) as scraper:
 
-    sampler = asyncio.create_task(sample())
-    try:
-        phase = await run_phase(url, corpus, clients, minutes * 60, "soak", mix)
-    finally:
-        sampler.cancel()
-    samples.append((round(time.monotonic() - started, 1), round(rss_mib(pid), 1)))
-    after_first_minute = next((rss for t, rss in samples if t >= 60), samples[0][1])
-    return phase, {
-        "samples_s_mib": samples,
-        "rss_after_1_min_mib": after_first_minute,
-        "rss_end_mib": samples[-1][1],
-        "rss_max_mib": max(rss for _, rss in samples),
-        "growth_after_1_min_mib": round(samples[-1][1] - after_first_minute, 1),
-    }
+        async def take_sample() -> None:
+            seconds = round(time.monotonic() - started, 1)
+            parts = rss_parts_mib(pid)
+            samples.append({"t_s": seconds, **parts, **await scrape_memory(scraper)})
+
+        async def sample_every() -> None:
+            while True:
+                await take_sample()
+                await asyncio.sleep(every_s)
+
+        sampler = asyncio.create_task(sample_every())
+        try:
+            phase = await run_phase(url, corpus, clients, minutes * 60, "soak", mix)
+        finally:
+            sampler.cancel()
+        await take_sample()
+    return phase, memory_growth(samples, minutes * 60)
+
+
+def memory_growth(samples: list[dict[str, float]], soak_s: float) -> dict:
+    """Per sampled kind: start, after 1 min, end, max, growth after 1 min and the last half's
+    slope (MiB/min); the images added, and the growth of each RSS part per added image."""
+    kinds = list(dict.fromkeys(k for sample in samples for k in sample if k != "t_s"))
+    growth: dict[str, dict[str, float | None]] = {}
+    for kind in kinds:
+        series = [(sample["t_s"], sample[kind]) for sample in samples if kind in sample]
+        after_minute = next((value for t, value in series if t >= 60), series[0][1])
+        growth[kind] = {
+            "start": series[0][1],
+            "after_1_min": after_minute,
+            "end": series[-1][1],
+            "max": max(value for _, value in series),
+            "growth_after_1_min": round(series[-1][1] - after_minute, 1),
+            "last_half_slope_per_min": _slope_per_min(
+                [(t, value) for t, value in series if t >= soak_s / 2]
+            ),
+        }
+    images = growth.pop("images", None)
+    result: dict = {"samples": samples, "mib": growth}
+    if images is not None:
+        added_after_minute = images["growth_after_1_min"]
+        result["images"] = {
+            "start": images["start"],
+            "end": images["end"],
+            "added": images["end"] - images["start"],
+            "added_after_1_min": added_after_minute,
+            "last_half_per_min": images["last_half_slope_per_min"],
+        }
+        result["mib_per_added_image_after_1_min"] = {
+            kind: round(growth[kind]["growth_after_1_min"] / added_after_minute, 4)
+            for kind in RSS_FIELDS.values()
+            if added_after_minute and kind in growth
+        }
+    # the keys of earlier runs, for comparisons
+    result.update(
+        rss_after_1_min_mib=growth["rss"]["after_1_min"],
+        rss_end_mib=growth["rss"]["end"],
+        rss_max_mib=growth["rss"]["max"],
+        growth_after_1_min_mib=growth["rss"]["growth_after_1_min"],
+    )
+    return result
+
+
+def _slope_per_min(series: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per minute; None with under 3 points."""
+    if len(series) < 3:
+        return None
+    seconds, values = zip(*series, strict=True)
+    return round(statistics.linear_regression([t / 60 for t in seconds], values).slope, 2)
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -255,7 +362,14 @@ async def main_async(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="camp-load-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(workdir, port, args.redis_url)
+    process = start_server(
+        workdir,
+        port,
+        args.redis_url,
+        args.cache_mib,
+        args.malloc_arena_max,
+        args.heap_trim_interval,
+    )
     try:
         await wait_ready(url, process)
         async with httpx.AsyncClient(
@@ -270,7 +384,13 @@ async def main_async(args: argparse.Namespace) -> dict:
         baseline = await run_phase(url, corpus, 1, args.baseline_seconds, "baseline", args.mix)
         load = await run_phase(url, corpus, args.clients, args.seconds, "load", args.mix)
         result = {
-            "server": {"request_timeout_s": REQUEST_TIMEOUT_S, "photos": args.photos},
+            "server": {
+                "request_timeout_s": REQUEST_TIMEOUT_S,
+                "photos": args.photos,
+                "cache_mib": args.cache_mib,
+                "malloc_arena_max": args.malloc_arena_max,
+                "heap_trim_interval_s": args.heap_trim_interval,
+            },
             "mix": args.mix,
             "rss_start_mib": round(rss_start, 1),
             "rss_after_load_mib": round(rss_mib(process.pid), 1),
@@ -323,11 +443,20 @@ def report(result: dict) -> None:
         )
     print(f"server RSS: {result['rss_start_mib']} MiB before, {result['rss_after_load_mib']} after")
     if "soak" in result:
-        rss = result["soak"]["rss"]
-        print(
-            f"soak RSS: {rss['rss_after_1_min_mib']} MiB after 1 min, {rss['rss_end_mib']} at "
-            f"the end (growth {rss['growth_after_1_min_mib']} MiB, max {rss['rss_max_mib']})"
-        )
+        memory = result["soak"]["rss"]
+        print("soak memory (MiB): start, after 1 min, end, growth after 1 min, last-half slope/min")
+        for kind, figures in memory["mib"].items():
+            print(
+                f"    {kind:22s} {figures['start']} {figures['after_1_min']} {figures['end']} "
+                f"{figures['growth_after_1_min']} {figures['last_half_slope_per_min']}"
+            )
+        if "images" in memory:
+            images = memory["images"]
+            print(
+                f"    images: {images['start']} -> {images['end']} (+{images['added']}, "
+                f"{images['last_half_per_min']} /min in the last half); MiB per image added "
+                f"after 1 min: {memory['mib_per_added_image_after_1_min']}"
+            )
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -354,6 +483,18 @@ def main() -> None:
     parser.add_argument("--rss-every", type=float, default=5.0, help="soak RSS sampling (s)")
     parser.add_argument("--redis-url", default=None, help="serve with this Redis cache")
     parser.add_argument(
+        "--cache-mib", type=int, default=None, help="all three in-process cache budgets (MiB)"
+    )
+    parser.add_argument(
+        "--malloc-arena-max", type=int, default=None, help="MALLOC_ARENA_MAX for the server"
+    )
+    parser.add_argument(
+        "--heap-trim-interval",
+        type=float,
+        default=None,
+        help="CAMPSEARCH_HEAP_TRIM_INTERVAL_S for the server (0: never trim; default: its own)",
+    )
+    parser.add_argument(
         "--mix", type=parse_mix, default=MIX, help="weights, e.g. text=0.8,photo=0.2,ingest=0"
     )
     parser.add_argument("--json", type=Path, default=None)
@@ -363,8 +504,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    load = result["load"]
-    if load["server_errors_5xx"] or load["over_request_timeout"]:
+    phases = [result["load"], *([result["soak"]] if "soak" in result else [])]
+    if any(phase["server_errors_5xx"] or phase["over_request_timeout"] for phase in phases):
         sys.exit(1)
 
 

@@ -241,6 +241,11 @@ class LocalFeatureCache:
     def healthy(self) -> bool:
         return True
 
+    @property
+    def bytes_used(self) -> int:
+        """Bytes of cached values held now (at most `max_bytes`)."""
+        return self._bytes
+
     def get_many(self, keyspace: str, ids: Sequence[int]) -> dict[int, bytes]:
         now = time.monotonic()
         found: dict[int, bytes] = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from model.checkpoint import CheckpointError
@@ -74,7 +75,20 @@ def run_evaluate(
     except ValueError as exc:
         console.print(f"[red]error:[/red] --ks must be comma-separated integers, got {ks!r}")
         raise typer.Exit(2) from exc
-    result = evaluate_model(model, dataset, modes=modes, ks=shortlist_sizes)
+    columns = (
+        TextColumn("scoring pairs with CAMP"),
+        TextColumn("{task.completed:,.0f} pairs"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("pairs", total=None)
+        result = evaluate_model(
+            model,
+            dataset,
+            modes=modes,
+            ks=shortlist_sizes,
+            on_pairs=lambda count: bar.advance(task, count),
+        )
     console.print(metrics_table(result, f"{split} ({model.version})"))
     if "shortlist_recall" in result:
         recall = result["shortlist_recall"]

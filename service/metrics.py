@@ -154,3 +154,18 @@ class _StateCollector(Collector):
         for kind in ("images", "captions"):
             sizes.add_metric((kind,), float(state[kind]))
         yield sizes
+        held = GaugeMetricFamily(
+            "campsearch_memory_cache_bytes",
+            "Bytes held now by an in-process cache (image_tensors, caption_tensors, features).",
+            labels=("cache",),
+        )
+        budget = GaugeMetricFamily(
+            "campsearch_memory_cache_budget_bytes",
+            "The byte budget of an in-process cache (CAMPSEARCH_*_CACHE_MIB).",
+            labels=("cache",),
+        )
+        for name, (used, limit) in state["memory_caches"].items():
+            held.add_metric((name,), float(used))
+            budget.add_metric((name,), float(limit))
+        yield held
+        yield budget

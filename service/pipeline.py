@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,10 +43,6 @@ from service.schemas import (
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
 
-# Per-image rerank tensors cost ~1 MB at d=1024 (less at smaller d) and ~5 ms to build on a
-# CPU; per-caption ones are ~20x smaller. The budgets bound the process's memory.
-IMAGE_PRECOMPUTE_CACHE_BYTES = 512 * 2**20
-CAPTION_PRECOMPUTE_CACHE_BYTES = 128 * 2**20
 RETRY_AFTER_TIMEOUT_S = 1
 
 
@@ -63,17 +59,44 @@ class ImageTensors:
     image_size: tuple[int, int]
 
 
-def _tensor_bytes(item: object) -> int:
+def _held_bytes(item: object) -> int:
+    """Bytes a cached dataclass keeps alive: whole tensor storages and array buffers, not only
+    the visible elements, since a view pins its base (a byte budget must count what it holds)."""
     total = 0
     for f in fields(item):  # type: ignore[arg-type]
         value = getattr(item, f.name)
         if isinstance(value, torch.Tensor):
-            total += value.element_size() * value.nelement()
+            total += value.untyped_storage().nbytes()
         elif isinstance(value, np.ndarray):
-            total += value.nbytes
+            total += _buffer_bytes(value)
         elif hasattr(value, "__dataclass_fields__"):
-            total += _tensor_bytes(value)
+            total += _held_bytes(value)
     return total
+
+
+def _buffer_bytes(array: np.ndarray) -> int:
+    """Bytes of the buffer `array` views (e.g. a whole feature record for `np.frombuffer`)."""
+    owner = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner.base is None:
+        return owner.nbytes
+    try:
+        return max(memoryview(owner.base).nbytes, owner.nbytes)
+    except TypeError:  # a base without the buffer protocol: count the array itself
+        return owner.nbytes
+
+
+def _compacted(item: CaptionPrecompute) -> CaptionPrecompute:
+    """A copy whose tensors own exactly their elements: a selected, trimmed caption is a view
+    of its batch's padded tensors and would otherwise keep the whole batch row alive."""
+    return replace(
+        item,
+        **{
+            f.name: getattr(item, f.name).clone(memory_format=torch.contiguous_format)
+            for f in fields(item)
+        },
+    )
 
 
 class SearchPipeline:
@@ -87,19 +110,22 @@ class SearchPipeline:
         metrics: ServiceMetrics,
         *,
         request_timeout_s: float = 30.0,
-        image_cache_bytes: int = IMAGE_PRECOMPUTE_CACHE_BYTES,
-        caption_cache_bytes: int = CAPTION_PRECOMPUTE_CACHE_BYTES,
+        image_cache_bytes: int,
+        caption_cache_bytes: int,
     ) -> None:
+        """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
+        tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
+        ones ~20x less); the service takes them from `Settings`."""
         self.model = model
         self.corpus = corpus
         self.batcher = batcher
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         self.image_tensors: ByteBoundedLRU[int, ImageTensors] = ByteBoundedLRU(
-            image_cache_bytes, _tensor_bytes
+            image_cache_bytes, _held_bytes
         )
         self.caption_tensors: ByteBoundedLRU[int, CaptionPrecompute] = ByteBoundedLRU(
-            caption_cache_bytes, _tensor_bytes
+            caption_cache_bytes, _held_bytes
         )
 
     # --- text -> images ---------------------------------------------------------------------
@@ -281,8 +307,8 @@ class SearchPipeline:
                 precompute = self.model.precompute_images(batch)
                 for row, image_id in enumerate(group):
                     built[image_id] = ImageTensors(
-                        precompute.select([row]),
-                        np.asarray(stored[image_id].boxes),
+                        precompute.select([row]),  # a copy (list index), not a view
+                        np.array(stored[image_id].boxes),  # not a view pinning the record
                         stored[image_id].image_size,
                     )
         self.image_tensors.put_many(built)
@@ -303,7 +329,7 @@ class SearchPipeline:
             with self.metrics.time_stage("precompute"):
                 encoded = self.model.encode_texts([records[i].text for i in order])
             for row, caption_id in enumerate(order):
-                built[caption_id] = encoded.precompute.select([row])
+                built[caption_id] = _compacted(encoded.precompute.select([row]))
             self.caption_tensors.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 

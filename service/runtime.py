@@ -26,12 +26,13 @@ from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
 from model.extractors import RegionExtractor, create_extractor
 from service.batching import MicroBatcher
+from service.heap import can_trim_heap, trim_heap
 from service.indexer import Indexer
 from service.metrics import ServiceMetrics
 from service.pipeline import SearchPipeline
 from service.regions import UploadRegions
 from service.rerank import PairReranker, RerankJob
-from service.settings import Settings
+from service.settings import MEBIBYTE, Settings
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".campsearch.lock"
 SAVE_INTERVAL_S = 60.0  # indexes are also rebuilt from the store on start, so this is a speed-up
-LOCAL_CACHE_BYTES = 512 * 2**20
 
 Phase = Literal["starting", "ready", "failed"]
 
@@ -81,13 +81,15 @@ class DataDirLock:
 
 def build_cache(settings: Settings) -> FeatureCache:
     """Redis when `CAMPSEARCH_REDIS_URL` is set (a dead Redis only makes it unhealthy), else
-    an in-process LRU."""
+    an in-process LRU of `CAMPSEARCH_FEATURE_CACHE_MIB`."""
     if settings.redis_url:
         cache = RedisFeatureCache(settings.redis_url, ttl_s=settings.cache_ttl_s)
         if not cache.check():
             logger.warning("Redis is not answering; serving from the durable store meanwhile")
         return cache
-    return LocalFeatureCache(max_bytes=LOCAL_CACHE_BYTES, ttl_s=settings.cache_ttl_s)
+    return LocalFeatureCache(
+        max_bytes=settings.feature_cache_mib * MEBIBYTE, ttl_s=settings.cache_ttl_s
+    )
 
 
 def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtractor:
@@ -173,7 +175,13 @@ class ServiceRuntime:
             name="rerank",
         )
         pipeline = SearchPipeline(
-            model, corpus, batcher, metrics, request_timeout_s=settings.request_timeout_s
+            model,
+            corpus,
+            batcher,
+            metrics,
+            request_timeout_s=settings.request_timeout_s,
+            image_cache_bytes=settings.image_cache_mib * MEBIBYTE,
+            caption_cache_bytes=settings.caption_cache_mib * MEBIBYTE,
         )
         regions = UploadRegions(
             corpus, extractor, cache, metrics=metrics, max_waiting=settings.queue_max_size
@@ -217,10 +225,28 @@ class ServiceRuntime:
         """Cheap numbers for metrics scraping."""
         return {
             "cache": self.cache.status().as_dict(),
+            "memory_caches": self.memory_caches(),
             "queued": self.batcher.queued,
             "images": len(self.corpus.indexes["images"]),
             "captions": len(self.corpus.indexes["captions"]),
         }
+
+    def memory_caches(self) -> dict[str, tuple[int, int]]:
+        """{cache: (bytes held, byte budget)} of the caches that live in this process's heap:
+        the rerank-tensor LRUs, and the feature cache when it is the in-process one."""
+        caches = {
+            "image_tensors": (
+                self.pipeline.image_tensors.bytes_used,
+                self.pipeline.image_tensors.max_bytes,
+            ),
+            "caption_tensors": (
+                self.pipeline.caption_tensors.bytes_used,
+                self.pipeline.caption_tensors.max_bytes,
+            ),
+        }
+        if isinstance(self.cache, LocalFeatureCache):
+            caches["features"] = (self.cache.bytes_used, self.cache.max_bytes)
+        return caches
 
     def close(self) -> None:
         """Save and release everything (blocking); the batcher must be stopped first."""
@@ -267,6 +293,8 @@ class ServiceState:
         self.runtime = runtime
         self.phase = "ready"
         self._tasks.append(asyncio.create_task(self._save_periodically()))
+        if self.settings.heap_trim_interval_s > 0 and can_trim_heap():
+            self._tasks.append(asyncio.create_task(self._trim_heap_periodically()))
         self._ready.set()
         logger.info(
             "ready: model %s, extractor %s on %s, %d images, %d captions",
@@ -296,6 +324,11 @@ class ServiceState:
         if runtime is not None:
             await runtime.batcher.stop()
             await asyncio.to_thread(runtime.close)
+
+    async def _trim_heap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heap_trim_interval_s)
+            await asyncio.to_thread(trim_heap)
 
     async def _save_periodically(self) -> None:
         while True:

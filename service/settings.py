@@ -41,6 +41,31 @@ class Settings(BaseSettings):
     nprobe: int = Field(default=32, ge=1)
     ef_search: int = Field(default=128, ge=1)
 
+    image_cache_mib: int = Field(
+        default=512,
+        ge=0,
+        description="In-process LRU of per-image rerank tensors (~0.14 MiB an image with the "
+        "default model, ~1 MiB at d=1024); 0 turns it off.",
+    )
+    caption_cache_mib: int = Field(
+        default=128,
+        ge=0,
+        description="In-process LRU of per-caption rerank tensors (~20x smaller than an image's).",
+    )
+    feature_cache_mib: int = Field(
+        default=512,
+        ge=0,
+        description="In-process region-feature cache, used only without CAMPSEARCH_REDIS_URL "
+        "(~0.12 MiB a photo with 49 grid regions).",
+    )
+
+    heap_trim_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds between handing freed heap memory back to the OS (glibc "
+        "malloc_trim; service/heap.py); 0 turns it off.",
+    )
+
     max_upload_bytes: int = Field(default=20 * MEBIBYTE, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_query_chars: int = Field(default=2_000, ge=1)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
+from service_support import png_bytes, running_client
 
-from service.settings import Settings
+from service.app import create_app
+from service.settings import MEBIBYTE, Settings
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -42,3 +45,49 @@ def test_public_bind_without_keys_is_refused_unless_explicit() -> None:
         Settings(_env_file=None, host="0.0.0.0")
     assert Settings(_env_file=None, host="0.0.0.0", allow_anonymous_writes=True).host == "0.0.0.0"
     assert Settings(_env_file=None, host="0.0.0.0", api_keys=["k" * 16]).writes_need_key
+
+
+def test_cache_budgets_reach_the_caches_and_metrics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    monkeypatch.setenv("CAMPSEARCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CAMPSEARCH_IMAGE_CACHE_MIB", "3")
+    monkeypatch.setenv("CAMPSEARCH_CAPTION_CACHE_MIB", "2")
+    monkeypatch.setenv("CAMPSEARCH_FEATURE_CACHE_MIB", "5")
+    settings = Settings(_env_file=None)
+    assert (settings.image_cache_mib, settings.caption_cache_mib) == (3, 2)
+    assert settings.feature_cache_mib == 5
+    app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+    with running_client(app) as client:
+        runtime = app.state.service.runtime
+        assert runtime.pipeline.image_tensors.max_bytes == 3 * MEBIBYTE
+        assert runtime.pipeline.caption_tensors.max_bytes == 2 * MEBIBYTE
+        assert runtime.cache.max_bytes == 5 * MEBIBYTE
+
+        captions = ["red", "a long caption about a red square photo seen on a sunny day"]
+        added = client.post(
+            "/v1/images", files={"file": ("r.png", png_bytes("red"))}, data={"captions": captions}
+        ).json()
+        client.post("/v1/search/images", json={"text": "red"}).raise_for_status()
+        client.post("/v1/search/captions", json={"image_id": added["id"]}).raise_for_status()
+        gauges = {
+            (sample.name, sample.labels["cache"]): sample.value
+            for family in text_string_to_metric_families(client.get("/metrics").text)
+            for sample in family.samples
+            if sample.name.startswith("campsearch_memory_cache")
+        }
+        assert gauges[("campsearch_memory_cache_budget_bytes", "features")] == 5 * MEBIBYTE
+        assert 0 < gauges[("campsearch_memory_cache_bytes", "caption_tensors")] <= 2 * MEBIBYTE
+
+        # The budgets count what the entries hold: no cached tensor is a view of a bigger batch.
+        pipeline = runtime.pipeline
+        cached = pipeline.caption_tensors.get_many([c["id"] for c in added["captions"]])
+        assert len(cached) == 2
+        visible = sum(
+            value.element_size() * value.nelement()
+            for caption in cached.values()
+            for value in vars(caption).values()
+        )
+        assert pipeline.caption_tensors.bytes_used == visible
+        image = pipeline.image_tensors.get_many([added["id"]])[added["id"]]
+        assert image.boxes.base is None

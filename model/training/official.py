@@ -23,7 +23,8 @@ from model.evaluation import retrieval_metrics
 from model.losses import bce_hardest_negative_loss
 from model.network import NetworkSpec, RetrievalNetwork
 from model.precompute import PrecomputedScorer
-from model.training.features import region_means
+from model.training.features import region_means, token_means
+from model.training.gru_text import gru_token_features, pad_ids
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 from model.training.recipes import TrainConfig
 from model.training.run_state import RunFolder
@@ -40,14 +41,6 @@ ATTENTION_MODULES = (
     "word_message_query",
     "word_message_key",
 )
-
-
-def _pad(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(i) for i in ids], dtype=torch.int64)
-    out = torch.zeros(len(ids), int(lengths.max()), dtype=torch.int64)
-    for row, caption in enumerate(ids):
-        out[row, : len(caption)] = torch.tensor(caption)
-    return out, lengths
 
 
 def set_trainable(network: RetrievalNetwork, freeze: list[str]) -> list[torch.nn.Parameter]:
@@ -78,7 +71,7 @@ def exhaustive_dev_rsum(network: RetrievalNetwork, split: RetrievalSplit, ids, d
     scorer = PrecomputedScorer(network.camp.scorer)
     regions = torch.from_numpy(np.asarray(split.images, dtype=np.float32)).to(device)
     images = scorer.precompute_images(network.camp.image_encoder(regions))
-    padded, lengths = _pad(ids)
+    padded, lengths = pad_ids(ids)
     words = network.camp.text_encoder(padded.to(device), lengths)
     captions = scorer.precompute_captions(words)
     return retrieval_metrics(scorer.score_grid(images, captions).float().cpu().numpy())
@@ -139,7 +132,7 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                         np.asarray(train.images[np.sort(caption_image[rows])], dtype=np.float32)
                     )
                     rows = rows[np.argsort(caption_image[rows], kind="stable")]
-                    padded, lengths = _pad([train_ids[r] for r in rows])
+                    padded, lengths = pad_ids([train_ids[r] for r in rows])
                     with autocast:
                         scores = network.camp(regions.to(device), padded.to(device), lengths)
                     loss = bce_hardest_negative_loss(scores.float())
@@ -175,22 +168,11 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
     return run.save_best(network, metadata)
 
 
-@torch.no_grad()
-def _text_means(network: RetrievalNetwork, ids: list[list[int]], device) -> torch.Tensor:
-    out = []
-    for start in range(0, len(ids), 1024):
-        padded, lengths = _pad(ids[start : start + 1024])
-        words = network.camp.text_encoder(padded.to(device), lengths)
-        keep = words.mask.unsqueeze(-1).float()
-        out.append(((words.words * keep).sum(1) / keep.sum(1)).cpu())
-    return torch.cat(out)
-
-
 def _train_heads(
     network: RetrievalNetwork, train: RetrievalSplit, ids, config: TrainConfig, device
 ) -> None:
     """Shortlist heads on the frozen CAMP text encoder's word means and the region means."""
-    text = _text_means(network, ids, device)
+    text = token_means(gru_token_features(network, ids))
     heads = network.heads.cpu()
     train_pooled_heads(
         heads,

@@ -1,20 +1,21 @@
 """Stage 1: the shortlist heads, trained with symmetric InfoNCE on frozen pooled inputs.
 
 Inputs are the region means and the MiniLM sentence vectors, both fixed, so an epoch over
-30,000 captions takes seconds on a CPU. Captions of the same image inside a batch are not
+30,000 captions takes seconds on a CPU (with the GRU text encoder, the GRU trains alongside:
+model/training/gru_text.py). Captions of the same image inside a batch are not
 treated as negatives of each other.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.pooled import PooledHeads
 
@@ -43,17 +44,33 @@ def info_nce_loss(
 def train_pooled_heads(
     heads: PooledHeads,
     region_means: Tensor,
-    text_means: Tensor,
+    text_means: Tensor | None,
     caption_image: np.ndarray,
     config: PooledTrainingConfig,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    *,
+    text_vectors: Callable[[Tensor], Tensor] | None = None,
+    extra_parameters: Sequence[nn.Parameter] = (),
 ) -> list[float]:
-    """Train `heads` in place; returns the mean loss per epoch. on_epoch(epoch, loss, seconds)."""
+    """Train `heads` in place; returns the mean loss per epoch. on_epoch(epoch, loss, seconds).
+
+    `text_vectors(caption_rows)` replaces the frozen `text_means` when the text encoder trains
+    with the heads (the GRU recipe); its parameters then come in `extra_parameters`.
+    """
+    if text_vectors is None:
+        if text_means is None:
+            raise ValueError("give text_means or text_vectors")
+        frozen_means = text_means
+
+        def text_vectors(rows: Tensor) -> Tensor:
+            return heads.text.embed_mean(frozen_means[rows])
+
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
-        heads.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        [*heads.parameters(), *extra_parameters], lr=config.lr, weight_decay=config.weight_decay
     )
-    steps = config.epochs * (len(text_means) // config.batch_size)
+    captions = len(caption_image)
+    steps = config.epochs * (captions // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=max(1, steps), pct_start=0.1
     )
@@ -62,13 +79,13 @@ def train_pooled_heads(
     heads.train()
     for epoch in range(config.epochs):
         started, total, count = time.perf_counter(), 0.0, 0
-        order = torch.randperm(len(text_means), generator=generator)
+        order = torch.randperm(captions, generator=generator)
         for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
             rows = order[start : start + config.batch_size]
             images = caption_image_t[rows]
             loss = info_nce_loss(
                 heads.image.embed_mean(region_means[images]),
-                heads.text.embed_mean(text_means[rows]),
+                text_vectors(rows),
                 images,
                 heads.logit_scale,
             )

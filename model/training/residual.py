@@ -14,13 +14,15 @@ import torch
 from rich.console import Console
 
 from model.data import load_precomputed
+from model.glove import GLOVE_NAME, init_embedding_from_glove
 from model.network import NetworkSpec, RetrievalNetwork
 from model.training.dev_eval import evaluate_frozen
 from model.training.features import FrozenSplit, frozen_split
 from model.training.fusion_tuning import tune_fusion
+from model.training.gru_text import caption_ids, gru_frozen_split, train_gru_pooled
 from model.training.mining import mine_shortlists
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
-from model.training.recipes import TrainConfig
+from model.training.recipes import TrainConfig, TrainConfigError
 from model.training.reranker import (
     RerankerTrainingConfig,
     init_residual,
@@ -29,6 +31,7 @@ from model.training.reranker import (
     warm_start_from_heads,
 )
 from model.training.run_state import RunFolder
+from model.vocab import DEFAULT_MIN_COUNT, Vocabulary
 
 DEFAULT_SELECTION_IMAGES = 250
 DEFAULT_SELECTION_K = 100
@@ -58,17 +61,29 @@ def frozen_subset(data: FrozenSplit, images: int) -> FrozenSplit:
 def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Console) -> Path:
     """Train and return the path of the best checkpoint."""
     torch.manual_seed(config.seed)
-    data_root, cache = Path(config.data["root"]), Path(config.data["text_cache"])
-    started = time.perf_counter()
-    train = frozen_split(load_precomputed(data_root, config.data.get("train", "train")), cache)
-    dev_full = frozen_split(load_precomputed(data_root, config.data.get("dev", "dev")), cache)
-    dev = frozen_subset(dev_full, int(config.selection.get("dev_images", DEFAULT_SELECTION_IMAGES)))
+    data_root = Path(config.data["root"])
+    spec = NetworkSpec.from_dict(config.network)
+    train_split = load_precomputed(data_root, config.data.get("train", "train"))
+    dev_split = load_precomputed(data_root, config.data.get("dev", "dev"))
+    dev_images = int(config.selection.get("dev_images", DEFAULT_SELECTION_IMAGES))
     select_k = str(config.selection.get("k", DEFAULT_SELECTION_K))
-    console.print(
-        f"features ready in {time.perf_counter() - started:.1f} s "
-        f"(train {len(train.caption_image)} captions, dev subset {len(dev.region_means)} images)"
-    )
-    network = RetrievalNetwork(NetworkSpec.from_dict(config.network), backbone=None)
+    gru = spec.text_encoder == "gru"
+    if gru:
+        vocabulary = Vocabulary.build(
+            train_split.captions, min_count=int(config.data.get("min_count", DEFAULT_MIN_COUNT))
+        )
+        network = RetrievalNetwork(spec, vocabulary=vocabulary)
+        console.print(f"vocabulary: {len(vocabulary)} words (count >= min_count in train)")
+    else:
+        network = RetrievalNetwork(spec, backbone=None)
+        started = time.perf_counter()
+        cache = Path(config.data["text_cache"])
+        train = frozen_split(train_split, cache)
+        dev = frozen_subset(frozen_split(dev_split, cache), dev_images)
+        console.print(
+            f"features ready in {time.perf_counter() - started:.1f} s "
+            f"(train {len(train.caption_image)} captions, dev subset {dev_images} images)"
+        )
     metadata = config.metadata()
     state = run.resume_state() if resume else None
     best = state["best_rsum"] if state else float("-inf")
@@ -126,21 +141,45 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 epoch=epoch,
                 loss=loss,
                 seconds=seconds,
-                captions_per_s=len(train.text_means) / seconds,
+                captions_per_s=len(train_split.captions) / seconds,
             )
             console.print(
                 f"pooled epoch {epoch}: loss {loss:.4f} "
-                f"({len(train.text_means) / seconds:.0f} captions/s)"
+                f"({len(train_split.captions) / seconds:.0f} captions/s)"
             )
 
-        train_pooled_heads(
-            network.heads,
-            train.region_means,
-            train.text_means,
-            train.caption_image,
-            pooled_cfg,
-            on_epoch=on_epoch,
-        )
+        if gru:
+            word_vectors = config.data.get("word_vectors")
+            if word_vectors == GLOVE_NAME:
+                coverage = init_embedding_from_glove(
+                    network.camp.text_encoder.embed, network.vocabulary
+                )
+                console.print(f"GloVe covers {coverage.found}/{coverage.total} words")
+                run.log(event="glove", found=coverage.found, total=coverage.total)
+            elif word_vectors is not None:
+                raise TrainConfigError(f"data.word_vectors must be {GLOVE_NAME!r} or absent")
+            train_gru_pooled(
+                network,
+                train_split,
+                caption_ids(network, train_split.captions),
+                pooled_cfg,
+                on_epoch=on_epoch,
+            )
+        else:
+            train_pooled_heads(
+                network.heads,
+                train.region_means,
+                train.text_means,
+                train.caption_image,
+                pooled_cfg,
+                on_epoch=on_epoch,
+            )
+    if gru:  # the frozen GRU's word states stand where MiniLM's token cache stands
+        for parameter in network.camp.text_encoder.parameters():
+            parameter.requires_grad_(False)
+        train = gru_frozen_split(network, train_split)
+        dev = frozen_subset(gru_frozen_split(network, dev_split), dev_images)
+    if not done_pooled:
         if rerank_cfg.warm_start:
             warm_start_from_heads(network)
         if rerank_cfg.residual:

@@ -1,0 +1,98 @@
+"""The residual recipe with the paper's GRU text encoder instead of frozen MiniLM.
+
+The GRU has no pretrained weights (its embedding may start from GloVe), so it is trained in
+the pooled stage, jointly with the shortlist heads (InfoNCE over the masked mean of its word
+states). It is then frozen and its word states play the part MiniLM's token features play in
+the MiniLM recipe: computed once per split, they feed the mined-shortlist reranker stage and
+dev selection unchanged, and the shortlist stays fixed while CAMP learns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.data import RetrievalSplit
+from model.network import RetrievalNetwork
+from model.token_cache import TokenFeatures
+from model.training.features import FrozenSplit, region_means, token_means
+from model.training.pooled import PooledTrainingConfig, train_pooled_heads
+
+ENCODE_BATCH = 1024
+
+
+def pad_ids(ids: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Right-padded [B, L] int64 token ids and lengths [B]."""
+    lengths = torch.tensor([len(i) for i in ids], dtype=torch.int64)
+    out = torch.zeros(len(ids), int(lengths.max()), dtype=torch.int64)
+    for row, caption in enumerate(ids):
+        out[row, : len(caption)] = torch.as_tensor(caption, dtype=torch.int64)
+    return out, lengths
+
+
+def caption_ids(network: RetrievalNetwork, captions: Sequence[str]) -> list[list[int]]:
+    """Vocabulary ids as inference makes them (same max_words), one list per caption."""
+    max_words = network.camp_config().max_words
+    return [network.vocabulary.encode(c, max_words=max_words) for c in captions]
+
+
+def train_gru_pooled(
+    network: RetrievalNetwork,
+    split: RetrievalSplit,
+    ids: list[list[int]],
+    config: PooledTrainingConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> list[float]:
+    """Heads + GRU trained together with InfoNCE; the GRU is left frozen afterwards."""
+    encoder = network.camp.text_encoder
+    encoder.train()
+
+    def text_vectors(rows: Tensor) -> Tensor:
+        padded, lengths = pad_ids([ids[r] for r in rows.tolist()])
+        return network.heads.text(encoder(padded, lengths).words, lengths)
+
+    losses = train_pooled_heads(
+        network.heads,
+        region_means(split.images),
+        None,
+        split.caption_image(),
+        config,
+        on_epoch=on_epoch,
+        text_vectors=text_vectors,
+        extra_parameters=list(encoder.parameters()),
+    )
+    encoder.eval()
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def gru_token_features(network: RetrievalNetwork, ids: list[list[int]]) -> TokenFeatures:
+    """The frozen GRU's word states of every caption, ragged like MiniLM's token cache."""
+    encoder = network.camp.text_encoder.eval()
+    device = next(encoder.parameters()).device
+    lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    features = np.empty((int(offsets[-1]), network.spec.embed_size), dtype=np.float16)
+    for start in range(0, len(ids), ENCODE_BATCH):
+        padded, batch_lengths = pad_ids(ids[start : start + ENCODE_BATCH])
+        words = encoder(padded.to(device), batch_lengths).words.float().cpu().numpy()
+        for row, length in enumerate(batch_lengths.tolist()):
+            at = offsets[start + row]
+            features[at : at + length] = words[row, :length]
+    return TokenFeatures(features=features, offsets=offsets)
+
+
+def gru_frozen_split(network: RetrievalNetwork, split: RetrievalSplit) -> FrozenSplit:
+    """A split with region means and the frozen GRU's word states (for the reranker stage)."""
+    tokens = gru_token_features(network, caption_ids(network, split.captions))
+    return FrozenSplit(
+        split=split,
+        region_means=region_means(split.images),
+        tokens=tokens,
+        text_means=token_means(tokens),
+    )
