@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.data import load_precomputed
 from model.network import NetworkSpec, RetrievalNetwork
@@ -29,7 +28,12 @@ from model.training.dev_eval import evaluate_frozen
 from model.training.features import FrozenSplit, frozen_split
 from model.training.mining import mine_shortlists
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
-from model.training.reranker import RerankerTrainingConfig, reranker_optimizer, train_reranker
+from model.training.reranker import (
+    RerankerTrainingConfig,
+    in_batch_loss,
+    reranker_optimizer,
+    train_reranker,
+)
 from model.training.residual import frozen_subset
 
 
@@ -37,15 +41,7 @@ def all_pairs_step(
     network: RetrievalNetwork, data: FrozenSplit, optimizer, batch: int, rng: np.random.Generator
 ) -> int:
     """One step on a batch of distinct images, one caption each; returns pairs scored."""
-    images = rng.choice(len(data.region_means), size=batch, replace=False)
-    captions = images * 5 + rng.integers(0, 5, size=batch)
-    scorer = PrecomputedScorer(network.camp.scorer)
-    img = scorer.precompute_images(network.camp.image_encoder(data.regions(images)))
-    features, lengths = data.tokens.batch(captions)
-    cap = scorer.precompute_captions(network.words_from_features(features, lengths))
-    scores = scorer.score_grid(img, cap)  # [B, B] logits, diagonal positive
-    target = torch.arange(batch)
-    loss = (F.cross_entropy(scores, target) + F.cross_entropy(scores.t(), target)) / 2
+    loss = in_batch_loss(network, PrecomputedScorer(network.camp.scorer), data, rng, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(network.camp.parameters(), 2.0)

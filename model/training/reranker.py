@@ -6,7 +6,9 @@ learn a correction. Each step takes B caption queries (t2i) and B image queries 
 query gets its positive plus `negatives` candidates drawn from its own pooled top-`pool` (what
 the reranker sees at serving time), and the loss is a listwise softmax cross-entropy over each
 group (the positive in slot 0). `loss="bce_hardest"` instead uses the authors' BCE on the
-group's hardest negative (DESIGN §4.4).
+group's hardest negative (DESIGN §4.4). `negatives_from="batch"` trains on CAMP's own shape
+instead: B distinct images with one caption each, every B×B pair scored, a symmetric listwise
+loss with the diagonal positive (much faster to learn from scratch: bench/train_step.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from model.training.mining import MinedShortlists, sample_negatives
 
 CAPTIONS_PER_IMAGE = 5
 LOSSES = ("listwise", "bce_hardest")
+NEGATIVE_SOURCES = ("shortlist", "batch")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class RerankerTrainingConfig:
     residual: bool = True
     # Start CAMP from the shortlist heads' linear maps (needs embed_size == pooled_dim).
     warm_start: bool = False
+    # "shortlist": each query's negatives from its pooled top-`pool`; "batch": all pairs of a
+    # batch of 2 × queries_per_direction images (one caption each), listwise loss only.
+    negatives_from: str = "shortlist"
 
 
 def reranker_optimizer(
@@ -119,6 +125,30 @@ def _group_scores(
     return network.fusion(shortlist_scores, logits)
 
 
+def in_batch_loss(
+    network: RetrievalNetwork,
+    scorer: PrecomputedScorer,
+    data: FrozenSplit,
+    rng: np.random.Generator,
+    batch: int,
+) -> Tensor:
+    """Symmetric listwise loss over the B×B final scores of B distinct images and one caption
+    of each (diagonal positive); each image and caption is precomputed once per step."""
+    images = rng.choice(len(data.region_means), size=batch, replace=False)
+    captions = images * CAPTIONS_PER_IMAGE + rng.integers(0, CAPTIONS_PER_IMAGE, size=batch)
+    encoded = scorer.precompute_images(network.camp.image_encoder(data.regions(images)))
+    features, lengths = data.tokens.batch(captions)
+    words = scorer.precompute_captions(network.words_from_features(features, lengths))
+    logits = scorer.score_grid(encoded, words)  # [B images, B captions]
+    with torch.no_grad():
+        pooled = network.heads.image.embed_mean(data.region_means[images]) @ (
+            network.heads.text.embed_mean(data.text_means[captions]).t()
+        )
+    final = network.fusion(pooled, logits)
+    target = torch.arange(batch)
+    return (F.cross_entropy(final, target) + F.cross_entropy(final.t(), target)) / 2
+
+
 def _loss(final: Tensor, group: int, kind: str) -> Tensor:
     scores = final.view(-1, group)
     if kind == "listwise":
@@ -130,17 +160,27 @@ def _loss(final: Tensor, group: int, kind: str) -> Tensor:
 def train_reranker(
     network: RetrievalNetwork,
     data: FrozenSplit,
-    mined: MinedShortlists,
+    mined: MinedShortlists | None,
     config: RerankerTrainingConfig,
     on_step: Callable[[int, float, float], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> list[float]:
     """Train CAMP (+ fusion) in place; heads stay frozen. on_step(step, loss, pairs_per_s).
 
+    `mined` may be None with `negatives_from="batch"`.
+
     Pass `optimizer` (from `reranker_optimizer`) to carry its state across epochs.
     """
     if config.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {config.loss!r}")
+    if config.negatives_from not in NEGATIVE_SOURCES:
+        raise ValueError(
+            f"negatives_from must be one of {NEGATIVE_SOURCES}, got {config.negatives_from!r}"
+        )
+    if config.negatives_from == "batch" and config.loss != "listwise":
+        raise ValueError("in-batch negatives train with the listwise loss")
+    if config.negatives_from == "shortlist" and mined is None:
+        raise ValueError("shortlist negatives need the mined shortlists")
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     optimizer = optimizer or reranker_optimizer(network, config)
@@ -157,6 +197,12 @@ def train_reranker(
     network.train()
     for step in range(config.steps):
         started = time.perf_counter()
+        if config.negatives_from == "batch":
+            loss = in_batch_loss(network, scorer, data, rng, 2 * b)
+            losses.append(_optimize(loss, optimizer, parameters, config.grad_clip))
+            if on_step is not None:
+                on_step(step, losses[-1], (2 * b) ** 2 / (time.perf_counter() - started))
+            continue
         # t2i: caption queries, image candidates.
         captions = rng.choice(len(caption_image), size=b, replace=False)
         t2i_positive = mined.t2i[captions] == caption_image[captions][:, None]
@@ -188,15 +234,21 @@ def train_reranker(
         shortlist = torch.cat([t2i_pooled, i2t_pooled])
         final = _group_scores(network, scorer, data, image_index, caption_index, shortlist)
         loss = _loss(final, group, config.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(_optimize(loss, optimizer, parameters, config.grad_clip))
         if on_step is not None:
             on_step(step, losses[-1], len(final) / (time.perf_counter() - started))
     network.eval()
     return losses
+
+
+def _optimize(
+    loss: Tensor, optimizer: torch.optim.Optimizer, parameters: list[Tensor], grad_clip: float
+) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    return float(loss.detach())
 
 
 @torch.no_grad()
