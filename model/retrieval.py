@@ -22,7 +22,7 @@ from model.vocab import END, START
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
-DEFAULT_VERSION = "default-v1"
+DEFAULT_VERSION = "default-v2"
 DEFAULT_EXTRACTOR = {"name": "grid", "config": {"fit": "squash"}}
 
 
