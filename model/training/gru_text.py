@@ -16,21 +16,13 @@ import torch
 from torch import Tensor
 
 from model.data import RetrievalSplit
+from model.encoders import pad_token_ids
 from model.network import RetrievalNetwork
 from model.token_cache import TokenFeatures
 from model.training.features import FrozenSplit, region_means, token_means
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 
 ENCODE_BATCH = 1024
-
-
-def pad_ids(ids: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """Right-padded [B, L] int64 token ids and lengths [B]."""
-    lengths = torch.tensor([len(i) for i in ids], dtype=torch.int64)
-    out = torch.zeros(len(ids), int(lengths.max()), dtype=torch.int64)
-    for row, caption in enumerate(ids):
-        out[row, : len(caption)] = torch.as_tensor(caption, dtype=torch.int64)
-    return out, lengths
 
 
 def caption_ids(network: RetrievalNetwork, captions: Sequence[str]) -> list[list[int]]:
@@ -42,6 +34,7 @@ def caption_ids(network: RetrievalNetwork, captions: Sequence[str]) -> list[list
 def train_gru_pooled(
     network: RetrievalNetwork,
     split: RetrievalSplit,
+    split_region_means: Tensor,
     ids: list[list[int]],
     config: PooledTrainingConfig,
     on_epoch: Callable[[int, float, float], None] | None = None,
@@ -51,12 +44,12 @@ def train_gru_pooled(
     encoder.train()
 
     def text_vectors(rows: Tensor) -> Tensor:
-        padded, lengths = pad_ids([ids[r] for r in rows.tolist()])
+        padded, lengths = pad_token_ids([ids[r] for r in rows.tolist()])
         return network.heads.text(encoder(padded, lengths).words, lengths)
 
     losses = train_pooled_heads(
         network.heads,
-        region_means(split.images),
+        split_region_means,
         None,
         split.caption_image(),
         config,
@@ -79,7 +72,7 @@ def gru_token_features(network: RetrievalNetwork, ids: list[list[int]]) -> Token
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     features = np.empty((int(offsets[-1]), network.spec.embed_size), dtype=np.float16)
     for start in range(0, len(ids), ENCODE_BATCH):
-        padded, batch_lengths = pad_ids(ids[start : start + ENCODE_BATCH])
+        padded, batch_lengths = pad_token_ids(ids[start : start + ENCODE_BATCH])
         words = encoder(padded.to(device), batch_lengths).words.float().cpu().numpy()
         for row, length in enumerate(batch_lengths.tolist()):
             at = offsets[start + row]
@@ -87,12 +80,16 @@ def gru_token_features(network: RetrievalNetwork, ids: list[list[int]]) -> Token
     return TokenFeatures(features=features, offsets=offsets)
 
 
-def gru_frozen_split(network: RetrievalNetwork, split: RetrievalSplit) -> FrozenSplit:
-    """A split with region means and the frozen GRU's word states (for the reranker stage)."""
+def gru_frozen_split(
+    network: RetrievalNetwork, split: RetrievalSplit, split_region_means: Tensor | None = None
+) -> FrozenSplit:
+    """A split with region means (computed unless given) and the frozen GRU's word states."""
     tokens = gru_token_features(network, caption_ids(network, split.captions))
     return FrozenSplit(
         split=split,
-        region_means=region_means(split.images),
+        region_means=region_means(split.images)
+        if split_region_means is None
+        else split_region_means,
         tokens=tokens,
         text_means=token_means(tokens),
     )

@@ -19,12 +19,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.checkpoint import load_checkpoint
 from model.data import RetrievalSplit, load_precomputed
+from model.encoders import pad_token_ids
 from model.evaluation import retrieval_metrics
 from model.losses import bce_hardest_negative_loss
 from model.network import NetworkSpec, RetrievalNetwork
 from model.precompute import PrecomputedScorer
 from model.training.features import region_means, token_means
-from model.training.gru_text import gru_token_features, pad_ids
+from model.training.gru_text import gru_token_features
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 from model.training.recipes import TrainConfig
 from model.training.run_state import RunFolder
@@ -71,7 +72,7 @@ def exhaustive_dev_rsum(network: RetrievalNetwork, split: RetrievalSplit, ids, d
     scorer = PrecomputedScorer(network.camp.scorer)
     regions = torch.from_numpy(np.asarray(split.images, dtype=np.float32)).to(device)
     images = scorer.precompute_images(network.camp.image_encoder(regions))
-    padded, lengths = pad_ids(ids)
+    padded, lengths = pad_token_ids(ids)
     words = network.camp.text_encoder(padded.to(device), lengths)
     captions = scorer.precompute_captions(words)
     return retrieval_metrics(scorer.score_grid(images, captions).float().cpu().numpy())
@@ -132,7 +133,7 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                         np.asarray(train.images[np.sort(caption_image[rows])], dtype=np.float32)
                     )
                     rows = rows[np.argsort(caption_image[rows], kind="stable")]
-                    padded, lengths = pad_ids([train_ids[r] for r in rows])
+                    padded, lengths = pad_token_ids([train_ids[r] for r in rows])
                     with autocast:
                         scores = network.camp(regions.to(device), padded.to(device), lengths)
                     loss = bce_hardest_negative_loss(scores.float())

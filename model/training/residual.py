@@ -17,7 +17,7 @@ from model.data import load_precomputed
 from model.glove import GLOVE_NAME, init_embedding_from_glove
 from model.network import NetworkSpec, RetrievalNetwork
 from model.training.dev_eval import evaluate_frozen
-from model.training.features import FrozenSplit, frozen_split
+from model.training.features import FrozenSplit, frozen_split, region_means
 from model.training.fusion_tuning import tune_fusion
 from model.training.gru_text import caption_ids, gru_frozen_split, train_gru_pooled
 from model.training.mining import mine_shortlists
@@ -73,6 +73,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
             train_split.captions, min_count=int(config.data.get("min_count", DEFAULT_MIN_COUNT))
         )
         network = RetrievalNetwork(spec, vocabulary=vocabulary)
+        train_means = region_means(train_split.images)
         console.print(f"vocabulary: {len(vocabulary)} words (count >= min_count in train)")
     else:
         network = RetrievalNetwork(spec, backbone=None)
@@ -161,6 +162,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
             train_gru_pooled(
                 network,
                 train_split,
+                train_means,
                 caption_ids(network, train_split.captions),
                 pooled_cfg,
                 on_epoch=on_epoch,
@@ -177,7 +179,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
     if gru:  # the frozen GRU's word states stand where MiniLM's token cache stands
         for parameter in network.camp.text_encoder.parameters():
             parameter.requires_grad_(False)
-        train = gru_frozen_split(network, train_split)
+        train = gru_frozen_split(network, train_split, train_means)
         dev = frozen_subset(gru_frozen_split(network, dev_split), dev_images)
     if not done_pooled:
         if rerank_cfg.warm_start:
