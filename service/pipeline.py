@@ -13,8 +13,9 @@ the micro-batcher's thread. Stage timings go to the response and to Prometheus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,10 @@ class SearchPipeline:
     # --- text -> images ---------------------------------------------------------------------
 
     async def images_for_text(self, request: ImageSearchRequest) -> ImageSearchResponse:
+        async with self._deadline():
+            return await self._images_for_text(request)
+
+    async def _images_for_text(self, request: ImageSearchRequest) -> ImageSearchResponse:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("encode", timings):
@@ -150,7 +155,7 @@ class SearchPipeline:
             shortlist,
             request.rerank,
             timings,
-            lambda: (ImagePrecompute.cat([tensors[c.id].precompute for c in shortlist]), query),
+            lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
         )
         chosen = _best(shortlist, final, request.limit, request.min_score)
 
@@ -181,6 +186,12 @@ class SearchPipeline:
     async def captions_for_image_id(
         self, image_id: int, options: SearchOptions
     ) -> CaptionSearchResponse:
+        async with self._deadline():
+            return await self._captions_for_image_id(image_id, options)
+
+    async def _captions_for_image_id(
+        self, image_id: int, options: SearchOptions
+    ) -> CaptionSearchResponse:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("features", timings):
@@ -209,6 +220,16 @@ class SearchPipeline:
     ) -> CaptionSearchResponse:
         """Search with an upload's regions; `timings` and `started` (perf_counter) may already
         count its decoding and extraction."""
+        async with self._deadline():
+            return await self._captions_for_regions(regions, options, timings, started)
+
+    async def _captions_for_regions(
+        self,
+        regions: ImageRegions,
+        options: SearchOptions,
+        timings: dict[str, float],
+        started: float,
+    ) -> CaptionSearchResponse:
         cached = (
             self.image_tensors.get_many([regions.image_id]).get(regions.image_id)
             if regions.image_id is not None  # the same bytes are in the corpus
@@ -250,7 +271,7 @@ class SearchPipeline:
             shortlist,
             options.rerank,
             timings,
-            lambda: (image.precompute, CaptionPrecompute.cat([captions[c.id] for c in shortlist])),
+            lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
         )
         chosen = _best(shortlist, final, options.limit, options.min_score)
 
@@ -345,26 +366,31 @@ class SearchPipeline:
         shortlist: Sequence[_Candidate],
         rerank: bool,
         timings: dict[str, float],
-        pairs: Callable[[], tuple[ImagePrecompute, CaptionPrecompute]],
+        pairs: Callable[[], tuple[tuple[ImagePrecompute, ...], tuple[CaptionPrecompute, ...]]],
     ) -> np.ndarray:
-        """The reranker's fused scores of the shortlist (aligned K images x K captions from
-        `pairs`), or the shortlist's own scores when reranking is off or nothing is left."""
+        """The reranker's fused scores of the shortlist (`pairs`: the query's per-item tensors
+        on one side, the K candidates' on the other, references and not copies), or the
+        shortlist's own scores when reranking is off or nothing is left."""
         shortlist_scores = np.asarray([c.score for c in shortlist], dtype=np.float32)
         if not (rerank and shortlist):
             return shortlist_scores
         images, captions = pairs()
         job = RerankJob(images=images, captions=captions, shortlist_scores=shortlist_scores)
         with self.metrics.time_stage("rerank", timings):
-            return await self._rerank(job)
+            return await self.batcher.submit(job)
 
-    async def _rerank(self, job: RerankJob) -> np.ndarray:
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """`request_timeout_s` bounds a whole search (tensor building and queueing included):
+        past it the caller gets 503 and work not yet started in a thread is dropped."""
         try:
-            return await asyncio.wait_for(self.batcher.submit(job), self.request_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.request_timeout_s):
+                yield
+        except TimeoutError:
             raise ProblemError(
                 503,
                 "Timed out",
-                f"the reranker did not answer within {self.request_timeout_s:g} s; retry later",
+                f"the search did not finish within {self.request_timeout_s:g} s; retry later",
                 headers={"Retry-After": str(RETRY_AFTER_TIMEOUT_S)},
             ) from None
 

@@ -1,10 +1,12 @@
 """The second stage as one batched model call: queries' candidate pairs concatenated.
 
 A `RerankJob` is one query with its K shortlisted candidates: one caption x K images
-(text -> images) or one image x K captions (image -> captions). `PairReranker` is the
-micro-batcher's batch function: it lays the jobs' pairs end to end and scores them with as
-few `RetrievalModel.rerank_pairs` calls as the memory budget allows (usually one), so
-concurrent requests share one model call.
+(text -> images) or one image x K captions (image -> captions). It holds references to the
+per-item tensors (the LRU's own entries), never a concatenated copy: a queued search then
+costs almost nothing, and the only copies are the ones the worker makes for the chunk it is
+scoring. `PairReranker` is the micro-batcher's batch function: it lays the jobs' pairs end to
+end and scores them with as few `RetrievalModel.rerank_pairs` calls as the memory budget
+allows (usually one), so concurrent requests share one model call.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ RERANK_MEMORY_BUDGET_BYTES = 512 * 2**20
 
 @dataclass(frozen=True)
 class RerankJob:
-    """One query side (length 1) against K candidates (length K), with their shortlist scores.
+    """One query side (one item) against K candidates (K items), with their shortlist scores.
 
-    Exactly one of `images` / `captions` has length 1 unless K == 1; the other has length K.
+    `images` and `captions` are per-item tensors (each of length 1): exactly one side has one
+    item unless K == 1, the other has K.
     """
 
-    images: ImagePrecompute
-    captions: CaptionPrecompute
+    images: tuple[ImagePrecompute, ...]
+    captions: tuple[CaptionPrecompute, ...]
     shortlist_scores: np.ndarray  # float32 [K]
 
     def __post_init__(self) -> None:
@@ -46,6 +49,10 @@ class RerankJob:
                 f"{len(self.images)} images and {len(self.captions)} captions cannot form "
                 f"{k} pairs: one side must have length 1, the other K"
             )
+        if any(len(item) != 1 for item in (*self.images, *self.captions)):
+            raise ValueError("a rerank job holds per-item tensors of length 1")
+        if len({image.regions.shape[1] for image in self.images}) != 1:
+            raise ValueError("the images of one rerank job must have the same region count")
 
     @property
     def size(self) -> int:
@@ -53,20 +60,21 @@ class RerankJob:
 
     @property
     def region_count(self) -> int:
-        return int(self.images.regions.shape[1])
+        return int(self.images[0].regions.shape[1])
 
     def pairs(self, start: int, stop: int) -> tuple[ImagePrecompute, CaptionPrecompute]:
-        """Aligned pairs start..stop, repeating the query side."""
+        """Aligned pairs start..stop as batched tensors, repeating the query side."""
         return _take(self.images, start, stop), _take(self.captions, start, stop)
 
     def bytes_per_pair(self) -> int:
-        return PrecomputedScorer.bytes_per_pair(self.images, self.captions)
+        widest = max(self.captions, key=lambda caption: caption.words.shape[1])
+        return PrecomputedScorer.bytes_per_pair(self.images[0], widest)
 
 
 def _take(side, start: int, stop: int):
     if len(side) == 1:
-        return side.select([0] * (stop - start))
-    return side.select(slice(start, stop))
+        return side[0].select([0] * (stop - start))
+    return type(side[0]).cat(list(side[start:stop]))
 
 
 class PairReranker:

@@ -224,6 +224,31 @@ def test_overload_is_429_with_retry_after_and_a_stuck_model_is_503(
         release.set()
 
 
+def test_the_timeout_bounds_the_whole_search_not_only_the_reranker(
+    tmp_path, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    settings = make_settings(tmp_path / "data", request_timeout_s=0.3)
+    app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+    with running_client(app) as client:
+        client.post("/v1/images", files={"file": ("a.png", png_bytes("red"))}).raise_for_status()
+        pipeline = app.state.service.runtime.pipeline
+        release = threading.Event()
+        real_tensors = pipeline.tensors_of_images
+
+        def stuck_tensors(*args, **kwargs):  # building rerank tensors hangs (a stalled store)
+            release.wait(30)
+            return real_tensors(*args, **kwargs)
+
+        pipeline.tensors_of_images = stuck_tensors
+        timed_out = client.post("/v1/search/images", json={"text": "a red"})
+        body = problem(timed_out, 503)
+        assert "0.3 s" in body["detail"]
+        assert timed_out.headers["Retry-After"] == "1"
+        release.set()
+        pipeline.tensors_of_images = real_tensors
+        assert client.post("/v1/search/images", json={"text": "a red"}).status_code == 200
+
+
 class _Delayed:
     """The real model with its `rerank_pairs` wrapped (everything else passes through)."""
 
