@@ -35,6 +35,11 @@ def metrics_table(result: dict, title: str) -> Table:
         _row(table, f"two-stage K={k}", metrics)
     if "exhaustive" in result:
         _row(table, "exhaustive", result["exhaustive"])
+    camp_alone = result.get("camp_alone", {})
+    for k, metrics in camp_alone.get("two_stage", {}).items():
+        _row(table, f"CAMP alone, top {k}", metrics)
+    if "exhaustive" in camp_alone:
+        _row(table, "CAMP alone, every pair", camp_alone["exhaustive"])
     return table
 
 

@@ -21,7 +21,7 @@ from model.evaluation import (
     fold_slices,
     retrieval_metrics,
     shortlist_recall,
-    two_stage_metrics,
+    two_stage_metrics_per_score,
 )
 from model.precompute import CaptionPrecompute, ImagePrecompute
 from model.retrieval import RetrievalModel
@@ -69,17 +69,22 @@ class EncodedSplit:
 
     def score_pairs(
         self, image_index: np.ndarray, caption_index: np.ndarray, shortlist: np.ndarray
-    ) -> np.ndarray:
-        """Final fused scores of aligned (image, caption) pairs, in chunks."""
-        out = np.empty(len(image_index), dtype=np.float32)
+    ) -> dict[str, np.ndarray]:
+        """Scores of aligned (image, caption) pairs, in chunks: {"final": the fused score the
+        product ranks by, "camp": CAMP's logit alone}."""
+        final = np.empty(len(image_index), dtype=np.float32)
+        camp = np.empty(len(image_index), dtype=np.float32)
         for start in range(0, len(image_index), PAIR_CHUNK):
             chunk = slice(start, start + PAIR_CHUNK)
             images = self.images.select(torch.as_tensor(image_index[chunk]))
             captions = CaptionPrecompute.cat([self.captions[c] for c in caption_index[chunk]])
-            out[chunk] = self.model.rerank_pairs(images, captions, shortlist[chunk])
+            logits = self.model.camp_logits(images, captions)
+            fused = self.model.fuse(torch.as_tensor(shortlist[chunk], dtype=torch.float32), logits)
+            camp[chunk] = logits.float().cpu().numpy()
+            final[chunk] = fused.float().cpu().numpy()
             if self.on_pairs is not None:
                 self.on_pairs(len(images))
-        return out
+        return {"final": final, "camp": camp}
 
 
 def _evaluate_fold(
@@ -89,7 +94,7 @@ def _evaluate_fold(
     timings: dict[str, float] = {}
     result: dict = {}
 
-    def pairs(image_index: np.ndarray, caption_index: np.ndarray) -> np.ndarray:
+    def pairs(image_index: np.ndarray, caption_index: np.ndarray) -> dict[str, np.ndarray]:
         return encoded.score_pairs(
             image_index + images.start,
             caption_index + captions.start,
@@ -101,14 +106,20 @@ def _evaluate_fold(
         result["shortlist_recall"] = shortlist_recall(pooled, ks)
     if "two_stage" in modes:
         started = time.perf_counter()
-        result["two_stage"] = two_stage_metrics(pooled, pairs, ks)
+        per_score = two_stage_metrics_per_score(pooled, pairs, ks)
+        result["two_stage"] = per_score["final"]
+        result.setdefault("camp_alone", {})["two_stage"] = per_score["camp"]
         timings["two_stage_all_k"] = time.perf_counter() - started
     if "exhaustive" in modes:
         started = time.perf_counter()
         n, m = pooled.shape
         image_index = np.repeat(np.arange(n), m)
         caption_index = np.tile(np.arange(m), n)
-        result["exhaustive"] = retrieval_metrics(pairs(image_index, caption_index).reshape(n, m))
+        scores = pairs(image_index, caption_index)
+        result["exhaustive"] = retrieval_metrics(scores["final"].reshape(n, m))
+        result.setdefault("camp_alone", {})["exhaustive"] = retrieval_metrics(
+            scores["camp"].reshape(n, m)
+        )
         timings["exhaustive"] = time.perf_counter() - started
     result["timings_s"] = timings
     return result
@@ -123,8 +134,10 @@ def evaluate_model(
     on_pairs: Callable[[int], None] | None = None,
 ) -> dict:
     """The issue's JSON: {"pooled": M, "exhaustive": M, "two_stage": {K: M}, "shortlist_recall":
-    {"t2i": {K: %}, "i2t": {...}}, "timings_s": {...}}; COCO testall adds "coco_5k" (same keys
-    over all 5,000 images) while the top level holds the mean of the five 1K folds.
+    {"t2i": {K: %}, "i2t": {...}}, "timings_s": {...}}, plus "camp_alone": {"two_stage": {K: M},
+    "exhaustive": M} (the same pairs ranked by CAMP's logit without the shortlist score, at no
+    extra cost); COCO testall adds "coco_5k" (same keys over all 5,000 images) while the top
+    level holds the mean of the five 1K folds.
 
     `on_pairs(n)` is called after every chunk of n reranked pairs (exhaustive mode scores
     millions of pairs on a CPU: the CLI shows progress with it)."""
@@ -159,6 +172,8 @@ def _average_folds(folds: list[dict]) -> dict:
         out["two_stage"] = {
             k: average_metrics([f["two_stage"][k] for f in folds]) for k in folds[0]["two_stage"]
         }
+    if "camp_alone" in folds[0]:
+        out["camp_alone"] = _average_folds([f["camp_alone"] for f in folds])
     if "shortlist_recall" in folds[0]:
         out["shortlist_recall"] = {
             d: {

@@ -125,6 +125,18 @@ def two_stage_metrics(
 
     score_pairs(image_index [P], caption_index [P]) -> final scores [P] of aligned pairs.
     """
+    return two_stage_metrics_per_score(
+        pooled, lambda images, captions: {"final": score_pairs(images, captions)}, ks
+    )["final"]
+
+
+def two_stage_metrics_per_score(
+    pooled: np.ndarray,
+    score_pairs: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]],
+    ks: Sequence[int] = TWO_STAGE_K,
+) -> dict[str, dict[str, dict]]:
+    """`two_stage_metrics` for several scores of the same pairs at once (e.g. the fused score
+    and CAMP alone): score_pairs returns {name: scores [P]}; the result is {name: {K: M}}."""
     kmax = max(ks)
     per_direction = {}
     for axis in (0, 1):  # 0: t2i (caption queries), 1: i2t (image queries)
@@ -132,13 +144,17 @@ def two_stage_metrics(
         queries = np.repeat(np.arange(len(candidates)), candidates.shape[1])
         flat = candidates.reshape(-1)
         images, captions = (flat, queries) if axis == 0 else (queries, flat)
-        final = score_pairs(images, captions).reshape(candidates.shape)
-        per_direction[axis] = (candidates, final)
-    out = {}
-    for k in ks:
-        t2i = t2i_ranks(two_stage_scores(pooled, *per_direction[0], k=k, axis=0))
-        i2t = i2t_ranks(two_stage_scores(pooled, *per_direction[1], k=k, axis=1))
-        out[str(k)] = metrics_from_ranks(i2t, t2i)
+        scores = score_pairs(images, captions)
+        per_direction[axis] = {
+            name: (candidates, final.reshape(candidates.shape)) for name, final in scores.items()
+        }
+    out: dict[str, dict[str, dict]] = {}
+    for name in per_direction[0]:
+        out[name] = {}
+        for k in ks:
+            t2i = t2i_ranks(two_stage_scores(pooled, *per_direction[0][name], k=k, axis=0))
+            i2t = i2t_ranks(two_stage_scores(pooled, *per_direction[1][name], k=k, axis=1))
+            out[name][str(k)] = metrics_from_ranks(i2t, t2i)
     return out
 
 

@@ -232,7 +232,15 @@ def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"pooled", "exhaustive", "two_stage", "shortlist_recall", "timings_s"}
+    assert set(metrics) == {
+        "pooled",
+        "exhaustive",
+        "two_stage",
+        "camp_alone",
+        "shortlist_recall",
+        "timings_s",
+    }
+    assert set(metrics["two_stage"]) == set(metrics["camp_alone"]["two_stage"])
     assert set(metrics["two_stage"]) == {"10", "50", "100", "200"}
     for m in [metrics["pooled"], metrics["exhaustive"], *metrics["two_stage"].values()]:
         assert set(m) == {"i2t", "t2i", "rsum"}
@@ -241,6 +249,26 @@ def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
     # 12 images: K >= 12 reranks everything, so two-stage equals exhaustive.
     assert metrics["two_stage"]["50"] == metrics["exhaustive"]
     assert metrics["shortlist_recall"]["t2i"]["50"] == 100.0
+    # CAMP alone: the untrained fusion ranks by the shortlist score only, so CAMP's own ranking
+    # must come from its logits, computed here directly on every pair.
+    from model.data import load_precomputed
+    from model.precompute import CaptionPrecompute
+    from model.retrieval import RetrievalModel
+
+    model = RetrievalModel.load(checkpoint, device="cpu")
+    split = load_precomputed(folder, "test")
+    images = model.precompute_images(np.asarray(split.images))
+    captions = model.encode_texts(split.captions).precompute
+    n, m = len(images), len(captions)
+    logits = model.camp_logits(
+        images.select([i for i in range(n) for _ in range(m)]),
+        CaptionPrecompute.cat([captions.select([c]) for _ in range(n) for c in range(m)]),
+    )
+    expected = retrieval_metrics(logits.reshape(n, m).numpy())
+    assert metrics["camp_alone"]["exhaustive"] == expected
+    # K >= 60 captions: both directions rerank everything.
+    assert metrics["camp_alone"]["two_stage"]["100"] == metrics["camp_alone"]["exhaustive"]
+    assert metrics["camp_alone"]["exhaustive"] != metrics["exhaustive"]
 
 
 def test_evaluate_command_refuses_a_split_that_does_not_exist(tmp_path):
