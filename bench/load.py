@@ -24,7 +24,9 @@ with the images added and the growth per added image.
 `--cache-mib N` serves with all three cache budgets (CAMPSEARCH_IMAGE_CACHE_MIB,
 CAMPSEARCH_CAPTION_CACHE_MIB, CAMPSEARCH_FEATURE_CACHE_MIB) at N MiB, so they fill within a soak;
 `--malloc-arena-max N` sets MALLOC_ARENA_MAX for the server (glibc's per-thread heaps);
-`--heap-trim-interval S` how often it hands freed heap back to the OS (0: never).
+`--heap-trim-interval S` how often it hands freed heap back to the OS (0: never);
+`--mmap-threshold-kib N` the size from which its allocations are mapped on their own (0: glibc's
+self-raising default).
 
     python bench/load.py --seconds 60 --json results/load.json
     python bench/load.py --seconds 30 --soak-minutes 10 --cache-mib 64 --json results/soak.json
@@ -131,6 +133,7 @@ def start_server(
     cache_mib: int | None = None,
     malloc_arena_max: int | None = None,
     heap_trim_interval_s: float | None = None,
+    mmap_threshold_kib: int | None = None,
 ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPSEARCH_")}
     env.update(
@@ -150,6 +153,8 @@ def start_server(
         env["MALLOC_ARENA_MAX"] = str(malloc_arena_max)
     if heap_trim_interval_s is not None:
         env["CAMPSEARCH_HEAP_TRIM_INTERVAL_S"] = str(heap_trim_interval_s)
+    if mmap_threshold_kib is not None:
+        env["CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB"] = str(mmap_threshold_kib)
     command = shutil.which("camp-search") or str(Path(sys.executable).parent / "camp-search")
     args = [command, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = (workdir / "server.log").open("wb")
@@ -186,8 +191,9 @@ def rss_mib(pid: int) -> float:
 
 
 async def scrape_memory(client: httpx.AsyncClient) -> dict[str, float]:
-    """From /metrics: MiB held by each in-process cache (`cache_<name>`) and the `images`
-    stored; empty when the scrape fails or is slower than SCRAPE_TIMEOUT_S (the load goes on)."""
+    """From /metrics: MiB held by each in-process cache (`cache_<name>`) and by the C allocator
+    (`heap_in_use`, `heap_free`, `heap_mapped`), and the `images` stored; empty when the scrape
+    fails or is slower than SCRAPE_TIMEOUT_S (the load goes on)."""
     try:
         response = await client.get("/metrics", timeout=SCRAPE_TIMEOUT_S)
         response.raise_for_status()
@@ -198,6 +204,8 @@ async def scrape_memory(client: httpx.AsyncClient) -> dict[str, float]:
         for sample in family.samples:
             if sample.name == "campsearch_memory_cache_bytes":
                 found[f"cache_{sample.labels['cache']}"] = round(sample.value / 2**20, 1)
+            elif sample.name == "campsearch_heap_bytes":
+                found[f"heap_{sample.labels['state']}"] = round(sample.value / 2**20, 1)
             elif sample.name == "campsearch_corpus_items" and sample.labels["kind"] == "images":
                 found["images"] = int(sample.value)
     return found
@@ -369,6 +377,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         args.cache_mib,
         args.malloc_arena_max,
         args.heap_trim_interval,
+        args.mmap_threshold_kib,
     )
     try:
         await wait_ready(url, process)
@@ -390,6 +399,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 "cache_mib": args.cache_mib,
                 "malloc_arena_max": args.malloc_arena_max,
                 "heap_trim_interval_s": args.heap_trim_interval,
+                "malloc_mmap_threshold_kib": args.mmap_threshold_kib,
             },
             "mix": args.mix,
             "rss_start_mib": round(rss_start, 1),
@@ -493,6 +503,13 @@ def main() -> None:
         type=float,
         default=None,
         help="CAMPSEARCH_HEAP_TRIM_INTERVAL_S for the server (0: never trim; default: its own)",
+    )
+    parser.add_argument(
+        "--mmap-threshold-kib",
+        type=int,
+        default=None,
+        help="CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB for the server (0: glibc's own; default: "
+        "the service's)",
     )
     parser.add_argument(
         "--mix", type=parse_mix, default=MIX, help="weights, e.g. text=0.8,photo=0.2,ingest=0"

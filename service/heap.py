@@ -1,10 +1,18 @@
-"""Hand freed heap memory back to the OS on a timer (glibc only).
+"""Keep freed heap memory going back to the OS (glibc only): a timed trim, a fixed mmap threshold.
 
 Under load every search builds rerank tensors in worker threads and frees them a moment later,
 while long-lived cache entries sit between them. glibc keeps the freed space in its per-thread
 arenas, so the resident size creeps upward although nothing is leaked (bench/load.py soaks:
 `malloc_trim(0)` once returned 766 MiB of such space without freeing a live object).
 `malloc_trim(0)` releases the free pages of every arena; it is cheap next to a search.
+
+Trimming alone does not stop the creep: glibc raises its mmap threshold to the size of every
+large block it frees (up to 32 MiB, and its trim threshold with it), so the megabyte-sized
+temporaries of later searches grow the arenas, between long-lived cache entries, and the arenas
+keep growing with the cache's miss rate (bench/load.py soak: RssAnon +640 MiB in 3 minutes once
+the rerank-tensor cache was full). `fix_mmap_threshold` pins the threshold instead (and so the
+trim threshold at glibc's 128 KiB): a block above it that the heap cannot already hold gets a
+mapping of its own, unmapped the moment it is freed.
 """
 
 from __future__ import annotations
@@ -17,19 +25,51 @@ from functools import lru_cache
 logger = logging.getLogger(__name__)
 
 
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (2.33+): totals over every arena."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",  # bytes of the arenas' heaps (not mapped blocks)
+            "ordblks",
+            "smblks",
+            "hblks",  # mapped blocks
+            "hblkhd",  # bytes in mapped blocks
+            "usmblks",
+            "fsmblks",
+            "uordblks",  # bytes allocated in the arenas
+            "fordblks",  # bytes free in the arenas
+            "keepcost",
+        )
+    ]
+
+
 @lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, or None on another C library (musl, macOS): nothing to do there."""
+def _libc():
+    """glibc, or None on another C library (musl, macOS): nothing to tune there."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        function = ctypes.CDLL(name).malloc_trim
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        if hasattr(libc, "mallinfo2"):
+            libc.mallinfo2.restype = _MallInfo2
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    return function
+    return libc
+
+
+def _malloc_trim():
+    libc = _libc()
+    return libc.malloc_trim if libc is not None else None
 
 
 def trim_heap() -> bool:
@@ -40,3 +80,23 @@ def trim_heap() -> bool:
 
 def can_trim_heap() -> bool:
     return _malloc_trim() is not None
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Serve every allocation of at least `nbytes` with its own mapping, and keep that
+    threshold fixed (glibc only; True when set)."""
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+
+
+def heap_usage() -> dict[str, int] | None:
+    """Bytes the allocator holds, by state: `in_use` and `free` inside the arenas, `mapped`
+    in blocks of their own; None where glibc's mallinfo2 is missing. A leak grows `in_use`;
+    fragmentation grows `free`."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    info = libc.mallinfo2()
+    return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}

@@ -169,3 +169,13 @@ class _StateCollector(Collector):
             budget.add_metric((name,), float(limit))
         yield held
         yield budget
+        if state.get("heap") is not None:
+            heap = GaugeMetricFamily(
+                "campsearch_heap_bytes",
+                "Bytes the C allocator holds: in_use and free in its arenas, mapped blocks "
+                "(glibc mallinfo2; free growing under steady load is fragmentation).",
+                labels=("state",),
+            )
+            for name, value in state["heap"].items():
+                heap.add_metric((name,), float(value))
+            yield heap

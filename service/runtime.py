@@ -26,7 +26,7 @@ from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
 from model.extractors import RegionExtractor, create_extractor
 from service.batching import MicroBatcher
-from service.heap import can_trim_heap, trim_heap
+from service.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
 from service.indexer import Indexer
 from service.metrics import ServiceMetrics
 from service.pipeline import SearchPipeline
@@ -226,6 +226,7 @@ class ServiceRuntime:
         return {
             "cache": self.cache.status().as_dict(),
             "memory_caches": self.memory_caches(),
+            "heap": heap_usage(),
             "queued": self.batcher.queued,
             "images": len(self.corpus.indexes["images"]),
             "captions": len(self.corpus.indexes["captions"]),
@@ -276,6 +277,9 @@ class ServiceState:
 
     async def start(self) -> None:
         """Build the runtime in a worker thread, then start the batcher and the saver."""
+        threshold_kib = self.settings.malloc_mmap_threshold_kib
+        if threshold_kib > 0 and not fix_mmap_threshold(threshold_kib * 1024):
+            logger.info("malloc mmap threshold not set: not glibc")
         try:
             runtime = await asyncio.to_thread(
                 ServiceRuntime.build,

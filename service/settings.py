@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         description="Seconds between handing freed heap memory back to the OS (glibc "
         "malloc_trim; service/heap.py); 0 turns it off.",
     )
+    malloc_mmap_threshold_kib: int = Field(
+        default=64,
+        ge=0,
+        description="Allocations of at least this many KiB get their own memory mapping, "
+        "returned to the OS when freed (glibc mallopt M_MMAP_THRESHOLD, fixed; "
+        "service/heap.py); 0 keeps glibc's self-raising threshold.",
+    )
 
     max_upload_bytes: int = Field(default=20 * MEBIBYTE, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=1)

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from service.heap import can_trim_heap, trim_heap
+from service.heap import can_trim_heap, heap_usage, trim_heap
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Counts glibc's mapped blocks (mallinfo2().hblks) around a free of a large block, in a fresh
+# interpreter so this process's allocator is left as it is.
+MAPPED_BLOCKS_SCRIPT = """
+import ctypes, json, sys
+from service.heap import fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+fixed = sys.argv[1] == "fixed" and fix_mmap_threshold(64 * 1024)
+
+def mapped_by(size):
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    grown = libc.mallinfo2().hblks - before
+    return block, grown
+
+first, first_mapped = mapped_by(4 << 20)
+libc.free(first)  # glibc's default raises its threshold to 4 MiB here
+second, second_mapped = mapped_by(1 << 20)
+print(json.dumps({"fixed": bool(fixed), "mapped": [first_mapped, second_mapped]}))
+"""
 
 pytestmark = pytest.mark.skipif(not can_trim_heap(), reason="needs glibc's malloc_trim")
 
@@ -53,3 +87,61 @@ def test_service_trims_on_its_interval(
             client.get("/healthz")
             time.sleep(0.05)
     assert len(calls) >= 3
+
+
+@pytest.mark.parametrize("mode", ["default", "fixed"])
+def test_a_fixed_mmap_threshold_keeps_large_temporaries_out_of_the_heap(mode):
+    """glibc's default lifts its threshold to the size of a freed mapped block, so the next
+    megabyte-sized temporaries grow the heap; with a fixed 64 KiB threshold they are mapped
+    (and unmapped when freed)."""
+    answer = subprocess.run(
+        [sys.executable, "-c", MAPPED_BLOCKS_SCRIPT, mode],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(answer.stdout)
+    if mode == "default":
+        assert result == {"fixed": False, "mapped": [1, 0]}
+    else:
+        assert result == {"fixed": True, "mapped": [1, 1]}
+
+
+def test_the_service_fixes_the_threshold_it_is_given(
+    monkeypatch, tmp_path, tiny_retrieval_model, small_grid_extractor
+):
+    from service_support import running_client
+
+    import service.runtime
+    from service.app import create_app
+    from service.settings import Settings
+
+    assert Settings(_env_file=None, data_dir=tmp_path).malloc_mmap_threshold_kib == 64
+    calls = []
+    monkeypatch.setattr(service.runtime, "fix_mmap_threshold", lambda n: calls.append(n) or True)
+    for kib in (128, 0):
+        settings = Settings(
+            _env_file=None, data_dir=tmp_path / f"data{kib}", malloc_mmap_threshold_kib=kib
+        )
+        app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+        with running_client(app) as client:
+            assert client.get("/healthz").status_code == 200
+            heap = {
+                sample.labels["state"]: sample.value
+                for family in text_string_to_metric_families(client.get("/metrics").text)
+                for sample in family.samples
+                if sample.name == "campsearch_heap_bytes"
+            }
+            assert set(heap) == {"in_use", "free", "mapped"} and heap["in_use"] > 0
+    assert calls == [128 * 1024]  # 0 leaves glibc's own threshold
+
+
+def test_heap_usage_counts_what_is_allocated():
+    before = heap_usage()
+    block = bytearray(64 * 2**20)  # one malloc of 64 MiB
+    after = heap_usage()
+    assert before is not None and after is not None
+    held = sum(after[k] - before[k] for k in ("in_use", "mapped"))
+    assert 60 * 2**20 < held < 72 * 2**20, (before, after)  # other threads may free a little
+    assert len(block) == 64 * 2**20
