@@ -9,10 +9,10 @@ arenas, so the resident size creeps upward although nothing is leaked (bench/loa
 Trimming alone does not stop the creep: glibc raises its mmap threshold to the size of every
 large block it frees (up to 32 MiB, and its trim threshold with it), so the megabyte-sized
 temporaries of later searches grow the arenas, between long-lived cache entries, and the arenas
-keep growing with the cache's miss rate (bench/load.py soak: RssAnon +640 MiB in 3 minutes once
-the rerank-tensor cache was full). `fix_mmap_threshold` pins the threshold instead (and so the
-trim threshold at glibc's 128 KiB): a block above it that the heap cannot already hold gets a
-mapping of its own, unmapped the moment it is freed.
+keep growing with the cache's miss rate (bench/load.py soak, 64 MiB caches: RssAnon +820 MiB
+in the 6.5 minutes after the rerank-tensor cache filled). `fix_mmap_threshold` pins the
+threshold instead (and so the trim threshold at glibc's 128 KiB): a block above it that the
+heap cannot already hold gets a mapping of its own, unmapped the moment it is freed.
 """
 
 from __future__ import annotations
