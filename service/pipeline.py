@@ -13,11 +13,11 @@ the micro-batcher's thread. Stage timings go to the response and to Prometheus.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
 
 RETRY_AFTER_TIMEOUT_S = 1
+SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
 
 
 def image_file_url(image_id: int) -> str:
@@ -100,6 +101,26 @@ def _compacted(item: CaptionPrecompute) -> CaptionPrecompute:
     )
 
 
+def _within_request_timeout(search: SearchMethod) -> SearchMethod:
+    """`request_timeout_s` bounds a whole search (tensor building and queueing included): past
+    it the caller gets 503, and work not yet started in a thread is dropped."""
+
+    @functools.wraps(search)
+    async def bounded(self: SearchPipeline, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                return await search(self, *args, **kwargs)
+        except TimeoutError:
+            raise ProblemError(
+                503,
+                "Timed out",
+                f"the search did not finish within {self.request_timeout_s:g} s; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_TIMEOUT_S)},
+            ) from None
+
+    return bounded  # type: ignore[return-value]
+
+
 class SearchPipeline:
     """Both search directions over one corpus, one model and one micro-batcher."""
 
@@ -131,11 +152,8 @@ class SearchPipeline:
 
     # --- text -> images ---------------------------------------------------------------------
 
+    @_within_request_timeout
     async def images_for_text(self, request: ImageSearchRequest) -> ImageSearchResponse:
-        async with self._deadline():
-            return await self._images_for_text(request)
-
-    async def _images_for_text(self, request: ImageSearchRequest) -> ImageSearchResponse:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("encode", timings):
@@ -183,13 +201,8 @@ class SearchPipeline:
 
     # --- image -> captions ------------------------------------------------------------------
 
+    @_within_request_timeout
     async def captions_for_image_id(
-        self, image_id: int, options: SearchOptions
-    ) -> CaptionSearchResponse:
-        async with self._deadline():
-            return await self._captions_for_image_id(image_id, options)
-
-    async def _captions_for_image_id(
         self, image_id: int, options: SearchOptions
     ) -> CaptionSearchResponse:
         started = time.perf_counter()
@@ -210,6 +223,7 @@ class SearchPipeline:
             started,
         )
 
+    @_within_request_timeout
     async def captions_for_regions(
         self,
         regions: ImageRegions,
@@ -220,16 +234,6 @@ class SearchPipeline:
     ) -> CaptionSearchResponse:
         """Search with an upload's regions; `timings` and `started` (perf_counter) may already
         count its decoding and extraction."""
-        async with self._deadline():
-            return await self._captions_for_regions(regions, options, timings, started)
-
-    async def _captions_for_regions(
-        self,
-        regions: ImageRegions,
-        options: SearchOptions,
-        timings: dict[str, float],
-        started: float,
-    ) -> CaptionSearchResponse:
         cached = (
             self.image_tensors.get_many([regions.image_id]).get(regions.image_id)
             if regions.image_id is not None  # the same bytes are in the corpus
@@ -378,21 +382,6 @@ class SearchPipeline:
         job = RerankJob(images=images, captions=captions, shortlist_scores=shortlist_scores)
         with self.metrics.time_stage("rerank", timings):
             return await self.batcher.submit(job)
-
-    @contextlib.asynccontextmanager
-    async def _deadline(self) -> AsyncIterator[None]:
-        """`request_timeout_s` bounds a whole search (tensor building and queueing included):
-        past it the caller gets 503 and work not yet started in a thread is dropped."""
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                yield
-        except TimeoutError:
-            raise ProblemError(
-                503,
-                "Timed out",
-                f"the search did not finish within {self.request_timeout_s:g} s; retry later",
-                headers={"Retry-After": str(RETRY_AFTER_TIMEOUT_S)},
-            ) from None
 
     def _image_records(self, ids: Sequence[int]) -> dict[int, list[str]]:
         """{image id: its caption texts} for the ids that still exist."""
