@@ -67,19 +67,14 @@ def _libc():
     return libc
 
 
-def _malloc_trim():
-    libc = _libc()
-    return libc.malloc_trim if libc is not None else None
-
-
 def trim_heap() -> bool:
     """Release free heap pages to the OS; True when glibc gave some back."""
-    function = _malloc_trim()
-    return bool(function(0)) if function is not None else False
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def can_trim_heap() -> bool:
-    return _malloc_trim() is not None
+    return _libc() is not None
 
 
 def fix_mmap_threshold(nbytes: int) -> bool:
