@@ -28,8 +28,14 @@ CAMPSEARCH_CAPTION_CACHE_MIB, CAMPSEARCH_FEATURE_CACHE_MIB) at N MiB, so they fi
 `--mmap-threshold-kib N` the size from which its allocations are mapped on their own (0: glibc's
 self-raising default).
 
+`--compare NAME=A,B` runs everything twice, one fresh server each, with the server setting
+CAMPSEARCH_NAME at A and then at B (nothing else changes), and prints B/A ratios of throughput,
+latency and memory.
+
     python bench/load.py --seconds 60 --json results/load.json
     python bench/load.py --seconds 30 --soak-minutes 10 --cache-mib 64 --json results/soak.json
+    python bench/load.py --seconds 30 --soak-minutes 5 --cache-mib 64 \
+        --compare MALLOC_MMAP_THRESHOLD_KIB=64,0 --json results/mmap_ab.json
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ def start_server(
     malloc_arena_max: int | None = None,
     heap_trim_interval_s: float | None = None,
     mmap_threshold_kib: int | None = None,
+    settings: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPSEARCH_")}
     env.update(
@@ -155,6 +162,7 @@ def start_server(
         env["CAMPSEARCH_HEAP_TRIM_INTERVAL_S"] = str(heap_trim_interval_s)
     if mmap_threshold_kib is not None:
         env["CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB"] = str(mmap_threshold_kib)
+    env.update({f"CAMPSEARCH_{name}": value for name, value in (settings or {}).items()})
     command = shutil.which("camp-search") or str(Path(sys.executable).parent / "camp-search")
     args = [command, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = (workdir / "server.log").open("wb")
@@ -191,9 +199,10 @@ def rss_mib(pid: int) -> float:
 
 
 async def scrape_memory(client: httpx.AsyncClient) -> dict[str, float]:
-    """From /metrics: MiB held by each in-process cache (`cache_<name>`) and by the C allocator
-    (`heap_in_use`, `heap_free`, `heap_mapped`), and the `images` stored; empty when the scrape
-    fails or is slower than SCRAPE_TIMEOUT_S (the load goes on)."""
+    """From /metrics: MiB held by each in-process cache (`cache_<name>`), by the C allocator
+    (`heap_in_use`, `heap_free`, `heap_mapped`) and by searches in flight (`search_memory_held`),
+    the searches waiting for room (`search_memory_waiting`) and the `images` stored; empty when
+    the scrape fails or is slower than SCRAPE_TIMEOUT_S (the load goes on)."""
     try:
         response = await client.get("/metrics", timeout=SCRAPE_TIMEOUT_S)
         response.raise_for_status()
@@ -206,6 +215,11 @@ async def scrape_memory(client: httpx.AsyncClient) -> dict[str, float]:
                 found[f"cache_{sample.labels['cache']}"] = round(sample.value / 2**20, 1)
             elif sample.name == "campsearch_heap_bytes":
                 found[f"heap_{sample.labels['state']}"] = round(sample.value / 2**20, 1)
+            elif sample.name == "campsearch_search_memory_bytes":
+                if sample.labels["state"] == "held":
+                    found["search_memory_held"] = round(sample.value / 2**20, 1)
+            elif sample.name == "campsearch_search_memory_waiting":
+                found["search_memory_waiting"] = int(sample.value)
             elif sample.name == "campsearch_corpus_items" and sample.labels["kind"] == "images":
                 found["images"] = int(sample.value)
     return found
@@ -365,7 +379,7 @@ def _slope_per_min(series: list[tuple[float, float]]) -> float | None:
     return round(statistics.linear_regression([t / 60 for t in seconds], values).slope, 2)
 
 
-async def main_async(args: argparse.Namespace) -> dict:
+async def main_async(args: argparse.Namespace, settings: dict[str, str] | None = None) -> dict:
     corpus, stored = load_corpus(args.manifest, args.photos)
     workdir = Path(tempfile.mkdtemp(prefix="camp-load-"))
     port = free_port()
@@ -378,6 +392,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         args.malloc_arena_max,
         args.heap_trim_interval,
         args.mmap_threshold_kib,
+        settings,
     )
     try:
         await wait_ready(url, process)
@@ -400,6 +415,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 "malloc_arena_max": args.malloc_arena_max,
                 "heap_trim_interval_s": args.heap_trim_interval,
                 "malloc_mmap_threshold_kib": args.mmap_threshold_kib,
+                "settings": settings or {},
             },
             "mix": args.mix,
             "rss_start_mib": round(rss_start, 1),
@@ -469,6 +485,54 @@ def report(result: dict) -> None:
             )
 
 
+def compare(results: dict[str, dict], name: str) -> dict:
+    """B/A ratios of the figures that matter, for two runs that differ in one setting."""
+    (a_value, a), (b_value, b) = results.items()
+
+    def figures(result: dict) -> dict[str, float | None]:
+        out = {
+            "load_per_s": result["load"]["per_s"],
+            "load_p50_ms": result["load"]["p50_ms"],
+            "load_p99_ms": result["load"]["p99_ms"],
+            "rss_after_load_mib": result["rss_after_load_mib"],
+        }
+        if "soak" in result:
+            memory = result["soak"]["rss"]["mib"]
+            out |= {
+                "soak_per_s": result["soak"]["per_s"],
+                "soak_p50_ms": result["soak"]["p50_ms"],
+                "soak_p99_ms": result["soak"]["p99_ms"],
+                "soak_anon_end_mib": memory["anon"]["end"],
+                "soak_anon_max_mib": memory["anon"]["max"],
+                "soak_anon_last_half_slope_per_min": memory["anon"]["last_half_slope_per_min"],
+            }
+        return out
+
+    fa, fb = figures(a), figures(b)
+    print(f"{name}: {a_value} (A) vs {b_value} (B)")
+    ratios = {}
+    for key in fa:
+        ratio = round(fb[key] / fa[key], 3) if fa[key] and fb[key] is not None else None
+        ratios[key] = ratio
+        print(f"    {key:36s} A {fa[key]!s:>10s}  B {fb[key]!s:>10s}  B/A {ratio}")
+    return {
+        "setting": name,
+        "a": a_value,
+        "b": b_value,
+        "figures": {"a": fa, "b": fb},
+        "ratios": ratios,
+    }
+
+
+def parse_compare(text: str) -> tuple[str, list[str]]:
+    """`MALLOC_MMAP_THRESHOLD_KIB=64,0` -> (the setting, its two values)."""
+    name, _, values = text.partition("=")
+    chosen = [value.strip() for value in values.split(",") if value.strip()]
+    if not name.strip() or len(chosen) != 2:
+        raise argparse.ArgumentTypeError("use NAME=A,B: a CAMPSEARCH_ setting and two values")
+    return name.strip().upper().removeprefix("CAMPSEARCH_"), chosen
+
+
 def parse_mix(text: str) -> dict[str, float]:
     """`text=0.7,photo=0.2,ingest=0.1` -> weights (kinds left out weigh 0)."""
     mix = dict.fromkeys(MIX, 0.0)
@@ -514,14 +578,36 @@ def main() -> None:
     parser.add_argument(
         "--mix", type=parse_mix, default=MIX, help="weights, e.g. text=0.8,photo=0.2,ingest=0"
     )
+    parser.add_argument(
+        "--compare",
+        type=parse_compare,
+        default=None,
+        help="NAME=A,B: run twice with the server setting CAMPSEARCH_NAME at A, then at B",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    result = asyncio.run(main_async(args))
-    report(result)
+    if args.compare is None:
+        runs = {"": asyncio.run(main_async(args))}
+    else:
+        name, values = args.compare
+        runs = {}
+        for value in values:
+            print(f"--- CAMPSEARCH_{name}={value}", flush=True)
+            runs[value] = asyncio.run(main_async(args, {name: value}))
+            report(runs[value])
+    if args.compare is None:
+        result = runs[""]
+        report(result)
+    else:
+        result = {"runs": runs, "comparison": compare(runs, f"CAMPSEARCH_{args.compare[0]}")}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    phases = [result["load"], *([result["soak"]] if "soak" in result else [])]
+    phases = [
+        phase
+        for run in runs.values()
+        for phase in (run["load"], *([run["soak"]] if "soak" in run else []))
+    ]
     if any(phase["server_errors_5xx"] or phase["over_request_timeout"] for phase in phases):
         sys.exit(1)
 

@@ -61,6 +61,11 @@ class ImagePrecompute:
         )
 
     @staticmethod
+    def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
+        """Bytes of one image's tensors with `regions` regions: five [R, d], two [R, R]."""
+        return (5 * regions * dim + 2 * regions * regions) * element_size
+
+    @staticmethod
     def cat(items: list[ImagePrecompute]) -> ImagePrecompute:
         regions = {item.regions.shape[1] for item in items}
         if len(regions) != 1:
@@ -121,6 +126,11 @@ class CaptionPrecompute:
             if f.name != "lengths"
         }
         return CaptionPrecompute(lengths=self.lengths.to(device=device), **moved)
+
+    @staticmethod
+    def bytes_of_one(words: int, dim: int, element_size: int) -> int:
+        """Bytes of one caption's tensors with `words` words: five [L, d], two [L, L], a length."""
+        return (5 * words * dim + 2 * words * words) * element_size + 8
 
     @staticmethod
     def cat(items: list[CaptionPrecompute]) -> CaptionPrecompute:

@@ -167,6 +167,31 @@ class RetrievalModel:
             encoded = self.network.camp.image_encoder(self._regions(regions))
             return self.scorer.precompute_images(encoded)
 
+    # -- memory ----------------------------------------------------------------------------------
+    def image_tensor_bytes(self, regions: int) -> int:
+        """Bytes of one image's rerank tensors (`precompute_images`) with `regions` regions."""
+        return ImagePrecompute.bytes_of_one(regions, self._embed_size, self._element_size)
+
+    def caption_tensor_bytes(self) -> int:
+        """Bytes of one caption's rerank tensors at the longest caption the model reads."""
+        return CaptionPrecompute.bytes_of_one(
+            self.max_caption_tokens, self._embed_size, self._element_size
+        )
+
+    @property
+    def max_caption_tokens(self) -> int:
+        if self._wordpieces is not None:
+            return self._wordpieces.max_wordpieces
+        return self.network.camp_config().max_words + 2  # <start> and <end>
+
+    @property
+    def _embed_size(self) -> int:
+        return self.scorer.scorer.embed_size
+
+    @property
+    def _element_size(self) -> int:
+        return next(self.network.camp.scorer.parameters()).element_size()
+
     # -- second stage -----------------------------------------------------------------------------
     def camp_logits(self, images: ImagePrecompute, captions: CaptionPrecompute) -> torch.Tensor:
         """CAMP's pre-sigmoid scores [K] of aligned pairs."""

@@ -169,6 +169,21 @@ class _StateCollector(Collector):
             budget.add_metric((name,), float(limit))
         yield held
         yield budget
+        search_memory = state["search_memory"]
+        reserved = GaugeMetricFamily(
+            "campsearch_search_memory_bytes",
+            "Bytes of tensors reserved by searches in flight, and their budget "
+            "(CAMPSEARCH_SEARCH_MEMORY_MIB; 0: unbounded).",
+            labels=("state",),
+        )
+        reserved.add_metric(("held",), float(search_memory.held))
+        reserved.add_metric(("budget",), float(search_memory.capacity))
+        yield reserved
+        yield GaugeMetricFamily(
+            "campsearch_search_memory_waiting",
+            "Searches waiting for room in the search memory budget.",
+            value=float(search_memory.waiting),
+        )
         if state.get("heap") is not None:
             heap = GaugeMetricFamily(
                 "campsearch_heap_bytes",

@@ -13,6 +13,7 @@ the micro-batcher's thread. Stage timings go to the response and to Prometheus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import torch
 from index.corpus import Corpus, RegionArrays
 from model.precompute import CaptionPrecompute, ImagePrecompute
 from service.batching import MicroBatcher
+from service.budget import MemoryBudget
 from service.errors import FieldProblem, ProblemError
 from service.lru import ByteBoundedLRU
 from service.metrics import ServiceMetrics
@@ -134,15 +136,25 @@ class SearchPipeline:
         request_timeout_s: float = 30.0,
         image_cache_bytes: int,
         caption_cache_bytes: int,
+        search_memory_bytes: int = 0,
+        max_regions: int = 100,
     ) -> None:
         """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
         tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
-        ones ~20x less); the service takes them from `Settings`."""
+        ones ~20x less); `search_memory_bytes` bounds what searches in flight hold of them
+        (service/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
+        service takes them from `Settings` and the extractor."""
         self.model = model
         self.corpus = corpus
         self.batcher = batcher
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        self.search_memory = MemoryBudget(search_memory_bytes)
+        # What one candidate may cost a search: its rerank tensors and boxes; for a cache miss
+        # also its stored region features (float16) while they are turned into tensors.
+        self._bytes_per_image = model.image_tensor_bytes(max_regions) + max_regions * 16
+        self._bytes_per_image_miss = max_regions * model.region_dim * 2
+        self._bytes_per_caption = model.caption_tensor_bytes()
         self.image_tensors: ByteBoundedLRU[int, ImageTensors] = ByteBoundedLRU(
             image_cache_bytes, _held_bytes
         )
@@ -164,26 +176,30 @@ class SearchPipeline:
             scores, ids = await asyncio.to_thread(self.corpus.search_images, encoded.pooled, k)
         shortlist = _shortlist(scores[0], ids[0])
 
-        tensors: dict[int, ImageTensors] = {}
-        if request.rerank and shortlist:
-            with self.metrics.time_stage("features", timings):
-                tensors = await asyncio.to_thread(self.tensors_of_images, [c.id for c in shortlist])
-            shortlist = [c for c in shortlist if c.id in tensors]  # deleted meanwhile
-        final = await self._final_scores(
-            shortlist,
-            request.rerank,
-            timings,
-            lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
-        )
-        chosen = _best(shortlist, final, request.limit, request.min_score)
+        async with contextlib.AsyncExitStack() as held:  # the tensors, until the answer is built
+            tensors: dict[int, ImageTensors] = {}
+            if request.rerank and shortlist:
+                with self.metrics.time_stage("features", timings):
+                    tensors = await self._hold_image_tensors([c.id for c in shortlist], held)
+                shortlist = [c for c in shortlist if c.id in tensors]  # deleted meanwhile
+            final = await self._final_scores(
+                shortlist,
+                request.rerank,
+                timings,
+                lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
+            )
+            chosen = _best(shortlist, final, request.limit, request.min_score)
 
-        records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
-        explanations: dict[int, Explanation] = {}
-        if request.explain and chosen:
-            with self.metrics.time_stage("explain", timings):
-                explanations = await asyncio.to_thread(
-                    self._explain_images, [c.id for c, _ in chosen], query, encoded.tokens[0]
-                )
+            records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
+            explanations: dict[int, Explanation] = {}
+            if request.explain and chosen:
+                with self.metrics.time_stage("explain", timings):
+                    if not request.rerank:
+                        tensors = await self._hold_image_tensors([c.id for c, _ in chosen], held)
+                    chosen_tensors = {c.id: tensors[c.id] for c, _ in chosen if c.id in tensors}
+                    explanations = await asyncio.to_thread(
+                        self._explain_images, chosen_tensors, query, encoded.tokens[0]
+                    )
         results = [
             ImageHit(
                 id=c.id,
@@ -264,30 +280,29 @@ class SearchPipeline:
             scores, ids = await asyncio.to_thread(self.corpus.search_captions, pooled, k)
         shortlist = _shortlist(scores[0], ids[0])
 
-        captions: dict[int, CaptionPrecompute] = {}
-        if (options.rerank or options.explain) and shortlist:
-            with self.metrics.time_stage("features", timings):
-                captions = await asyncio.to_thread(
-                    self.tensors_of_captions, [c.id for c in shortlist]
-                )
-            shortlist = [c for c in shortlist if c.id in captions]
-        final = await self._final_scores(
-            shortlist,
-            options.rerank,
-            timings,
-            lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
-        )
-        chosen = _best(shortlist, final, options.limit, options.min_score)
+        async with contextlib.AsyncExitStack() as held:  # the tensors, until the answer is built
+            captions: dict[int, CaptionPrecompute] = {}
+            if (options.rerank or options.explain) and shortlist:
+                with self.metrics.time_stage("features", timings):
+                    captions = await self._hold_caption_tensors([c.id for c in shortlist], held)
+                shortlist = [c for c in shortlist if c.id in captions]
+            final = await self._final_scores(
+                shortlist,
+                options.rerank,
+                timings,
+                lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
+            )
+            chosen = _best(shortlist, final, options.limit, options.min_score)
 
-        records = await asyncio.to_thread(
-            self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
-        )
-        explanations: dict[int, Explanation] = {}
-        if options.explain and chosen:
-            with self.metrics.time_stage("explain", timings):
-                explanations = await asyncio.to_thread(
-                    self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
-                )
+            records = await asyncio.to_thread(
+                self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
+            )
+            explanations: dict[int, Explanation] = {}
+            if options.explain and chosen:
+                with self.metrics.time_stage("explain", timings):
+                    explanations = await asyncio.to_thread(
+                        self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
+                    )
         results = [
             CaptionHit(
                 id=c.id,
@@ -305,13 +320,41 @@ class SearchPipeline:
 
     # --- per-item tensors (cached) ------------------------------------------------------------
 
-    def tensors_of_images(
-        self, ids: Sequence[int], stored: dict[int, RegionArrays] | None = None
+    async def _hold_image_tensors(
+        self, ids: Sequence[int], held: contextlib.AsyncExitStack
     ) -> dict[int, ImageTensors]:
-        """Rerank tensors of the images that exist: LRU hits, then ONE feature fetch + ONE
-        precompute call for the misses (grouped by region count). `stored` may hold region
-        features the caller already fetched."""
+        """`tensors_of_images`, once the search's share of `search_memory` is reserved in
+        `held` (it waits there, within the request timeout, while the budget is spent)."""
         found = self.image_tensors.get_many(ids)
+        misses = len(ids) - len(found)
+        await held.enter_async_context(
+            self.search_memory.reserve(
+                len(ids) * self._bytes_per_image + misses * self._bytes_per_image_miss
+            )
+        )
+        return await asyncio.to_thread(self.tensors_of_images, ids, found=found)
+
+    async def _hold_caption_tensors(
+        self, ids: Sequence[int], held: contextlib.AsyncExitStack
+    ) -> dict[int, CaptionPrecompute]:
+        """`tensors_of_captions`, once the search's share of `search_memory` is reserved."""
+        await held.enter_async_context(
+            self.search_memory.reserve(len(ids) * self._bytes_per_caption)
+        )
+        return await asyncio.to_thread(self.tensors_of_captions, ids)
+
+    def tensors_of_images(
+        self,
+        ids: Sequence[int],
+        stored: dict[int, RegionArrays] | None = None,
+        *,
+        found: dict[int, ImageTensors] | None = None,
+    ) -> dict[int, ImageTensors]:
+        """Rerank tensors of the images that exist: LRU hits (or `found`, hits the caller
+        already looked up), then ONE feature fetch + ONE precompute call for the misses (grouped
+        by region count). `stored` may hold region features the caller already fetched."""
+        if found is None:
+            found = self.image_tensors.get_many(ids)
         self.metrics.precompute_cache.labels("image", "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
         if not missing:
@@ -389,15 +432,11 @@ class SearchPipeline:
         return {i: [c.text for c in self.corpus.catalog.captions_of(i)] for i in ids if i in images}
 
     def _explain_images(
-        self, ids: Sequence[int], query: CaptionPrecompute, words: list[str]
+        self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
     ) -> dict[int, Explanation]:
-        tensors = self.tensors_of_images(ids)
         return {
-            i: _explanation(
-                self.model.explain_pair(tensors[i].precompute, query), words, tensors[i]
-            )
-            for i in ids
-            if i in tensors
+            i: _explanation(self.model.explain_pair(image.precompute, query), words, image)
+            for i, image in tensors.items()
         }
 
     def _explain_captions(

@@ -182,6 +182,8 @@ class ServiceRuntime:
             request_timeout_s=settings.request_timeout_s,
             image_cache_bytes=settings.image_cache_mib * MEBIBYTE,
             caption_cache_bytes=settings.caption_cache_mib * MEBIBYTE,
+            search_memory_bytes=settings.search_memory_mib * MEBIBYTE,
+            max_regions=extractor.num_regions,
         )
         regions = UploadRegions(
             corpus, extractor, cache, metrics=metrics, max_waiting=settings.queue_max_size
@@ -227,6 +229,7 @@ class ServiceRuntime:
             "cache": self.cache.status().as_dict(),
             "memory_caches": self.memory_caches(),
             "heap": heap_usage(),
+            "search_memory": self.pipeline.search_memory,
             "queued": self.batcher.queued,
             "images": len(self.corpus.indexes["images"]),
             "captions": len(self.corpus.indexes["captions"]),

@@ -58,6 +58,14 @@ class Settings(BaseSettings):
         description="In-process region-feature cache, used only without CAMPSEARCH_REDIS_URL "
         "(~0.12 MiB a photo with 49 grid regions).",
     )
+    search_memory_mib: int = Field(
+        default=256,
+        ge=0,
+        description="Rerank tensors and region features that searches in flight may hold "
+        "together (~0.27 MiB an image candidate, ~0.14 MiB a caption candidate with the default "
+        "model); past it a search waits its turn, within CAMPSEARCH_REQUEST_TIMEOUT_S. "
+        "0 turns the bound off.",
+    )
 
     heap_trim_interval_s: float = Field(
         default=30.0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import zlib
 
 import httpx
@@ -14,6 +15,7 @@ from service_support import make_settings, png_bytes, running_client
 import service.runtime
 from index.corpus import Corpus
 from service.app import create_app
+from service.budget import MemoryBudget
 
 MAX_UPLOAD = 64 * 1024
 
@@ -247,6 +249,78 @@ def test_the_timeout_bounds_the_whole_search_not_only_the_reranker(
         release.set()
         pipeline.tensors_of_images = real_tensors
         assert client.post("/v1/search/images", json={"text": "a red"}).status_code == 200
+
+
+def test_searches_past_the_search_memory_budget_wait_their_turn(
+    tmp_path, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    app = create_app(
+        make_settings(tmp_path / "data", batch_max_size=1),
+        model=tiny_retrieval_model,
+        extractor=small_grid_extractor,
+    )
+    with running_client(app) as client:
+        for color in ("red", "blue"):
+            photo = {"file": ("p.png", png_bytes(color))}
+            client.post("/v1/images", files=photo, data={"captions": [color]}).raise_for_status()
+        runtime = app.state.service.runtime
+        warm = client.post("/v1/search/images", json={"text": "a red"})  # caches both images
+        regions = small_grid_extractor.num_regions
+        one_search = 2 * (tiny_retrieval_model.image_tensor_bytes(regions) + regions * 16)
+        runtime.pipeline.search_memory = MemoryBudget(one_search)  # room for one search
+        release, entered = threading.Event(), threading.Event()
+        real_rerank = tiny_retrieval_model.rerank_pairs
+
+        def slow_rerank(*args, **kwargs):
+            entered.set()
+            release.wait(30)
+            return real_rerank(*args, **kwargs)
+
+        runtime.pipeline.batcher._batch_fn.model = _Delayed(tiny_retrieval_model, slow_rerank)
+        answers: list[httpx.Response] = []
+
+        def search() -> None:
+            answers.append(client.post("/v1/search/images", json={"text": "a red"}))
+
+        first = threading.Thread(target=search)
+        first.start()
+        assert entered.wait(10)
+        assert runtime.pipeline.search_memory.held == one_search
+        second = threading.Thread(target=search)
+        second.start()
+        deadline = time.monotonic() + 10
+        while runtime.pipeline.search_memory.waiting < 1 and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        metrics = client.get("/metrics").text
+        assert "campsearch_search_memory_waiting 1.0" in metrics
+        assert f'campsearch_search_memory_bytes{{state="held"}} {float(one_search)}' in metrics
+        assert runtime.batcher.queued == 0  # the second fetched nothing and queued nothing
+        release.set()
+        first.join(30)
+        second.join(30)
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].json()["results"] == answers[1].json()["results"]
+        assert [hit["id"] for hit in answers[0].json()["results"]] == [
+            hit["id"] for hit in warm.json()["results"]
+        ]
+        assert runtime.pipeline.search_memory.held == 0
+
+        runtime.pipeline.search_memory = MemoryBudget(0)  # unbounded: it only counts
+        release.clear(), entered.clear()
+        image_id = warm.json()["results"][0]["id"]
+        photo_search = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/v1/search/captions", json={"image_id": image_id})
+            )
+        )
+        photo_search.start()
+        assert entered.wait(10)  # a photo search holds its two caption candidates
+        assert (
+            runtime.pipeline.search_memory.held == 2 * tiny_retrieval_model.caption_tensor_bytes()
+        )
+        release.set()
+        photo_search.join(30)
+        assert answers[-1].status_code == 200 and runtime.pipeline.search_memory.held == 0
 
 
 class _Delayed:

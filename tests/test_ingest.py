@@ -165,4 +165,5 @@ def test_local_ingest_refuses_a_data_dir_in_use(photo_folder, tmp_path, monkeypa
     finally:
         lock.release()
     assert result.exit_code == 2
-    assert "in use" in result.output and "--server" in result.output
+    message = " ".join(result.output.split())  # rich wraps it at the terminal's width
+    assert "in use" in message and "--server" in message

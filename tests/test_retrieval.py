@@ -194,3 +194,17 @@ def test_shipped_default_loads_weights_only():
     assert (model.extractor_name, model.region_dim) == ("grid", 1280)
     encoded = model.encode_texts(["a dog plays in the snow"])
     assert encoded.pooled.shape == (1, model.pooled_dim)
+
+
+def test_tensor_byte_counts_are_what_the_tensors_hold(model):
+    """The search memory budget reckons candidates with these counts: exact for images, an
+    upper bound for captions that the longest caption the model reads reaches."""
+    from service.pipeline import _compacted, _held_bytes
+
+    for regions in (1, REGIONS):
+        precompute = model.precompute_images(_regions(1)[:, :regions])
+        assert _held_bytes(precompute) == model.image_tensor_bytes(regions)
+    longest = " ".join(["dog"] * 500)
+    encoded = model.encode_texts([*TEXTS, longest])
+    held = [_held_bytes(_compacted(encoded.precompute.select([row]))) for row in range(4)]
+    assert max(held[:3]) < model.caption_tensor_bytes() == held[3]
