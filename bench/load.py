@@ -28,14 +28,15 @@ CAMPSEARCH_CAPTION_CACHE_MIB, CAMPSEARCH_FEATURE_CACHE_MIB) at N MiB, so they fi
 `--mmap-threshold-kib N` the size from which its allocations are mapped on their own (0: glibc's
 self-raising default).
 
-`--compare NAME=A,B` runs everything twice, one fresh server each, with the server setting
-CAMPSEARCH_NAME at A and then at B (nothing else changes), and prints B/A ratios of throughput,
-latency and memory.
+`--compare VAR=A,B` runs everything twice, one fresh server each, with the server's environment
+variable VAR at A and then at B (nothing else changes; an empty value leaves it unset), and
+prints B/A ratios of throughput, latency and memory. VAR is a setting (CAMPSEARCH_*) or, say,
+LD_PRELOAD to serve with another allocator.
 
     python bench/load.py --seconds 60 --json results/load.json
     python bench/load.py --seconds 30 --soak-minutes 10 --cache-mib 64 --json results/soak.json
     python bench/load.py --seconds 30 --soak-minutes 5 --cache-mib 64 \
-        --compare MALLOC_MMAP_THRESHOLD_KIB=64,0 --json results/mmap_ab.json
+        --compare CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB=64,0 --json results/mmap_ab.json
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def start_server(
     malloc_arena_max: int | None = None,
     heap_trim_interval_s: float | None = None,
     mmap_threshold_kib: int | None = None,
-    settings: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPSEARCH_")}
     env.update(
@@ -162,7 +163,7 @@ def start_server(
         env["CAMPSEARCH_HEAP_TRIM_INTERVAL_S"] = str(heap_trim_interval_s)
     if mmap_threshold_kib is not None:
         env["CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB"] = str(mmap_threshold_kib)
-    env.update({f"CAMPSEARCH_{name}": value for name, value in (settings or {}).items()})
+    env.update({name: value for name, value in (extra_env or {}).items() if value})
     command = shutil.which("camp-search") or str(Path(sys.executable).parent / "camp-search")
     args = [command, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = (workdir / "server.log").open("wb")
@@ -328,8 +329,9 @@ async def soak(
 
 
 def memory_growth(samples: list[dict[str, float]], soak_s: float) -> dict:
-    """Per sampled kind: start, after 1 min, end, max, growth after 1 min and the last half's
-    slope (MiB/min); the images added, and the growth of each RSS part per added image."""
+    """Per sampled kind: start, after 1 min, end, max (overall and in each half), growth after
+    1 min and the last half's slope (MiB/min); the images added, and the growth of each RSS part
+    per added image."""
     kinds = list(dict.fromkeys(k for sample in samples for k in sample if k != "t_s"))
     growth: dict[str, dict[str, float | None]] = {}
     for kind in kinds:
@@ -340,6 +342,10 @@ def memory_growth(samples: list[dict[str, float]], soak_s: float) -> dict:
             "after_1_min": after_minute,
             "end": series[-1][1],
             "max": max(value for _, value in series),
+            # in-flight work swings the mapped part by hundreds of MiB from one sample to the
+            # next: a bounded series has about the same peak in both halves
+            "first_half_max": max((v for t, v in series if t < soak_s / 2), default=None),
+            "last_half_max": max((v for t, v in series if t >= soak_s / 2), default=None),
             "growth_after_1_min": round(series[-1][1] - after_minute, 1),
             "last_half_slope_per_min": _slope_per_min(
                 [(t, value) for t, value in series if t >= soak_s / 2]
@@ -379,7 +385,7 @@ def _slope_per_min(series: list[tuple[float, float]]) -> float | None:
     return round(statistics.linear_regression([t / 60 for t in seconds], values).slope, 2)
 
 
-async def main_async(args: argparse.Namespace, settings: dict[str, str] | None = None) -> dict:
+async def main_async(args: argparse.Namespace, extra_env: dict[str, str] | None = None) -> dict:
     corpus, stored = load_corpus(args.manifest, args.photos)
     workdir = Path(tempfile.mkdtemp(prefix="camp-load-"))
     port = free_port()
@@ -392,7 +398,7 @@ async def main_async(args: argparse.Namespace, settings: dict[str, str] | None =
         args.malloc_arena_max,
         args.heap_trim_interval,
         args.mmap_threshold_kib,
-        settings,
+        extra_env,
     )
     try:
         await wait_ready(url, process)
@@ -415,7 +421,7 @@ async def main_async(args: argparse.Namespace, settings: dict[str, str] | None =
                 "malloc_arena_max": args.malloc_arena_max,
                 "heap_trim_interval_s": args.heap_trim_interval,
                 "malloc_mmap_threshold_kib": args.mmap_threshold_kib,
-                "settings": settings or {},
+                "environment": extra_env or {},
             },
             "mix": args.mix,
             "rss_start_mib": round(rss_start, 1),
@@ -470,11 +476,15 @@ def report(result: dict) -> None:
     print(f"server RSS: {result['rss_start_mib']} MiB before, {result['rss_after_load_mib']} after")
     if "soak" in result:
         memory = result["soak"]["rss"]
-        print("soak memory (MiB): start, after 1 min, end, growth after 1 min, last-half slope/min")
+        print(
+            "soak memory (MiB): start, after 1 min, end, growth after 1 min, last-half slope/min,"
+            " max in the first half, max in the last half"
+        )
         for kind, figures in memory["mib"].items():
             print(
                 f"    {kind:22s} {figures['start']} {figures['after_1_min']} {figures['end']} "
-                f"{figures['growth_after_1_min']} {figures['last_half_slope_per_min']}"
+                f"{figures['growth_after_1_min']} {figures['last_half_slope_per_min']} "
+                f"{figures['first_half_max']} {figures['last_half_max']}"
             )
         if "images" in memory:
             images = memory["images"]
@@ -504,6 +514,8 @@ def compare(results: dict[str, dict], name: str) -> dict:
                 "soak_p99_ms": result["soak"]["p99_ms"],
                 "soak_anon_end_mib": memory["anon"]["end"],
                 "soak_anon_max_mib": memory["anon"]["max"],
+                "soak_anon_first_half_max_mib": memory["anon"]["first_half_max"],
+                "soak_anon_last_half_max_mib": memory["anon"]["last_half_max"],
                 "soak_anon_last_half_slope_per_min": memory["anon"]["last_half_slope_per_min"],
             }
         return out
@@ -525,12 +537,12 @@ def compare(results: dict[str, dict], name: str) -> dict:
 
 
 def parse_compare(text: str) -> tuple[str, list[str]]:
-    """`MALLOC_MMAP_THRESHOLD_KIB=64,0` -> (the setting, its two values)."""
+    """`CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB=64,0` -> (the variable, its two values)."""
     name, _, values = text.partition("=")
-    chosen = [value.strip() for value in values.split(",") if value.strip()]
-    if not name.strip() or len(chosen) != 2:
-        raise argparse.ArgumentTypeError("use NAME=A,B: a CAMPSEARCH_ setting and two values")
-    return name.strip().upper().removeprefix("CAMPSEARCH_"), chosen
+    chosen = [value.strip() for value in values.split(",")]
+    if not name.strip() or len(chosen) != 2 or chosen[0] == chosen[1]:
+        raise argparse.ArgumentTypeError("use VAR=A,B: an environment variable, two values")
+    return name.strip(), chosen
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -582,7 +594,7 @@ def main() -> None:
         "--compare",
         type=parse_compare,
         default=None,
-        help="NAME=A,B: run twice with the server setting CAMPSEARCH_NAME at A, then at B",
+        help="VAR=A,B: run twice, the server's environment variable VAR at A, then at B",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -592,14 +604,14 @@ def main() -> None:
         name, values = args.compare
         runs = {}
         for value in values:
-            print(f"--- CAMPSEARCH_{name}={value}", flush=True)
+            print(f"--- {name}={value}", flush=True)
             runs[value] = asyncio.run(main_async(args, {name: value}))
             report(runs[value])
     if args.compare is None:
         result = runs[""]
         report(result)
     else:
-        result = {"runs": runs, "comparison": compare(runs, f"CAMPSEARCH_{args.compare[0]}")}
+        result = {"runs": runs, "comparison": compare(runs, args.compare[0])}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
