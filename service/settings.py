@@ -62,9 +62,9 @@ class Settings(BaseSettings):
         default=256,
         ge=0,
         description="Rerank tensors and region features that searches in flight may hold "
-        "together (~0.27 MiB an image candidate, ~0.14 MiB a caption candidate with the default "
-        "model); past it a search waits its turn, within CAMPSEARCH_REQUEST_TIMEOUT_S. "
-        "0 turns the bound off.",
+        "together (with the default model an image candidate ~0.14 MiB, +0.12 MiB when it misses "
+        "the cache, a caption candidate ~0.14 MiB); past it a search waits its turn, within "
+        "CAMPSEARCH_REQUEST_TIMEOUT_S. 0 turns the bound off.",
     )
 
     heap_trim_interval_s: float = Field(
