@@ -187,16 +187,8 @@ def test_overload_is_429_with_retry_after_and_a_stuck_model_is_503(
     with running_client(app) as client:
         client.post("/v1/images", files={"file": ("a.png", png_bytes("red"))}).raise_for_status()
         runtime = app.state.service.runtime
-        release = threading.Event()
-        entered = threading.Event()
-        real_rerank = tiny_retrieval_model.rerank_pairs
-
-        def slow_rerank(*args, **kwargs):  # the real call, held until the test lets it go
-            entered.set()
-            release.wait(30)
-            return real_rerank(*args, **kwargs)
-
-        runtime.pipeline.batcher._batch_fn.model = _Delayed(tiny_retrieval_model, slow_rerank)
+        stalled = _StalledReranker(runtime, tiny_retrieval_model)
+        entered, release = stalled.entered, stalled.release
         answers: list[httpx.Response] = []
 
         def search() -> None:
@@ -268,15 +260,8 @@ def test_searches_past_the_search_memory_budget_wait_their_turn(
         regions = small_grid_extractor.num_regions
         one_search = 2 * (tiny_retrieval_model.image_tensor_bytes(regions) + regions * 16)
         runtime.pipeline.search_memory = MemoryBudget(one_search)  # room for one search
-        release, entered = threading.Event(), threading.Event()
-        real_rerank = tiny_retrieval_model.rerank_pairs
-
-        def slow_rerank(*args, **kwargs):
-            entered.set()
-            release.wait(30)
-            return real_rerank(*args, **kwargs)
-
-        runtime.pipeline.batcher._batch_fn.model = _Delayed(tiny_retrieval_model, slow_rerank)
+        stalled = _StalledReranker(runtime, tiny_retrieval_model)
+        entered, release = stalled.entered, stalled.release
         answers: list[httpx.Response] = []
 
         def search() -> None:
@@ -323,12 +308,19 @@ def test_searches_past_the_search_memory_budget_wait_their_turn(
         assert answers[-1].status_code == 200 and runtime.pipeline.search_memory.held == 0
 
 
-class _Delayed:
-    """The real model with its `rerank_pairs` wrapped (everything else passes through)."""
+class _StalledReranker:
+    """Gives the running reranker the real model with a `rerank_pairs` that sets `entered`,
+    then waits for `release` before it runs the real call (everything else passes through)."""
 
-    def __init__(self, model, rerank_pairs) -> None:
+    def __init__(self, runtime, model) -> None:
         self._model = model
-        self.rerank_pairs = rerank_pairs
+        self.entered, self.release = threading.Event(), threading.Event()
+        runtime.pipeline.batcher._batch_fn.model = self
+
+    def rerank_pairs(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(30)
+        return self._model.rerank_pairs(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
