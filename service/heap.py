@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from functools import lru_cache
-
-logger = logging.getLogger(__name__)
-
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 

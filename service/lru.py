@@ -53,9 +53,10 @@ class ByteBoundedLRU(Generic[K, V]):
         return found
 
     def put_many(self, values: dict[K, V]) -> None:
+        # sizes first, outside the lock: the event loop looks entries up under it
+        sized = [(key, value, self._size_of(value)) for key, value in values.items()]
         with self._lock:
-            for key, value in values.items():
-                size = self._size_of(value)
+            for key, value, size in sized:
                 self._drop(key)
                 if size > self.max_bytes:
                     continue
