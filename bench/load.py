@@ -599,7 +599,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.compare is None:
-        runs = {"": asyncio.run(main_async(args))}
+        result = asyncio.run(main_async(args))
+        report(result)
+        runs = {"": result}
     else:
         name, values = args.compare
         runs = {}
@@ -607,11 +609,7 @@ def main() -> None:
             print(f"--- {name}={value}", flush=True)
             runs[value] = asyncio.run(main_async(args, {name: value}))
             report(runs[value])
-    if args.compare is None:
-        result = runs[""]
-        report(result)
-    else:
-        result = {"runs": runs, "comparison": compare(runs, args.compare[0])}
+        result = {"runs": runs, "comparison": compare(runs, name)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
