@@ -18,15 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # interpreter so this process's allocator is left as it is.
 MAPPED_BLOCKS_SCRIPT = """
 import ctypes, json, sys
-from service.heap import fix_mmap_threshold
+from service.heap import _libc, fix_mmap_threshold
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
+libc = _libc()  # glibc, with mallinfo2 typed by the service's own struct
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 fixed = sys.argv[1] == "fixed" and fix_mmap_threshold(64 * 1024)
