@@ -62,7 +62,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MANIFEST = REPO_ROOT.parent / "shared" / "data" / "coco-mini" / "manifest.jsonl"
+SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO_ROOT.parent / "shared"))
+DEFAULT_MANIFEST = SHARED_DIR / "data" / "coco-mini" / "manifest.jsonl"
 API_KEY = "load-bench-key-0123456789abcdef"
 READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 30.0  # the server's CAMPSEARCH_REQUEST_TIMEOUT_S for this run

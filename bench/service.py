@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 import statistics
 import sys
@@ -68,7 +69,8 @@ CANDIDATES = 100
 LIMIT = 10
 CONCURRENT_CLIENTS = 16
 WRITE_CHUNK = 1_000
-COCO_MANIFEST = REPO.parent / "shared" / "data" / "coco-mini" / "manifest.jsonl"
+SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+COCO_MANIFEST = SHARED_DIR / "data" / "coco-mini" / "manifest.jsonl"
 
 
 class ServerThread:

@@ -8,17 +8,15 @@ server opens the corpus its predecessor wrote.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import uvicorn
 from service_support import coco_photos, small_extractor, tiny_model
+from shared_paths import SHARED_DIR
 
 from service.app import create_app
 from service.settings import Settings
 
-SHARED_DIR = Path(os.environ.get("SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 VOCABULARY_PHOTOS = 239  # as the tiny_retrieval_model fixture
 
 

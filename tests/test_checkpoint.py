@@ -6,10 +6,10 @@ import json
 import os
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import PARITY_DIR
 
 from model.camp import CampModel
 from model.checkpoint import (
@@ -21,9 +21,6 @@ from model.checkpoint import (
 from model.config import CampConfig, ConfigError, available_configs, load_config
 from model.vocab import SPECIAL_TOKENS, Vocabulary
 
-PARITY_DIR = Path(
-    os.environ.get("PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
-)
 OFFICIAL = PARITY_DIR / "camp_tiny_checkpoint.pth.tar"
 
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import PARITY_DIR
 
 from model.losses import BCE_EPS, bce_hardest_negative_loss, bce_mean_loss, vse_hinge_loss
-
-PARITY_DIR = Path(
-    os.environ.get("PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity")
-)
 
 
 def test_bce_hardest_negative_by_hand():

@@ -8,18 +8,15 @@ README: scores/embeddings atol 1e-5, losses rtol 1e-5, gradients rtol 1e-4 / ato
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import PARITY_DIR
 
 from model.checkpoint import OFFICIAL_PARTS, import_official_checkpoint
 from model.losses import bce_hardest_negative_loss, bce_mean_loss
 from model.precompute import PrecomputedScorer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PARITY_DIR = Path(os.environ.get("PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
 VARIANTS = ("dense", "tiny")
 SCORE_ATOL = 1e-5
 LOSS_RTOL = 1e-5
