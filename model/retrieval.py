@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
 DEFAULT_VERSION = "default-v2"
 DEFAULT_EXTRACTOR = {"name": "grid", "config": {"fit": "squash"}}
+# The reranker's arithmetic: fp32 everywhere, or CUDA autocast in bf16/fp16 (fp32 on a CPU).
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -64,8 +66,10 @@ class RetrievalModel:
         extractor_config: dict[str, Any],
         device: torch.device,
         metadata: dict[str, Any] | None = None,
+        precision: Precision = "fp32",
     ) -> None:
         self.network = network.to(device).eval()
+        self.precision: Precision = precision
         self.version = version
         self.extractor_name = extractor_name
         self.extractor_config = dict(extractor_config)
@@ -82,13 +86,20 @@ class RetrievalModel:
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path | None = None, *, device: str = "auto") -> RetrievalModel:
+    def load(
+        cls, path: str | Path | None = None, *, device: str = "auto", precision: Precision = "fp32"
+    ) -> RetrievalModel:
         """None -> the shipped default model (model/weights/default.pt); weights only."""
-        return cls.from_checkpoint(load_checkpoint(path or DEFAULT_CHECKPOINT), device=device)
+        checkpoint = load_checkpoint(path or DEFAULT_CHECKPOINT)
+        return cls.from_checkpoint(checkpoint, device=device, precision=precision)
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: CampCheckpoint, *, device: str | torch.device = "auto"
+        cls,
+        checkpoint: CampCheckpoint,
+        *,
+        device: str | torch.device = "auto",
+        precision: Precision = "fp32",
     ) -> RetrievalModel:
         meta = checkpoint.metadata
         extractor = meta.get("extractor") or DEFAULT_EXTRACTOR
@@ -100,6 +111,7 @@ class RetrievalModel:
             extractor_config=dict(extractor.get("config") or {}),
             device=resolve_device(device),
             metadata=meta,
+            precision=precision,
         )
 
     # -- text side --------------------------------------------------------------------------------

@@ -157,7 +157,11 @@ class ServiceRuntime:
             if model is None:
                 from model.retrieval import RetrievalModel
 
-                model = RetrievalModel.load(settings.checkpoint, device=settings.device)
+                model = RetrievalModel.load(
+                    settings.checkpoint,
+                    device=settings.device,
+                    precision=settings.rerank_precision,
+                )
             extractor = extractor or build_extractor(settings, model)
             cache = build_cache(settings)
             corpus = open_corpus(settings, model, extractor, cache)

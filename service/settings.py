@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     extractor: Literal["grid", "detectron2"] = "grid"
     detectron2_weights: Path | None = None
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'")
+    rerank_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="The reranker's arithmetic on CUDA: fp32, or autocast in bf16/fp16.",
+    )
     redis_url: str | None = Field(
         default=None, description="redis://host:port/db; without it an in-process cache serves."
     )

@@ -8,6 +8,18 @@ import pytest
 from shared_paths import SHARED_DIR
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where torch sees CUDA (bench/gpu_check.sh); elsewhere they skip."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run bench/gpu_check.sh on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
