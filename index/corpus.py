@@ -196,7 +196,7 @@ class Corpus:
         region_features [R, D] (stored float16), region_boxes [R, 4] normalised, pooled [dim].
         `extension` (e.g. ".jpg", from the decoded format, never the client's name) is appended
         to the stored file name. An image whose sha256 exists is not stored again: the existing
-        record comes back with `created=False` and `captions` are ignored (use `add_caption`).
+        record comes back with `created=False` and `captions` are ignored (use `add_captions`).
         """
         features, boxes = _region_arrays(region_features, region_boxes)
         image_vector = self._pooled(pooled)
@@ -263,31 +263,69 @@ class Corpus:
 
         Raises NotFoundError when `image_id` is given and does not exist.
         """
-        vector = self._pooled(pooled)
+        (record,) = self.add_captions([NewCaption(text, token_ids, pooled)], image_id=image_id)
+        return record
+
+    def add_captions(
+        self,
+        captions: Sequence[NewCaption],
+        *,
+        image_id: int | None = None,
+        skip_present: bool = False,
+    ) -> tuple[CaptionRecord, ...]:
+        """Add captions (of `image_id`, or free-standing) in one commit; durable on return.
+
+        With `skip_present`, a text `image_id` already has (or that comes twice here) is not
+        added again; the check runs under the write lock, so concurrent calls cannot both add
+        it. Returns the records added. Raises NotFoundError when `image_id` does not exist.
+        """
         with self._write_lock:
             if image_id is not None and self.catalog.get_image(image_id) is None:
                 raise NotFoundError(f"image {image_id} does not exist")
-            (caption_id,) = self.catalog.allocate_ids("captions", 1)
-            record = CaptionRecord(
-                caption_id, image_id, text, tuple(map(int, token_ids)), time.time()
+            if skip_present:
+                present = (
+                    {c.text for c in self.catalog.captions_of(image_id)}
+                    if image_id is not None
+                    else set()
+                )
+                fresh: list[NewCaption] = []
+                for caption in captions:
+                    if caption.text not in present:
+                        present.add(caption.text)
+                        fresh.append(caption)
+                captions = fresh
+            if not captions:
+                return ()
+            vectors = [self._pooled(caption.pooled) for caption in captions]
+            caption_ids = self.catalog.allocate_ids("captions", len(captions))
+            created = time.time()
+            records = tuple(
+                CaptionRecord(
+                    cid, image_id, caption.text, tuple(map(int, caption.token_ids)), created
+                )
+                for cid, caption in zip(caption_ids, captions, strict=True)
             )
             self.store.write(
                 {
                     pooled_namespace("captions", self.model_version): {
-                        caption_id: {POOLED_KEY: vector}
+                        cid: {POOLED_KEY: vector}
+                        for cid, vector in zip(caption_ids, vectors, strict=True)
                     }
                 }
             )
             try:
                 with self._visibility.write():
-                    self.catalog.insert(captions=[record])  # the acknowledgement
-                    self.indexes["captions"].add([caption_id], vector[None])
+                    self.catalog.insert(captions=records)  # the acknowledgement
+                    self.indexes["captions"].add(caption_ids, np.stack(vectors))
             except BaseException:
-                if self.catalog.get_caption(caption_id) is None:
-                    self._forget_files_and_features([], set(), {caption_id}, quiet=True)
+                unacknowledged = {
+                    cid for cid in caption_ids if self.catalog.get_caption(cid) is None
+                }
+                if unacknowledged:
+                    self._forget_files_and_features([], set(), unacknowledged, quiet=True)
                 raise
             self._dirty = True
-            return record
+            return records
 
     def delete_image(self, image_id: int) -> bool:
         """Delete an image, its captions, features and file. False when it did not exist."""

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from index.errors import NotFoundError, StorageFullError
 from model.extractors import RegionExtractor
+from service.auth import WriteKeyGuard
 from service.errors import install_error_handlers, problem_response
 from service.metrics import ServiceMetrics
 from service.ratelimit import REQUESTS, WRITES, RateLimit, RateLimiter
@@ -86,6 +87,9 @@ def create_app(
     app.add_middleware(
         BodySizeLimit, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
+    # A write without a valid key is refused from its headers, before the body limit and the
+    # form parser read anything.
+    app.add_middleware(WriteKeyGuard, api_keys=settings.api_keys)
     # Refuse over-budget clients before any body is read; CORS outside it so that a browser
     # can read the 429.
     app.add_middleware(RateLimit, limiter=limiter, api_keys=settings.api_keys)

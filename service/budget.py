@@ -20,6 +20,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 
+class BudgetWaitTimeout(TimeoutError):
+    """A reservation waited its whole `timeout_s` without the budget having room for it."""
+
+
 class MemoryBudget:
     """`capacity` bytes shared by reservations; 0 means unbounded (reservations never wait)."""
 
@@ -35,10 +39,15 @@ class MemoryBudget:
         return len(self._waiters)
 
     @asynccontextmanager
-    async def reserve(self, nbytes: int) -> AsyncIterator[int]:
-        """Hold `nbytes` (cut to the capacity) for the block; yields the bytes held."""
+    async def reserve(self, nbytes: int, *, timeout_s: float | None = None) -> AsyncIterator[int]:
+        """Hold `nbytes` (cut to the capacity) for the block; yields the bytes held. Waiting
+        longer than `timeout_s` for room raises `BudgetWaitTimeout`, holding nothing."""
         amount = max(0, nbytes) if self.capacity == 0 else min(max(0, nbytes), self.capacity)
-        await self._acquire(amount)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._acquire(amount)
+        except TimeoutError:
+            raise BudgetWaitTimeout(f"no room for {amount:,} bytes within {timeout_s} s") from None
         try:
             yield amount
         finally:

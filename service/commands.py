@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,18 +62,49 @@ def serve(host: str | None, port: int | None, log_level: str) -> None:
     from service.app import create_app
 
     settings = load_settings(host=host, port=port)
+    listener = bind_listener(settings.host, settings.port)
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     console.print(
         f"camp-search on http://{settings.host}:{settings.port} (data in {settings.data_dir}, "
         f"cache: {'Redis' if settings.redis_url else 'in-process'}, "
         f"writes: {'API key' if settings.writes_need_key else 'open on loopback'})"
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         timeout_graceful_shutdown=10,
+    )
+    with listener:
+        uvicorn.Server(config).run(sockets=[listener])
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads; a port that cannot be had exits 1
+    with one line that says which setting moves it (uvicorn would log a bare errno)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        console.print(f"[red]error:[/red] {_bind_problem(host, port, error)}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def _bind_problem(host: str, port: int, error: OSError) -> str:
+    move = f"choose another port with CAMPSEARCH_PORT or --port (e.g. --port {port + 1})"
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use by another program; {move}"
+    if error.errno == errno.EACCES:
+        return f"port {port} on {host} needs more privileges than this user has; {move}"
+    return (
+        f"cannot listen on {host}:{port} ({error.strerror or error}); set CAMPSEARCH_HOST or "
+        f"--host to an address of this machine, or {move}"
     )
 
 
@@ -106,6 +139,24 @@ def ingest_command(
     if report.refused:
         raise typer.Exit(1)
     return report
+
+
+def summary_line(report: IngestReport) -> str:
+    """One line: what was added, what was there (and what captions it gained), what not."""
+    existing = f"{report.existing} already stored"
+    if report.captions_added:
+        existing += (
+            f" ({plural(report.captions_added, 'caption')} added to "
+            f"{plural(report.photos_captioned, 'stored photo')})"
+        )
+    return (
+        f"{report.added} added, {existing}, {len(report.refused)} refused in {report.seconds:.1f} s"
+    )
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 caption`, `2 captions`."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 async def _run(items: list[IngestItem], *, server: str | None, jobs: int) -> IngestReport:
@@ -155,10 +206,7 @@ async def _run_locally(items: list[IngestItem], jobs: int, on_done) -> IngestRep
 
 
 def _print_report(report: IngestReport, refused_out: Path | None) -> None:
-    console.print(
-        f"{report.added} added, {report.existing} already stored, {len(report.refused)} refused "
-        f"in {report.seconds:.1f} s"
-    )
+    console.print(summary_line(report))
     if not report.refused:
         return
     table = Table("file", "status", "reason", title=f"{len(report.refused)} file(s) refused")

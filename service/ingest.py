@@ -2,9 +2,11 @@
 
 Resumable by design: before a photo is processed its SHA-256 is looked up in the target, so
 rerunning the same command after an interrupt skips everything already stored (a photo is
-stored with its captions in one commit, so nothing is half-done). Refused files (not an image,
-too large, ...) are reported with the reason and do not stop the run; an unreachable server or
-a rejected API key does stop it.
+stored with its captions in one commit, so nothing is half-done). A stored photo whose source
+brings captions it lacks (a folder ingested first, then its manifest) gets those captions added,
+and the report counts them: nothing in the source is dropped without a word. Refused files (not
+an image, too large, ...) are reported with the reason and do not stop the run; an unreachable
+server or a rejected API key does stop it.
 
 Sources:
 * ``manifest.jsonl``: one JSON object per line with ``image`` (a path relative to the manifest)
@@ -69,12 +71,23 @@ class Refusal:
     reason: str
 
 
+@dataclass(frozen=True)
+class Added:
+    """What the target did with one photo: stored it (`added`) or had it (`existing`), and
+    how many of its captions it stored."""
+
+    outcome: Outcome
+    captions_added: int = 0
+
+
 @dataclass
 class IngestReport:
     added: int = 0
     existing: int = 0
     refused: list[Refusal] = field(default_factory=list)
     seconds: float = 0.0
+    captions_added: int = 0  # new captions stored on photos that were already stored
+    photos_captioned: int = 0  # how many stored photos received them
 
     @property
     def processed(self) -> int:
@@ -86,9 +99,13 @@ class IngestTarget(Protocol):
 
     max_upload_bytes: int
 
-    async def known(self, sha256: str) -> bool: ...
+    async def known(self, sha256: str) -> tuple[str, ...] | None:
+        """The captions of the stored photo with these bytes, or None when there is none."""
+        ...
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Outcome: ...
+    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
+        """Store the photo, or add to the stored one the captions it lacks."""
+        ...
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -195,21 +212,25 @@ async def _ingest_one(item: IngestItem, target: IngestTarget, report: IngestRepo
                 413, f"{size:,} bytes is over the limit of {target.max_upload_bytes:,} bytes"
             )
         data = await asyncio.to_thread(item.path.read_bytes)
-        if await target.known(hashlib.sha256(data).hexdigest()):
-            outcome: Outcome = "existing"
-        else:
-            outcome = await target.add(data, item.captions)
+        stored_captions = await target.known(hashlib.sha256(data).hexdigest())
+        if stored_captions is not None and set(item.captions) <= set(stored_captions):
+            result = Added("existing")
+        else:  # new, or stored without some of these captions: the target adds what it lacks
+            result = await target.add(data, item.captions)
     except RefusedError as refusal:
         report.refused.append(Refusal(str(item.path), refusal.status, refusal.reason))
         return "refused"
     except OSError as error:
         report.refused.append(Refusal(str(item.path), 0, f"cannot read the file: {error}"))
         return "refused"
-    if outcome == "added":
+    if result.outcome == "added":
         report.added += 1
     else:
         report.existing += 1
-    return outcome
+        if result.captions_added:
+            report.captions_added += result.captions_added
+            report.photos_captioned += 1
+    return result.outcome
 
 
 def write_refusals(report: IngestReport, path: Path) -> None:
@@ -249,23 +270,23 @@ class HttpTarget:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def known(self, sha256: str) -> bool:
+    async def known(self, sha256: str) -> tuple[str, ...] | None:
         response = await self._request("GET", "/v1/images", params={"sha256": sha256})
         if response.status_code != 200:
             raise IngestAbortedError(f"lookup failed ({response.status_code}): {_detail(response)}")
-        return response.json()["count"] > 0
+        found = response.json()["data"]
+        return tuple(caption["text"] for caption in found[0]["captions"]) if found else None
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Outcome:
+    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
         response = await self._request(
             "POST",
             "/v1/images",
             files={"file": ("upload", data, "application/octet-stream")},
             data={"captions": list(captions)} if captions else None,
         )
-        if response.status_code == 201:
-            return "added"
-        if response.status_code == 200:
-            return "existing"
+        if response.status_code in (200, 201):
+            outcome: Outcome = "added" if response.status_code == 201 else "existing"
+            return Added(outcome, int(response.json().get("captions_added", 0)))
         if response.status_code in (401, 403):
             raise IngestAbortedError(f"the server refused the API key: {_detail(response)}")
         raise RefusedError(response.status_code, _detail(response))
@@ -306,13 +327,20 @@ class LocalTarget:
         self.runtime = runtime
         self.max_upload_bytes = runtime.settings.max_upload_bytes
 
-    async def known(self, sha256: str) -> bool:
-        return await asyncio.to_thread(self.runtime.corpus.find_image_by_sha256, sha256) is not None
+    async def known(self, sha256: str) -> tuple[str, ...] | None:
+        return await asyncio.to_thread(self._stored_captions, sha256)
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Outcome:
+    def _stored_captions(self, sha256: str) -> tuple[str, ...] | None:
+        corpus = self.runtime.corpus
+        record = corpus.find_image_by_sha256(sha256)
+        if record is None:
+            return None
+        return tuple(caption.text for caption in corpus.catalog.captions_of(record.id))
+
+    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
         try:
             stored = await self.runtime.indexer.add_image(data, captions)
         except ProblemError as problem:
             reasons = "; ".join(p.reason for p in problem.errors) or problem.detail
             raise RefusedError(problem.status, reasons) from problem
-        return "added" if stored.created else "existing"
+        return Added("added" if stored.created else "existing", stored.captions_added)

@@ -184,6 +184,22 @@ class _StateCollector(Collector):
             "Searches waiting for room in the search memory budget.",
             value=float(search_memory.waiting),
         )
+        decode_memory = state.get("decode_memory")
+        if decode_memory is not None:
+            decoding = GaugeMetricFamily(
+                "campsearch_decode_memory_bytes",
+                "Bytes of pixels reserved by photo uploads being decoded, and their budget "
+                "(CAMPSEARCH_DECODE_MEMORY_MIB; 0: unbounded).",
+                labels=("state",),
+            )
+            decoding.add_metric(("held",), float(decode_memory.held))
+            decoding.add_metric(("budget",), float(decode_memory.capacity))
+            yield decoding
+            yield GaugeMetricFamily(
+                "campsearch_decode_memory_waiting",
+                "Photo uploads waiting for room in the decode memory budget.",
+                value=float(decode_memory.waiting),
+            )
         if state.get("heap") is not None:
             heap = GaugeMetricFamily(
                 "campsearch_heap_bytes",

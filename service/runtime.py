@@ -201,6 +201,8 @@ class ServiceRuntime:
             max_image_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
             max_caption_chars=settings.max_query_chars,
+            decode_memory_bytes=settings.decode_memory_mib * MEBIBYTE,
+            decode_wait_s=settings.request_timeout_s,
         )
         runtime = cls(
             settings=settings,
@@ -234,6 +236,7 @@ class ServiceRuntime:
             "memory_caches": self.memory_caches(),
             "heap": heap_usage(),
             "search_memory": self.pipeline.search_memory,
+            "decode_memory": self.indexer.decode_memory,
             "queued": self.batcher.queued,
             "images": len(self.corpus.indexes["images"]),
             "captions": len(self.corpus.indexes["captions"]),

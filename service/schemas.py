@@ -155,6 +155,16 @@ class ImagePublic(BaseModel):
     captions: list[CaptionPublic]
 
 
+class ImageAdded(ImagePublic):
+    """The answer to an upload: the stored photo, and what became of the captions sent."""
+
+    captions_added: int = Field(description="Captions of this request stored by it.")
+    captions_skipped: int = Field(
+        description="Captions of this request the photo already had (or sent twice): not "
+        "stored again."
+    )
+
+
 class ImagesPublic(BaseModel):
     data: list[ImagePublic]
     count: int

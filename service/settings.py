@@ -70,6 +70,15 @@ class Settings(BaseSettings):
         "the cache, a caption candidate ~0.14 MiB); past it a search waits its turn, within "
         "CAMPSEARCH_REQUEST_TIMEOUT_S. 0 turns the bound off.",
     )
+    decode_memory_mib: int = Field(
+        default=512,
+        ge=0,
+        description="Decoded pixels that photo uploads (searches and ingest) may hold together, "
+        "reserved from the header's size before decoding (7 bytes a pixel: the decoded pixels "
+        "and an upright RGB copy, + 8 MiB for the extractor's resized input; a 12-megapixel "
+        "photo ~88 MiB); past it an upload waits its turn, within CAMPSEARCH_REQUEST_TIMEOUT_S, "
+        "then 503. 0 turns the bound off.",
+    )
 
     heap_trim_interval_s: float = Field(
         default=30.0,
@@ -114,6 +123,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    expose_metrics: bool | None = Field(
+        default=None,
+        description="Whether the API port answers /metrics; unset: only when it binds a "
+        "loopback host (a public bind keeps them for a proxy's allow-list or the local network).",
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -143,6 +157,13 @@ class Settings(BaseSettings):
     @property
     def writes_need_key(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def metrics_exposed(self) -> bool:
+        """/metrics on the API port: as set, or by default only on a loopback bind."""
+        if self.expose_metrics is not None:
+            return self.expose_metrics
+        return _is_loopback(self.host)
 
 
 def _is_loopback(host: str) -> bool:

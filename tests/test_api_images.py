@@ -39,18 +39,63 @@ def test_add_image_stores_it_with_captions_and_serves_the_bytes(client, shared_d
     assert fetched.status_code == 200
     assert fetched.content == data
     assert fetched.headers["content-type"] == "image/jpeg"  # from the decoded format
+    assert (body.pop("captions_added"), body.pop("captions_skipped")) == (2, 0)
     assert client.get(f"/v1/images/{body['id']}").json() == body
 
 
 def test_same_bytes_again_answer_200_with_the_existing_record(client) -> None:
     data = png_bytes("orange")
     first = client.post("/v1/images", files={"file": ("a.png", data)}, data={"captions": ["x y"]})
-    again = client.post("/v1/images", files={"file": ("b.png", data)}, data={"captions": ["new"]})
+    again = client.post("/v1/images", files={"file": ("b.png", data)})
     assert (first.status_code, again.status_code) == (201, 200)
-    assert again.json() == first.json()  # same id, captions unchanged
+    assert {**again.json(), "captions_added": 1} == first.json()  # same record, nothing added
+    assert again.json()["captions_added"] == 0
     found = client.get("/v1/images", params={"sha256": first.json()["sha256"]}).json()
     assert found["count"] == 1 and found["data"][0]["id"] == first.json()["id"]
     assert client.get("/v1/images", params={"sha256": "0" * 64}).json() == {"data": [], "count": 0}
+
+
+def test_new_captions_on_a_stored_photo_are_added_and_counted(client, shared_dir) -> None:
+    """Re-uploading a stored photo with captions adds those it lacks (one commit), skips exact
+    duplicates, and says so; the added captions are searchable and survive as stored rows."""
+    path, captions = coco_photos(shared_dir, 2)[1]
+    data = path.read_bytes()
+    first = client.post(
+        "/v1/images", files={"file": ("p.jpg", data)}, data={"captions": captions[:1]}
+    )
+    assert first.status_code == 201, first.text
+    image_id = first.json()["id"]
+
+    sent = [captions[0], captions[1], captions[2], captions[1]]  # one stored, one sent twice
+    again = client.post("/v1/images", files={"file": ("p.jpg", data)}, data={"captions": sent})
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["id"] == image_id
+    assert (body["captions_added"], body["captions_skipped"]) == (2, 2)
+    assert [c["text"] for c in body["captions"]] == captions[:3]
+    stored = client.get(f"/v1/images/{image_id}").json()
+    assert [c["text"] for c in stored["captions"]] == captions[:3]
+    for caption in stored["captions"]:
+        assert client.get(f"/v1/captions/{caption['id']}").json()["image_id"] == image_id
+
+    # The photo's new caption is found when searching captions by the photo.
+    hits = client.post(
+        "/v1/search/captions", json={"image_id": image_id, "limit": 100, "candidates": 100}
+    ).json()
+    assert {hit["id"] for hit in hits["results"]} >= {c["id"] for c in stored["captions"]}
+
+    # Everything already there: 200, nothing added, all counted as skipped.
+    same = client.post("/v1/images", files={"file": ("p.jpg", data)}, data={"captions": sent[:3]})
+    assert same.status_code == 200
+    assert (same.json()["captions_added"], same.json()["captions_skipped"]) == (0, 3)
+    assert len(client.get(f"/v1/images/{image_id}").json()["captions"]) == 3
+
+    # A refused caption refuses the whole request: nothing of it is stored.
+    bad = client.post(
+        "/v1/images", files={"file": ("p.jpg", data)}, data={"captions": [captions[3], "  "]}
+    )
+    assert bad.status_code == 422
+    assert len(client.get(f"/v1/images/{image_id}").json()["captions"]) == 3
 
 
 def test_deleted_image_is_gone_everywhere(client) -> None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service.deps import RuntimeDep, StateDep
+from service.errors import ProblemError
 from service.metrics import PROMETHEUS_CONTENT_TYPE
 from service.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo
 
@@ -54,7 +55,15 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(state: StateDep) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format; 404 when CAMPSEARCH_EXPOSE_METRICS keeps them off this port
+    (by default, a bind on a network address)."""
+    if not state.settings.metrics_exposed:
+        raise ProblemError(
+            404,
+            "Not found",
+            "metrics are not served on this port; set CAMPSEARCH_EXPOSE_METRICS=true to serve "
+            "them (scrape through a proxy that allows only your monitoring)",
+        )
     return Response(state.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
 

@@ -13,7 +13,7 @@ from service.deps import RuntimeDep, SettingsDep, WriteAccess
 from service.errors import not_found
 from service.indexer import StoredImage
 from service.pipeline import image_file_url
-from service.schemas import MAX_ID, CaptionPublic, ImagePublic, ImagesPublic
+from service.schemas import MAX_ID, CaptionPublic, ImageAdded, ImagePublic, ImagesPublic
 from service.uploads import read_upload
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,16 @@ def image_public(stored: StoredImage) -> ImagePublic:
 
 @router.post(
     "",
-    response_model=ImagePublic,
+    response_model=ImageAdded,
     status_code=status.HTTP_201_CREATED,
     dependencies=[WriteAccess],
-    responses={200: {"model": ImagePublic, "description": "The same bytes were already stored."}},
+    responses={
+        200: {
+            "model": ImageAdded,
+            "description": "The same bytes were already stored; the captions it lacked were "
+            "added (captions_added), the others counted in captions_skipped.",
+        }
+    },
 )
 async def add_image(
     runtime: RuntimeDep,
@@ -51,14 +57,19 @@ async def add_image(
     response: Response,
     file: Annotated[UploadFile, File(description="The photo (JPEG, PNG, WebP, ...).")],
     captions: Annotated[list[str] | None, Form(description="Captions of the photo.")] = None,
-) -> ImagePublic:
+) -> ImageAdded:
     """Store a photo: extract its regions, index it, keep its captions. 201 when new; 200 with
-    the existing record when the same bytes were stored before (its captions are unchanged)."""
+    the existing record when the same bytes were stored before, the captions it did not have
+    added to it (`captions_added`; exact duplicates are counted in `captions_skipped`)."""
     data = await read_upload(file, max_bytes=settings.max_upload_bytes)
     stored = await runtime.indexer.add_image(data, captions or [])
     if not stored.created:
         response.status_code = status.HTTP_200_OK
-    return image_public(stored)
+    return ImageAdded(
+        **image_public(stored).model_dump(),
+        captions_added=stored.captions_added,
+        captions_skipped=stored.captions_skipped,
+    )
 
 
 @router.get("", response_model=ImagesPublic)

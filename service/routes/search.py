@@ -90,12 +90,11 @@ async def search_captions(
             400, "Invalid request", f"the multipart body cannot be parsed: {error.message}"
         ) from error
     timings: dict[str, float] = {}
-    with runtime.metrics.time_stage("decode", timings):
-        decoded = await runtime.indexer.decode(data)
-    with runtime.metrics.time_stage("extract", timings):
-        regions = await runtime.regions.for_upload(data, decoded)
+    # Decoded pixels count against the decode budget until the regions are out; only the
+    # regions go on to the search.
+    upload = await runtime.indexer.decode_and_extract(data, timings=timings)
     return await runtime.pipeline.captions_for_regions(
-        regions, options, timings=timings, started=started
+        upload.regions, options, timings=timings, started=started
     )
 
 
