@@ -21,9 +21,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @contextmanager
-def served(app: FastAPI) -> Iterator[ServerThread]:
-    """`app` on uvicorn on 127.0.0.1:<free port>, ready (loaded) when the block starts."""
-    server = ServerThread(app, free_port()).start()
+def served(app: FastAPI, **options: object) -> Iterator[ServerThread]:
+    """`app` on uvicorn on 127.0.0.1:<free port>, ready (loaded) when the block starts;
+    `options` go to `uvicorn.Config`."""
+    server = ServerThread(app, free_port(), **options).start()
     try:
         yield server
     finally:

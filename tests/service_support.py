@@ -91,10 +91,17 @@ def wait_until_loaded(app: FastAPI, timeout_s: float = READY_TIMEOUT_S) -> None:
 class ServerThread:
     """uvicorn serving `app` on a free port in a background thread (real HTTP, real sockets)."""
 
-    def __init__(self, app: FastAPI, port: int) -> None:
+    def __init__(self, app: FastAPI, port: int, **options: object) -> None:
+        """`options` go to `uvicorn.Config` (e.g. `forwarded_allow_ips`)."""
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            **options,  # type: ignore[arg-type]
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

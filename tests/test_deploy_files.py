@@ -4,6 +4,7 @@ Compose specification's JSON schema, the Dockerfiles through hadolint, and the s
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -217,3 +218,44 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned(dockerfile):
 def test_docker_context_leaves_out_local_state():
     ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".env", "data", "models", "tests"} <= ignored
+
+
+def test_api_trusts_forwarded_headers_from_nginx_only():
+    """uvicorn believes X-Forwarded-For from nginx's fixed address and nobody else, so no
+    client picks the address its rate limits count against."""
+    compose = load_compose(COMPOSE)
+    services = compose["services"]
+    trusted = services["api"]["environment"]["FORWARDED_ALLOW_IPS"]
+    nginx_address = services["nginx"]["networks"]["backend"]["ipv4_address"]
+    assert trusted == nginx_address
+    assert "*" not in trusted and "," not in trusted and "/" not in trusted
+    address = ipaddress.ip_address(trusted)  # one address, not a name or a range
+    (subnet,) = (entry["subnet"] for entry in compose["networks"]["backend"]["ipam"]["config"])
+    assert address in ipaddress.ip_network(subnet)
+    # The API sits on that network only, and is not published: nginx is the only way in.
+    assert services["api"]["networks"] == ["backend"]
+    assert "ports" not in services["api"]
+    # Merging the CPU override keeps all of it.
+    merged = merge_compose(compose, load_compose(COMPOSE_CPU))
+    assert merged["services"]["api"]["environment"]["FORWARDED_ALLOW_IPS"] == trusted
+
+
+def test_compose_serves_metrics_on_the_internal_port_only():
+    api = load_compose(COMPOSE)["services"]["api"]
+    assert api["environment"]["CAMPSEARCH_EXPOSE_METRICS"] == "true"
+    assert "ports" not in api
+
+
+def test_local_settings_file_is_ignored_by_git():
+    result = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "check-ignore", "--no-index", "-q", ".env"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, ".env is not ignored by git: API keys could be committed"
+    example = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "check-ignore", "--no-index", "-q", ".env.example"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert example.returncode == 1, ".env.example must stay tracked"
