@@ -7,8 +7,9 @@ import hashlib
 import json
 import shutil
 
+import httpx
 import pytest
-from service_support import coco_photos, make_settings, running_client
+from service_support import TEST_API_KEY, coco_photos, make_settings, running_client
 from typer.testing import CliRunner
 
 from service.app import create_app
@@ -167,3 +168,95 @@ def test_local_ingest_refuses_a_data_dir_in_use(photo_folder, tmp_path, monkeypa
     assert result.exit_code == 2
     message = " ".join(result.output.split())  # rich wraps it at the terminal's width
     assert "in use" in message and "--server" in message
+
+
+@pytest.fixture
+def coco_copy(tmp_path, shared_dir):
+    """Three coco-mini photos laid out as coco-mini is: images/ and a manifest.jsonl beside it
+    (the folder has no caption sidecars; the captions are only in the manifest)."""
+    folder = tmp_path / "coco"
+    (folder / "images").mkdir(parents=True)
+    source = shared_dir / "data" / "coco-mini" / "manifest.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][:3]
+    for row in rows:
+        shutil.copy(source.parent / row["image"], folder / row["image"])
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder, rows
+
+
+def test_cli_ingests_a_folder_then_its_manifest_captions(
+    coco_copy, tmp_path, monkeypatch, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    """The newcomer's path: the folder first (photos, no captions), then its manifest: the
+    manifest's captions are added to the stored photos and the summary says so; a rerun adds
+    nothing. Through the real CLI against a real server."""
+    from security_support import served
+
+    folder, rows = coco_copy
+    settings = make_settings(tmp_path / "data", api_keys=TEST_API_KEY)
+    app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+    monkeypatch.setenv("CAMPSEARCH_API_KEY", TEST_API_KEY)
+    runner = CliRunner()
+    with served(app) as server:
+
+        def run(source) -> str:
+            result = runner.invoke(cli, ["ingest", str(source), "--server", server.url])
+            assert result.exit_code == 0, result.output
+            return " ".join(result.output.split())
+
+        assert "3 added, 0 already stored, 0 refused" in run(folder)
+        captions = sum(len(row["captions"]) for row in rows)
+        assert (
+            f"0 added, 3 already stored ({captions} captions added to 3 stored photos), 0 refused"
+            in run(folder / "manifest.jsonl")
+        )
+        for row in rows:
+            sha = hashlib.sha256((folder / row["image"]).read_bytes()).hexdigest()
+            (stored,) = httpx.get(f"{server.url}/v1/images", params={"sha256": sha}).json()["data"]
+            assert [c["text"] for c in stored["captions"]] == row["captions"]
+        assert "0 added, 3 already stored, 0 refused" in run(folder / "manifest.jsonl")
+        info = httpx.get(f"{server.url}/v1/info").json()["corpus"]
+        assert info == {"images": 3, "captions": captions}
+
+        # One new caption in an edited manifest: exactly that one is added.
+        rows[0]["captions"].append("a newly written caption")
+        (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert "(1 caption added to 1 stored photo)" in run(folder / "manifest.jsonl")
+
+
+def test_local_ingest_adds_a_manifest_captions_to_stored_photos(
+    coco_copy, tmp_path, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    folder, rows = coco_copy
+    settings = make_settings(tmp_path / "data")
+    runtime = ServiceRuntime.build(
+        settings, ServiceMetrics(), model=tiny_retrieval_model, extractor=small_grid_extractor
+    )
+
+    async def go(source):
+        return await ingest(read_source(source), LocalTarget(runtime), jobs=2)
+
+    async def both():
+        try:
+            return await go(folder), await go(folder / "manifest.jsonl")
+        finally:
+            await runtime.batcher.stop()
+
+    try:
+        first, second = asyncio.run(both())
+        stored = {
+            image.sha256: [c.text for c in runtime.corpus.catalog.captions_of(image.id)]
+            for image in (
+                runtime.corpus.find_image_by_sha256(
+                    hashlib.sha256((folder / row["image"]).read_bytes()).hexdigest()
+                )
+                for row in rows
+            )
+        }
+    finally:
+        runtime.close()
+    assert (first.added, first.captions_added) == (3, 0)
+    assert (second.added, second.existing) == (0, 3)
+    assert second.captions_added == sum(len(row["captions"]) for row in rows)
+    assert second.photos_captioned == 3
+    assert sorted(stored.values()) == sorted(row["captions"] for row in rows)

@@ -154,3 +154,63 @@ def test_keyboard_only_search_on_a_narrow_screen(chromium, ui_stack_api, shots):
         page.screenshot(path=str(shots / "narrow.png"), full_page=True)
     finally:
         page.close()
+
+
+PHONE = {"width": 360, "height": 740}
+
+
+def test_phone_tab_bar_fits_and_counts_read_right(chromium, ui_stack_api, shots):
+    """At a phone's width the three tabs fit without scrolling; counts of one say "1 photo" and
+    "1 caption"; re-adding a stored photo with a new caption says it was added."""
+    server, photos = ui_stack_api
+    page = ui_flows.open_ui(chromium, server.url, **PHONE)
+    added_caption_ids: list[int] = []
+    try:
+        bar = page.eval_on_selector(
+            ".tabs", "bar => ({scroll: bar.scrollWidth, client: bar.clientWidth})"
+        )
+        assert bar["scroll"] <= bar["client"], bar
+        for tab in ("#tab-text", "#tab-photo", "#tab-ingest"):
+            box = page.locator(tab).bounding_box()
+            assert box is not None and page.locator(tab).is_visible()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (tab, box)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.screenshot(path=str(shots / "phone_tabs.png"))
+
+        ui_flows.text_search(page, photos[HORSES].held_out_caption, limit=1)
+        status = page.inner_text("#status")
+        assert status.startswith("1 photo found for"), status
+
+        page.click("#tab-photo")
+        page.click("#photo-form summary")
+        page.fill("#photo-limit", "1")
+        page.set_input_files("#photo-file", str(photos[HORSES].path))
+        page.wait_for_selector("#caption-results li")
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.includes('found')"
+        )
+        assert page.inner_text("#status") == "1 caption found."
+        assert page.locator("#caption-results li").count() == 1
+
+        photo = photos[HORSES]
+        page.click("#tab-ingest")
+        page.fill("#api-key", API_KEY)
+        page.set_input_files("#ingest-files", str(photo.path))
+        page.fill("#ingest-captions-0", f"{photo.captions[0]}\na caption added from a phone")
+        page.click("#ingest-submit")
+        page.wait_for_selector("#ingest-log li.ok")
+        line = page.inner_text("#ingest-log li.ok")
+        stored = httpx.get(f"{server.url}/v1/images/{photo.image_id}").json()["captions"]
+        added_caption_ids = [c["id"] for c in stored if c["text"] == "a caption added from a phone"]
+        assert len(added_caption_ids) == 1
+        assert f"already there as photo {photo.image_id}" in line
+        assert f"({len(stored)} captions, 1 new)" in line, line
+        assert page.inner_text("#status") == "1 photo stored, 0 refused."
+        info = page.inner_text("#corpus-info")
+        assert " photos, " in info and " captions · " in info
+        page.screenshot(path=str(shots / "phone_ingest.png"), full_page=True)
+        assert page.problems == [] and ui_flows.csp_violations(page) == []
+    finally:
+        for caption_id in added_caption_ids:
+            httpx.delete(f"{server.url}/v1/captions/{caption_id}", headers={"X-API-Key": API_KEY})
+        page.close()

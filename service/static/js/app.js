@@ -3,7 +3,7 @@
 // request outside this origin.
 
 import * as api from "./api.js";
-import { $, clear, el, formatScore, show } from "./dom.js";
+import { $, clear, el, formatScore, plural, show } from "./dom.js";
 import { isExplanation, renderExplanation } from "./explain.js";
 
 /** How often the health badge asks /readyz, in milliseconds. */
@@ -227,7 +227,7 @@ async function runTextSearch() {
       }),
     );
     show(empty, hits.length === 0);
-    announce(hits.length ? `${hits.length} photos found for “${text}”.` : "No photo matched.");
+    announce(hits.length ? `${plural(hits.length, "photo")} found for “${text}”.` : "No photo matched.");
   } catch (error) {
     clear(imageResults);
     show($("text-empty"), false);
@@ -336,7 +336,7 @@ async function runPhotoSearch() {
     const empty = $("photo-empty");
     clear(empty).append(el("p", { text: hits.length ? "" : "No caption matched this photo." }));
     show(empty, hits.length === 0);
-    announce(hits.length ? `${hits.length} captions found.` : "No caption matched.");
+    announce(hits.length ? `${plural(hits.length, "caption")} found.` : "No caption matched.");
   } catch (error) {
     clear(captionResults);
     show($("photo-empty"), false);
@@ -406,8 +406,11 @@ ingestForm.addEventListener("submit", async (event) => {
       const { created, image } = await api.addImage(file, captions, apiKey);
       added += 1;
       const what = created ? "added" : "already there";
+      const stored = plural(image.captions?.length ?? 0, "caption");
+      // A photo stored before keeps its captions and gains the new ones: say how many.
+      const gained = created ? "" : `, ${image.captions_added ?? 0} new`;
       ingestLog.append(
-        el("li", { class: "ok", text: `${file.name}: ${what} as photo ${image.id} (${image.captions?.length ?? 0} captions)` }),
+        el("li", { class: "ok", text: `${file.name}: ${what} as photo ${image.id} (${stored}${gained})` }),
       );
     } catch (error) {
       failed += 1;
@@ -420,7 +423,7 @@ ingestForm.addEventListener("submit", async (event) => {
     }
   }
   setBusy(ingestForm, false);
-  announce(`${added} photo(s) stored, ${failed} refused.`);
+  announce(`${plural(added, "photo")} stored, ${failed} refused.`);
   refreshInfo();
 });
 
@@ -437,11 +440,16 @@ async function refreshHealth() {
   healthBadge.title = problems.length ? problems.join("\n") : `Service ${HEALTH_TEXT[state] ?? state}`;
 }
 
+/** `plural` for a count the API may not have sent ("? photos"). */
+function counted(count, noun) {
+  return typeof count === "number" ? plural(count, noun) : `? ${noun}s`;
+}
+
 async function refreshInfo() {
   const about = await api.info();
   if (!about) return;
   $("corpus-info").textContent =
-    `${about.corpus?.images ?? "?"} photos, ${about.corpus?.captions ?? "?"} captions · ` +
+    `${counted(about.corpus?.images, "photo")}, ${counted(about.corpus?.captions, "caption")} · ` +
     `model ${about.model_version ?? "?"} · ${about.extractor ?? "?"} regions · ${about.device ?? "?"}`;
 }
 

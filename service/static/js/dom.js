@@ -51,3 +51,8 @@ export function $(id) {
 export function formatScore(value) {
   return typeof value === "number" && Number.isFinite(value) ? value.toFixed(3) : "–";
 }
+
+/** "1 photo", "2 photos", "0 photos": a count with its noun in the right number. */
+export function plural(count, singular, pluralForm = `${singular}s`) {
+  return `${count} ${count === 1 ? singular : pluralForm}`;
+}
