@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -144,9 +145,9 @@ class Indexer:
         nbytes = await asyncio.to_thread(decode_reservation_bytes, data, self.max_image_pixels)
         try:
             async with self.decode_memory.reserve(nbytes, timeout_s=self.decode_wait_s):
-                with self.metrics.time_stage("decode", timings):
+                with self._stage("decode", timings):
                     decoded = await self.decode(data, field)
-                with self.metrics.time_stage("extract", timings):
+                with self._stage("extract", timings):
                     regions = await self.regions.for_upload(data, decoded)
                 return UploadDecoded(regions, decoded.size, decoded.format)
         except BudgetWaitTimeout:
@@ -157,6 +158,11 @@ class Indexer:
                 f"within {self.decode_wait_s:g} s; retry later",
                 headers={"Retry-After": str(DECODE_RETRY_AFTER_S)},
             ) from None
+
+    def _stage(self, stage: str, timings: dict[str, float] | None) -> AbstractContextManager[None]:
+        """A search's own stage timings (reported in its answer and observed); ingest has the
+        extractor's and the store's own observations only."""
+        return nullcontext() if timings is None else self.metrics.time_stage(stage, timings)
 
     async def decode(self, data: bytes, field: str = "file") -> DecodedImage:
         """Validate and decode upload bytes (in a thread); refusals become 400/413/415."""
