@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.budget import MemoryBudget
+from service.budget import BudgetWaitTimeout, MemoryBudget
 
 
 async def _hold(budget: MemoryBudget, nbytes: int, log: list[str], name: str, until: asyncio.Event):
@@ -102,5 +102,28 @@ def test_a_zero_budget_is_unbounded() -> None:
         async with budget.reserve(10**12) as held, budget.reserve(5) as also:
             assert (held, also, budget.held, budget.waiting) == (10**12, 5, 10**12 + 5, 0)
         assert budget.held == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_wait_past_its_timeout_leaves_the_line_holding_nothing() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(10)
+        log: list[str] = []
+        release = asyncio.Event()
+        holder = asyncio.create_task(_hold(budget, 8, log, "a", release))
+        await _settle()
+        with pytest.raises(BudgetWaitTimeout):
+            async with budget.reserve(5, timeout_s=0.05):
+                pytest.fail("the reservation must not be granted")
+        assert (budget.held, budget.waiting) == (8, 0)
+        # One that fits is not delayed by the timeout; one granted in time runs normally.
+        async with budget.reserve(2, timeout_s=0.05) as held:
+            assert held == 2 and budget.held == 10
+        waiter = asyncio.create_task(_hold(budget, 5, log, "b", release))
+        await _settle()
+        release.set()
+        await asyncio.gather(holder, waiter)
+        assert log == ["a:8", "b:5"] and (budget.held, budget.waiting) == (0, 0)
 
     asyncio.run(scenario())
