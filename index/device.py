@@ -232,4 +232,3 @@ class DeviceReplica:
         self._pending_vectors.clear()
         self._pending_count = 0
         self._pending_removes.clear()
-

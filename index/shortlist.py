@@ -137,9 +137,7 @@ def device_capable(index: faiss.Index) -> bool:
     inner = _unwrapped(index)
     if isinstance(inner, faiss.IndexFlat):
         return True
-    return isinstance(
-        inner, faiss.IndexIVFFlat | faiss.IndexIVFPQ | faiss.IndexIVFScalarQuantizer
-    )
+    return isinstance(inner, faiss.IndexIVFFlat | faiss.IndexIVFPQ | faiss.IndexIVFScalarQuantizer)
 
 
 def _unwrapped(index: faiss.Index) -> faiss.Index:
@@ -451,9 +449,7 @@ class ShortlistIndex:
         self._apply_search_parameters()
 
     def _apply_search_parameters(self) -> None:
-        parameters = search_parameters(
-            self._index, nprobe=self._nprobe, ef_search=self._ef_search
-        )
+        parameters = search_parameters(self._index, nprobe=self._nprobe, ef_search=self._ef_search)
         inner = _unwrapped(self._index)
         ivf = faiss.try_extract_index_ivf(inner)
         for name, value in parameters.items():
@@ -468,11 +464,7 @@ class ShortlistIndex:
             self._replica.parameters_changed()
 
     def _searches_on_device(self) -> bool:
-        return (
-            self._replica is not None
-            and not self._device_failed
-            and device_capable(self._index)
-        )
+        return self._replica is not None and not self._device_failed and device_capable(self._index)
 
     def _result_group(self, k: int) -> int:
         """Searches with the same group give each query the same top-k whatever the k asked:
