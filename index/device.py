@@ -9,10 +9,11 @@ lock); the searching thread applies the record before its next search:
 * adds: `add_with_ids` of just the new vectors on the copy (no re-copy);
 * removes: GPU indexes cannot remove, so removed ids stay on the copy as hidden ids that
   searches filter out, over-fetching by their number;
-* a full re-copy only when the hidden ids pass `HIDDEN_RECOPY_FRACTION` of the live vectors,
-  when over-fetching would exceed the device's largest k, when an id comes back after a remove,
-  when more vectors wait than the copy holds (the record would cost more memory than a copy),
-  or when the CPU index changed structure ((re)training, compaction, a reload).
+* a full re-copy only when the hidden ids pass `HIDDEN_RECOPY_FRACTION` of the live vectors
+  (and `HIDDEN_FLOOR`), when over-fetching would exceed the device's largest k, when an id comes
+  back after a remove, when more vectors wait than the copy holds (and `PENDING_FLOOR`: past
+  that the record would cost more memory than a copy), or when the CPU index changed structure
+  ((re)training, compaction, a reload).
 
 How a copy is made is injected (`DeviceBackend`): `FaissGpu` uses `faiss.index_cpu_to_gpu`;
 tests pass a CPU stand-in (`faiss.clone_index`) to check what a write does to the copy.
@@ -31,6 +32,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 HIDDEN_RECOPY_FRACTION = 0.1
+HIDDEN_FLOOR = 64  # over-fetching this many more is free; small corpora need not re-copy
+PENDING_FLOOR = 4096  # vectors waiting for the next search (4 MiB at 256-d) before a re-copy
 GPU_MAX_K = 2048  # faiss GPU_MAX_SELECTION_K: GPU top-k selection stops here
 CPU = "cpu"
 
@@ -166,7 +169,7 @@ class DeviceReplica:
         if id_set & self.hidden or id_set & self._pending_removes:
             self.invalidate()  # an id back after a remove: its old vector is still on the copy
             return
-        if self._pending_count + len(ids) > max(self.index.ntotal, 1):
+        if self._pending_count + len(ids) > max(self.index.ntotal, PENDING_FLOOR):
             self.invalidate()  # a copy costs less than holding this many vectors twice
             return
         self._pending_ids.append(ids)
@@ -189,7 +192,9 @@ class DeviceReplica:
         """Bring the copy up to date with `source` (the CPU index) before searching `fetch`."""
         if not self._stale and self.index is not None:
             self._apply_pending()
-            too_many_hidden = len(self.hidden) > HIDDEN_RECOPY_FRACTION * max(live_count, 1)
+            too_many_hidden = len(self.hidden) > max(
+                HIDDEN_RECOPY_FRACTION * live_count, HIDDEN_FLOOR
+            )
             if too_many_hidden or fetch + len(self.hidden) > self.backend.max_k:
                 self._stale = True
         if self._stale or self.index is None:

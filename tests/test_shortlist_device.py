@@ -190,7 +190,8 @@ def test_a_remove_hides_the_id_without_a_copy_until_the_fraction(factory):
     assert index._replica.index.ntotal == len(index) and not np.isin(found, range(1000, 1100)).any()
 
 
-def test_a_copy_is_made_exactly_when_the_rule_says():
+def test_a_copy_is_made_exactly_when_the_rule_says(monkeypatch):
+    monkeypatch.setattr(device_module, "PENDING_FLOOR", 100)
     backend = CpuStandIn(max_k=60)
     index = ShortlistIndex(DIM, "IVF16,Flat", nprobe=8, device=backend)
     data = _clustered(2000)
