@@ -89,6 +89,15 @@ def faiss_gpu_count() -> int:
 
 _gpu_resources: dict[int, Any] = {}
 _gpu_resources_lock = threading.Lock()
+_device_locks: dict[str, threading.Lock] = {}
+
+
+def device_lock(name: str) -> threading.Lock:
+    """One lock per device for the process: every index on it (they share its
+    `StandardGpuResources`, which is not thread-safe) is searched and updated by one thread at
+    a time."""
+    with _gpu_resources_lock:
+        return _device_locks.setdefault(name, threading.Lock())
 
 
 def gpu_resources(gpu: int) -> Any:
@@ -100,7 +109,11 @@ def gpu_resources(gpu: int) -> Any:
 
 
 class FaissGpu:
-    """Copies indexes to FAISS GPU `gpu` and sets parameters through `GpuParameterSpace`."""
+    """Copies indexes to FAISS GPU `gpu` and sets parameters through `GpuParameterSpace`.
+
+    An IVF index whose coarse quantizer is an HNSW graph keeps that quantizer on the CPU
+    (`allowCpuCoarseQuantizer`; FAISS GPU has no HNSW), copied with its efSearch.
+    """
 
     max_k = GPU_MAX_K
 
@@ -109,7 +122,9 @@ class FaissGpu:
         self.name = f"cuda:{gpu}"
 
     def copy(self, index: faiss.Index) -> faiss.Index:
-        return faiss.index_cpu_to_gpu(gpu_resources(self.gpu), self.gpu, index)
+        options = faiss.GpuClonerOptions()
+        options.allowCpuCoarseQuantizer = True
+        return faiss.index_cpu_to_gpu(gpu_resources(self.gpu), self.gpu, index, options)
 
     def set_parameter(self, index: faiss.Index, name: str, value: int) -> None:
         faiss.GpuParameterSpace().set_index_parameter(index, name, value)

@@ -48,7 +48,7 @@ import faiss
 import numpy as np
 
 from index.atomic import write_atomically
-from index.device import CPU, DeviceBackend, DeviceReplica, DeviceStats
+from index.device import CPU, DeviceBackend, DeviceReplica, DeviceStats, device_lock
 from index.errors import CorruptIndexError, DimensionError, IndexMismatchError
 from index.locks import ReadWriteLock
 
@@ -117,8 +117,9 @@ def search_parameters(
 
     nprobe for IVF; efSearch for an HNSW graph; quantizer_efSearch for IVF whose coarse quantizer
     is an HNSW graph (at least nprobe, since the quantizer returns nprobe lists). A Flat or PQ
-    index has none. A device copy (`on_device`) has only nprobe: FAISS GPU has no HNSW and copies
-    an HNSW quantizer as an exact flat one.
+    index has none. A GPU copy (`on_device`) has only nprobe: FAISS GPU has no HNSW graph, and
+    an HNSW coarse quantizer stays a CPU index inside the copy, copied with its efSearch (so a
+    change of ef_search re-copies).
     """
     inner = _unwrapped(index)
     parameters: dict[str, int] = {}
@@ -196,7 +197,8 @@ class ShortlistIndex:
         self._ids: set[int] = set()
         self._tombstones: set[int] = set()
         self._replica = DeviceReplica(device) if device is not None else None
-        self._device_lock = threading.Lock()  # one device search (and copy update) at a time
+        # One search (and copy update) at a time on a device, whichever index it is for.
+        self._device_lock = device_lock(device.name) if device is not None else threading.Lock()
         self._device_failed = False  # this index structure could not be copied to the device
         self._ef_grouped = False
         self._apply_search_parameters()
@@ -461,7 +463,10 @@ class ShortlistIndex:
                 inner.hnsw.efSearch = value
         self._ef_grouped = "efSearch" in parameters
         if self._replica is not None:
-            self._replica.parameters_changed()
+            if "quantizer_efSearch" in parameters:  # it travels inside the copy
+                self._replica.invalidate()
+            else:
+                self._replica.parameters_changed()
 
     def _searches_on_device(self) -> bool:
         return self._replica is not None and not self._device_failed and device_capable(self._index)

@@ -339,3 +339,18 @@ def _close_hits(expected, got, lossy: bool) -> None:
         return
     overlap = [len(set(e) & set(g)) / len(e) for e, g in zip(expected[1], got[1], strict=True)]
     assert np.mean(overlap) > 0.95  # PQ distances from GPU lookup tables differ in rounding
+
+
+def test_parameter_changes_reach_the_copy():
+    backend = CpuStandIn()
+    ivf = _filled("IVF16,Flat", device=backend)
+    ivf.search(_clustered(1), 5)
+    ivf.nprobe = 3  # set on the copy before the next search, no re-copy
+    ivf.search(_clustered(1), 5)
+    assert _parameter(ivf._replica.index, "nprobe") == 3 and len(backend.copies) == 1
+    quantized = _filled("IVF16_HNSW8,PQ8x4", device=backend)
+    quantized.search(_clustered(1), 5)
+    quantized.ef_search = 99  # the HNSW quantizer's beam travels inside the copy: re-copy
+    quantized.search(_clustered(1), 5)
+    assert _parameter(quantized._replica.index, "quantizer_efSearch") == 99
+    assert len(backend.copies) == 3
