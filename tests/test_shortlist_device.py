@@ -326,7 +326,11 @@ def test_the_shortlist_on_a_real_gpu_returns_the_cpu_ids(factory):
         for target in (on_gpu, on_cpu):
             target.add(np.arange(start, start + 200), data[start : start + 200])
             target.remove(np.arange(step * 40, step * 40 + 40))
-        _close_hits(on_cpu.search(queries, 100), on_gpu.search(queries, 100), lossy)
+        found = on_gpu.search(queries, 100)
+        _close_hits(on_cpu.search(queries, 100), found, lossy)
+        assert not np.isin(found[1], np.arange(step * 40 + 40)).any()  # hidden on the copy
+        _, own = on_gpu.search(data[start : start + 5], 10)  # the adds are on the copy
+        assert all(start + row in own[row] for row in range(5))
     assert on_gpu._replica.index is copy and on_gpu.device_stats.full_copies == 1
     batched = on_gpu.search_batch([(queries[:3], 10), (queries[3:4], 100)])
     _close_hits(on_gpu.search(queries[:3], 10), batched[0], lossy)
