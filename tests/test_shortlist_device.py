@@ -329,7 +329,7 @@ def test_the_shortlist_on_a_real_gpu_returns_the_cpu_ids(factory):
         found = on_gpu.search(queries, 100)
         _close_hits(on_cpu.search(queries, 100), found, lossy)
         assert not np.isin(found[1], np.arange(step * 40 + 40)).any()  # hidden on the copy
-        _, own = on_gpu.search(data[start : start + 5], 10)  # the adds are on the copy
+        _, own = on_gpu.search(data[start : start + 5], 100)  # the adds are on the copy
         assert all(start + row in own[row] for row in range(5))
     assert on_gpu._replica.index is copy and on_gpu.device_stats.full_copies == 1
     batched = on_gpu.search_batch([(queries[:3], 10), (queries[3:4], 100)])
