@@ -304,8 +304,8 @@ class ShortlistIndex:
     def search_batch(self, jobs: Sequence[SearchJob]) -> list[SearchResult]:
         """`search` for several callers' (queries, k) at once: their rows are stacked into as
         few index searches as give each caller exactly what its own `search` would (one with
-        the largest k; on an HNSW graph, whose beam widens with k, one per beam width), then
-        every caller gets its own top-k."""
+        the largest k; on an HNSW graph, whose candidate queue FAISS sizes max(efSearch, k),
+        one per queue size), then every caller gets its own top-k."""
         prepared = []
         for queries, k in jobs:
             if k <= 0:
