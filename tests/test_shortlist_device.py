@@ -358,4 +358,3 @@ def test_parameter_changes_reach_the_copy():
     quantized.search(_clustered(1), 5)
     assert _parameter(quantized._replica.index, "quantizer_efSearch") == 99
     assert len(backend.copies) == 3
-
