@@ -498,7 +498,8 @@ class ShortlistIndex:
                             on_device=True,
                         ),
                     )
-                except (RuntimeError, AttributeError) as error:
+                    found_scores, found_ids = replica.search(matrix, fetch)
+                except (RuntimeError, AttributeError) as error:  # FAISS reports C++ errors so
                     logger.warning(
                         "%s cannot be searched on %s (%s); searching on the CPU until it changes",
                         self.factory,
@@ -508,7 +509,6 @@ class ShortlistIndex:
                     replica.invalidate()
                     self._device_failed = True
                 else:
-                    found_scores, found_ids = replica.search(matrix, fetch)
                     excluded = self._tombstones | replica.hidden
                     return _best_live(found_scores, found_ids, excluded, k)
         found_scores, found_ids = self._index.search(matrix, fetch)
