@@ -88,13 +88,13 @@ def main() -> None:
         queries = clustered_vectors(args.queries, centres, rng)
         ids = np.arange(size, dtype=np.int64)
 
-        flat = ShortlistIndex(DIM, FLAT, use_gpu=False)
+        flat = ShortlistIndex(DIM, FLAT)
         flat.add(ids, data)
         _, truth = flat.search(queries, K)  # batched exact ground truth
         runs = {"flat": (flat, 0.0)}
         for name, (factory, params) in approximate_factories(size).items():
             started = time.perf_counter()
-            index = ShortlistIndex(DIM, factory, use_gpu=False, **params)
+            index = ShortlistIndex(DIM, factory, **params)
             index.add(ids, data)
             runs[name] = (index, time.perf_counter() - started)
         faiss.omp_set_num_threads(args.threads)

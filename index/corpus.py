@@ -40,6 +40,7 @@ from index.atomic import TEMP_SUFFIX, write_atomically
 from index.cache import CachedFeatureStore, FeatureCache, LocalFeatureCache, cache_keyspace
 from index.catalog import CaptionRecord, Catalog, ImageRecord
 from index.codec import decode_arrays
+from index.device import FaissGpu
 from index.errors import (
     CorruptIndexError,
     DimensionError,
@@ -52,8 +53,9 @@ from index.shortlist import (
     DEFAULT_EF_SEARCH,
     DEFAULT_NPROBE,
     FLAT,
+    SearchJob,
+    SearchResult,
     ShortlistIndex,
-    UseGpu,
     choose_factory,
 )
 
@@ -136,11 +138,14 @@ class Corpus:
         caption_factory: str = FLAT,
         nprobe: int = DEFAULT_NPROBE,
         ef_search: int = DEFAULT_EF_SEARCH,
-        use_gpu: UseGpu = "auto",
+        gpu_id: int | None = None,
         cache: FeatureCache | None = None,
         map_size: int = DEFAULT_MAP_SIZE,
     ) -> None:
-        """Prefer `Corpus.open`, which also runs the recovery rule."""
+        """Prefer `Corpus.open`, which also runs the recovery rule.
+
+        `gpu_id`: the FAISS GPU to search on (see index.device.faiss_gpu_id), None for the CPU.
+        """
         self.data_dir = Path(data_dir)
         self.dim = dim
         self.model_version = model_version
@@ -149,7 +154,7 @@ class Corpus:
         self._index_options: dict[str, Any] = {
             "nprobe": nprobe,
             "ef_search": ef_search,
-            "use_gpu": use_gpu,
+            "device": FaissGpu(gpu_id) if gpu_id is not None else None,
         }
         self.catalog = Catalog(self.data_dir / CATALOG_FILE)
         self.store = FeatureStore(self.data_dir / STORE_DIR, map_size=map_size)
@@ -370,14 +375,18 @@ class Corpus:
     def image_path(self, record: ImageRecord) -> Path:
         return self.data_dir / record.stored_path
 
-    def search_images(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_images(self, vectors: np.ndarray, k: int) -> SearchResult:
         """Shortlist images for query vectors [Q, dim]: (scores [Q, k], ids [Q, k]; -1 empty)."""
-        with self._visibility.read():
-            return self.indexes["images"].search(vectors, k)
+        return self.search_batch("images", [(vectors, k)])[0]
 
-    def search_captions(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_captions(self, vectors: np.ndarray, k: int) -> SearchResult:
+        return self.search_batch("captions", [(vectors, k)])[0]
+
+    def search_batch(self, kind: Kind, jobs: Sequence[SearchJob]) -> list[SearchResult]:
+        """Several callers' (query vectors [Q, dim], k) against one index in one search; each
+        gets what its own search would (see ShortlistIndex.search_batch)."""
         with self._visibility.read():
-            return self.indexes["captions"].search(vectors, k)
+            return self.indexes[kind].search_batch(jobs)
 
     def get_region_features(self, ids: Sequence[int]) -> dict[int, RegionArrays]:
         """Region features of `ids` (cache, then durable store); absent ids are absent."""
@@ -394,7 +403,12 @@ class Corpus:
             "images": self.catalog.count_images(),
             "captions": self.catalog.count_captions(),
             "indexes": {
-                name: {"factory": index.factory, "count": len(index), "trained": index.is_trained}
+                name: {
+                    "factory": index.factory,
+                    "count": len(index),
+                    "trained": index.is_trained,
+                    "device": index.device,
+                }
                 for name, index in self.indexes.items()
             },
             "cache": self.cache.status().as_dict(),

@@ -13,6 +13,15 @@ Deletes: indexes that support `remove_ids` (Flat, IVF, PQ) remove in place. HNSW
 remove, so deleted ids become tombstones that searches skip (over-fetching by their number);
 the graph is rebuilt without them once they pass `TOMBSTONE_COMPACT_FRACTION` of the index.
 
+Search parameters are set only where the index has them (`search_parameters`): nprobe on IVF,
+efSearch on an HNSW graph, the quantizer's efSearch on IVF with an HNSW coarse quantizer.
+
+Device search: given a `DeviceBackend` (a GPU), searches run on a device copy of the CPU index
+(index/device.py) when its type can go there (Flat and IVF: yes; HNSW and plain PQ stay on the
+CPU). Writes update the copy incrementally; device searches are serialised by a mutex, and the
+service sends every search through one batcher thread, which gathers concurrent queries into one
+`search_batch`.
+
 Persistence is one self-describing file, replaced atomically (see `save`):
 
     b"CSFAISS1" | u64 little-endian header length | JSON header | faiss.serialize_index bytes
@@ -30,13 +39,16 @@ import logging
 import math
 import re
 import struct
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
 
 from index.atomic import write_atomically
+from index.device import CPU, DeviceBackend, DeviceReplica, DeviceStats, device_lock
 from index.errors import CorruptIndexError, DimensionError, IndexMismatchError
 from index.locks import ReadWriteLock
 
@@ -56,7 +68,8 @@ FILE_MAGIC = b"CSFAISS1"
 FILE_FORMAT_VERSION = 1
 _HEADER_LENGTH = struct.Struct("<Q")
 
-UseGpu = bool | Literal["auto"]
+SearchJob = tuple[np.ndarray, int]  # (queries [Q, dim], k)
+SearchResult = tuple[np.ndarray, np.ndarray]  # (scores float32 [Q, k], ids int64 [Q, k])
 
 
 def choose_factory(num_vectors: int, dim: int) -> str:
@@ -97,6 +110,44 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
     return array
 
 
+def search_parameters(
+    index: faiss.Index, *, nprobe: int, ef_search: int, on_device: bool = False
+) -> dict[str, int]:
+    """The search parameters `index` has, by their faiss ParameterSpace names.
+
+    nprobe for IVF; efSearch for an HNSW graph; quantizer_efSearch for IVF whose coarse quantizer
+    is an HNSW graph (at least nprobe, since the quantizer returns nprobe lists). A Flat or PQ
+    index has none. A GPU copy (`on_device`) has only nprobe: FAISS GPU has no HNSW graph, and
+    an HNSW coarse quantizer stays a CPU index inside the copy, copied with its efSearch (so a
+    change of ef_search re-copies).
+    """
+    inner = _unwrapped(index)
+    parameters: dict[str, int] = {}
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        parameters["nprobe"] = nprobe
+        if not on_device and hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):
+            parameters["quantizer_efSearch"] = max(ef_search, nprobe)
+    elif hasattr(inner, "hnsw") and not on_device:
+        parameters["efSearch"] = ef_search
+    return parameters
+
+
+def device_capable(index: faiss.Index) -> bool:
+    """Whether FAISS GPU has this index type: exact flat and IVF (flat, PQ, scalar quantizer)."""
+    inner = _unwrapped(index)
+    if isinstance(inner, faiss.IndexFlat):
+        return True
+    return isinstance(inner, faiss.IndexIVFFlat | faiss.IndexIVFPQ | faiss.IndexIVFScalarQuantizer)
+
+
+def _unwrapped(index: faiss.Index) -> faiss.Index:
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
+        return faiss.downcast_index(index.index)
+    return index
+
+
 def _min_train_size(probe: faiss.Index, factory: str) -> int:
     """Vectors needed to train `probe` (built from `factory`) well enough."""
     needed = 1
@@ -113,8 +164,9 @@ def _min_train_size(probe: faiss.Index, factory: str) -> int:
 class ShortlistIndex:
     """Top-k inner-product search over unit vectors, keyed by stable non-negative int64 ids.
 
-    Thread-safe: searches run concurrently, adds/removes are exclusive. Inputs are
-    l2-normalised here, so scores are cosine similarities in [-1, 1].
+    Thread-safe: CPU searches run concurrently, device searches one at a time, adds/removes are
+    exclusive. Inputs are l2-normalised here, so scores are cosine similarities in [-1, 1].
+    `device`: search on a device copy (e.g. `FaissGpu(0)`) when the index type allows.
     """
 
     def __init__(
@@ -124,7 +176,7 @@ class ShortlistIndex:
         *,
         nprobe: int = DEFAULT_NPROBE,
         ef_search: int = DEFAULT_EF_SEARCH,
-        use_gpu: UseGpu = "auto",
+        device: DeviceBackend | None = None,
         min_train_size: int | None = None,
     ) -> None:
         if dim <= 0:
@@ -144,10 +196,11 @@ class ShortlistIndex:
         )
         self._ids: set[int] = set()
         self._tombstones: set[int] = set()
-        self._use_gpu = _gpu_wanted(use_gpu)
-        self._gpu_index: faiss.Index | None = None
-        self._gpu_resources: Any = None
-        self._gpu_stale = True
+        self._replica = DeviceReplica(device) if device is not None else None
+        # One search (and copy update) at a time on a device, whichever index it is for.
+        self._device_lock = device_lock(device.name) if device is not None else threading.Lock()
+        self._device_failed = False  # this index structure could not be copied to the device
+        self._ef_grouped = False
         self._apply_search_parameters()
 
     # --- properties -------------------------------------------------------------------------
@@ -178,8 +231,14 @@ class ShortlistIndex:
             self._apply_search_parameters()
 
     @property
-    def on_gpu(self) -> bool:
-        return self._use_gpu
+    def device(self) -> str:
+        """Where searches run: the device's name ("cuda:0") or "cpu"."""
+        return self._replica.name if self._searches_on_device() else CPU
+
+    @property
+    def device_stats(self) -> DeviceStats | None:
+        """Full copies and incremental updates of the device copy; None without a device."""
+        return self._replica.stats if self._replica is not None else None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -210,9 +269,10 @@ class ShortlistIndex:
                 self._compact()
             self._index.add_with_ids(matrix, id_array)
             self._ids.update(int(i) for i in id_array)
-            self._gpu_stale = True
             if not self._trained and len(self._ids) >= self.min_train_size:
                 self._train_from_buffer()
+            elif self._replica is not None:
+                self._replica.record_add(id_array, matrix)
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove `ids`; unknown ids are ignored. Returns how many were removed."""
@@ -226,45 +286,46 @@ class ShortlistIndex:
             except RuntimeError:  # HNSW graphs cannot remove: skip them in searches instead
                 self._tombstones.update(int(i) for i in present)
             self._ids.difference_update(int(i) for i in present)
-            self._gpu_stale = True
+            if self._replica is not None:
+                self._replica.record_remove(present)
             if len(self._tombstones) > TOMBSTONE_COMPACT_FRACTION * max(len(self._ids), 1):
                 self._compact()
             return len(present)
 
     # --- search -----------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int) -> SearchResult:
         """Top-k for each query row: (scores float32 [Q, k], ids int64 [Q, k]), best first.
 
         Slots beyond the number of live vectors hold id -1 and score -inf.
         """
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
-        matrix = l2_normalised(queries, self.dim)
+        return self.search_batch([(queries, k)])[0]
+
+    def search_batch(self, jobs: Sequence[SearchJob]) -> list[SearchResult]:
+        """`search` for several callers' (queries, k) at once: their rows are stacked into as
+        few index searches as give each caller exactly what its own `search` would (one with
+        the largest k; on an HNSW graph, whose candidate queue FAISS sizes max(efSearch, k),
+        one per queue size), then every caller gets its own top-k."""
+        prepared = []
+        for queries, k in jobs:
+            if k <= 0:
+                raise ValueError(f"k must be positive, got {k}")
+            prepared.append((l2_normalised(queries, self.dim), int(k)))
+        results: list[SearchResult] = [_empty(len(m), k) for m, k in prepared]
         with self._lock.read():
-            fetch = min(k + len(self._tombstones), self._index.ntotal)
-            scores = np.full((len(matrix), k), -np.inf, dtype=np.float32)
-            ids = np.full((len(matrix), k), -1, dtype=np.int64)
-            if fetch == 0:
-                return scores, ids
-            found_scores, found_ids = self._searcher().search(matrix, fetch)
-            tombstones = self._tombstones
-        if not tombstones:
-            width = min(k, fetch)
-            scores[:, :width] = found_scores[:, :width]
-            ids[:, :width] = found_ids[:, :width]
-            ids[ids < 0] = -1
-            scores[ids < 0] = -np.inf
-            return scores, ids
-        for row in range(len(matrix)):
-            keep = [
-                col
-                for col, item in enumerate(found_ids[row])
-                if item >= 0 and int(item) not in tombstones
-            ][:k]
-            scores[row, : len(keep)] = found_scores[row, keep]
-            ids[row, : len(keep)] = found_ids[row, keep]
-        return scores, ids
+            groups: dict[int, list[int]] = {}
+            for job, (_, k) in enumerate(prepared):
+                groups.setdefault(self._result_group(k), []).append(job)
+            for members in groups.values():
+                largest_k = max(prepared[job][1] for job in members)
+                stacked = np.concatenate([prepared[job][0] for job in members])
+                scores, ids = self._search_locked(stacked, largest_k)
+                row = 0
+                for job in members:
+                    rows, k = len(prepared[job][0]), prepared[job][1]
+                    results[job] = (scores[row : row + rows, :k], ids[row : row + rows, :k])
+                    row += rows
+        return results
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -300,7 +361,7 @@ class ShortlistIndex:
         factory: str | None = None,
         nprobe: int = DEFAULT_NPROBE,
         ef_search: int = DEFAULT_EF_SEARCH,
-        use_gpu: UseGpu = "auto",
+        device: DeviceBackend | None = None,
     ) -> tuple[ShortlistIndex, dict[str, Any]]:
         """Read an index written by `save`; returns it and the caller's `meta`.
 
@@ -324,7 +385,7 @@ class ShortlistIndex:
             header["factory"],
             nprobe=nprobe,
             ef_search=ef_search,
-            use_gpu=use_gpu,
+            device=device,
             min_train_size=header["min_train_size"],
         )
         if not isinstance(inner, faiss.IndexIDMap2) and faiss.try_extract_index_ivf(inner) is None:
@@ -336,7 +397,7 @@ class ShortlistIndex:
         index._trained = header["trained"]
         if len(index._ids) != header["count"] or index._index.d != header["dim"]:
             raise CorruptIndexError(f"{path}: header and index disagree on count or dimension")
-        index._apply_search_parameters()
+        index._structure_changed()
         return index, header["meta"]
 
     # --- internals --------------------------------------------------------------------------
@@ -364,7 +425,7 @@ class ShortlistIndex:
         trained.add_with_ids(vectors, buffer_ids)
         self._index = trained
         self._trained = True
-        self._apply_search_parameters()
+        self._structure_changed()
         logger.info("trained %s on %d vectors", self.factory, len(sample))
 
     def _compact(self) -> None:
@@ -379,48 +440,79 @@ class ShortlistIndex:
         rebuilt.add_with_ids(vectors[live], all_ids[live])
         self._index = rebuilt
         self._tombstones.clear()
-        self._gpu_stale = True
-        self._apply_search_parameters()
+        self._structure_changed()
         logger.info("compacted %s: %d live vectors", self.factory, int(live.sum()))
 
+    def _structure_changed(self) -> None:
+        """A new CPU index (trained, compacted, loaded): re-copy it, and try the device again."""
+        self._device_failed = False
+        if self._replica is not None:
+            self._replica.invalidate()
+        self._apply_search_parameters()
+
     def _apply_search_parameters(self) -> None:
-        inner = self._index
-        if isinstance(inner, faiss.IndexIDMap2):
-            inner = faiss.downcast_index(inner.index)
+        parameters = search_parameters(self._index, nprobe=self._nprobe, ef_search=self._ef_search)
+        inner = _unwrapped(self._index)
         ivf = faiss.try_extract_index_ivf(inner)
-        if ivf is not None:
-            ivf.nprobe = self._nprobe
-            quantizer = faiss.downcast_index(ivf.quantizer)
-            if hasattr(quantizer, "hnsw"):
-                quantizer.hnsw.efSearch = max(self._ef_search, self._nprobe)
-        if hasattr(inner, "hnsw"):
-            inner.hnsw.efSearch = self._ef_search
-        self._gpu_stale = True
+        for name, value in parameters.items():
+            if name == "nprobe":
+                ivf.nprobe = value
+            elif name == "quantizer_efSearch":
+                faiss.downcast_index(ivf.quantizer).hnsw.efSearch = value
+            elif name == "efSearch":
+                inner.hnsw.efSearch = value
+        self._ef_grouped = "efSearch" in parameters
+        if self._replica is not None:
+            if "quantizer_efSearch" in parameters:  # it travels inside the copy
+                self._replica.invalidate()
+            else:
+                self._replica.parameters_changed()
 
-    def _searcher(self) -> faiss.Index:
-        """The index to search: a GPU copy when wanted and possible, else the CPU index.
+    def _searches_on_device(self) -> bool:
+        return self._replica is not None and not self._device_failed and device_capable(self._index)
 
-        The CPU index is the source of truth (adds, removes, saves); the GPU copy is re-made
-        on the first search after a change.
-        """
-        if not self._use_gpu:
-            return self._index
-        if self._gpu_stale or self._gpu_index is None:
-            try:
-                if self._gpu_resources is None:  # one pool of GPU memory per index, reused
-                    self._gpu_resources = faiss.StandardGpuResources()
-                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
-                if hasattr(faiss, "GpuParameterSpace"):
-                    space = faiss.GpuParameterSpace()
-                    space.set_index_parameter(self._gpu_index, "nprobe", self._nprobe)
-                self._gpu_stale = False
-            except (RuntimeError, AttributeError) as error:
-                logger.warning(
-                    "%s cannot run on the GPU (%s); searching on CPU", self.factory, error
-                )
-                self._use_gpu = False
-                return self._index
-        return self._gpu_index
+    def _result_group(self, k: int) -> int:
+        """Searches with the same group give each query the same top-k whatever the k asked:
+        every k on flat and IVF; on an HNSW graph, every k with the same beam max(efSearch, k)."""
+        if not self._ef_grouped:
+            return 0
+        return max(self._ef_search, k + len(self._tombstones))
+
+    def _search_locked(self, matrix: np.ndarray, k: int) -> SearchResult:
+        """Search under the read lock, on the device copy when there is one, else the CPU."""
+        fetch = min(k + len(self._tombstones), self._index.ntotal)
+        if fetch == 0:
+            return _empty(len(matrix), k)
+        replica = self._replica
+        if replica is not None and self._searches_on_device() and fetch <= replica.backend.max_k:
+            with self._device_lock:
+                try:
+                    replica.prepare(
+                        self._index,
+                        len(self._ids),
+                        fetch,
+                        search_parameters(
+                            self._index,
+                            nprobe=self._nprobe,
+                            ef_search=self._ef_search,
+                            on_device=True,
+                        ),
+                    )
+                    found_scores, found_ids = replica.search(matrix, fetch)
+                except (RuntimeError, AttributeError) as error:  # FAISS reports C++ errors so
+                    logger.warning(
+                        "%s cannot be searched on %s (%s); searching on the CPU until it changes",
+                        self.factory,
+                        replica.name,
+                        error,
+                    )
+                    replica.invalidate()
+                    self._device_failed = True
+                else:
+                    excluded = self._tombstones | replica.hidden
+                    return _best_live(found_scores, found_ids, excluded, k)
+        found_scores, found_ids = self._index.search(matrix, fetch)
+        return _best_live(found_scores, found_ids, self._tombstones, k)
 
 
 def _with_ids(inner: faiss.Index) -> faiss.Index:
@@ -449,11 +541,23 @@ def _stored_ids(index: faiss.Index) -> np.ndarray:
     return np.concatenate(chunks).astype(np.int64) if chunks else np.empty(0, dtype=np.int64)
 
 
-def _gpu_wanted(use_gpu: UseGpu) -> bool:
-    available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    if use_gpu is True and not available:
-        raise ValueError("use_gpu=True but this faiss build sees no GPU (faiss-cpu?)")
-    return available if use_gpu == "auto" else bool(use_gpu)
+def _empty(rows: int, k: int) -> SearchResult:
+    return np.full((rows, k), -np.inf, dtype=np.float32), np.full((rows, k), -1, dtype=np.int64)
+
+
+def _best_live(scores: np.ndarray, ids: np.ndarray, excluded: set[int], k: int) -> SearchResult:
+    """The first k found slots of each row that hold a live id (not -1, not `excluded`), in
+    order, padded with id -1 / score -inf."""
+    live = ids >= 0
+    if excluded:
+        live &= ~np.isin(ids, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    order = np.argsort(~live, axis=1, kind="stable")[:, :k]  # live slots first, order kept
+    kept = np.take_along_axis(live, order, axis=1)
+    out_scores, out_ids = _empty(len(ids), k)
+    width = order.shape[1]
+    out_scores[:, :width] = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf)
+    out_ids[:, :width] = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
+    return out_scores, out_ids
 
 
 def _read_index_file(path: Path) -> tuple[dict[str, Any], np.ndarray]:

@@ -1,8 +1,9 @@
 """Micro-batching of concurrent requests into one model call, with a bounded queue.
 
 The reranker is fastest when it scores many (query, candidates) jobs in one call, and it must
-never run on the event loop. `MicroBatcher` collects jobs for up to `max_wait_s` or until
-`max_batch_size` are waiting, runs the batch function on one worker thread, and hands every
+never run on the event loop. `MicroBatcher` collects jobs for up to `max_wait_s` (then also
+takes those already waiting; with 0 it never waits, batching only what queued meanwhile) or
+until `max_batch_size` are waiting, runs the batch function on one worker thread, and hands every
 caller its own result. When `max_queue_size` jobs are already waiting, `submit` raises
 `QueueFullError` at once, so the API can answer 429 instead of slowing down without bound.
 """
@@ -107,11 +108,12 @@ class MicroBatcher(Generic[JobT, ResultT]):
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except asyncio.TimeoutError:
+                    if timeout <= 0:  # the wait is over: take only what is already queued
+                        batch.append(self._queue.get_nowait())
+                    else:
+                        batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
             live = [pending for pending in batch if not pending.future.cancelled()]
             if not live:

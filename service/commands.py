@@ -201,7 +201,7 @@ async def _run_locally(items: list[IngestItem], jobs: int, on_done) -> IngestRep
     try:
         return await ingest(items, LocalTarget(runtime), jobs=jobs, on_done=on_done)
     finally:
-        await runtime.batcher.stop()
+        await runtime.stop_batchers()
         await asyncio.to_thread(runtime.close)
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics: request counts, per-stage latency histograms, cache and batcher state.
+"""Prometheus metrics: request counts, per-stage latency histograms, cache and batcher state,
+and where each stage runs.
 
 Each app gets its own `CollectorRegistry`, so several apps in one process (tests, benchmarks)
 never collide. Routes are labelled by their template (`/v1/images/{image_id}`), never by the
@@ -79,6 +80,12 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.shortlist_batch_jobs = Histogram(
+            "campsearch_shortlist_batch_jobs",
+            "Queries searched together in one shortlist batch by the micro-batcher.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.precompute_cache = Counter(
             "campsearch_precompute_cache_lookups",
             "Per-item rerank tensors looked up in the in-process LRU, by kind and result.",
@@ -148,6 +155,28 @@ class _StateCollector(Collector):
             "Queries waiting for the reranker.",
             value=float(state["queued"]),
         )
+        yield GaugeMetricFamily(
+            "campsearch_shortlist_queue_depth",
+            "Queries waiting for the shortlist search.",
+            value=float(state["shortlist_queued"]),
+        )
+        stages = GaugeMetricFamily(
+            "campsearch_stage_info",
+            "Where each stage runs (cpu or cuda:N) and its precision; the value is always 1.",
+            labels=("stage", "device", "precision"),
+        )
+        for stage, where in state["stages"].items():
+            stages.add_metric((stage, where["device"], where["precision"]), 1.0)
+        yield stages
+        copies = GaugeMetricFamily(
+            "campsearch_shortlist_device_copies",
+            "Full copies of a shortlist index to the GPU since start (writes update the copy "
+            "in place; a copy follows training, compaction or many deletes).",
+            labels=("kind",),
+        )
+        for kind, count in state["device_copies"].items():
+            copies.add_metric((kind,), float(count))
+        yield copies
         sizes = GaugeMetricFamily(
             "campsearch_corpus_items", "Items in the corpus.", labels=("kind",)
         )

@@ -1,13 +1,15 @@
 """The two-stage search (DESIGN §2): pooled-vector shortlist, then the CAMP reranker.
 
-text -> images:  encode the text -> FAISS top-K images -> their rerank tensors (in-process LRU,
-                 else ONE feature fetch through the cache for the misses) -> micro-batched
-                 rerank -> sort, `min_score`, `limit` -> catalog metadata (+ explanation).
+text -> images:  encode the text -> micro-batched FAISS top-K images -> their rerank tensors
+                 (in-process LRU, else ONE feature fetch through the cache for the misses) ->
+                 micro-batched rerank -> sort, `min_score`, `limit` -> catalog metadata
+                 (+ explanation).
 image -> captions: the same with the sides swapped; the image's regions come from the corpus
                  (by id) or from `UploadRegions` (an upload).
 
-Every blocking step (torch, FAISS, LMDB, SQLite) runs in a worker thread; the reranker runs on
-the micro-batcher's thread. Stage timings go to the response and to Prometheus.
+Every blocking step (torch, FAISS, LMDB, SQLite) runs in a worker thread; the shortlist and the
+reranker each run on their own micro-batcher's thread. Stage timings go to the response and to
+Prometheus.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from index.corpus import Corpus, RegionArrays
+from index.corpus import Corpus, Kind, RegionArrays
+from index.shortlist import SearchResult, l2_normalised
 from model.precompute import CaptionPrecompute, ImagePrecompute
 from service.batching import MicroBatcher
 from service.budget import MemoryBudget
@@ -42,6 +45,7 @@ from service.schemas import (
     SearchOptions,
     Timings,
 )
+from service.shortlist import ShortlistJob
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -124,7 +128,8 @@ def _within_request_timeout(search: SearchMethod) -> SearchMethod:
 
 
 class SearchPipeline:
-    """Both search directions over one corpus, one model and one micro-batcher."""
+    """Both search directions over one corpus, one model and two micro-batchers (the shortlist's
+    and the reranker's)."""
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class SearchPipeline:
         batcher: MicroBatcher[RerankJob, np.ndarray],
         metrics: ServiceMetrics,
         *,
+        shortlist: MicroBatcher[ShortlistJob, SearchResult],
         request_timeout_s: float = 30.0,
         image_cache_bytes: int,
         caption_cache_bytes: int,
@@ -147,6 +153,7 @@ class SearchPipeline:
         self.model = model
         self.corpus = corpus
         self.batcher = batcher
+        self.shortlist = shortlist
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         self.search_memory = MemoryBudget(search_memory_bytes)
@@ -173,7 +180,7 @@ class SearchPipeline:
         query = encoded.precompute.select([0])
         k = max(request.candidates, request.limit)
         with self.metrics.time_stage("shortlist", timings):
-            scores, ids = await asyncio.to_thread(self.corpus.search_images, encoded.pooled, k)
+            scores, ids = await self._search("images", encoded.pooled, k)
         shortlist = _shortlist(scores[0], ids[0])
 
         async with contextlib.AsyncExitStack() as held:  # the tensors, until the answer is built
@@ -277,7 +284,7 @@ class SearchPipeline:
             )
         k = max(options.candidates, options.limit)
         with self.metrics.time_stage("shortlist", timings):
-            scores, ids = await asyncio.to_thread(self.corpus.search_captions, pooled, k)
+            scores, ids = await self._search("captions", pooled, k)
         shortlist = _shortlist(scores[0], ids[0])
 
         async with contextlib.AsyncExitStack() as held:  # the tensors, until the answer is built
@@ -407,6 +414,12 @@ class SearchPipeline:
         self.caption_tensors.discard(caption_ids)
 
     # --- internals ----------------------------------------------------------------------------
+
+    async def _search(self, kind: Kind, pooled: np.ndarray, k: int) -> SearchResult:
+        """The shortlist of one query, searched in a batch with concurrent ones. The vector is
+        checked here, so a bad one fails its own request and never its batch-mates'."""
+        job = ShortlistJob(kind, l2_normalised(pooled, self.corpus.dim), k)
+        return await self.shortlist.submit(job)
 
     async def _final_scores(
         self,

@@ -18,12 +18,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
 
 from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
+from index.device import CPU, faiss_gpu_id
+from index.shortlist import SearchResult
 from model.extractors import RegionExtractor, create_extractor
 from service.batching import MicroBatcher
 from service.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
@@ -33,6 +36,7 @@ from service.pipeline import SearchPipeline
 from service.regions import UploadRegions
 from service.rerank import PairReranker, RerankJob
 from service.settings import MEBIBYTE, Settings
+from service.shortlist import ShortlistJob, ShortlistSearcher
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -106,7 +110,11 @@ def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtracto
 
 
 def open_corpus(
-    settings: Settings, model: RetrievalModel, extractor: RegionExtractor, cache: FeatureCache
+    settings: Settings,
+    model: RetrievalModel,
+    extractor: RegionExtractor,
+    cache: FeatureCache,
+    gpu_id: int | None = None,
 ) -> Corpus:
     return Corpus.open(
         settings.data_dir,
@@ -118,13 +126,30 @@ def open_corpus(
         caption_factory=settings.index_factory,
         nprobe=settings.nprobe,
         ef_search=settings.ef_search,
+        gpu_id=gpu_id,
         cache=cache,
+    )
+
+
+def build_shortlist_batcher(
+    settings: Settings, corpus: Corpus, metrics: ServiceMetrics, gpu_id: int | None
+) -> MicroBatcher[ShortlistJob, SearchResult]:
+    """Every shortlist search goes through this batcher's one thread (the only thread that
+    searches a GPU index). On a GPU it waits `batch_max_wait_ms` to gather queries, as the
+    reranker does: one launch serves them all. On a CPU it never waits and batches only what
+    queued while it was searching (an idle service adds no latency)."""
+    return MicroBatcher(
+        ShortlistSearcher(corpus, on_call=metrics.shortlist_batch_jobs.observe),
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_ms / 1000.0 if gpu_id is not None else 0.0,
+        max_queue_size=settings.queue_max_size,
+        name="shortlist",
     )
 
 
 @dataclass
 class ServiceRuntime:
-    """The loaded service: model, extractor, corpus, cache, batcher, pipeline and indexer."""
+    """The loaded service: model, extractor, corpus, cache, batchers, pipeline and indexer."""
 
     settings: Settings
     model: RetrievalModel
@@ -132,6 +157,7 @@ class ServiceRuntime:
     cache: FeatureCache
     corpus: Corpus
     batcher: MicroBatcher[RerankJob, np.ndarray]
+    shortlist: MicroBatcher[ShortlistJob, SearchResult]
     pipeline: SearchPipeline
     regions: UploadRegions
     indexer: Indexer
@@ -164,7 +190,8 @@ class ServiceRuntime:
                 )
             extractor = extractor or build_extractor(settings, model)
             cache = build_cache(settings)
-            corpus = open_corpus(settings, model, extractor, cache)
+            gpu_id = faiss_gpu_id(settings.device)
+            corpus = open_corpus(settings, model, extractor, cache, gpu_id)
         except BaseException:
             lock.release()
             raise
@@ -178,11 +205,13 @@ class ServiceRuntime:
             max_queue_size=settings.queue_max_size,
             name="rerank",
         )
+        shortlist = build_shortlist_batcher(settings, corpus, metrics, gpu_id)
         pipeline = SearchPipeline(
             model,
             corpus,
             batcher,
             metrics,
+            shortlist=shortlist,
             request_timeout_s=settings.request_timeout_s,
             image_cache_bytes=settings.image_cache_mib * MEBIBYTE,
             caption_cache_bytes=settings.caption_cache_mib * MEBIBYTE,
@@ -211,6 +240,7 @@ class ServiceRuntime:
             cache=cache,
             corpus=corpus,
             batcher=batcher,
+            shortlist=shortlist,
             pipeline=pipeline,
             regions=regions,
             indexer=indexer,
@@ -238,8 +268,35 @@ class ServiceRuntime:
             "search_memory": self.pipeline.search_memory,
             "decode_memory": self.indexer.decode_memory,
             "queued": self.batcher.queued,
+            "shortlist_queued": self.shortlist.queued,
+            "stages": self.stages(),
+            "device_copies": {
+                kind: index.device_stats.full_copies
+                for kind, index in self.corpus.indexes.items()
+                if index.device_stats is not None
+            },
             "images": len(self.corpus.indexes["images"]),
             "captions": len(self.corpus.indexes["captions"]),
+        }
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """Where each stage runs ("cpu" / "cuda:N") and in what precision. The encoders and the
+        extractor run fp32; the reranker autocasts to `model.precision` on CUDA only; the
+        shortlist is float32 FAISS, on the GPU where its index type can go (shortlist
+        `indexes` says per index)."""
+        index_devices = {kind: index.device for kind, index in self.corpus.indexes.items()}
+        on_device = sorted({device for device in index_devices.values() if device != CPU})
+        model_device = _device_name(self.model.device)
+        reranker_precision = self.model.precision if model_device != CPU else "fp32"
+        return {
+            "text_encoder": {"device": model_device, "precision": "fp32"},
+            "extractor": {"device": _device_name(self.extractor.device), "precision": "fp32"},
+            "shortlist": {
+                "device": on_device[0] if on_device else CPU,
+                "precision": "fp32",
+                "indexes": index_devices,
+            },
+            "reranker": {"device": model_device, "precision": reranker_precision},
         }
 
     def memory_caches(self) -> dict[str, tuple[int, int]]:
@@ -259,8 +316,13 @@ class ServiceRuntime:
             caches["features"] = (self.cache.bytes_used, self.cache.max_bytes)
         return caches
 
+    async def stop_batchers(self) -> None:
+        """Stop the shortlist and rerank batchers (searches still queued get an error)."""
+        await self.shortlist.stop()
+        await self.batcher.stop()
+
     def close(self) -> None:
-        """Save and release everything (blocking); the batcher must be stopped first."""
+        """Save and release everything (blocking); the batchers must be stopped first."""
         try:
             self.regions.close()
             self.corpus.close()
@@ -298,6 +360,7 @@ class ServiceState:
                 model=self.model,
                 extractor=self.extractor,
             )
+            await runtime.shortlist.start()
             await runtime.batcher.start()
         except Exception as error:  # reported by /readyz and /healthz; the process stays up
             logger.exception("the service failed to start")
@@ -336,7 +399,7 @@ class ServiceState:
         self._tasks.clear()
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
-            await runtime.batcher.stop()
+            await runtime.stop_batchers()
             await asyncio.to_thread(runtime.close)
 
     async def _trim_heap_periodically(self) -> None:
@@ -354,3 +417,11 @@ class ServiceState:
                 await asyncio.to_thread(runtime.save_if_changed)
             except Exception:  # the next start rebuilds from the store; keep serving
                 logger.exception("saving the indexes failed; will retry")
+
+
+def _device_name(device: str | torch.device) -> str:
+    """ "cpu" or "cuda:N" (a bare "cuda" means the current CUDA device)."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(resolved)

@@ -7,6 +7,8 @@ same schema serves every deployment. Field descriptions end up in the OpenAPI pa
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_LIMIT = 10
@@ -189,6 +191,16 @@ class CorpusSizes(BaseModel):
     captions: int
 
 
+class StageInfo(BaseModel):
+    """Where one stage runs and in what arithmetic."""
+
+    device: str = Field(description='"cpu" or "cuda:N"')
+    precision: Literal["fp32", "bf16", "fp16"]
+    indexes: dict[str, str] | None = Field(
+        default=None, description="shortlist only: where each index searches (kind -> device)"
+    )
+
+
 class ServiceInfo(BaseModel):
     model_version: str
     extractor: str
@@ -201,3 +213,6 @@ class ServiceInfo(BaseModel):
     corpus: CorpusSizes
     cache: str
     limits: dict[str, int]
+    stages: dict[str, StageInfo] = Field(
+        description="text_encoder, extractor, shortlist, reranker: device and precision"
+    )

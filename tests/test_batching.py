@@ -112,3 +112,31 @@ def test_a_failing_batch_fails_each_caller_and_the_batcher_keeps_going() -> None
     started = time.monotonic()
     assert asyncio.run(scenario()) == 5
     assert time.monotonic() - started < 5
+
+
+def test_without_a_wait_jobs_queued_meanwhile_share_the_next_call() -> None:
+    calls: list[list[int]] = []
+    first_running = threading.Event()
+    release = threading.Event()
+
+    def held_first(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        if len(calls) == 1:
+            first_running.set()
+            release.wait(5)
+        return list(jobs)
+
+    async def scenario() -> list[int]:
+        batcher = MicroBatcher(held_first, max_batch_size=8, max_wait_s=0)
+        try:
+            first = asyncio.create_task(batcher.submit(0))
+            await asyncio.to_thread(first_running.wait, 5)
+            rest = [asyncio.create_task(batcher.submit(n)) for n in range(1, 6)]
+            await asyncio.sleep(0.05)  # all five are queued while the first call runs
+            release.set()
+            return await asyncio.gather(first, *rest)
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == list(range(6))
+    assert calls == [[0], [1, 2, 3, 4, 5]]  # no wait, yet one call for the five

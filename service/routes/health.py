@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from service.deps import RuntimeDep, StateDep
 from service.errors import ProblemError
 from service.metrics import PROMETHEUS_CONTENT_TYPE
-from service.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo
+from service.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
 
 router = APIRouter(tags=["operations"])
 
@@ -69,7 +69,8 @@ async def metrics(state: StateDep) -> Response:
 
 @router.get("/v1/info", response_model=ServiceInfo, tags=["info"])
 async def info(runtime: RuntimeDep) -> ServiceInfo:
-    """The model, extractor and device being served, and the corpus size."""
+    """The model, extractor and device being served, the corpus size, and where each stage
+    (text encoder, extractor, shortlist, reranker) runs and in what precision."""
     corpus = runtime.corpus
     settings = runtime.settings
     return ServiceInfo(
@@ -91,4 +92,5 @@ async def info(runtime: RuntimeDep) -> ServiceInfo:
             "max_query_chars": settings.max_query_chars,
             "max_upload_bytes": settings.max_upload_bytes,
         },
+        stages={stage: StageInfo(**where) for stage, where in runtime.stages().items()},
     )
