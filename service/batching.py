@@ -111,7 +111,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             live = [pending for pending in batch if not pending.future.cancelled()]
             if not live:

