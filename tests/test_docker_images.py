@@ -157,34 +157,46 @@ class ImageRoot:
 
 @dataclass(frozen=True)
 class Substitution:
-    """A builder RUN this machine cannot run as written: `pattern` must be in it (so a changed
-    Dockerfile fails here instead of silently running something else)."""
+    """Text of a builder RUN this machine cannot run as written. It must be in some RUN, so a
+    changed Dockerfile fails here instead of silently running something else."""
 
     pattern: str
-    replacement: str | None  # None: the RUN is not run here
+    replacement: str | None  # None: that RUN is not run here at all
     why: str
 
 
 GPU_SUBSTITUTIONS = (
     Substitution("apt-get install", None, "the CUDA base image's system packages"),
     Substitution(
-        "-r requirements/torch-gpu.txt",
-        "pip install -r requirements/torch-cpu.txt",
+        'pip install --index-url "${TORCH_INDEX_URL}" -r requirements/torch-gpu.txt',
+        f"pip install -r {REPO_ROOT / 'requirements' / 'torch-cpu.txt'}",
         "the CUDA build of torch and torchvision: the CPU torch stands in",
     ),
-    Substitution("detectron2.git", None, "detectron2 is compiled against CUDA torch with nvcc"),
-    Substitution("import faiss, torch, detectron2, service", None, "detectron2 is not built"),
+    Substitution(
+        'git clone --filter=blob:none "${DETECTRON2_REPO}"',
+        None,
+        "detectron2 is cloned from GitHub and compiled against CUDA torch with nvcc",
+    ),
+    Substitution(
+        "import faiss, torch, detectron2, service",
+        "import faiss, torch, service",
+        "detectron2 is not built here: the build's import check leaves it out",
+    ),
 )
 
 
-def apply_substitutions(command: str, substitutions: tuple[Substitution, ...]) -> str | None:
+def apply_substitutions(
+    command: str, substitutions: tuple[Substitution, ...], used: set[Substitution]
+) -> str | None:
     for rule in substitutions:
         if rule.pattern not in command:
             continue
-        print(f"not run here ({rule.why}): {command[:120]}")
-        if rule.pattern.startswith("import faiss"):  # keep the check, without detectron2
-            return command.replace("detectron2, ", "")
-        return rule.replacement
+        used.add(rule)
+        if rule.replacement is None:
+            print(f"not run here ({rule.why}): {command[:100]}")
+            return None
+        print(f"changed here ({rule.why}): {rule.pattern} -> {rule.replacement}")
+        command = command.replace(rule.pattern, rule.replacement)
     return command
 
 
@@ -217,6 +229,7 @@ def build(stage: Stage, root: ImageRoot, substitutions: tuple[Substitution, ...]
     env = base_env()
     env["PATH"] = f"{interpreters}:{env['PATH']}"
     workdir = root.host("/")
+    used: set[Substitution] = set()
     for instruction in stage.instructions:
         keyword, arguments = instruction.keyword, instruction.arguments
         if keyword == "ARG":
@@ -236,7 +249,7 @@ def build(stage: Stage, root: ImageRoot, substitutions: tuple[Substitution, ...]
         elif keyword == "COPY":
             copy_into(arguments, workdir, root)
         elif keyword == "RUN":
-            command = apply_substitutions(arguments, substitutions)
+            command = apply_substitutions(arguments, substitutions, used)
             if command is None:
                 continue
             completed = subprocess.run(
@@ -250,6 +263,8 @@ def build(stage: Stage, root: ImageRoot, substitutions: tuple[Substitution, ...]
             assert completed.returncode == 0, (
                 f"RUN {command}\nfailed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
             )
+    unused = [rule.pattern for rule in substitutions if rule not in used]
+    assert not unused, f"the Dockerfile no longer has {unused}: update the substitutions"
 
 
 def copy_into(arguments: str, workdir: Path, root: ImageRoot) -> None:
@@ -426,7 +441,8 @@ def venv_python_says(venv: Path, code: str) -> str:
     ).stdout
 
 
-@pytest.mark.parametrize("image", ["cpu", "gpu"])
+# Ids name the files: an id "gpu" would read as the gpu marker (conftest skips those).
+@pytest.mark.parametrize("image", ["cpu", "gpu"], ids=["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_image_installs_serves_and_searches(image, image_root, redis_url, shared_dir, tmp_path):
     if not BASE_PYTHON.is_file():
         pytest.skip(f"{BASE_PYTHON} (Debian's python3.11 with venv) is not installed")
