@@ -7,6 +7,11 @@ costs almost nothing, and the only copies are the ones the worker makes for the 
 scoring. `PairReranker` is the micro-batcher's batch function: it lays the jobs' pairs end to
 end and scores them with as few `RetrievalModel.rerank_pairs` calls as the memory budget
 allows (usually one), so concurrent requests share one model call.
+
+The hot path never waits for the device per item: job sizes, region counts and caption widths
+come from tensor shapes, the query side is repeated as a view, each chunk is built by one
+`torch.cat` per tensor on the device, and the host synchronises once per model call, when the
+chunk's scores come back (`RetrievalModel.rerank_pairs`).
 """
 
 from __future__ import annotations
@@ -72,8 +77,10 @@ class RerankJob:
 
 
 def _take(side, start: int, stop: int):
+    """The query side repeats as expanded views; the candidates' side is one concatenation.
+    Neither reads anything back from the device."""
     if len(side) == 1:
-        return side[0].select([0] * (stop - start))
+        return side[0].repeat(stop - start)
     return type(side[0]).cat(list(side[start:stop]))
 
 
