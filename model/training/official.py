@@ -36,7 +36,7 @@ from model.vocab import Vocabulary
 
 GRAD_CLIP = 2.0
 # Pairs of a batch's B x B grid whose activations are alive at once (a stage's "chunk_pairs").
-DEFAULT_CHUNK_PAIRS = 1024
+DEFAULT_CHUNK_PAIRS = 2048
 ATTENTION_MODULES = (
     "image_key",
     "text_key",
@@ -171,12 +171,13 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                     optimizer.step()
                     seen += batch
                     rate = seen / (time.perf_counter() - started)
-                    bar.update(task, advance=1, status=f"loss {float(loss):.3f} {rate:.0f} pairs/s")
+                    value = loss.item()  # the step's one host sync, for the log
+                    bar.update(task, advance=1, status=f"loss {value:.3f} {rate:.0f} captions/s")
                     run.log(
                         event="step",
                         stage=stage["name"],
                         epoch=epoch,
-                        loss=float(loss),
+                        loss=value,
                         captions_per_s=rate,
                     )
             schedule.step()
