@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from training_support import loss_and_grads, official_batch
 
 from model.data import load_precomputed
 from model.evaluation import retrieval_metrics
@@ -368,58 +369,16 @@ def test_train_command_runs_the_gru_recipe_with_glove(flickr_slice_dir, tmp_path
     assert encoded.pooled.shape == (1, 16)
 
 
-def _official_batch(batch: int, dtype: torch.dtype = torch.float32):
-    """A small camp_official network (GRU text side, logit scorer) with spread-out weights and
-    a batch of random regions and captions of mixed lengths."""
-    from model.encoders import pad_token_ids
-    from model.vocab import Vocabulary
-
-    sentence = "a dog runs on the grass two people sit by water child plays with red ball"
-    vocabulary = Vocabulary.build([sentence], min_count=1)
-    spec = NetworkSpec(
-        text_encoder="gru",
-        embed_size=16,
-        word_dim=8,
-        region_dim=24,
-        num_heads=2,
-        pooled_dim=8,
-        pooled_hidden=16,
-    )
-    torch.manual_seed(0)
-    network = RetrievalNetwork(spec, vocabulary=vocabulary).to(dtype)
-    with torch.no_grad():
-        for parameter in network.camp.parameters():
-            parameter.normal_(0.0, 0.25)
-    generator = torch.Generator().manual_seed(1)
-    regions = torch.randn(batch, 5, spec.region_dim, generator=generator, dtype=dtype)
-    lengths = torch.randint(2, 12, (batch,), generator=generator)
-    ids = [
-        torch.randint(4, len(vocabulary), (int(n),), generator=generator).tolist() for n in lengths
-    ]
-    padded, lengths = pad_token_ids(ids)
-    return network, regions, padded, lengths
-
-
-def _loss_and_grads(network, scores_fn):
-    from model.losses import bce_hardest_negative_loss
-
-    network.zero_grad(set_to_none=True)
-    loss = bce_hardest_negative_loss(scores_fn())
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in network.camp.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
 def test_chunked_batch_scores_give_the_direct_forms_loss_and_gradients():
     """The official recipe's B x B grid in checkpointed blocks of 4 pairs: the same loss and
     the same gradients for every CAMP parameter as the unchunked direct form (float64, so
     "to float rounding" means 1e-9), and as one unchunked precompute grid (float32)."""
     from model.training.official import batch_logits
 
-    network, regions, ids, lengths = _official_batch(6, torch.float64)
+    network, regions, ids, lengths = official_batch(6, torch.float64)
     camp = network.camp
-    direct_loss, direct = _loss_and_grads(network, lambda: camp(regions, ids, lengths))
-    chunked_loss, chunked = _loss_and_grads(
+    direct_loss, direct = loss_and_grads(network, lambda: camp(regions, ids, lengths))
+    chunked_loss, chunked = loss_and_grads(
         network, lambda: torch.sigmoid(batch_logits(camp, regions, ids, lengths, 4))
     )
     assert direct.keys() == chunked.keys() and len(direct) == len(list(camp.parameters()))
@@ -428,12 +387,12 @@ def test_chunked_batch_scores_give_the_direct_forms_loss_and_gradients():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(chunked[name], grad, rtol=1e-7, atol=1e-9, msg=name)
 
-    network, regions, ids, lengths = _official_batch(6, torch.float32)
+    network, regions, ids, lengths = official_batch(6, torch.float32)
     camp = network.camp
-    whole_loss, whole = _loss_and_grads(
+    whole_loss, whole = loss_and_grads(
         network, lambda: torch.sigmoid(batch_logits(camp, regions, ids, lengths, 36))
     )
-    parts_loss, parts = _loss_and_grads(
+    parts_loss, parts = loss_and_grads(
         network, lambda: torch.sigmoid(batch_logits(camp, regions, ids, lengths, 5))
     )
     torch.testing.assert_close(parts_loss, whole_loss, rtol=1e-6, atol=1e-6)
@@ -449,7 +408,7 @@ def test_chunked_batch_memory_grows_with_items_not_pairs():
 
     kept = {}
     for batch in (8, 32):
-        network, regions, ids, lengths = _official_batch(batch)
+        network, regions, ids, lengths = official_batch(batch)
         with SavedTensorBytes(network) as direct:
             network.camp(regions, ids, lengths)
         with SavedTensorBytes(network) as chunked:
