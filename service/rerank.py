@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
 # Working memory of one reranker call (activations of every pair in it). 1,000 pairs of
 # 49 regions x 12 words at d=1024 take about 2.5 GB, so a CPU call holds ~200 pairs.
 RERANK_MEMORY_BUDGET_BYTES = 512 * 2**20
+# On a GPU one call may use this share of the device's memory (at least the CPU's budget): a
+# batch of 16 queries x K = 100 then runs as one call instead of several.
+GPU_MEMORY_SHARE = 1 / 16
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """The reranker's working memory per call on `device`."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(RERANK_MEMORY_BUDGET_BYTES, int(total * GPU_MEMORY_SHARE))
+    return RERANK_MEMORY_BUDGET_BYTES
 
 
 @dataclass(frozen=True)
@@ -91,11 +103,12 @@ class PairReranker:
         self,
         model: RetrievalModel,
         *,
-        memory_budget_bytes: int = RERANK_MEMORY_BUDGET_BYTES,
+        memory_budget_bytes: int | None = None,
         on_call: Callable[[int, float], None] | None = None,
     ) -> None:
+        """memory_budget_bytes None: `default_memory_budget` of the model's device."""
         self.model = model
-        self.memory_budget_bytes = memory_budget_bytes
+        self.memory_budget_bytes = memory_budget_bytes or default_memory_budget(model.device)
         self._on_call = on_call  # (jobs in the batch, seconds of model time), for metrics
 
     def __call__(self, jobs: Sequence[RerankJob]) -> list[np.ndarray]:

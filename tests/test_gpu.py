@@ -1,4 +1,5 @@
-"""The GPU paths against the CPU: reranker (fp32, bf16, fp16), grid extractor, a whole search
+"""The GPU paths against the CPU: reranker (fp32, bf16, fp16, one host sync per call), grid
+extractor, a whole search
 through the app, a training step. Marked `gpu`: they skip without CUDA and run in
 bench/gpu_check.sh on a GPU host. Each compares the device's results with the CPU's on the same
 real inputs; the CPU halves run in CI (tests/test_precision.py, tests/test_training.py).
@@ -10,6 +11,7 @@ import asyncio
 import copy
 import hashlib
 import json
+import warnings
 
 import httpx
 import numpy as np
@@ -24,6 +26,7 @@ from rerank_support import (
     max_abs_diff,
     order_violations,
     rerank,
+    rerank_jobs,
 )
 from service_support import ServerThread, coco_photos, make_settings
 from training_support import loss_and_grads, official_batch
@@ -33,6 +36,7 @@ from model.retrieval import RetrievalModel
 from model.training.official import batch_logits
 from service.app import create_app
 from service.ingest import HttpTarget, ingest, read_source
+from service.rerank import PairReranker
 
 pytestmark = pytest.mark.gpu
 
@@ -78,6 +82,25 @@ def test_reranker_on_the_gpu_in_half_precision_keeps_the_cpu_fp32_ranking(
     scores = rerank(model, shortlists)
     assert max_abs_diff(cpu_fp32_scores, scores) < BF16_MAX_SCORE_DIFF
     assert order_violations(cpu_fp32_scores, scores, BF16_ORDER_TOLERANCE) == []
+
+
+def test_the_reranker_synchronises_once_per_model_call_on_the_gpu(shortlists) -> None:
+    """CUDA's sync debug mode flags every host synchronisation: 40 queries' jobs in one model
+    call synchronise once, when the scores come back."""
+    model = RetrievalModel.load(device="cuda", precision="bf16")
+    jobs = rerank_jobs(model, shortlists)
+    reranker = PairReranker(model, memory_budget_bytes=2**40)  # one call for all the jobs
+    reranker(jobs)  # warm-up: kernels loaded, pinned blocks cached
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            reranker(jobs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
 
 
 def test_grid_extractor_on_the_gpu_equals_the_cpu(shared_dir, exact_fp32_on_cuda) -> None:
