@@ -146,9 +146,10 @@ class RetrievalModel:
     def text_features(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad ids and run the text side up to CAMP's projection: ([B, L, h], lengths [B])."""
         padded, lengths = pad_token_ids(token_ids)
+        padded, lengths = self._to_device(padded), self._to_device(lengths)
         with torch.inference_mode():
-            features = self.network.text_features(padded.to(self.device), lengths.to(self.device))
-        return features, lengths.to(self.device)
+            features = self.network.text_features(padded, lengths)
+        return features, lengths
 
     def encode_texts(self, texts: Sequence[str]) -> EncodedTexts:
         token_ids, tokens = self.tokenize(texts)
@@ -165,6 +166,12 @@ class RetrievalModel:
         )
 
     # -- image side -------------------------------------------------------------------------------
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device; on CUDA through pinned memory, non-blocking."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _regions(self, regions: np.ndarray) -> torch.Tensor:
         """Host features -> float32 [B, R, D] on the device.
 
@@ -268,10 +275,8 @@ class RetrievalModel:
                 f"need one shortlist score per pair: {len(images)} pairs, "
                 f"scores of shape {tuple(shortlist.shape)}"
             )
-        if self.device.type == "cuda":
-            shortlist = shortlist.pin_memory().to(self.device, non_blocking=True)
         logits = self.camp_logits(images, captions)
-        return self.fuse(shortlist, logits).cpu().numpy()
+        return self.fuse(self._to_device(shortlist), logits).cpu().numpy()
 
     def explain_pair(self, image: ImagePrecompute, caption: CaptionPrecompute) -> dict[str, Any]:
         """Attention of one (image, caption) pair, JSON-ready.

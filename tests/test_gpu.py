@@ -1,7 +1,8 @@
 """The GPU paths against the CPU: reranker (fp32, bf16, fp16, one host sync per call), grid
 extractor, a whole search through the app, a training step. Marked `gpu`: they skip without
-CUDA and run in bench/gpu_check.sh on a GPU host. Each compares the device's results with the CPU's on the same
-real inputs; the CPU halves run in CI (tests/test_precision.py, tests/test_training.py).
+CUDA and run in bench/gpu_check.sh on a GPU host. Each compares the device's results with the
+CPU's on the same real inputs; the CPU halves run in CI (tests/test_precision.py,
+tests/test_training.py, tests/test_rerank.py).
 """
 
 from __future__ import annotations
