@@ -24,9 +24,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from model.encoders import EncodedText, length_mask
-from model.scorer import L2NORM_EPS, AttentionMaps, CampScorer, l2norm, masked_logits
+from model.scorer import L2NORM_EPS, AttentionMaps, CampScorer, l2norm, masked_logits, wide
 
 # Working memory one chunk of an N x M grid may use (activations, not the inputs).
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
@@ -54,6 +55,12 @@ class ImagePrecompute:
 
     def select(self, index: Tensor | slice | list[int]) -> ImagePrecompute:
         return ImagePrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def repeat(self, count: int) -> ImagePrecompute:
+        """One image as `count` rows: expanded views, no copy, no index tensor on the device."""
+        return ImagePrecompute(
+            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
+        )
 
     def to(self, device=None, dtype=None) -> ImagePrecompute:
         return ImagePrecompute(
@@ -110,6 +117,13 @@ class CaptionPrecompute:
         picked = CaptionPrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
         return picked.trimmed()
 
+    def repeat(self, count: int) -> CaptionPrecompute:
+        """One caption as `count` rows: expanded views, no copy, and no host synchronisation
+        (`select` trims, which reads the lengths back from the device)."""
+        return CaptionPrecompute(
+            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
+        )
+
     def trimmed(self) -> CaptionPrecompute:
         width = int(self.lengths.max())
         if width == self.words.shape[1]:
@@ -151,16 +165,38 @@ class CaptionPrecompute:
         return CaptionPrecompute(**out)
 
 
+def _block_shape(ni: int, nc: int, max_pairs: int) -> tuple[int, int]:
+    """(images, captions) per block of an Ni x Nc grid, at most `max_pairs` pairs a block."""
+    caption_block = min(nc, max_pairs)
+    return max(1, min(ni, max_pairs // caption_block)), caption_block
+
+
+def _expand(x: Tensor, count: int) -> Tensor:
+    if x.shape[0] != 1:
+        raise ValueError(f"repeat needs exactly one item, got {x.shape[0]}")
+    return x.expand(count, *x.shape[1:])
+
+
 def _rownorm(mix: Tensor, mix_gram: Tensor) -> Tensor:
     """||P X|| per row from P and P·(X Xᵀ), plus the l2norm epsilon."""
-    return (mix * mix_gram).sum(-1).clamp_min(0).sqrt() + L2NORM_EPS
+    product = mix * mix_gram
+    return product.sum(-1, dtype=wide(product)).clamp_min(0).sqrt() + L2NORM_EPS
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return logits.softmax(-1, dtype=wide(logits))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    product = a * b
+    return product.sum(-1, dtype=wide(product))
 
 
 class PrecomputedScorer:
     """Scores (image, caption) pairs from per-item precomputed tensors, equal to the direct form.
 
-    Built on a `CampScorer`'s weights (no copy). Device and dtype follow the inputs; under CUDA
-    autocast the matmuls run in bf16/fp16 and softmaxes in fp32.
+    Built on a `CampScorer`'s weights (no copy). Device and dtype follow the inputs; under
+    autocast (CUDA or CPU) the matmuls run in bf16/fp16, softmaxes and norms in fp32.
     """
 
     def __init__(self, scorer: CampScorer) -> None:
@@ -213,10 +249,8 @@ class PrecomputedScorer:
         without ever holding Ni·Nc·L·d values.
         """
         ni, nc = len(images), len(captions)
-        per_pair = self.bytes_per_pair(images, captions)
-        max_pairs = max(1, memory_budget_bytes // per_pair)
-        caption_block = min(nc, max_pairs)
-        image_block = max(1, min(ni, max_pairs // caption_block))
+        max_pairs = max(1, memory_budget_bytes // self.bytes_per_pair(images, captions))
+        image_block, caption_block = _block_shape(ni, nc, max_pairs)
         out = images.regions.new_empty((ni, nc), dtype=torch.float32)
         for j in range(0, nc, caption_block):
             block = captions.select(slice(j, j + caption_block))
@@ -224,6 +258,38 @@ class PrecomputedScorer:
                 scores, _ = self._score(images.select(slice(i, i + image_block)), block, "grid")
                 out[i : i + image_block, j : j + caption_block] = scores
         return out
+
+    def score_grid_checkpointed(
+        self, images: ImagePrecompute, captions: CaptionPrecompute, max_pairs: int
+    ) -> Tensor:
+        """Scores [Ni, Nc] for training: differentiable, at most `max_pairs` pairs' activations
+        alive at once.
+
+        Each block of pairs runs under activation checkpointing: its activations are freed
+        after the forward and recomputed, one block at a time, during the backward. The
+        per-item tensors (and their graph back to the encoders) are kept once for the whole
+        grid. The backward replays the same operations, so the gradients are those of one
+        unchunked grid, to float rounding; the price is a second forward of the pair math.
+        """
+        ni, nc = len(images), len(captions)
+        image_block, caption_block = _block_shape(ni, nc, max(1, max_pairs))
+        rows = []
+        for i in range(0, ni, image_block):
+            image_rows = images.select(slice(i, i + image_block))
+            row = [
+                checkpoint(
+                    self._grid_block,
+                    image_rows,
+                    captions.select(slice(j, j + caption_block)),
+                    use_reentrant=False,
+                )
+                for j in range(0, nc, caption_block)
+            ]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _grid_block(self, images: ImagePrecompute, captions: CaptionPrecompute) -> Tensor:
+        return self._score(images, captions, "grid")[0]
 
     def score_text_against_images(
         self, caption: CaptionPrecompute, images: ImagePrecompute, explain: bool = False
@@ -243,11 +309,17 @@ class PrecomputedScorer:
         scores, maps = self._score(image, captions.trimmed(), "grid", explain=explain)
         return scores[0], maps
 
-    def score_pairs(self, images: ImagePrecompute, captions: CaptionPrecompute) -> Tensor:
-        """Scores [K] of aligned pairs (images[k], captions[k])."""
+    def score_pairs(
+        self, images: ImagePrecompute, captions: CaptionPrecompute, *, trim: bool = True
+    ) -> Tensor:
+        """Scores [K] of aligned pairs (images[k], captions[k]).
+
+        trim=False skips trimming the captions to their longest length: the scores are the same
+        (padding is masked exactly) and no lengths are read back to the host.
+        """
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images cannot pair with {len(captions)} captions")
-        scores, _ = self._score(images, captions.trimmed(), "pairs")
+        scores, _ = self._score(images, captions.trimmed() if trim else captions, "pairs")
         return scores
 
     @staticmethod
@@ -288,16 +360,16 @@ class PrecomputedScorer:
         keep = per_caption(cap.mask)  # [.., L]
 
         # Stage 1: cross attention. t2v: words over regions; v2t: regions over real words.
-        attn_t2v = (torch.einsum(f"{j}ld,{i}rd->{o}lr", cap.queries, img.keys) * scale).softmax(-1)
+        attn_t2v = _softmax(torch.einsum(f"{j}ld,{i}rd->{o}lr", cap.queries, img.keys) * scale)
         logits_v2t = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.queries, cap.keys) * scale
-        attn_v2t = masked_logits(logits_v2t, keep.unsqueeze(-2)).softmax(-1)
+        attn_v2t = _softmax(masked_logits(logits_v2t, keep.unsqueeze(-2)))
 
         # Stage 2 with the per-item kernels; P = selfattn @ crossattn maps messages to items.
         region_logits = torch.einsum(f"{o}rl,{j}lm->{o}rm", attn_v2t, cap.region_message_logits)
-        selfattn_v = (region_logits @ attn_v2t.transpose(-2, -1)).softmax(-1)
+        selfattn_v = _softmax(region_logits @ attn_v2t.transpose(-2, -1))
         word_logits = torch.einsum(f"{o}lr,{i}rs->{o}ls", attn_t2v, img.word_message_logits)
         word_logits = word_logits @ attn_t2v.transpose(-2, -1)
-        selfattn_t = masked_logits(word_logits, keep.unsqueeze(-2)).softmax(-1)
+        selfattn_t = _softmax(masked_logits(word_logits, keep.unsqueeze(-2)))
         mix_v = selfattn_v @ attn_v2t  # [.., R, L]
         mix_t = selfattn_t @ attn_t2v  # [.., L, R]
 
@@ -308,8 +380,8 @@ class PrecomputedScorer:
         region_word_dots = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.regions, cap.words)
         norm_v = _rownorm(mix_v, torch.einsum(f"{o}rl,{j}lm->{o}rm", mix_v, cap.gram))
         norm_t = _rownorm(mix_t, torch.einsum(f"{o}lr,{i}rs->{o}ls", mix_t, img.gram))
-        gate_v = torch.sigmoid((mix_v * region_word_dots).sum(-1) / norm_v)
-        gate_t = torch.sigmoid((mix_t * region_word_dots.transpose(-2, -1)).sum(-1) / norm_t)
+        gate_v = torch.sigmoid(_rowdot(mix_v, region_word_dots) / norm_v)
+        gate_t = torch.sigmoid(_rowdot(mix_t, region_word_dots.transpose(-2, -1)) / norm_t)
         mix_v = mix_v * (gate_v / norm_v).unsqueeze(-1)
         mix_t = mix_t * (gate_t / norm_t).unsqueeze(-1)
         fused_v = torch.einsum(f"{o}rl,{j}ld->{o}rd", mix_v, cap.fusion_for_regions)

@@ -7,6 +7,7 @@ images into shortlist vectors and rerank precomputes, and asks for fused scores 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,12 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
 DEFAULT_VERSION = "default-v2"
 DEFAULT_EXTRACTOR = {"name": "grid", "config": {"fit": "squash"}}
-# The reranker's arithmetic: fp32 everywhere, or CUDA autocast in bf16/fp16 (fp32 on a CPU).
+# The reranker's arithmetic on the model's device (CUDA or CPU): fp32, or torch.autocast in
+# bf16/fp16 (matmuls in the low precision, softmaxes and the fused score in fp32).
 Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Host dtypes copied to the device as they are (float16 features travel at half the bytes).
+_DEVICE_COPY_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 @dataclass
@@ -68,6 +73,8 @@ class RetrievalModel:
         metadata: dict[str, Any] | None = None,
         precision: Precision = "fp32",
     ) -> None:
+        if precision != "fp32" and precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.network = network.to(device).eval()
         self.precision: Precision = precision
         self.version = version
@@ -139,9 +146,10 @@ class RetrievalModel:
     def text_features(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad ids and run the text side up to CAMP's projection: ([B, L, h], lengths [B])."""
         padded, lengths = pad_token_ids(token_ids)
+        padded, lengths = self._to_device(padded), self._to_device(lengths)
         with torch.inference_mode():
-            features = self.network.text_features(padded.to(self.device), lengths.to(self.device))
-        return features, lengths.to(self.device)
+            features = self.network.text_features(padded, lengths)
+        return features, lengths
 
     def encode_texts(self, texts: Sequence[str]) -> EncodedTexts:
         token_ids, tokens = self.tokenize(texts)
@@ -158,12 +166,29 @@ class RetrievalModel:
         )
 
     # -- image side -------------------------------------------------------------------------------
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device; on CUDA through pinned memory, non-blocking."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _regions(self, regions: np.ndarray) -> torch.Tensor:
+        """Host features -> float32 [B, R, D] on the device.
+
+        On CUDA the features (float16 as stored, or float32) are staged in pinned memory and
+        copied with non_blocking=True, then widened on the device: the copy does not block the
+        host, and the kernels that use it queue behind it on the same stream.
+        """
         array = np.asarray(regions)
         if array.ndim != 3 or array.shape[-1] != self.region_dim:
             raise ValueError(
                 f"expected region features [B, R, {self.region_dim}], got {array.shape}"
             )
+        if self.device.type == "cuda":
+            dtype = _DEVICE_COPY_DTYPES.get(array.dtype, torch.float32)
+            staging = torch.empty(array.shape, dtype=dtype, pin_memory=True)
+            staging.numpy()[...] = array  # one host copy, straight into the pinned buffer
+            return staging.to(self.device, non_blocking=True).float()
         if array.dtype != np.float32 or not array.flags.writeable:  # memmaps are read-only
             array = array.astype(np.float32)
         return torch.from_numpy(array).to(self.device)
@@ -205,14 +230,33 @@ class RetrievalModel:
         return next(self.network.camp.scorer.parameters()).element_size()
 
     # -- second stage -----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The reranker's precision on the model's device: nothing for fp32, else torch.autocast.
+
+        Only the pair scoring runs under it; the cached per-item tensors stay float32.
+        """
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
     def camp_logits(self, images: ImagePrecompute, captions: CaptionPrecompute) -> torch.Tensor:
-        """CAMP's pre-sigmoid scores [K] of aligned pairs."""
-        with torch.inference_mode():
-            return self.scorer.score_pairs(images, captions)
+        """CAMP's pre-sigmoid scores [K] of aligned pairs, in the model's precision.
+
+        Captions are not re-trimmed: the cached per-item tensors are trimmed already and `cat`
+        pads only to the widest of them, and padding is masked exactly, so trimming here would
+        only cost a host synchronisation (reading the lengths) per call.
+        """
+        with torch.inference_mode(), self.autocast():
+            return self.scorer.score_pairs(images, captions, trim=False)
 
     def fuse(self, shortlist_scores: torch.Tensor, camp_logits: torch.Tensor) -> torch.Tensor:
+        """Fused float32 scores; bf16/fp16 logits are widened first, so the shortlist score is
+        never rounded to the reranker's precision."""
         with torch.inference_mode():
-            return self.network.fusion(shortlist_scores.to(camp_logits), camp_logits)
+            return self.network.fusion(
+                shortlist_scores.to(device=camp_logits.device, dtype=torch.float32),
+                camp_logits.float(),
+            )
 
     def rerank_pairs(
         self,
@@ -222,7 +266,8 @@ class RetrievalModel:
     ) -> np.ndarray:
         """Aligned (images[k], captions[k], shortlist_scores[k]) -> K fused scores, float32.
 
-        Higher is better. One call may hold the candidates of several queries.
+        Higher is better. One call may hold the candidates of several queries. The host waits
+        for the device once, when the scores come back.
         """
         shortlist = torch.as_tensor(np.asarray(shortlist_scores, dtype=np.float32))
         if shortlist.shape != (len(images),):
@@ -231,7 +276,7 @@ class RetrievalModel:
                 f"scores of shape {tuple(shortlist.shape)}"
             )
         logits = self.camp_logits(images, captions)
-        return self.fuse(shortlist.to(self.device), logits).float().cpu().numpy()
+        return self.fuse(self._to_device(shortlist), logits).cpu().numpy()
 
     def explain_pair(self, image: ImagePrecompute, caption: CaptionPrecompute) -> dict[str, Any]:
         """Attention of one (image, caption) pair, JSON-ready.

@@ -25,9 +25,16 @@ MASKED_LOGIT = -1e9
 L2NORM_EPS = 1e-8
 
 
+def wide(x: Tensor) -> torch.dtype:
+    """float32, or x's dtype when wider: reductions and softmaxes under autocast stay exact
+    enough on any device (CUDA's autocast does this by itself, a CPU's does not)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
-    """x / (||x||_2 + 1e-8) along `dim` (the official formula, not F.normalize)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + L2NORM_EPS)
+    """x / (||x||_2 + 1e-8) along `dim` (the official formula, not F.normalize); the norm in
+    float32 or wider (under autocast too)."""
+    return x / (x.pow(2).sum(dim=dim, keepdim=True, dtype=wide(x)).sqrt() + L2NORM_EPS)
 
 
 def masked_logits(logits: Tensor, keep: Tensor) -> Tensor:
@@ -102,7 +109,7 @@ class AttentionPool(nn.Module):
         logits = self.heads(F.relu(self.hidden(fragments))).transpose(-2, -1)
         if keep is not None:
             logits = masked_logits(logits, keep.unsqueeze(-2))
-        weights = logits.softmax(dim=-1)
+        weights = logits.softmax(dim=-1, dtype=wide(logits))
         pooled = torch.matmul(weights, fragments).mean(dim=-2)
         return pooled, weights
 
@@ -114,7 +121,7 @@ def attention(
     logits = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
     if keep is not None:
         logits = masked_logits(logits, keep)
-    weights = logits.softmax(dim=-1)
+    weights = logits.softmax(dim=-1, dtype=wide(logits))
     return torch.matmul(weights, value), weights
 
 

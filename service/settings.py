@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'")
     rerank_precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
-        description="The reranker's arithmetic on CUDA: fp32, or autocast in bf16/fp16.",
+        description=(
+            "The reranker's pair scoring on the model's device (CUDA or CPU): fp32, or "
+            "autocast in bf16/fp16 (softmaxes, norms and the fused score stay fp32)."
+        ),
     )
     redis_url: str | None = Field(
         default=None, description="redis://host:port/db; without it an in-process cache serves."

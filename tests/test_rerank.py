@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from model.precompute import CaptionPrecompute, ImagePrecompute
 from service.rerank import PairReranker, RerankJob
@@ -88,3 +89,32 @@ class _CountingModel:
     def rerank_pairs(self, *args):
         self.calls += 1
         return self.model.rerank_pairs(*args)
+
+
+def test_the_hot_path_reads_back_from_the_device_once_per_model_call(
+    tiny_retrieval_model, items, monkeypatch
+) -> None:
+    """No per-item host synchronisation: while the reranker scores 2 jobs in 5 calls, the only
+    tensor-to-host reads are one `.cpu()` + `.numpy()` of each call's scores (on a GPU these
+    are the syncs; tests/test_gpu.py counts them with CUDA's sync debug mode)."""
+    images, captions = items
+    shortlist = np.linspace(0.1, 0.5, len(CAPTIONS), dtype=np.float32)
+    jobs = [
+        RerankJob(images=tuple(images), captions=(captions[2],), shortlist_scores=shortlist),
+        RerankJob(images=(images[1],), captions=tuple(captions), shortlist_scores=shortlist),
+    ]
+    per_pair = max(job.bytes_per_pair() for job in jobs)
+    reads: dict[str, int] = {}
+    for name in ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads[_name] = reads.get(_name, 0) + 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counting = _CountingModel(tiny_retrieval_model)
+    PairReranker(counting, memory_budget_bytes=2 * per_pair)(jobs)
+    monkeypatch.undo()
+    assert counting.calls == 5
+    assert reads == {"cpu": 5, "numpy": 5}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from training_support import loss_and_grads, official_batch
 
 from model.data import load_precomputed
 from model.evaluation import retrieval_metrics
@@ -230,7 +231,8 @@ def test_official_recipe_runs_its_three_stages(shared_dir, tmp_path):
     for split in ("train", "dev"):
         np.save(data / f"{split}_ims.npy", np.repeat(payload["image_feats"].numpy(), 5, 0))
         (data / f"{split}_caps.txt").write_text("\n".join(payload["captions_txt"]) + "\n")
-    stage = {"epochs": 1, "lr": 0.01, "lr_step_epochs": 1, "batch_size": 8}
+    # chunk_pairs 16: each batch's 8 x 8 grid is scored in 4 checkpointed blocks.
+    stage = {"epochs": 1, "lr": 0.01, "lr_step_epochs": 1, "batch_size": 8, "chunk_pairs": 16}
     config = {
         "recipe": "camp_official",
         "version": "official-test",
@@ -365,3 +367,56 @@ def test_train_command_runs_the_gru_recipe_with_glove(flickr_slice_dir, tmp_path
     assert model.version == "slice-gru" and model.network.spec.text_encoder == "gru"
     encoded = model.encode_texts(["a dog runs on the grass"])
     assert encoded.pooled.shape == (1, 16)
+
+
+def test_chunked_batch_scores_give_the_direct_forms_loss_and_gradients():
+    """The official recipe's B x B grid in checkpointed blocks of 4 pairs: the same loss and
+    the same gradients for every CAMP parameter as the unchunked direct form (float64, so
+    "to float rounding" means 1e-9), and as one unchunked precompute grid (float32)."""
+    from model.training.official import batch_logits
+
+    network, regions, ids, lengths = official_batch(6, torch.float64)
+    camp = network.camp
+    direct_loss, direct = loss_and_grads(network, lambda: camp(regions, ids, lengths))
+    chunked_loss, chunked = loss_and_grads(
+        network, lambda: torch.sigmoid(batch_logits(camp, regions, ids, lengths, 4))
+    )
+    assert direct.keys() == chunked.keys() and len(direct) == len(list(camp.parameters()))
+    torch.testing.assert_close(chunked_loss, direct_loss, rtol=1e-9, atol=1e-9)
+    for name, grad in direct.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(chunked[name], grad, rtol=1e-7, atol=1e-9, msg=name)
+
+    network, regions, ids, lengths = official_batch(6, torch.float32)
+    camp = network.camp
+    whole_loss, whole = loss_and_grads(
+        network, lambda: torch.sigmoid(batch_logits(camp, regions, ids, lengths, 36))
+    )
+    parts_loss, parts = loss_and_grads(
+        network, lambda: torch.sigmoid(batch_logits(camp, regions, ids, lengths, 5))
+    )
+    torch.testing.assert_close(parts_loss, whole_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in whole.items():
+        torch.testing.assert_close(parts[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_batch_memory_grows_with_items_not_pairs():
+    """Activations kept for the backward: the direct form's grow with B² pairs, the chunked
+    grid's with B items (plus a B x B score matrix); counted on the CPU."""
+    from model.training.activation_memory import SavedTensorBytes
+    from model.training.official import batch_logits
+
+    kept = {}
+    for batch in (8, 32):
+        network, regions, ids, lengths = official_batch(batch)
+        with SavedTensorBytes(network) as direct:
+            network.camp(regions, ids, lengths)
+        with SavedTensorBytes(network) as chunked:
+            batch_logits(network.camp, regions, ids, lengths, 16)
+        kept[batch] = (direct.total, chunked.total)
+    direct_growth = kept[32][0] / kept[8][0]
+    chunked_growth = kept[32][1] / kept[8][1]
+    assert direct_growth > 12, kept  # 16x the pairs
+    assert chunked_growth < 6, kept  # 4x the items
+    assert kept[32][1] < kept[32][0] / 10, kept
+    print(f"\nbytes kept for the backward (direct, chunked): {kept}")

@@ -1,7 +1,8 @@
 """The authors' recipe for precomputed BUTD features (DESIGN §4.4), meant for a GPU.
 
 BCE on the hardest negative of every row and column of the B×B score matrix of a batch (all
-pairs, CAMP's direct form), gradient norm clipped at 2, AMP (bf16) on CUDA, one checkpoint per
+pairs, scored with the precompute split in checkpointed blocks so that a batch fits one GPU:
+`batch_logits`), gradient norm clipped at 2, AMP (bf16) on CUDA, one checkpoint per
 epoch, resume, best by dev rsum of exhaustive CAMP on the first `selection.dev_images` dev
 images. After the three stages the shortlist heads are trained on the frozen model.
 See model/training/recipes.py for the one deviation from the authors' stage 1.
@@ -17,10 +18,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from model.camp import CampModel
 from model.checkpoint import load_checkpoint
 from model.data import RetrievalSplit, load_precomputed
 from model.encoders import pad_token_ids
 from model.evaluation import retrieval_metrics
+from model.fusion import CampLogitScorer
 from model.losses import bce_hardest_negative_loss
 from model.network import NetworkSpec, RetrievalNetwork
 from model.precompute import PrecomputedScorer
@@ -32,6 +35,8 @@ from model.training.run_state import RunFolder
 from model.vocab import Vocabulary
 
 GRAD_CLIP = 2.0
+# Pairs of a batch's B x B grid whose activations are alive at once (a stage's "chunk_pairs").
+DEFAULT_CHUNK_PAIRS = 2048
 ATTENTION_MODULES = (
     "image_key",
     "text_key",
@@ -42,6 +47,26 @@ ATTENTION_MODULES = (
     "word_message_query",
     "word_message_key",
 )
+
+
+def batch_logits(
+    camp: CampModel, regions: torch.Tensor, token_ids: torch.Tensor, lengths, chunk_pairs: int
+) -> torch.Tensor:
+    """CAMP logits [B, B] of every image of a batch against every caption, differentiable.
+
+    The direct form (`CampModel.forward`) holds every pair's activations at once: at the
+    preset's B = 256 that is 65,536 pairs and hundreds of GB. Here the projections are made once
+    per item (the precompute split) and the pairs are scored in checkpointed blocks of at most
+    `chunk_pairs`, so memory grows with B (items) plus one block, not with B² pairs. The scores
+    are the direct form's (before its sigmoid) to float rounding; with `camp_cosine_skip` they
+    include the skip, as served.
+    """
+    if not isinstance(camp.scorer, CampLogitScorer):
+        raise TypeError("batch_logits needs a CampLogitScorer (its score_mlp returns logits)")
+    scorer = PrecomputedScorer(camp.scorer)
+    images = scorer.precompute_images(camp.encode_images(regions))
+    captions = scorer.precompute_captions(camp.encode_text(token_ids, lengths))
+    return scorer.score_grid_checkpointed(images, captions, chunk_pairs)
 
 
 def set_trainable(network: RetrievalNetwork, freeze: list[str]) -> list[torch.nn.Parameter]:
@@ -113,6 +138,7 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
         for _ in range(first_epoch):
             schedule.step()
         batch = int(stage["batch_size"])
+        chunk = int(stage.get("chunk_pairs", DEFAULT_CHUNK_PAIRS))
         for epoch in range(first_epoch, int(stage["epochs"])):
             network.train()
             order = rng.permutation(len(train.captions))
@@ -135,20 +161,23 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                     rows = rows[np.argsort(caption_image[rows], kind="stable")]
                     padded, lengths = pad_token_ids([train_ids[r] for r in rows])
                     with autocast:
-                        scores = network.camp(regions.to(device), padded.to(device), lengths)
-                    loss = bce_hardest_negative_loss(scores.float())
+                        logits = batch_logits(
+                            network.camp, regions.to(device), padded.to(device), lengths, chunk
+                        )
+                    loss = bce_hardest_negative_loss(torch.sigmoid(logits.float()))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(parameters, GRAD_CLIP)
                     optimizer.step()
                     seen += batch
                     rate = seen / (time.perf_counter() - started)
-                    bar.update(task, advance=1, status=f"loss {float(loss):.3f} {rate:.0f} pairs/s")
+                    value = loss.item()  # the step's one host sync, for the log
+                    bar.update(task, advance=1, status=f"loss {value:.3f} {rate:.0f} captions/s")
                     run.log(
                         event="step",
                         stage=stage["name"],
                         epoch=epoch,
-                        loss=float(loss),
+                        loss=value,
                         captions_per_s=rate,
                     )
             schedule.step()
