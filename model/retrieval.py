@@ -16,11 +16,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from model.checkpoint import CampCheckpoint, load_checkpoint
-from model.encoders import pad_token_ids
-from model.network import RetrievalNetwork
-from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
-from model.vocab import END, START
+from model.architecture.encoders import pad_token_ids
+from model.architecture.network import RetrievalNetwork
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
+from model.text.vocab import END, START
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
@@ -87,7 +87,7 @@ class RetrievalModel:
         self.scorer = PrecomputedScorer(network.camp.scorer)
         self._wordpieces = None
         if network.spec.text_encoder == "minilm":
-            from model.minilm import WordpieceTokenizer
+            from model.text.minilm import WordpieceTokenizer
 
             self._wordpieces = WordpieceTokenizer(max_wordpieces=network.spec.max_wordpieces)
 
@@ -136,7 +136,7 @@ class RetrievalModel:
             ]
             return ids, batch.tokens
         vocabulary = self.network.vocabulary
-        from model.tokenizer import tokenize
+        from model.text.tokenizer import tokenize
 
         max_words = self.network.camp_config().max_words
         token_ids = [vocabulary.encode(text, max_words=max_words) for text in texts]

@@ -27,7 +27,7 @@ import torch
 
 from index.corpus import Corpus, Kind, RegionArrays
 from index.shortlist import SearchResult, l2_normalised
-from model.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
 from service.batching import MicroBatcher
 from service.budget import MemoryBudget
 from service.errors import FieldProblem, ProblemError

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.minilm import load_minilm
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.checkpoints.checkpoint import load_checkpoint
 from model.retrieval import DEFAULT_CHECKPOINT, RetrievalModel
-from model.vocab import Vocabulary
+from model.text.minilm import load_minilm
+from model.text.vocab import Vocabulary
 
 REGION_DIM = 24
 REGIONS = 6

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from model.data import load_precomputed
-from model.glove import GLOVE_NAME, init_embedding_from_glove
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.eval.data import load_precomputed
+from model.text.glove import GLOVE_NAME, init_embedding_from_glove
+from model.text.vocab import DEFAULT_MIN_COUNT, Vocabulary
 from model.training.dev_eval import evaluate_frozen
 from model.training.features import FrozenSplit, frozen_split, region_means
 from model.training.fusion_tuning import tune_fusion
@@ -31,7 +32,6 @@ from model.training.reranker import (
     warm_start_from_heads,
 )
 from model.training.run_state import RunFolder
-from model.vocab import DEFAULT_MIN_COUNT, Vocabulary
 
 DEFAULT_SELECTION_IMAGES = 250
 DEFAULT_SELECTION_K = 100
@@ -45,7 +45,7 @@ def frozen_subset(data: FrozenSplit, images: int) -> FrozenSplit:
     split = data.split.subset(slice(0, images))
     tokens = data.tokens
     end = tokens.offsets[5 * images]
-    from model.token_cache import TokenFeatures
+    from model.text.token_cache import TokenFeatures
 
     sub_tokens = TokenFeatures(
         features=tokens.features[:end], offsets=tokens.offsets[: 5 * images + 1]

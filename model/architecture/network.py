@@ -19,15 +19,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from model.camp import CampModel
-from model.checkpoint import CampCheckpoint, CheckpointError
-from model.config import CampConfig
-from model.encoders import EncodedText, GRUTextEncoder, ImageEncoder
-from model.fusion import CampLogitScorer, ScoreFusion
-from model.minilm import DEFAULT_MAX_WORDPIECES, MiniLMBackbone, MiniLMWordEncoder
-from model.pooled import PooledHeads, masked_mean
-from model.scorer import l2norm
-from model.vocab import Vocabulary
+from model.architecture.camp import CampModel
+from model.architecture.encoders import EncodedText, GRUTextEncoder, ImageEncoder
+from model.architecture.fusion import CampLogitScorer, ScoreFusion
+from model.architecture.pooled import PooledHeads, masked_mean
+from model.architecture.scorer import l2norm
+from model.checkpoints.checkpoint import CampCheckpoint, CheckpointError
+from model.checkpoints.config import CampConfig
+from model.text.minilm import DEFAULT_MAX_WORDPIECES, MiniLMBackbone, MiniLMWordEncoder
+from model.text.vocab import Vocabulary
 
 TEXT_ENCODERS = ("gru", "minilm")
 MINILM_HIDDEN = 384
@@ -47,7 +47,7 @@ class NetworkSpec:
     pooled_hidden: int = 1024
     word_dim: int = 300  # gru only
     max_wordpieces: int = DEFAULT_MAX_WORDPIECES  # minilm only
-    camp_cosine_skip: bool = False  # add cos(v*, t*) to CAMP's logit (model/fusion.py)
+    camp_cosine_skip: bool = False  # add cos(v*, t*) to CAMP's logit (model/architecture/fusion.py)
 
     def __post_init__(self) -> None:
         if self.text_encoder not in TEXT_ENCODERS:
@@ -206,7 +206,7 @@ class RetrievalNetwork(nn.Module):
             spec = NetworkSpec.from_dict(retrieval["spec"])
         backbone = None
         if spec.text_encoder == "minilm":
-            from model.minilm import load_minilm
+            from model.text.minilm import load_minilm
 
             backbone = (backbone_loader or load_minilm)()
         if spec.text_encoder == "gru" and checkpoint.vocabulary is None:

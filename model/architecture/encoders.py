@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from model.config import CampConfig
+from model.checkpoints.config import CampConfig
 
 
 @dataclass

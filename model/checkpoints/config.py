@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # The official code pads word features to max_length (47) + 3 slots: <start>, <end> and one spare.
 OFFICIAL_MAX_WORDS = 47

@@ -83,7 +83,7 @@ class RegionExtractor(ABC):
     def _extract_batch(self, images: Sequence[Image.Image]) -> list[RegionFeatures]: ...
 
     def extract(self, images: Sequence[Image.Image]) -> list[RegionFeatures]:
-        """Region features of RGB `images` (decode them with `model.images.decode_image`)."""
+        """Region features of RGB `images` (decode them with `model.vision.images.decode_image`)."""
         for image in images:
             if image.mode != "RGB":
                 raise ValueError(f"extractors take RGB images, got mode {image.mode!r}")

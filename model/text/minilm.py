@@ -131,10 +131,10 @@ def mean_pool(features: Tensor, mask: Tensor) -> Tensor:
 class MiniLMWordEncoder(nn.Module):
     """Word features for CAMP from MiniLM: backbone token features -> Linear(h -> d).
 
-    Same output contract as `model.encoders.TextEncoder` (`forward(token_ids, lengths) ->
-    EncodedText`). The pretrained backbone is *not* part of this module's state dict (it is
-    loaded from its package, ~90 MB), so checkpoints hold only the projection. Training code
-    that caches backbone features calls `project` directly.
+    Same output contract as `model.architecture.encoders.TextEncoder`
+    (`forward(token_ids, lengths) -> EncodedText`). The pretrained backbone is *not* part of this
+    module's state dict (it is loaded from its package, ~90 MB), so checkpoints hold only the
+    projection. Training code that caches backbone features calls `project` directly.
     """
 
     def __init__(
@@ -150,7 +150,7 @@ class MiniLMWordEncoder(nn.Module):
         """Backbone token features [B, L, h] (frozen: computed without autograd)."""
         if self.backbone is None:
             raise MiniLMNotInstalled("this encoder was built without its MiniLM backbone")
-        from model.encoders import length_mask
+        from model.architecture.encoders import length_mask
 
         mask = length_mask(lengths.to(token_ids.device), token_ids.shape[1])
         with torch.no_grad():
@@ -158,7 +158,7 @@ class MiniLMWordEncoder(nn.Module):
 
     def project(self, features: Tensor, lengths: Tensor):
         """Backbone features [B, L, h] + lengths -> EncodedText [B, max(lengths), d]."""
-        from model.encoders import EncodedText, length_mask
+        from model.architecture.encoders import EncodedText, length_mask
 
         width = int(lengths.max())
         words = self.projection(features[:, :width])
