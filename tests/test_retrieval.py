@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -169,13 +170,13 @@ def test_explain_pair_shapes_and_json(model):
     image = model.precompute_images(_regions(1))
     explanation = model.explain_pair(image, encoded.precompute.select([2]))
     length = len(encoded.tokens[2])
-    assert np.array(explanation["word_region"]).shape == (length, REGIONS)
-    np.testing.assert_allclose(np.array(explanation["word_region"]).sum(1), 1.0, rtol=1e-5)
-    assert len(explanation["region_pooling"]) == REGIONS
-    assert len(explanation["word_pooling"]) == length
-    np.testing.assert_allclose(sum(explanation["word_pooling"]), 1.0, rtol=1e-5)
-    assert 0.0 < explanation["camp_score"] < 1.0
-    json.dumps(explanation)
+    assert np.array(explanation.word_region).shape == (length, REGIONS)
+    np.testing.assert_allclose(np.array(explanation.word_region).sum(1), 1.0, rtol=1e-5)
+    assert len(explanation.region_pooling) == REGIONS
+    assert len(explanation.word_pooling) == length
+    np.testing.assert_allclose(sum(explanation.word_pooling), 1.0, rtol=1e-5)
+    assert 0.0 < explanation.camp_score < 1.0
+    json.dumps(dataclasses.asdict(explanation))
 
 
 def test_explain_pair_refuses_batches(model):

@@ -67,8 +67,10 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
     dev_split = load_precomputed(data_root, config.data.get("dev", "dev"))
     dev_images = int(config.selection.get("dev_images", DEFAULT_SELECTION_IMAGES))
     select_k = str(config.selection.get("k", DEFAULT_SELECTION_K))
-    gru = spec.text_encoder == "gru"
-    if gru:
+    # A text side over our own vocabulary (the GRU) is trained here; MiniLM's is frozen and
+    # read from the token cache.
+    own_vocabulary = spec.text_kind.uses_vocabulary
+    if own_vocabulary:
         vocabulary = Vocabulary.build(
             train_split.captions, min_count=int(config.data.get("min_count", DEFAULT_MIN_COUNT))
         )
@@ -149,7 +151,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 f"({len(train_split.captions) / seconds:.0f} captions/s)"
             )
 
-        if gru:
+        if own_vocabulary:
             word_vectors = config.data.get("word_vectors")
             if word_vectors == GLOVE_NAME:
                 coverage = init_embedding_from_glove(
@@ -176,7 +178,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 pooled_cfg,
                 on_epoch=on_epoch,
             )
-    if gru:  # the frozen GRU's word states stand where MiniLM's token cache stands
+    if own_vocabulary:  # the frozen GRU's word states stand where MiniLM's token cache stands
         for parameter in network.camp.text_encoder.parameters():
             parameter.requires_grad_(False)
         train = gru_frozen_split(network, train_split, train_means)

@@ -11,7 +11,6 @@ from model.vision.extractors.base import (
     extractor_class,
     register_extractor,
     registered_extractors,
-    resolve_device,
 )
 
 __all__ = [
@@ -22,5 +21,4 @@ __all__ = [
     "extractor_class",
     "register_extractor",
     "registered_extractors",
-    "resolve_device",
 ]

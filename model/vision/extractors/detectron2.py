@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.devices import DEVICE_AUTO
 from model.types import RegionFeatures
 from model.vision.extractors.base import (
-    DEVICE_AUTO,
     InvalidExtractorConfig,
     RegionExtractor,
     check_config_keys,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.devices import DEVICE_AUTO
 from model.types import RegionFeatures
 from model.vision.efficientnet_lite import (
     FEATURE_STRIDE,
@@ -36,7 +37,6 @@ from model.vision.efficientnet_lite import (
     efficientnet_lite0,
 )
 from model.vision.extractors.base import (
-    DEVICE_AUTO,
     InvalidExtractorConfig,
     RegionExtractor,
     check_config_keys,
