@@ -2,8 +2,9 @@
 
     retrieval.py   `RetrievalModel`, the one surface the service uses
     types.py       one image's region features (numpy only; `index` imports it too)
+    devices.py     the one device resolver ("auto", "cpu", "cuda:N")
     architecture/  the network and its scorer: encoders, CAMP, precompute split, heads, fusion
-    text/          tokenization, vocabulary, MiniLM, GloVe vectors, cached token features
+    text/          tokenization, vocabulary, MiniLM, the text-encoder registry, GloVe vectors
     vision/        image decoding, region extractors, batch extraction
     checkpoints/   the checkpoint format and architecture configs (JSON in configs/)
     eval/          the evaluation protocol and the runs that score a model on a split
