@@ -224,7 +224,7 @@ def test_text_encoders_come_from_the_registry_with_their_tokenizers(model):
         NetworkSpec(text_encoder="bert")
 
 
-def test_network_spec_refuses_unknown_keys(tmp_path):
+def test_network_spec_refuses_unknown_keys():
     with pytest.raises(ConfigError, match="embed_sise"):
         NetworkSpec.from_dict({"text_encoder": "gru", "embed_sise": 16})
     checkpoint = _network("gru").to_checkpoint(METADATA)
