@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from model.checkpoint import CheckpointError
-from model.data import DataError, load_split
-from model.evaluate_model import MODES, evaluate_model
+from model.checkpoints.checkpoint import CheckpointError
+from model.eval.data import DataError, load_split
+from model.eval.evaluate_model import MODES, evaluate_model
 from model.retrieval import RetrievalModel
 
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from index.errors import NotFoundError, StorageFullError
-from model.extractors import RegionExtractor
+from model.vision.extractors import RegionExtractor
 from service.api_docs import install_api_docs
 from service.auth import WriteKeyGuard
 from service.errors import install_error_handlers, problem_response

@@ -51,8 +51,8 @@ def extract(
     )
     from rich.table import Table
 
-    from model.extract import ExtractInputError, extract_dataset
-    from model.extractors import InvalidExtractorConfig, UnknownExtractor, create_extractor
+    from model.vision.extract import ExtractInputError, extract_dataset
+    from model.vision.extractors import InvalidExtractorConfig, UnknownExtractor, create_extractor
 
     console = Console(stderr=True)
     settings: dict[str, object] = {"batch_size": batch_size, "device": device}

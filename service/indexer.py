@@ -20,7 +20,7 @@ from PIL import Image
 from index.catalog import CaptionRecord, ImageRecord
 from index.corpus import Corpus, NewCaption
 from index.errors import NotFoundError
-from model.images import DecodedImage, ImageInputError, decode_image
+from model.vision.images import DecodedImage, ImageInputError, decode_image
 from service.budget import BudgetWaitTimeout, MemoryBudget
 from service.errors import FieldProblem, ProblemError
 from service.metrics import ServiceMetrics

@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 
 import httpx
 
-from model.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
+from model.vision.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
 from service.auth import API_KEY_HEADER
 from service.errors import ProblemError
 from service.runtime import ServiceRuntime

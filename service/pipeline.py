@@ -27,7 +27,7 @@ import torch
 
 from index.corpus import Corpus, Kind, RegionArrays
 from index.shortlist import SearchResult, l2_normalised
-from model.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
 from service.batching import MicroBatcher
 from service.budget import MemoryBudget
 from service.errors import FieldProblem, ProblemError
@@ -48,7 +48,7 @@ from service.schemas import (
 from service.shortlist import ShortlistJob
 
 if TYPE_CHECKING:
-    from model.retrieval import RetrievalModel
+    from model.retrieval import PairExplanation, RetrievalModel
 
 RETRY_AFTER_TIMEOUT_S = 1
 SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
@@ -492,16 +492,15 @@ def _best(
     return chosen[:limit]
 
 
-def _explanation(raw: dict, words: list[str], image: ImageTensors) -> Explanation:
-    word_region = raw["word_region"]
+def _explanation(pair: PairExplanation, words: list[str], image: ImageTensors) -> Explanation:
     return Explanation(
-        words=list(words[: len(word_region)]),
+        words=list(words[: len(pair.word_region)]),
         boxes=np.asarray(image.boxes, dtype=np.float32).round(5).tolist(),
         image_size=image.image_size,
-        word_region=word_region,
-        region_pooling=raw["region_pooling"],
-        word_pooling=raw["word_pooling"],
-        camp_score=raw["camp_score"],
+        word_region=pair.word_region,
+        region_pooling=pair.region_pooling,
+        word_pooling=pair.word_pooling,
+        camp_score=pair.camp_score,
     )
 
 

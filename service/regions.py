@@ -21,8 +21,8 @@ from index.cache import FeatureCache, cache_keyspace
 from index.codec import decode_arrays, encode_arrays
 from index.corpus import Corpus
 from index.errors import InvalidRecordError
-from model.extractors import RegionExtractor
-from model.images import DecodedImage
+from model.vision.extractors import RegionExtractor
+from model.vision.images import DecodedImage
 from service.batching import QueueFullError
 from service.metrics import ServiceMetrics
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel

@@ -27,7 +27,7 @@ from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
 from index.device import CPU, faiss_gpu_id
 from index.shortlist import SearchResult
-from model.extractors import RegionExtractor, create_extractor
+from model.vision.extractors import RegionExtractor, create_extractor
 from service.batching import MicroBatcher
 from service.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
 from service.indexer import Indexer

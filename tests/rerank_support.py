@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 from service_support import coco_photos
 
-from model.extractors.grid import GridExtractor
 from model.retrieval import RetrievalModel
+from model.vision.extractors.grid import GridExtractor
 from service.rerank import PairReranker, RerankJob
 
 PHOTOS = 20

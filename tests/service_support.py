@@ -22,10 +22,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.extractors.grid import GridExtractor
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.network import NetworkSpec, RetrievalNetwork
 from model.retrieval import RetrievalModel
-from model.vocab import Vocabulary
+from model.text.vocab import Vocabulary
+from model.vision.extractors.grid import GridExtractor
 from service.settings import Settings
 
 READY_TIMEOUT_S = 60.0

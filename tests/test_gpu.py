@@ -31,9 +31,9 @@ from rerank_support import (
 from service_support import ServerThread, coco_photos, make_settings
 from training_support import loss_and_grads, official_batch
 
-from model.extractors.grid import GridExtractor
 from model.retrieval import RetrievalModel
 from model.training.official import batch_logits
+from model.vision.extractors.grid import GridExtractor
 from service.app import create_app
 from service.ingest import HttpTarget, ingest, read_source
 from service.rerank import PairReranker

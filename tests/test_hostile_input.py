@@ -26,9 +26,9 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 from security_support import RssSampler, raw_get, raw_request, served
 from service_support import coco_photos, make_settings
 
-from model.images import DecodedImage, ImageInputError, decode_image
-from model.tokenizer import tokenize
-from model.vocab import END_ID, START_ID, UNK, Vocabulary
+from model.text.tokenizer import tokenize
+from model.text.vocab import END_ID, START_ID, UNK, Vocabulary
+from model.vision.images import DecodedImage, ImageInputError, decode_image
 from service.app import create_app
 
 MAX_UPLOAD = 2 * 2**20  # the API refuses bodies past this (+ the form overhead)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import (
+from model.vision.images import (
     CorruptImage,
     EmptyImage,
     ImageInputError,
@@ -248,7 +248,7 @@ def test_bombs_are_refused_without_allocating_their_pixels() -> None:
 import resource, sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
 from tests.test_images import png_header_only, png_zero_bomb
-from model.images import decode_image, TooManyPixels
+from model.vision.images import decode_image, TooManyPixels
 bombs = [png_header_only(50_000, 50_000), png_zero_bomb(8_000)]
 with open("/proc/self/statm") as statm:
     mapped = int(statm.read().split()[0]) * resource.getpagesize()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
 from service.rerank import PairReranker, RerankJob
 
 CAPTIONS = [

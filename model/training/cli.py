@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.console import Console
 
-from model.data import DataError
+from model.eval.data import DataError
 from model.training.recipes import TrainConfig, TrainConfigError
 from model.training.run_state import RunFolder
 

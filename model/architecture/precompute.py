@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from model.encoders import EncodedText, length_mask
-from model.scorer import L2NORM_EPS, AttentionMaps, CampScorer, l2norm, masked_logits, wide
+from model.architecture.encoders import EncodedText, length_mask
+from model.architecture.scorer import (
+    L2NORM_EPS,
+    AttentionMaps,
+    CampScorer,
+    l2norm,
+    masked_logits,
+    wide,
+)
 
 # Working memory one chunk of an N x M grid may use (activations, not the inputs).
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from model.extractors.base import RegionExtractor
-from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageInputError, decode_image
+from model.vision.extractors.base import RegionExtractor
+from model.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageInputError, decode_image
 
 CAPTIONS_PER_IMAGE = 5
 DEFAULT_SHARD_SIZE = 512

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from model.config import CampConfig
+from model.checkpoints.config import CampConfig
 
 
 @dataclass
@@ -83,12 +83,25 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Contract of every text encoder: token ids + lengths -> `EncodedText` of width d."""
+    """Contract of every text encoder: token ids + lengths -> `EncodedText` of width d.
+
+    `features` is what the text side computes before CAMP's own projection (what the pooled
+    text head reads and training caches); `project` finishes from there. An encoder without a
+    separate projection keeps these defaults: its word features are its features.
+    """
 
     embed_size: int
 
     def forward(self, token_ids: Tensor, lengths: Tensor) -> EncodedText:  # pragma: no cover
         raise NotImplementedError
+
+    def features(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
+        """[B, L, h] text features before CAMP's projection."""
+        return self(token_ids, lengths).words
+
+    def project(self, features: Tensor, lengths: Tensor) -> EncodedText:
+        """[B, L, h] text features -> CAMP word features (here the identity, trimmed)."""
+        return EncodedText(words=features[:, : int(lengths.max())], lengths=lengths)
 
 
 class GRUTextEncoder(TextEncoder):

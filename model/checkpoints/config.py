@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # The official code pads word features to max_length (47) + 3 slots: <start>, <end> and one spare.
 OFFICIAL_MAX_WORDS = 47
@@ -22,6 +23,23 @@ OFFICIAL_PAD_WIDTH = OFFICIAL_MAX_WORDS + 3
 
 class ConfigError(ValueError):
     """A model configuration is missing, malformed or inconsistent."""
+
+
+Config = TypeVar("Config")
+
+
+def config_from_dict(cls: type[Config], data: Mapping[str, Any], *, what: str) -> Config:
+    """Build the dataclass `cls` from `data`, refusing keys it does not have, so that a typo in a
+    config file or a checkpoint cannot silently fall back to a default. Every model config
+    (`CampConfig`, `NetworkSpec`) is read through here."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"invalid {what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -68,15 +86,8 @@ class CampConfig:
         return self.max_words + 2
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CampConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:  # a required key is missing
-            raise ConfigError(f"invalid model config: {exc}") from exc
+    def from_dict(cls, data: Mapping[str, Any]) -> CampConfig:
+        return config_from_dict(cls, data, what="model config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.minilm import MiniLMBackbone, WordpieceTokenizer
+from model.text.minilm import MiniLMBackbone, WordpieceTokenizer
 
 CACHE_FORMAT = "minilm-token-features-v1"
 ENCODE_BATCH = 128

@@ -15,9 +15,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from PIL import Image
 
+from model.devices import DEVICE_AUTO, DeviceUnavailable, resolve_device
 from model.types import RegionFeatures
-
-DEVICE_AUTO = "auto"
 
 
 class UnknownExtractor(KeyError):
@@ -29,19 +28,6 @@ class UnknownExtractor(KeyError):
 
 class InvalidExtractorConfig(ValueError):
     """A setting of an extractor is out of range or unknown."""
-
-
-def resolve_device(device: str | torch.device = DEVICE_AUTO) -> torch.device:
-    """ "auto" picks CUDA when present, else CPU; anything else is passed to torch.device.
-    Asking for CUDA on a machine without it fails here, not at the first batch."""
-    if isinstance(device, str) and device == DEVICE_AUTO:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidExtractorConfig(
-            f"device {str(device)!r} was asked for but CUDA is not available; use 'cpu' or 'auto'"
-        )
-    return resolved
 
 
 class RegionExtractor(ABC):
@@ -58,7 +44,10 @@ class RegionExtractor(ABC):
         if batch_size < 1:
             raise InvalidExtractorConfig(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.device = resolve_device(device)
+        try:
+            self.device = resolve_device(device)
+        except DeviceUnavailable as exc:
+            raise InvalidExtractorConfig(str(exc)) from exc
 
     @property
     @abstractmethod
@@ -83,7 +72,7 @@ class RegionExtractor(ABC):
     def _extract_batch(self, images: Sequence[Image.Image]) -> list[RegionFeatures]: ...
 
     def extract(self, images: Sequence[Image.Image]) -> list[RegionFeatures]:
-        """Region features of RGB `images` (decode them with `model.images.decode_image`)."""
+        """Region features of RGB `images` (decode them with `model.vision.images.decode_image`)."""
         for image in images:
             if image.mode != "RGB":
                 raise ValueError(f"extractors take RGB images, got mode {image.mode!r}")

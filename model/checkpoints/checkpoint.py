@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.camp import CampModel
-from model.config import CampConfig, ConfigError
-from model.vocab import Vocabulary
+from model.architecture.camp import CampModel
+from model.checkpoints.config import CampConfig, ConfigError
+from model.text.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 _FORMAT_KEYS = ("format_version", "config", "state_dict")

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from model.encoders import length_mask
-from model.scorer import l2norm
+from model.architecture.encoders import length_mask
+from model.architecture.scorer import l2norm
 
 # InfoNCE temperature at initialisation (CLIP's 0.07); the learned scale is capped at 100.
 INITIAL_TEMPERATURE = 0.07

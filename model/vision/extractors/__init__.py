@@ -2,8 +2,8 @@
 backend ("grid", "detectron2"); detectron2 itself is only imported when that backend is built.
 """
 
-from model.extractors import detectron2, grid  # noqa: F401  (registration)
-from model.extractors.base import (
+from model.vision.extractors import detectron2, grid  # noqa: F401  (registration)
+from model.vision.extractors.base import (
     InvalidExtractorConfig,
     RegionExtractor,
     UnknownExtractor,
@@ -11,7 +11,6 @@ from model.extractors.base import (
     extractor_class,
     register_extractor,
     registered_extractors,
-    resolve_device,
 )
 
 __all__ = [
@@ -22,5 +21,4 @@ __all__ = [
     "extractor_class",
     "register_extractor",
     "registered_extractors",
-    "resolve_device",
 ]

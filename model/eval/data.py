@@ -121,8 +121,8 @@ def load_split(
     config = dict(extractor_config or {})
     out_dir = cache_dir or manifest_cache_dir(source, extractor_name, config)
     if not (out_dir / f"{split}_ims.npy").exists():
-        from model.extract import extract_dataset
-        from model.extractors import create_extractor
+        from model.vision.extract import extract_dataset
+        from model.vision.extractors import create_extractor
 
         extract_dataset(source, out_dir, create_extractor(extractor_name, config))
     return load_precomputed(out_dir, split)

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.efficientnet_lite import (
+from model.devices import DEVICE_AUTO
+from model.types import RegionFeatures
+from model.vision.efficientnet_lite import (
     FEATURE_STRIDE,
     HEAD_CHANNELS,
     INPUT_MEAN,
@@ -34,14 +36,12 @@ from model.efficientnet_lite import (
     INPUT_STD,
     efficientnet_lite0,
 )
-from model.extractors.base import (
-    DEVICE_AUTO,
+from model.vision.extractors.base import (
     InvalidExtractorConfig,
     RegionExtractor,
     check_config_keys,
     register_extractor,
 )
-from model.types import RegionFeatures
 
 FitPolicy = Literal["squash", "pad", "crop"]
 FIT_POLICIES: tuple[str, ...] = get_args(FitPolicy)

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from model.data import RetrievalSplit
-from model.evaluation import (
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.eval.data import RetrievalSplit
+from model.eval.protocol import (
     TWO_STAGE_K,
     average_metrics,
     fold_slices,
@@ -23,7 +24,6 @@ from model.evaluation import (
     shortlist_recall,
     two_stage_metrics_per_score,
 )
-from model.precompute import CaptionPrecompute, ImagePrecompute
 from model.retrieval import RetrievalModel
 
 MODES = ("pooled", "exhaustive", "two_stage")

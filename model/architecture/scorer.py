@@ -2,10 +2,11 @@
 
 `CampScorer` holds the weights and computes the *direct form*: every image of a batch against
 every caption, as the official training and evaluation code does. The reranker uses the
-cheaper, equal precompute split in `model.precompute`, built on the same weights.
+cheaper, equal precompute split in `model.architecture.precompute`, built on the same weights.
 
-Parameter names explain their role; `model.checkpoint.OFFICIAL_SCORER_KEYS` maps them to the
-official ones (`img_key_fc`, `weighted_txt_query_fc`, `fc_1.0`, `final_reduce_1.linear.0`, ...).
+Parameter names explain their role; `model.checkpoints.checkpoint.OFFICIAL_SCORER_KEYS` maps
+them to the official ones (`img_key_fc`, `weighted_txt_query_fc`, `fc_1.0`,
+`final_reduce_1.linear.0`, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import CampConfig
+from model.checkpoints.config import CampConfig
 
 # The official code writes -1e9 into masked attention logits (exp() of it is exactly 0).
 MASKED_LOGIT = -1e9
@@ -130,7 +131,7 @@ class CampScorer(nn.Module):
 
     `forward(images [Ni, R, d], words [Nc, L, d], word_mask [Nc, L]) -> scores [Ni, Nc]` in
     (0, 1). Scores do not depend on how far `words` is padded past each caption's length.
-    Memory grows as Ni·Nc·(R+L)·d: use `model.precompute` for large grids.
+    Memory grows as Ni·Nc·(R+L)·d: use `model.architecture.precompute` for large grids.
     """
 
     def __init__(self, *, embed_size: int, num_heads: int = 4) -> None:

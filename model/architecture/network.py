@@ -5,33 +5,29 @@ inference facade over it. Serialised as one `CampCheckpoint`: the CAMP part in `
 key names, so GRU models also rebuild with `CampCheckpoint.build_model`), the heads and fusion
 in `extras`, the architecture in `extras["retrieval"]`, provenance in `metadata`.
 
-Text encoders (`text_encoder` in the spec):
-* "gru": the paper's embedding + bi-GRU over our vocabulary (token ids from `Vocabulary`);
-  the pooled text head reads the GRU word features (d).
-* "minilm": all-MiniLM-L6-v2 token features (frozen, from its package) projected to d; the
-  pooled text head reads the backbone features (384).
+The text side is named in the spec (`text_encoder`: "gru", "minilm") and everything that
+depends on it comes from its entry in the text-encoder registry (model/text/registry.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from model.camp import CampModel
-from model.checkpoint import CampCheckpoint, CheckpointError
-from model.config import CampConfig
-from model.encoders import EncodedText, GRUTextEncoder, ImageEncoder
-from model.fusion import CampLogitScorer, ScoreFusion
-from model.minilm import DEFAULT_MAX_WORDPIECES, MiniLMBackbone, MiniLMWordEncoder
-from model.pooled import PooledHeads, masked_mean
-from model.scorer import l2norm
-from model.vocab import Vocabulary
+from model.architecture.camp import CampModel
+from model.architecture.encoders import EncodedText, ImageEncoder
+from model.architecture.fusion import CampLogitScorer, ScoreFusion
+from model.architecture.pooled import PooledHeads, masked_mean
+from model.architecture.scorer import l2norm
+from model.checkpoints.checkpoint import CampCheckpoint, CheckpointError
+from model.checkpoints.config import CampConfig, ConfigError, config_from_dict
+from model.text.minilm import DEFAULT_MAX_WORDPIECES, MiniLMBackbone, MiniLMWordEncoder
+from model.text.registry import TextEncoderKind, text_encoder_kind
+from model.text.vocab import Vocabulary
 
-TEXT_ENCODERS = ("gru", "minilm")
-MINILM_HIDDEN = 384
-MINILM_VOCAB = 30522
 SPEC_VERSION = 1
 
 
@@ -47,23 +43,25 @@ class NetworkSpec:
     pooled_hidden: int = 1024
     word_dim: int = 300  # gru only
     max_wordpieces: int = DEFAULT_MAX_WORDPIECES  # minilm only
-    camp_cosine_skip: bool = False  # add cos(v*, t*) to CAMP's logit (model/fusion.py)
+    camp_cosine_skip: bool = False  # add cos(v*, t*) to CAMP's logit (model/architecture/fusion.py)
 
     def __post_init__(self) -> None:
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(
-                f"unknown text_encoder {self.text_encoder!r}; choose one of {TEXT_ENCODERS}"
-            )
+        text_encoder_kind(self.text_encoder)  # refuses a name nothing is registered under
+
+    @property
+    def text_kind(self) -> TextEncoderKind:
+        """The registry entry of this spec's text side."""
+        return text_encoder_kind(self.text_encoder)
 
     @property
     def text_feature_dim(self) -> int:
         """Width of what the pooled text head reads."""
-        return MINILM_HIDDEN if self.text_encoder == "minilm" else self.embed_size
+        return self.text_kind.feature_dim(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NetworkSpec:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Mapping[str, Any]) -> NetworkSpec:
+        """Unknown keys are refused, as in every model config."""
+        return config_from_dict(cls, data, what="network spec")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,19 +86,9 @@ class RetrievalNetwork(nn.Module):
         self.spec = spec
         self.vocabulary = vocabulary
         d = spec.embed_size
-        if spec.text_encoder == "gru":
-            if vocabulary is None:
-                raise ValueError("a GRU text encoder needs a vocabulary")
-            text_encoder = GRUTextEncoder(
-                vocab_size=len(vocabulary), word_dim=spec.word_dim, embed_size=d
-            )
-        else:
-            text_encoder = MiniLMWordEncoder(
-                embed_size=d, hidden_size=MINILM_HIDDEN, backbone=backbone
-            )
         self.camp = CampModel(
             image_encoder=ImageEncoder(img_dim=spec.region_dim, embed_size=d),
-            text_encoder=text_encoder,
+            text_encoder=spec.text_kind.build(spec, vocabulary, backbone),
             scorer=CampLogitScorer(
                 embed_size=d, num_heads=spec.num_heads, cosine_skip=spec.camp_cosine_skip
             ),
@@ -120,10 +108,10 @@ class RetrievalNetwork(nn.Module):
 
     def camp_config(self) -> CampConfig:
         spec = self.spec
-        minilm = spec.text_encoder == "minilm"
+        vocab_size, word_dim = spec.text_kind.word_table(spec, self.vocabulary)
         return CampConfig(
-            vocab_size=MINILM_VOCAB if minilm else len(self.vocabulary),
-            word_dim=MINILM_HIDDEN if minilm else spec.word_dim,
+            vocab_size=vocab_size,
+            word_dim=word_dim,
             embed_size=spec.embed_size,
             img_dim=spec.region_dim,
             num_heads=spec.num_heads,
@@ -137,17 +125,11 @@ class RetrievalNetwork(nn.Module):
     # -- pieces used by both inference and training ------------------------------------------
     def text_features(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
         """What the text side computes from token ids before CAMP's projection: [B, L, h]."""
-        encoder = self.camp.text_encoder
-        if isinstance(encoder, MiniLMWordEncoder):
-            return encoder.features(token_ids, lengths)
-        return encoder(token_ids, lengths).words
+        return self.camp.text_encoder.features(token_ids, lengths)
 
     def words_from_features(self, features: Tensor, lengths: Tensor) -> EncodedText:
         """[B, L, h] text features -> CAMP word features (identity for the GRU)."""
-        encoder = self.camp.text_encoder
-        if isinstance(encoder, MiniLMWordEncoder):
-            return encoder.project(features, lengths)
-        return EncodedText(words=features[:, : int(lengths.max())], lengths=lengths)
+        return self.camp.text_encoder.project(features, lengths)
 
     def pooled_text(self, features: Tensor, lengths: Tensor) -> Tensor:
         """[B, L, h] text features -> [B, e] unit shortlist vectors."""
@@ -203,16 +185,16 @@ class RetrievalNetwork(nn.Module):
                     f"retrieval spec_version {retrieval.get('spec_version')} is not "
                     f"{SPEC_VERSION}; this code cannot read it"
                 )
-            spec = NetworkSpec.from_dict(retrieval["spec"])
-        backbone = None
-        if spec.text_encoder == "minilm":
-            from model.minilm import load_minilm
-
-            backbone = (backbone_loader or load_minilm)()
-        if spec.text_encoder == "gru" and checkpoint.vocabulary is None:
+            try:
+                spec = NetworkSpec.from_dict(retrieval["spec"])
+            except ConfigError as exc:
+                raise CheckpointError(f"the checkpoint's retrieval spec: {exc}") from exc
+        kind = spec.text_kind
+        backbone = kind.load_backbone(backbone_loader)
+        if kind.uses_vocabulary and checkpoint.vocabulary is None:
             raise CheckpointError(
-                "this checkpoint's GRU text encoder needs its vocabulary; pass it to "
-                "import_official_checkpoint(path, vocabulary=load_vocabulary(...))"
+                f"this checkpoint's {kind.name.upper()} text encoder needs its vocabulary; pass "
+                "it to import_official_checkpoint(path, vocabulary=load_vocabulary(...))"
             )
         network = cls(
             spec,

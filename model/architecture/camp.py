@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from model.config import CampConfig
-from model.encoders import EncodedText, GRUTextEncoder, ImageEncoder, TextEncoder
-from model.scorer import CampScorer, ScoreTrace
+from model.architecture.encoders import EncodedText, GRUTextEncoder, ImageEncoder, TextEncoder
+from model.architecture.scorer import CampScorer, ScoreTrace
+from model.checkpoints.config import CampConfig
 
 
 class CampModel(nn.Module):
     """`image_encoder`, `text_encoder` and `scorer` under one state dict.
 
     `forward` is the training/evaluation direct form: all Ni images x Nc captions, scores
-    [Ni, Nc]. Serving uses `model.precompute.PrecomputedScorer(model.scorer)` instead.
+    [Ni, Nc]. Serving uses `model.architecture.precompute.PrecomputedScorer(model.scorer)` instead.
     """
 
     def __init__(
