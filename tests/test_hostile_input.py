@@ -29,7 +29,7 @@ from service_support import coco_photos, make_settings
 from model.images import DecodedImage, ImageInputError, decode_image
 from model.tokenizer import tokenize
 from model.vocab import END_ID, START_ID, UNK, Vocabulary
-from service.app import create_app
+from service.api.app import create_app
 
 MAX_UPLOAD = 2 * 2**20  # the API refuses bodies past this (+ the form overhead)
 MAX_PIXELS = 4_000_000  # bombs below are 9 M pixels and more

@@ -20,23 +20,23 @@ from fastapi.staticfiles import StaticFiles
 
 from index.errors import NotFoundError, StorageFullError
 from model.extractors import RegionExtractor
-from service.api_docs import install_api_docs
-from service.auth import WriteKeyGuard
-from service.errors import install_error_handlers, problem_response
-from service.metrics import ServiceMetrics
-from service.ratelimit import REQUESTS, WRITES, RateLimit, RateLimiter
-from service.request_metrics import RequestMetrics
-from service.routes import captions, health, images, search
-from service.runtime import ServiceState
-from service.settings import Settings, get_settings
-from service.uploads import FORM_OVERHEAD_BYTES, BodySizeLimit
+from service.api.auth import WriteKeyGuard
+from service.api.docs import install_api_docs
+from service.api.errors import install_error_handlers, problem_response
+from service.api.ratelimit import REQUESTS, WRITES, RateLimit, RateLimiter
+from service.api.request_metrics import RequestMetrics
+from service.api.routes import captions, health, images, search
+from service.api.uploads import FORM_OVERHEAD_BYTES, BodySizeLimit
+from service.runtime.lifecycle import ServiceState
+from service.runtime.metrics import ServiceMetrics
+from service.runtime.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # service/static
 API_VERSION = "1"
 
 

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batching import QueueFullError
+from service.search.batching import QueueFullError
 
 logger = logging.getLogger(__name__)
 

@@ -11,16 +11,16 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from service.deps import RuntimeDep, SettingsDep, check_search_bounds
-from service.errors import FieldProblem, ProblemError
-from service.schemas import (
+from service.api.deps import RuntimeDep, SettingsDep, check_search_bounds
+from service.api.errors import FieldProblem, ProblemError
+from service.api.schemas import (
     CaptionSearchByIdRequest,
     CaptionSearchResponse,
     ImageSearchRequest,
     ImageSearchResponse,
     SearchOptions,
 )
-from service.uploads import read_upload
+from service.api.uploads import read_upload
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import FieldProblem, ProblemError, problem_response
+from service.api.errors import FieldProblem, ProblemError, problem_response
 
 API_KEY_HEADER = "X-API-Key"
 _API_KEY_HEADER_RAW = API_KEY_HEADER.lower().encode("latin-1")
-# Every route that changes the corpus lives under these prefixes (service/routes/images.py,
+# Every route that changes the corpus lives under these prefixes (service/api/routes/images.py,
 # captions.py); searches are POSTs too, but only read.
 WRITE_PREFIXES = ("/v1/images", "/v1/captions")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

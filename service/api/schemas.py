@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API (what clients see; never storage records).
 
 Static bounds live on the fields (`ge=1`, non-blank text); the upper bounds come from the
-operator's settings and are checked by `service.deps` against `Settings` (one place), so the
+operator's settings and are checked by `service.api.deps` against `Settings` (one place), so the
 same schema serves every deployment. Field descriptions end up in the OpenAPI page at /docs.
 """
 

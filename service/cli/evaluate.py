@@ -6,15 +6,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import typer
-from rich.console import Console
-from rich.progress import Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from model.checkpoint import CheckpointError
 from model.data import DataError, load_split
 from model.evaluate_model import MODES, evaluate_model
 from model.retrieval import RetrievalModel
+from service.cli.output import console, fail, progress_bar
 
 
 def _row(table: Table, name: str, metrics: dict) -> None:
@@ -52,11 +51,9 @@ def run_evaluate(
     device: str,
     ks: str = "10,50,100,200",
 ) -> dict:
-    console = Console(stderr=True)
     modes = [m.strip() for m in modes if m.strip()]
     if not modes or set(modes) - set(MODES):
-        console.print(f"[red]error:[/red] modes must be a comma-separated subset of {MODES}")
-        raise typer.Exit(2)
+        fail(f"modes must be a comma-separated subset of {MODES}")
     try:
         model = RetrievalModel.load(checkpoint, device=device)
         dataset = load_split(
@@ -66,26 +63,23 @@ def run_evaluate(
             extractor_config=model.extractor_config,
         )
     except (CheckpointError, DataError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(exc)
     if dataset.images.shape[-1] != model.region_dim:
-        console.print(
-            f"[red]error:[/red] {data} holds {dataset.images.shape[-1]}-d regions; the model "
+        fail(
+            f"{data} holds {dataset.images.shape[-1]}-d regions; the model "
             f"expects {model.region_dim}-d ({model.extractor_name})"
         )
-        raise typer.Exit(2)
     console.print(f"model {model.version} on {model.device}; {split}: {dataset.num_images} images")
     try:
         shortlist_sizes = sorted({int(k) for k in ks.split(",") if k.strip()})
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] --ks must be comma-separated integers, got {ks!r}")
-        raise typer.Exit(2) from exc
+    except ValueError:
+        fail(f"--ks must be comma-separated integers, got {ks!r}")
     columns = (
         TextColumn("scoring pairs with CAMP"),
         TextColumn("{task.completed:,.0f} pairs"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(*columns, transient=True) as bar:
         task = bar.add_task("pairs", total=None)
         result = evaluate_model(
             model,

@@ -21,11 +21,11 @@ from index.catalog import CaptionRecord, ImageRecord
 from index.corpus import Corpus, NewCaption
 from index.errors import NotFoundError
 from model.images import DecodedImage, ImageInputError, decode_image
-from service.budget import BudgetWaitTimeout, MemoryBudget
-from service.errors import FieldProblem, ProblemError
-from service.metrics import ServiceMetrics
-from service.pipeline import SearchPipeline
-from service.regions import ImageRegions, UploadRegions, sha256_hex
+from service.api.errors import FieldProblem, ProblemError
+from service.runtime.budget import BudgetWaitTimeout, MemoryBudget
+from service.runtime.metrics import ServiceMetrics
+from service.search.pipeline import SearchPipeline
+from service.search.regions import ImageRegions, UploadRegions, sha256_hex
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel

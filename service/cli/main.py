@@ -1,4 +1,5 @@
-"""The `camp-search` command line: one typer app; each command lives in its own module."""
+"""The `camp-search` command line: every command declared in one typer app; each body lives in
+its own module of `service/cli/`, imported only when that command runs."""
 
 from __future__ import annotations
 
@@ -40,73 +41,20 @@ def extract(
 
     Resumable: rerun the same command after an interrupt and finished shards are kept.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+    from service.cli.extract import run_extract
+
+    run_extract(
+        source,
+        out,
+        extractor,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        fit=fit,
+        shard_size=shard_size,
+        weights=weights,
+        config_file=config_file,
     )
-    from rich.table import Table
-
-    from model.extract import ExtractInputError, extract_dataset
-    from model.extractors import InvalidExtractorConfig, UnknownExtractor, create_extractor
-
-    console = Console(stderr=True)
-    settings: dict[str, object] = {"batch_size": batch_size, "device": device}
-    if extractor == "grid":
-        settings["fit"] = fit
-    elif extractor == "detectron2":
-        settings.update(weights=weights, config_file=config_file)
-    try:
-        backend = create_extractor(extractor, settings)
-    except (UnknownExtractor, InvalidExtractorConfig, ImportError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    console.print(f"extractor {backend.name} {backend.version} on {backend.device}")
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("extracting", total=None)
-        try:
-            summary = extract_dataset(
-                source,
-                out,
-                backend,
-                dtype=dtype,
-                shard_size=shard_size,
-                on_start=lambda total: bar.update(task, total=total),
-                progress=lambda n: bar.advance(task, n),
-            )
-        except (ExtractInputError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
-        except KeyboardInterrupt:
-            console.print("interrupted: rerun the same command to resume from finished shards")
-            raise typer.Exit(130) from None
-
-    for split, count in summary.images.items():
-        console.print(f"{split}: {count} images -> {out}/{split}_ims.npy")
-    if not summary.has_captions:
-        console.print("input is a folder: no captions, so no *_caps.txt was written")
-    console.print(
-        f"{summary.shards_total - summary.shards_reused} shards extracted, "
-        f"{summary.shards_reused} reused, {summary.seconds:.1f} s"
-    )
-    if summary.refused:
-        table = Table("file", "reason", title=f"{len(summary.refused)} image(s) refused")
-        for refusal in summary.refused:
-            table.add_row(refusal.image, refusal.reason)
-        console.print(table)
-        console.print(f"(also in {out}/refused.jsonl)")
 
 
 @app.command()
@@ -116,9 +64,9 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run the HTTP API and the web UI; data lives in CAMPSEARCH_DATA_DIR (default ./data)."""
-    from service.commands import serve as run_server
+    from service.cli.serve import run_serve
 
-    run_server(host, port, log_level)
+    run_serve(host, port, log_level)
 
 
 @app.command()
@@ -132,9 +80,9 @@ def ingest(
     refused: Path | None = typer.Option(None, help="write refused files here (JSON lines)"),
 ) -> None:
     """Bulk-ingest photos with their captions. Resumable: rerun it and stored photos are skipped."""
-    from service.commands import ingest_command
+    from service.cli.ingest import run_ingest
 
-    ingest_command(
+    run_ingest(
         source, None, server=server, jobs=jobs, max_captions=max_captions, refused_out=refused
     )
 
@@ -144,15 +92,9 @@ def demo(
     server: str | None = typer.Option(None, help="URL of a running server; default: local"),
 ) -> None:
     """Ingest the offline demo corpus (photos bundled with scikit-image, captions by us)."""
-    from service.commands import console, ingest_command
-    from service.demo import DemoUnavailableError, demo_items
+    from service.cli.ingest import run_demo
 
-    try:
-        items = demo_items()
-    except DemoUnavailableError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
-    ingest_command(None, items, server=server)
+    run_demo(server)
 
 
 @app.command()
@@ -170,7 +112,7 @@ def evaluate(
     ks: str = typer.Option("10,50,100,200", "--ks", help="two-stage shortlist sizes"),
 ) -> None:
     """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split."""
-    from model.evaluate_cli import run_evaluate
+    from service.cli.evaluate import run_evaluate
 
     run_evaluate(data, split, checkpoint, json_out, modes.split(","), device, ks=ks)
 
@@ -184,6 +126,6 @@ def train(
     resume: bool = typer.Option(True, help="continue from the run folder's last checkpoint"),
 ) -> None:
     """Train a retrieval model from a JSON preset; checkpoints, metrics log and best model."""
-    from model.training.cli import run_train
+    from service.cli.train import run_train
 
     run_train(config, out, resume)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from service.ingest import IngestItem
+from service.cli.bulk_ingest import IngestItem
 
 DEMO_PACKAGE = "skimage"
 DEMO_EXTRA = "demo"

@@ -8,11 +8,11 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request
 
-from service.auth import API_KEY_HEADER, check_write_key
-from service.errors import FieldProblem, ProblemError
-from service.runtime import ServiceRuntime, ServiceState
-from service.schemas import ImageSearchRequest, SearchOptions
-from service.settings import Settings
+from service.api.auth import API_KEY_HEADER, check_write_key
+from service.api.errors import FieldProblem, ProblemError
+from service.api.schemas import ImageSearchRequest, SearchOptions
+from service.runtime.lifecycle import ServiceRuntime, ServiceState
+from service.runtime.settings import Settings
 
 STARTING_RETRY_AFTER_S = 5
 

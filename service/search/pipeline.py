@@ -28,14 +28,8 @@ import torch
 from index.corpus import Corpus, Kind, RegionArrays
 from index.shortlist import SearchResult, l2_normalised
 from model.precompute import CaptionPrecompute, ImagePrecompute
-from service.batching import MicroBatcher
-from service.budget import MemoryBudget
-from service.errors import FieldProblem, ProblemError
-from service.lru import ByteBoundedLRU
-from service.metrics import ServiceMetrics
-from service.regions import ImageRegions
-from service.rerank import RerankJob
-from service.schemas import (
+from service.api.errors import FieldProblem, ProblemError
+from service.api.schemas import (
     CaptionHit,
     CaptionSearchResponse,
     Explanation,
@@ -45,7 +39,13 @@ from service.schemas import (
     SearchOptions,
     Timings,
 )
-from service.shortlist import ShortlistJob
+from service.runtime.budget import MemoryBudget
+from service.runtime.metrics import ServiceMetrics
+from service.search.batching import MicroBatcher
+from service.search.lru import ByteBoundedLRU
+from service.search.regions import ImageRegions
+from service.search.rerank import RerankJob
+from service.search.shortlist import ShortlistJob
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -148,7 +148,7 @@ class SearchPipeline:
         """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
         tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
         ones ~20x less); `search_memory_bytes` bounds what searches in flight hold of them
-        (service/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
+        (service/runtime/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
         service takes them from `Settings` and the extractor."""
         self.model = model
         self.corpus = corpus

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from service.deps import RuntimeDep, WriteAccess
-from service.errors import FieldProblem, ProblemError, not_found
-from service.schemas import MAX_ID, CaptionCreate, CaptionPublic
+from service.api.deps import RuntimeDep, WriteAccess
+from service.api.errors import FieldProblem, ProblemError, not_found
+from service.api.schemas import MAX_ID, CaptionCreate, CaptionPublic
 
 router = APIRouter(prefix="/v1/captions", tags=["captions"])
 

@@ -7,10 +7,10 @@ import asyncio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import RuntimeDep, StateDep
-from service.errors import ProblemError
-from service.metrics import PROMETHEUS_CONTENT_TYPE
-from service.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
+from service.api.deps import RuntimeDep, StateDep
+from service.api.errors import ProblemError
+from service.api.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
+from service.runtime.metrics import PROMETHEUS_CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 

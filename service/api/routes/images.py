@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from service.deps import RuntimeDep, SettingsDep, WriteAccess
-from service.errors import not_found
-from service.indexer import StoredImage
-from service.pipeline import image_file_url
-from service.schemas import MAX_ID, CaptionPublic, ImageAdded, ImagePublic, ImagesPublic
-from service.uploads import read_upload
+from service.api.deps import RuntimeDep, SettingsDep, WriteAccess
+from service.api.errors import not_found
+from service.api.schemas import MAX_ID, CaptionPublic, ImageAdded, ImagePublic, ImagesPublic
+from service.api.uploads import read_upload
+from service.ingest.indexer import StoredImage
+from service.search.pipeline import image_file_url
 
 logger = logging.getLogger(__name__)
 

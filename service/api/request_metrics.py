@@ -6,7 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import ServiceMetrics
+from service.runtime.metrics import ServiceMetrics
 
 UNMATCHED_ROUTE = "unmatched"
 

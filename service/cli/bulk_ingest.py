@@ -29,9 +29,9 @@ from typing import Literal, Protocol
 import httpx
 
 from model.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
-from service.auth import API_KEY_HEADER
-from service.errors import ProblemError
-from service.runtime import ServiceRuntime
+from service.api.auth import API_KEY_HEADER
+from service.api.errors import ProblemError
+from service.runtime.lifecycle import ServiceRuntime
 
 DEFAULT_JOBS = 2
 HTTP_TIMEOUT_S = 120.0  # one upload may wait for a CPU extraction behind others

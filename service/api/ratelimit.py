@@ -30,8 +30,8 @@ from pydantic import SecretStr
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import key_matches
-from service.errors import problem_response
+from service.api.auth import key_matches
+from service.api.errors import problem_response
 
 logger = logging.getLogger(__name__)
 

@@ -1,29 +1,16 @@
-"""What `camp-search serve`, `ingest` and `demo` do (service/cli.py only declares them)."""
+"""`camp-search ingest` and `demo`: bulk ingest, locally or into a running server."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import logging
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from service.ingest import (
+from service.cli.bulk_ingest import (
     DEFAULT_JOBS,
     HttpTarget,
     IngestAbortedError,
@@ -36,79 +23,13 @@ from service.ingest import (
     read_source,
     write_refusals,
 )
-from service.settings import Settings
+from service.cli.output import console, fail, load_settings, progress_bar
 
 API_KEY_ENV = "CAMPSEARCH_API_KEY"  # the client-side key for --server (never logged)
 MAX_REFUSALS_SHOWN = 20
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-console = Console(stderr=True)
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment with command-line overrides; exits 2 when invalid."""
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as error:
-        for problem in error.errors():
-            console.print(f"[red]invalid setting:[/red] {problem['msg']}")
-        raise typer.Exit(2) from None
-
-
-def serve(host: str | None, port: int | None, log_level: str) -> None:
-    """Run the API and the web UI with uvicorn (one process: it owns the data directory)."""
-    import uvicorn
-
-    from service.app import create_app
-
-    settings = load_settings(host=host, port=port)
-    listener = bind_listener(settings.host, settings.port)
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    console.print(
-        f"camp-search on http://{settings.host}:{settings.port} (data in {settings.data_dir}, "
-        f"cache: {'Redis' if settings.redis_url else 'in-process'}, "
-        f"writes: {'API key' if settings.writes_need_key else 'open on loopback'})"
-    )
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=10,
-    )
-    with listener:
-        uvicorn.Server(config).run(sockets=[listener])
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything loads; a port that cannot be had exits 1
-    with one line that says which setting moves it (uvicorn would log a bare errno)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as error:
-        listener.close()
-        console.print(f"[red]error:[/red] {_bind_problem(host, port, error)}", soft_wrap=True)
-        raise typer.Exit(1) from None
-    listener.set_inheritable(True)
-    return listener
-
-
-def _bind_problem(host: str, port: int, error: OSError) -> str:
-    move = f"choose another port with CAMPSEARCH_PORT or --port (e.g. --port {port + 1})"
-    if error.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is already in use by another program; {move}"
-    if error.errno == errno.EACCES:
-        return f"port {port} on {host} needs more privileges than this user has; {move}"
-    return (
-        f"cannot listen on {host}:{port} ({error.strerror or error}); set CAMPSEARCH_HOST or "
-        f"--host to an address of this machine, or {move}"
-    )
-
-
-def ingest_command(
+def run_ingest(
     source: Path | None,
     items: Sequence[IngestItem] | None,
     *,
@@ -124,8 +45,7 @@ def ingest_command(
         try:
             items = read_source(source, max_captions=max_captions)
         except IngestSourceError as error:
-            console.print(f"[red]error:[/red] {error}")
-            raise typer.Exit(2) from error
+            fail(error)
     try:
         report = asyncio.run(_run(list(items), server=server, jobs=jobs))
     except IngestAbortedError as error:
@@ -139,6 +59,17 @@ def ingest_command(
     if report.refused:
         raise typer.Exit(1)
     return report
+
+
+def run_demo(server: str | None) -> IngestReport:
+    """Ingest the demo corpus (exits 2 when its photos are not installed)."""
+    from service.cli.demo import DemoUnavailableError, demo_items
+
+    try:
+        items = demo_items()
+    except DemoUnavailableError as error:
+        fail(error)
+    return run_ingest(None, items, server=server)
 
 
 def summary_line(report: IngestReport) -> str:
@@ -160,15 +91,8 @@ def plural(count: int, noun: str) -> str:
 
 
 async def _run(items: list[IngestItem], *, server: str | None, jobs: int) -> IngestReport:
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     counts: dict[Outcome, int] = {"added": 0, "existing": 0, "refused": 0}
-    with Progress(*columns, console=console) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("ingesting", total=len(items))
 
         def on_done(_item: IngestItem, outcome: Outcome) -> None:
@@ -186,8 +110,8 @@ async def _run(items: list[IngestItem], *, server: str | None, jobs: int) -> Ing
 
 
 async def _run_locally(items: list[IngestItem], jobs: int, on_done) -> IngestReport:
-    from service.metrics import ServiceMetrics
-    from service.runtime import DataDirBusyError, ServiceRuntime
+    from service.runtime.lifecycle import DataDirBusyError, ServiceRuntime
+    from service.runtime.metrics import ServiceMetrics
 
     settings = load_settings()
     try:

@@ -6,21 +6,19 @@ import json
 from pathlib import Path
 
 import torch
-import typer
-from rich.console import Console
 
 from model.data import DataError
 from model.training.recipes import TrainConfig, TrainConfigError
 from model.training.run_state import RunFolder
+from service.cli.output import console, fail
 
 
 def run_train(config_path: Path, out: Path | None, resume: bool) -> Path:
-    console = Console(stderr=True)
+    """Train `config_path` into its run folder; exits 2 on a bad preset or missing data."""
     try:
         config = TrainConfig.load(config_path)
     except TrainConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(exc)
     if config.threads:
         torch.set_num_threads(config.threads)
     run = RunFolder(out or Path(config.out))
@@ -36,7 +34,6 @@ def run_train(config_path: Path, out: Path | None, resume: bool) -> Path:
 
             best = run_official(config, run, resume, console)
     except (DataError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(exc)
     console.print(f"best checkpoint: {best}")
     return best

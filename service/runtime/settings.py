@@ -87,14 +87,14 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0,
         description="Seconds between handing freed heap memory back to the OS (glibc "
-        "malloc_trim; service/heap.py); 0 turns it off.",
+        "malloc_trim; service/runtime/heap.py); 0 turns it off.",
     )
     malloc_mmap_threshold_kib: int = Field(
         default=64,
         ge=0,
         description="Allocations of at least this many KiB get their own memory mapping, "
         "returned to the OS when freed (glibc mallopt M_MMAP_THRESHOLD, fixed; "
-        "service/heap.py); 0 keeps glibc's self-raising threshold.",
+        "service/runtime/heap.py); 0 keeps glibc's self-raising threshold.",
     )
 
     max_upload_bytes: int = Field(default=20 * MEBIBYTE, ge=1024)

@@ -23,8 +23,8 @@ from index.corpus import Corpus
 from index.errors import InvalidRecordError
 from model.extractors import RegionExtractor
 from model.images import DecodedImage
-from service.batching import QueueFullError
-from service.metrics import ServiceMetrics
+from service.runtime.metrics import ServiceMetrics
+from service.search.batching import QueueFullError
 
 # Extractions running at once; more wait in line, and past `max_waiting` callers get 429.
 DEFAULT_EXTRACT_WORKERS = 1

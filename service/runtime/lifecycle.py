@@ -28,15 +28,15 @@ from index.corpus import Corpus
 from index.device import CPU, faiss_gpu_id
 from index.shortlist import SearchResult
 from model.extractors import RegionExtractor, create_extractor
-from service.batching import MicroBatcher
-from service.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
-from service.indexer import Indexer
-from service.metrics import ServiceMetrics
-from service.pipeline import SearchPipeline
-from service.regions import UploadRegions
-from service.rerank import PairReranker, RerankJob
-from service.settings import MEBIBYTE, Settings
-from service.shortlist import ShortlistJob, ShortlistSearcher
+from service.ingest.indexer import Indexer
+from service.runtime.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
+from service.runtime.metrics import ServiceMetrics
+from service.runtime.settings import MEBIBYTE, Settings
+from service.search.batching import MicroBatcher
+from service.search.pipeline import SearchPipeline
+from service.search.regions import UploadRegions
+from service.search.rerank import PairReranker, RerankJob
+from service.search.shortlist import ShortlistJob, ShortlistSearcher
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
