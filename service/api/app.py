@@ -13,16 +13,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from index.errors import NotFoundError, StorageFullError
 from model.extractors import RegionExtractor
 from service.api.auth import WriteKeyGuard
 from service.api.docs import install_api_docs
-from service.api.errors import install_error_handlers, problem_response
+from service.api.errors import install_error_handlers
 from service.api.ratelimit import REQUESTS, WRITES, RateLimit, RateLimiter
 from service.api.request_metrics import RequestMetrics
 from service.api.routes import captions, health, images, search
@@ -78,8 +76,6 @@ def create_app(
     )
     app.state.service = state
     install_error_handlers(app)
-    app.add_exception_handler(StorageFullError, _on_storage_full)  # type: ignore[arg-type]
-    app.add_exception_handler(NotFoundError, _on_not_found)  # type: ignore[arg-type]
 
     for router in (search.router, images.router, captions.router, health.router):
         app.include_router(router)
@@ -107,17 +103,3 @@ def create_app(
         )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     return app
-
-
-async def _on_storage_full(request: Request, error: StorageFullError) -> JSONResponse:
-    logger.error("storage is full: %s", error)
-    return problem_response(
-        507,
-        "Insufficient storage",
-        "the server's storage is full; nothing was written. Retry after the operator frees space.",
-        instance=request.url.path,
-    )
-
-
-async def _on_not_found(request: Request, error: NotFoundError) -> JSONResponse:
-    return problem_response(404, "Not found", str(error).strip("'\""), instance=request.url.path)

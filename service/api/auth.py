@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import FieldProblem, ProblemError, problem_response
+from service.api.errors import ProblemError, problem_response
+from service.outcomes import FieldProblem
 
 API_KEY_HEADER = "X-API-Key"
 _API_KEY_HEADER_RAW = API_KEY_HEADER.lower().encode("latin-1")

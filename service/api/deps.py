@@ -9,8 +9,9 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Header, Request
 
 from service.api.auth import API_KEY_HEADER, check_write_key
-from service.api.errors import FieldProblem, ProblemError
+from service.api.errors import ProblemError
 from service.api.schemas import ImageSearchRequest, SearchOptions
+from service.outcomes import FieldProblem, InvalidInput
 from service.runtime.lifecycle import ServiceRuntime, ServiceState
 from service.runtime.settings import Settings
 
@@ -85,6 +86,5 @@ def check_search_bounds(
             )
         )
     if problems:
-        summary = "; ".join(f"{p.field}: {p.reason}" for p in problems)
-        raise ProblemError(422, "Invalid request", summary, problems)
+        raise InvalidInput(problems)
     return options.model_copy(update=adjusted) if adjusted else options

@@ -7,13 +7,21 @@ same schema serves every deployment. Field descriptions end up in the OpenAPI pa
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.search.results import CaptionMatches, ImageMatches, SearchParams
+
 DEFAULT_LIMIT = 10
 DEFAULT_CANDIDATES = 100
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range: no stored id is larger
+
+
+def image_file_url(image_id: int) -> str:
+    """Where the API serves an image's stored bytes."""
+    return f"/v1/images/{image_id}/file"
 
 
 def _not_blank(text: str) -> str:
@@ -26,7 +34,7 @@ def _not_blank(text: str) -> str:
 
 
 class SearchOptions(BaseModel):
-    """Options shared by both search directions."""
+    """Options shared by both search directions (the core's `SearchParams`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +54,10 @@ class SearchOptions(BaseModel):
     explain: bool = Field(
         False, description="Attach region boxes and word-region attention to every hit."
     )
+
+    def params(self) -> SearchParams:
+        """These options as the search pipeline takes them."""
+        return SearchParams(**self.model_dump(include=set(SearchOptions.model_fields)))
 
 
 class ImageSearchRequest(SearchOptions):
@@ -122,6 +134,14 @@ class ImageSearchResponse(BaseModel):
     results: list[ImageHit]
     timings_ms: Timings
 
+    @classmethod
+    def of(cls, matches: ImageMatches) -> ImageSearchResponse:
+        """The answer to a text search, each hit with the URL of its photo."""
+        found = asdict(matches)
+        for hit in found["results"]:
+            hit["url"] = image_file_url(hit["id"])
+        return cls.model_validate(found)
+
 
 class CaptionHit(BaseModel):
     id: int
@@ -136,6 +156,11 @@ class CaptionHit(BaseModel):
 class CaptionSearchResponse(BaseModel):
     results: list[CaptionHit]
     timings_ms: Timings
+
+    @classmethod
+    def of(cls, matches: CaptionMatches) -> CaptionSearchResponse:
+        """The answer to a photo search."""
+        return cls.model_validate(asdict(matches))
 
 
 # --- resources ----------------------------------------------------------------------------

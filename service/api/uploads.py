@@ -16,7 +16,8 @@ import json
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import PROBLEM_MEDIA_TYPE, FieldProblem, ProblemError
+from service.api.errors import PROBLEM_MEDIA_TYPE, ProblemError
+from service.outcomes import FieldProblem
 
 READ_CHUNK_BYTES = 256 * 1024
 # Room for multipart boundaries, part headers and small form fields (captions, options)

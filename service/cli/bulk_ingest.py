@@ -10,7 +10,7 @@ server or a rejected API key does stop it.
 
 Sources:
 * ``manifest.jsonl``: one JSON object per line with ``image`` (a path relative to the manifest)
-  and optional ``captions`` (a list of strings), as in DESIGN §5;
+  and optional ``captions`` (a list of strings), the layout `camp-search extract` reads too;
 * a folder: every image file under it (sorted), with optional captions in a sidecar text file
   of the same name (``beach.jpg`` + ``beach.txt``, one caption per line).
 """
@@ -30,7 +30,8 @@ import httpx
 
 from model.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
 from service.api.auth import API_KEY_HEADER
-from service.api.errors import ProblemError
+from service.api.errors import problem_of
+from service.outcomes import ServiceError
 from service.runtime.lifecycle import ServiceRuntime
 
 DEFAULT_JOBS = 2
@@ -340,7 +341,9 @@ class LocalTarget:
     async def add(self, data: bytes, captions: Sequence[str]) -> Added:
         try:
             stored = await self.runtime.indexer.add_image(data, captions)
-        except ProblemError as problem:
+        except ServiceError as error:
+            problem = problem_of(error)  # the answer the API would give: the same refusal
+            assert problem is not None
             reasons = "; ".join(p.reason for p in problem.errors) or problem.detail
-            raise RefusedError(problem.status, reasons) from problem
+            raise RefusedError(problem.status, reasons) from error
         return Added("added" if stored.created else "existing", stored.captions_added)

@@ -1,4 +1,4 @@
-"""Writes: images and captions into the corpus, in the one order DESIGN §2 prescribes.
+"""Writes: images and captions into the corpus, in the storage order of docs/ARCHITECTURE.md.
 
 validate + decode -> (duplicate? the existing record) -> region features (cache or extractor,
 off the event loop) -> pooled vectors and caption token ids from the model -> `Corpus.add_image`
@@ -21,7 +21,7 @@ from index.catalog import CaptionRecord, ImageRecord
 from index.corpus import Corpus, NewCaption
 from index.errors import NotFoundError
 from model.images import DecodedImage, ImageInputError, decode_image
-from service.api.errors import FieldProblem, ProblemError
+from service.outcomes import Conflict, FieldProblem, InvalidImage, InvalidInput, Overloaded
 from service.runtime.budget import BudgetWaitTimeout, MemoryBudget
 from service.runtime.metrics import ServiceMetrics
 from service.search.pipeline import SearchPipeline
@@ -92,17 +92,6 @@ class StoredImage:
     captions_skipped: int = 0
 
 
-def image_problem(error: ImageInputError, field: str = "file") -> ProblemError:
-    """The problem+json for a refused image: 400, 413 or 415 as the error says."""
-    titles = {400: "Invalid image", 413: "Payload too large", 415: "Unsupported media type"}
-    return ProblemError(
-        error.http_status,
-        titles.get(error.http_status, "Invalid image"),
-        str(error),
-        [FieldProblem(field, f"{error.code}: {error}")],
-    )
-
-
 class Indexer:
     """Adds and deletes images and captions; safe to call concurrently."""
 
@@ -118,7 +107,7 @@ class Indexer:
         max_image_pixels: int,
         max_caption_chars: int,
         decode_memory_bytes: int = 0,
-        decode_wait_s: float = 30.0,
+        decode_wait_s: float,
     ) -> None:
         """`decode_memory_bytes` bounds the pixels that uploads being decoded and extracted
         hold together (0: unbounded); an upload waits at most `decode_wait_s` for its share."""
@@ -140,7 +129,8 @@ class Indexer:
 
         The share is reserved from the header's size before any pixel is decoded, so many
         large uploads wait in line instead of all being decoded at once; it is released when
-        the regions are out and the pixels dropped. Waiting longer than `decode_wait_s` is 503.
+        the regions are out and the pixels dropped. Waiting longer than `decode_wait_s` is
+        `Overloaded`.
         """
         nbytes = await asyncio.to_thread(decode_reservation_bytes, data, self.max_image_pixels)
         try:
@@ -151,12 +141,10 @@ class Indexer:
                     regions = await self.regions.for_upload(data, decoded)
                 return UploadDecoded(regions, decoded.size, decoded.format)
         except BudgetWaitTimeout:
-            raise ProblemError(
-                503,
-                "Busy",
+            raise Overloaded(
                 "other photos being decoded hold the decode memory budget and none was free "
                 f"within {self.decode_wait_s:g} s; retry later",
-                headers={"Retry-After": str(DECODE_RETRY_AFTER_S)},
+                retry_after_s=DECODE_RETRY_AFTER_S,
             ) from None
 
     def _stage(self, stage: str, timings: dict[str, float] | None) -> AbstractContextManager[None]:
@@ -165,16 +153,16 @@ class Indexer:
         return nullcontext() if timings is None else self.metrics.time_stage(stage, timings)
 
     async def decode(self, data: bytes, field: str = "file") -> DecodedImage:
-        """Validate and decode upload bytes (in a thread); refusals become 400/413/415."""
+        """Validate and decode upload bytes (in a thread); a refusal is `InvalidImage`."""
         try:
             return await asyncio.to_thread(
                 decode_image, data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels
             )
         except ImageInputError as error:
-            raise image_problem(error, field) from error
+            raise InvalidImage(error, field) from error
 
     def check_captions(self, captions: Sequence[str], field: str = "captions") -> list[str]:
-        """Captions as given, or 422 naming the first blank or too long one."""
+        """Captions as given, or `InvalidInput` naming each blank or too long one."""
         problems = []
         for index, text in enumerate(captions):
             if not text.strip():
@@ -187,8 +175,7 @@ class Indexer:
                     )
                 )
         if problems:
-            summary = "; ".join(f"{p.field}: {p.reason}" for p in problems[:5])
-            raise ProblemError(422, "Invalid request", summary, problems)
+            raise InvalidInput(problems)
         return list(captions)
 
     async def add_image(self, data: bytes, captions: Sequence[str] = ()) -> StoredImage:
@@ -244,11 +231,9 @@ class Indexer:
             if refreshed is None:
                 raise NotFoundError(f"image {stored.image.id} does not exist")
         except NotFoundError as error:  # deleted meanwhile; nothing of this call was stored
-            raise ProblemError(
-                409,
-                "Conflict",
+            raise Conflict(
                 f"image {stored.image.id} was deleted while these captions were being added; "
-                "upload the photo again",
+                "upload the photo again"
             ) from error
         return replace(
             refreshed,

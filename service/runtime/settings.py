@@ -1,7 +1,9 @@
 """Service settings, read from `CAMPSEARCH_*` environment variables (and a `.env` file).
 
 One class holds every knob an operator may turn; validators refuse unsafe combinations at
-start-up rather than at the first request.
+start-up rather than at the first request. A default that a lower layer also uses (upload and
+pixel limits, FAISS search parameters, the feature cache's size and TTL) is that layer's
+constant, imported here, so each number is defined once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from index.cache import DEFAULT_LOCAL_MAX_BYTES, DEFAULT_TTL_S
+from index.shortlist import DEFAULT_EF_SEARCH, DEFAULT_NPROBE
+from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 MEBIBYTE = 1024 * 1024
 
@@ -41,12 +47,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="redis://host:port/db; without it an in-process cache serves."
     )
-    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    cache_ttl_s: int = Field(default=DEFAULT_TTL_S, ge=1)
     index_factory: str = Field(
         default="auto", description="A FAISS factory string, or 'auto' to pick by corpus size."
     )
-    nprobe: int = Field(default=32, ge=1)
-    ef_search: int = Field(default=128, ge=1)
+    nprobe: int = Field(default=DEFAULT_NPROBE, ge=1)
+    ef_search: int = Field(default=DEFAULT_EF_SEARCH, ge=1)
 
     image_cache_mib: int = Field(
         default=512,
@@ -60,7 +66,7 @@ class Settings(BaseSettings):
         description="In-process LRU of per-caption rerank tensors (~20x smaller than an image's).",
     )
     feature_cache_mib: int = Field(
-        default=512,
+        default=DEFAULT_LOCAL_MAX_BYTES // MEBIBYTE,
         ge=0,
         description="In-process region-feature cache, used only without CAMPSEARCH_REDIS_URL "
         "(~0.12 MiB a photo with 49 grid regions).",
@@ -97,8 +103,8 @@ class Settings(BaseSettings):
         "service/runtime/heap.py); 0 keeps glibc's self-raising threshold.",
     )
 
-    max_upload_bytes: int = Field(default=20 * MEBIBYTE, ge=1024)
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     max_query_chars: int = Field(default=2_000, ge=1)
     max_limit: int = Field(default=100, ge=1)
     max_candidates: int = Field(default=1_000, ge=1)

@@ -1,4 +1,4 @@
-"""The two-stage search (DESIGN §2): pooled-vector shortlist, then the CAMP reranker.
+"""The two-stage search: pooled-vector shortlist, then the CAMP reranker (docs/ARCHITECTURE.md).
 
 text -> images:  encode the text -> micro-batched FAISS top-K images -> their rerank tensors
                  (in-process LRU, else ONE feature fetch through the cache for the misses) ->
@@ -28,23 +28,22 @@ import torch
 from index.corpus import Corpus, Kind, RegionArrays
 from index.shortlist import SearchResult, l2_normalised
 from model.precompute import CaptionPrecompute, ImagePrecompute
-from service.api.errors import FieldProblem, ProblemError
-from service.api.schemas import (
-    CaptionHit,
-    CaptionSearchResponse,
-    Explanation,
-    ImageHit,
-    ImageSearchRequest,
-    ImageSearchResponse,
-    SearchOptions,
-    Timings,
-)
+from service.outcomes import NotFound, TimedOut
 from service.runtime.budget import MemoryBudget
 from service.runtime.metrics import ServiceMetrics
 from service.search.batching import MicroBatcher
 from service.search.lru import ByteBoundedLRU
 from service.search.regions import ImageRegions
 from service.search.rerank import RerankJob
+from service.search.results import (
+    CaptionMatch,
+    CaptionMatches,
+    ImageMatch,
+    ImageMatches,
+    PairExplanation,
+    SearchParams,
+    StageTimings,
+)
 from service.search.shortlist import ShortlistJob
 
 if TYPE_CHECKING:
@@ -52,10 +51,6 @@ if TYPE_CHECKING:
 
 RETRY_AFTER_TIMEOUT_S = 1
 SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
-
-
-def image_file_url(image_id: int) -> str:
-    return f"/v1/images/{image_id}/file"
 
 
 @dataclass(frozen=True)
@@ -109,7 +104,7 @@ def _compacted(item: CaptionPrecompute) -> CaptionPrecompute:
 
 def _within_request_timeout(search: SearchMethod) -> SearchMethod:
     """`request_timeout_s` bounds a whole search (tensor building and queueing included): past
-    it the caller gets 503, and work not yet started in a thread is dropped."""
+    it the caller gets `TimedOut`, and work not yet started in a thread is dropped."""
 
     @functools.wraps(search)
     async def bounded(self: SearchPipeline, *args: Any, **kwargs: Any) -> Any:
@@ -117,11 +112,9 @@ def _within_request_timeout(search: SearchMethod) -> SearchMethod:
             async with asyncio.timeout(self.request_timeout_s):
                 return await search(self, *args, **kwargs)
         except TimeoutError:
-            raise ProblemError(
-                503,
-                "Timed out",
+            raise TimedOut(
                 f"the search did not finish within {self.request_timeout_s:g} s; retry later",
-                headers={"Retry-After": str(RETRY_AFTER_TIMEOUT_S)},
+                retry_after_s=RETRY_AFTER_TIMEOUT_S,
             ) from None
 
     return bounded  # type: ignore[return-value]
@@ -139,7 +132,7 @@ class SearchPipeline:
         metrics: ServiceMetrics,
         *,
         shortlist: MicroBatcher[ShortlistJob, SearchResult],
-        request_timeout_s: float = 30.0,
+        request_timeout_s: float,
         image_cache_bytes: int,
         caption_cache_bytes: int,
         search_memory_bytes: int = 0,
@@ -172,11 +165,11 @@ class SearchPipeline:
     # --- text -> images ---------------------------------------------------------------------
 
     @_within_request_timeout
-    async def images_for_text(self, request: ImageSearchRequest) -> ImageSearchResponse:
+    async def images_for_text(self, text: str, request: SearchParams) -> ImageMatches:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("encode", timings):
-            encoded = await asyncio.to_thread(self.model.encode_texts, [request.text])
+            encoded = await asyncio.to_thread(self.model.encode_texts, [text])
         query = encoded.precompute.select([0])
         k = max(request.candidates, request.limit)
         with self.metrics.time_stage("shortlist", timings):
@@ -198,7 +191,7 @@ class SearchPipeline:
             chosen = _best(shortlist, final, request.limit, request.min_score)
 
             records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
-            explanations: dict[int, Explanation] = {}
+            explanations: dict[int, PairExplanation] = {}
             if request.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     if not request.rerank:
@@ -208,26 +201,23 @@ class SearchPipeline:
                         self._explain_images, chosen_tensors, query, encoded.tokens[0]
                     )
         results = [
-            ImageHit(
+            ImageMatch(
                 id=c.id,
                 score=score,
                 shortlist_score=c.score,
                 shortlist_rank=c.rank,
-                url=image_file_url(c.id),
                 captions=records[c.id],
                 explanation=explanations.get(c.id),
             )
             for c, score in chosen
             if c.id in records
         ]
-        return ImageSearchResponse(results=results, timings_ms=_timings(timings, started))
+        return ImageMatches(results=results, timings_ms=_timings(timings, started))
 
     # --- image -> captions ------------------------------------------------------------------
 
     @_within_request_timeout
-    async def captions_for_image_id(
-        self, image_id: int, options: SearchOptions
-    ) -> CaptionSearchResponse:
+    async def captions_for_image_id(self, image_id: int, options: SearchParams) -> CaptionMatches:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("features", timings):
@@ -235,8 +225,7 @@ class SearchPipeline:
             if image_id in stored:
                 tensors = await asyncio.to_thread(self.tensors_of_images, [image_id], stored)
         if image_id not in stored:
-            reason = f"no image with id {image_id}"
-            raise ProblemError(404, "Not found", reason, [FieldProblem("body.image_id", reason)])
+            raise NotFound("image", image_id, field="body.image_id")
         regions = stored[image_id]
         return await self._captions_for(
             ImageRegions(regions.features, regions.boxes, regions.image_size, "corpus", image_id),
@@ -250,11 +239,11 @@ class SearchPipeline:
     async def captions_for_regions(
         self,
         regions: ImageRegions,
-        options: SearchOptions,
+        options: SearchParams,
         *,
         timings: dict[str, float],
         started: float,
-    ) -> CaptionSearchResponse:
+    ) -> CaptionMatches:
         """Search with an upload's regions; `timings` and `started` (perf_counter) may already
         count its decoding and extraction."""
         cached = (
@@ -274,10 +263,10 @@ class SearchPipeline:
         self,
         regions: ImageRegions,
         image: ImageTensors,
-        options: SearchOptions,
+        options: SearchParams,
         timings: dict[str, float],
         started: float,
-    ) -> CaptionSearchResponse:
+    ) -> CaptionMatches:
         with self.metrics.time_stage("encode", timings):
             pooled = await asyncio.to_thread(
                 self.model.pooled_images, np.asarray(regions.features)[None]
@@ -304,14 +293,14 @@ class SearchPipeline:
             records = await asyncio.to_thread(
                 self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
             )
-            explanations: dict[int, Explanation] = {}
+            explanations: dict[int, PairExplanation] = {}
             if options.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     explanations = await asyncio.to_thread(
                         self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
                     )
         results = [
-            CaptionHit(
+            CaptionMatch(
                 id=c.id,
                 text=records[c.id].text,
                 image_id=records[c.id].image_id,
@@ -323,7 +312,7 @@ class SearchPipeline:
             for c, score in chosen
             if c.id in records
         ]
-        return CaptionSearchResponse(results=results, timings_ms=_timings(timings, started))
+        return CaptionMatches(results=results, timings_ms=_timings(timings, started))
 
     # --- per-item tensors (cached) ------------------------------------------------------------
 
@@ -446,7 +435,7 @@ class SearchPipeline:
 
     def _explain_images(
         self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
-    ) -> dict[int, Explanation]:
+    ) -> dict[int, PairExplanation]:
         return {
             i: _explanation(self.model.explain_pair(image.precompute, query), words, image)
             for i, image in tensors.items()
@@ -454,9 +443,9 @@ class SearchPipeline:
 
     def _explain_captions(
         self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
-    ) -> dict[int, Explanation]:
+    ) -> dict[int, PairExplanation]:
         records = self.corpus.catalog.get_captions(list(captions))
-        explanations: dict[int, Explanation] = {}
+        explanations: dict[int, PairExplanation] = {}
         for caption_id, precompute in captions.items():
             if caption_id not in records:
                 continue
@@ -492,9 +481,9 @@ def _best(
     return chosen[:limit]
 
 
-def _explanation(raw: dict, words: list[str], image: ImageTensors) -> Explanation:
+def _explanation(raw: dict, words: list[str], image: ImageTensors) -> PairExplanation:
     word_region = raw["word_region"]
-    return Explanation(
+    return PairExplanation(
         words=list(words[: len(word_region)]),
         boxes=np.asarray(image.boxes, dtype=np.float32).round(5).tolist(),
         image_size=image.image_size,
@@ -505,9 +494,9 @@ def _explanation(raw: dict, words: list[str], image: ImageTensors) -> Explanatio
     )
 
 
-def _timings(stages: dict[str, float], started: float) -> Timings:
+def _timings(stages: dict[str, float], started: float) -> StageTimings:
     total = (time.perf_counter() - started) * 1000.0
-    return Timings(
+    return StageTimings(
         encode=stages.get("encode", 0.0),
         shortlist=stages.get("shortlist", 0.0),
         features=sum(stages.get(name, 0.0) for name in ("features", "extract", "precompute")),

@@ -24,14 +24,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.precompute import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    CaptionPrecompute,
+    ImagePrecompute,
+    PrecomputedScorer,
+)
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
 
-# Working memory of one reranker call (activations of every pair in it). 1,000 pairs of
-# 49 regions x 12 words at d=1024 take about 2.5 GB, so a CPU call holds ~200 pairs.
-RERANK_MEMORY_BUDGET_BYTES = 512 * 2**20
 # On a GPU one call may use this share of the device's memory (at least the CPU's budget): with
 # the shipped model (~0.5 MB a pair) a batch of 16 queries x K = 100 then runs as one call on a
 # 16 GB+ GPU instead of two on the CPU's budget.
@@ -39,11 +41,13 @@ GPU_MEMORY_SHARE = 1 / 16
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """The reranker's working memory per call on `device`."""
+    """The reranker's working memory per call on `device`: on a CPU the model's scoring budget
+    (activations of every pair in a call; 1,000 pairs of 49 regions x 12 words at d=1024 take
+    about 2.5 GB, so a CPU call holds ~200 pairs)."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        return max(RERANK_MEMORY_BUDGET_BYTES, int(total * GPU_MEMORY_SHARE))
-    return RERANK_MEMORY_BUDGET_BYTES
+        return max(DEFAULT_MEMORY_BUDGET_BYTES, int(total * GPU_MEMORY_SHARE))
+    return DEFAULT_MEMORY_BUDGET_BYTES
 
 
 @dataclass(frozen=True)

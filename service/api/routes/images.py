@@ -10,11 +10,17 @@ from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, st
 from fastapi.responses import FileResponse
 
 from service.api.deps import RuntimeDep, SettingsDep, WriteAccess
-from service.api.errors import not_found
-from service.api.schemas import MAX_ID, CaptionPublic, ImageAdded, ImagePublic, ImagesPublic
+from service.api.schemas import (
+    MAX_ID,
+    CaptionPublic,
+    ImageAdded,
+    ImagePublic,
+    ImagesPublic,
+    image_file_url,
+)
 from service.api.uploads import read_upload
 from service.ingest.indexer import StoredImage
-from service.search.pipeline import image_file_url
+from service.outcomes import NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ async def find_images(
 async def get_image(image_id: ImageId, runtime: RuntimeDep) -> ImagePublic:
     stored = await runtime.indexer.describe(image_id)
     if stored is None:
-        raise not_found("image", image_id)
+        raise NotFound("image", image_id)
     return image_public(stored)
 
 
@@ -99,15 +105,15 @@ async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse
     """The stored bytes, with the content type of their decoded format."""
     record = runtime.corpus.get_image(image_id)
     if record is None:
-        raise not_found("image", image_id)
+        raise NotFound("image", image_id)
     path = runtime.corpus.image_path(record).resolve()
     if not path.is_relative_to(runtime.corpus.data_dir.resolve()):
         # Stored paths are written by the corpus (sha256 names), never by clients; one that
         # leaves the data dir means a tampered catalog: serve nothing.
         logger.error("image %d has a stored path outside the data dir; not serving it", image_id)
-        raise not_found("image", image_id)
+        raise NotFound("image", image_id)
     if not path.is_file():  # deleted between the lookup and now
-        raise not_found("image", image_id)
+        raise NotFound("image", image_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(
         path,
@@ -126,5 +132,5 @@ async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse
 async def delete_image(image_id: ImageId, runtime: RuntimeDep) -> Response:
     """Delete a photo with its captions and features; it never appears in results again."""
     if not await runtime.indexer.delete_image(image_id):
-        raise not_found("image", image_id)
+        raise NotFound("image", image_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from service.api.deps import RuntimeDep, SettingsDep, check_search_bounds
-from service.api.errors import FieldProblem, ProblemError
+from service.api.errors import ProblemError
 from service.api.schemas import (
     CaptionSearchByIdRequest,
     CaptionSearchResponse,
@@ -21,6 +21,7 @@ from service.api.schemas import (
     SearchOptions,
 )
 from service.api.uploads import read_upload
+from service.outcomes import FieldProblem
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
@@ -54,7 +55,8 @@ async def search_images(
     body: ImageSearchRequest, runtime: RuntimeDep, settings: SettingsDep
 ) -> ImageSearchResponse:
     """Photos that match a text, best first: FAISS shortlist of `candidates`, CAMP rerank."""
-    return await runtime.pipeline.images_for_text(check_search_bounds(body, settings))
+    body = check_search_bounds(body, settings)
+    return ImageSearchResponse.of(await runtime.pipeline.images_for_text(body.text, body.params()))
 
 
 @router.post(
@@ -70,7 +72,8 @@ async def search_captions(
     if content_type == "application/json":
         body = _validated(CaptionSearchByIdRequest, await _json(request))
         body = check_search_bounds(body, settings)
-        return await runtime.pipeline.captions_for_image_id(body.image_id, body)
+        found = await runtime.pipeline.captions_for_image_id(body.image_id, body.params())
+        return CaptionSearchResponse.of(found)
     if content_type not in FORM_TYPES:
         reason = "send multipart/form-data with a `file`, or application/json with `image_id`"
         raise ProblemError(
@@ -93,9 +96,10 @@ async def search_captions(
     # Decoded pixels count against the decode budget until the regions are out; only the
     # regions go on to the search.
     upload = await runtime.indexer.decode_and_extract(data, timings=timings)
-    return await runtime.pipeline.captions_for_regions(
-        upload.regions, options, timings=timings, started=started
+    found = await runtime.pipeline.captions_for_regions(
+        upload.regions, options.params(), timings=timings, started=started
     )
+    return CaptionSearchResponse.of(found)
 
 
 async def _json(request: Request) -> Any:
