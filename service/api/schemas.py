@@ -12,7 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.search.results import CaptionMatches, ImageMatches, SearchParams
+from service.search.results import (
+    CaptionHit,
+    CaptionMatches,
+    Explanation,
+    ImageMatches,
+    SearchParams,
+    Timings,
+)
 
 DEFAULT_LIMIT = 10
 DEFAULT_CANDIDATES = 100
@@ -87,37 +94,7 @@ class CaptionCreate(BaseModel):
     _text_not_blank = field_validator("text")(_not_blank)
 
 
-# --- explanations -------------------------------------------------------------------------
-
-
-class Explanation(BaseModel):
-    """Why a pair matched: enough for a UI to draw a heat map over the photo.
-
-    `boxes[r]` is region r as normalised (x0, y0, x1, y1); `word_region[w][r]` is how much
-    word `words[w]` attends to region r (rows sum to 1); `region_pooling[r]` and
-    `word_pooling[w]` are the weights CAMP's attention pooling gave each region and word.
-    """
-
-    words: list[str]
-    boxes: list[list[float]]
-    image_size: tuple[int, int]
-    word_region: list[list[float]]
-    region_pooling: list[float]
-    word_pooling: list[float]
-    camp_score: float
-
-
-# --- search responses ---------------------------------------------------------------------
-
-
-class Timings(BaseModel):
-    """Milliseconds spent per stage of this request (0 for a stage that did not run)."""
-
-    encode: float = 0.0
-    shortlist: float = 0.0
-    features: float = 0.0
-    rerank: float = 0.0
-    total: float = 0.0
+# --- search responses (Explanation and Timings are the core's own) --------------------------------
 
 
 class ImageHit(BaseModel):
@@ -141,16 +118,6 @@ class ImageSearchResponse(BaseModel):
         for hit in found["results"]:
             hit["url"] = image_file_url(hit["id"])
         return cls.model_validate(found)
-
-
-class CaptionHit(BaseModel):
-    id: int
-    text: str
-    image_id: int | None
-    score: float
-    shortlist_score: float
-    shortlist_rank: int
-    explanation: Explanation | None = None
 
 
 class CaptionSearchResponse(BaseModel):

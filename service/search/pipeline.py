@@ -36,13 +36,13 @@ from service.search.lru import ByteBoundedLRU
 from service.search.regions import ImageRegions
 from service.search.rerank import RerankJob
 from service.search.results import (
-    CaptionMatch,
+    CaptionHit,
     CaptionMatches,
+    Explanation,
     ImageMatch,
     ImageMatches,
-    PairExplanation,
     SearchParams,
-    StageTimings,
+    Timings,
 )
 from service.search.shortlist import ShortlistJob
 
@@ -191,7 +191,7 @@ class SearchPipeline:
             chosen = _best(shortlist, final, request.limit, request.min_score)
 
             records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
-            explanations: dict[int, PairExplanation] = {}
+            explanations: dict[int, Explanation] = {}
             if request.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     if not request.rerank:
@@ -293,14 +293,14 @@ class SearchPipeline:
             records = await asyncio.to_thread(
                 self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
             )
-            explanations: dict[int, PairExplanation] = {}
+            explanations: dict[int, Explanation] = {}
             if options.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     explanations = await asyncio.to_thread(
                         self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
                     )
         results = [
-            CaptionMatch(
+            CaptionHit(
                 id=c.id,
                 text=records[c.id].text,
                 image_id=records[c.id].image_id,
@@ -435,7 +435,7 @@ class SearchPipeline:
 
     def _explain_images(
         self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
-    ) -> dict[int, PairExplanation]:
+    ) -> dict[int, Explanation]:
         return {
             i: _explanation(self.model.explain_pair(image.precompute, query), words, image)
             for i, image in tensors.items()
@@ -443,9 +443,9 @@ class SearchPipeline:
 
     def _explain_captions(
         self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
-    ) -> dict[int, PairExplanation]:
+    ) -> dict[int, Explanation]:
         records = self.corpus.catalog.get_captions(list(captions))
-        explanations: dict[int, PairExplanation] = {}
+        explanations: dict[int, Explanation] = {}
         for caption_id, precompute in captions.items():
             if caption_id not in records:
                 continue
@@ -481,9 +481,9 @@ def _best(
     return chosen[:limit]
 
 
-def _explanation(raw: dict, words: list[str], image: ImageTensors) -> PairExplanation:
+def _explanation(raw: dict, words: list[str], image: ImageTensors) -> Explanation:
     word_region = raw["word_region"]
-    return PairExplanation(
+    return Explanation(
         words=list(words[: len(word_region)]),
         boxes=np.asarray(image.boxes, dtype=np.float32).round(5).tolist(),
         image_size=image.image_size,
@@ -494,9 +494,9 @@ def _explanation(raw: dict, words: list[str], image: ImageTensors) -> PairExplan
     )
 
 
-def _timings(stages: dict[str, float], started: float) -> StageTimings:
+def _timings(stages: dict[str, float], started: float) -> Timings:
     total = (time.perf_counter() - started) * 1000.0
-    return StageTimings(
+    return Timings(
         encode=stages.get("encode", 0.0),
         shortlist=stages.get("shortlist", 0.0),
         features=sum(stages.get(name, 0.0) for name in ("features", "extract", "precompute")),

@@ -1,5 +1,5 @@
-"""What a search is asked and what it answers, in the core's own types (the HTTP face turns
-them into its schemas; service/api/routes/search.py)."""
+"""What a search is asked and what it answers, in the core's own types. The HTTP face wraps the
+hits in its schemas (service/api/schemas.py) and serves `Explanation` and `Timings` as they are."""
 
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ class SearchParams:
 
 
 @dataclass(frozen=True)
-class PairExplanation:
-    """Why a pair matched: the words, the image's regions as normalised (x0, y0, x1, y1) boxes,
-    each word's attention over the regions, CAMP's pooling weights and its score."""
+class Explanation:
+    """Why a pair matched: enough for a UI to draw a heat map over the photo.
+
+    `boxes[r]` is region r as normalised (x0, y0, x1, y1); `word_region[w][r]` is how much
+    word `words[w]` attends to region r (rows sum to 1); `region_pooling[r]` and
+    `word_pooling[w]` are the weights CAMP's attention pooling gave each region and word.
+    """
 
     words: list[str]
     boxes: list[list[float]]
@@ -33,14 +37,14 @@ class PairExplanation:
 
 
 @dataclass(frozen=True)
-class StageTimings:
-    """Milliseconds spent per stage of one search (0 for a stage that did not run)."""
+class Timings:
+    """Milliseconds spent per stage of this request (0 for a stage that did not run)."""
 
-    encode: float
-    shortlist: float
-    features: float
-    rerank: float
-    total: float
+    encode: float = 0.0
+    shortlist: float = 0.0
+    features: float = 0.0
+    rerank: float = 0.0
+    total: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,29 +56,27 @@ class ImageMatch:
     shortlist_score: float
     shortlist_rank: int
     captions: list[str]
-    explanation: PairExplanation | None = None
+    explanation: Explanation | None = None
 
 
 @dataclass(frozen=True)
-class CaptionMatch:
-    """A caption found for an image, with the image it describes (if any)."""
-
+class CaptionHit:  # served as it is: the API's schema of a caption found (no description)
     id: int
     text: str
     image_id: int | None
     score: float
     shortlist_score: float
     shortlist_rank: int
-    explanation: PairExplanation | None = None
+    explanation: Explanation | None = None
 
 
 @dataclass(frozen=True)
 class ImageMatches:
     results: list[ImageMatch]
-    timings_ms: StageTimings
+    timings_ms: Timings
 
 
 @dataclass(frozen=True)
 class CaptionMatches:
-    results: list[CaptionMatch]
-    timings_ms: StageTimings
+    results: list[CaptionHit]
+    timings_ms: Timings
