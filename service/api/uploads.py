@@ -11,12 +11,10 @@ Two guards, because a multipart parser spools the whole body before a route runs
 
 from __future__ import annotations
 
-import json
-
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import PROBLEM_MEDIA_TYPE, ProblemError
+from service.api.errors import ProblemError, problem_response
 from service.outcomes import FieldProblem
 
 READ_CHUNK_BYTES = 256 * 1024
@@ -79,28 +77,20 @@ class BodySizeLimit:
 
     async def _refuse(self, send: Send, scope: Scope, what: str) -> None:
         detail = f"{what} than the limit of {self.max_body_bytes:,} bytes"
-        body = json.dumps(
-            {
-                "type": "about:blank",
-                "title": "Payload too large",
-                "status": 413,
-                "detail": detail,
-                "instance": scope.get("path", ""),
-                "errors": [{"field": "body", "reason": detail}],
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+        response = problem_response(
+            413,
+            "Payload too large",
+            detail,
+            errors=[FieldProblem("body", detail)],
+            headers={"Connection": "close"},
+            instance=scope.get("path", ""),
         )
-        await send({"type": "http.response.body", "body": body})
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    """What the refusal's `receive` yields: the request body is never read again."""
+    return {"type": "http.disconnect"}
 
 
 async def read_upload(upload: UploadFile, *, max_bytes: int, field: str = "file") -> bytes:
