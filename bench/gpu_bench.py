@@ -38,9 +38,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute  # noqa: E402
 from model.retrieval import RetrievalModel  # noqa: E402
 from model.vision.extractors.grid import GridExtractor  # noqa: E402
-from service.batching import MicroBatcher  # noqa: E402
-from service.rerank import PairReranker, RerankJob  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.runtime.settings import Settings  # noqa: E402
+from service.search.batching import MicroBatcher  # noqa: E402
+from service.search.rerank import PairReranker, RerankJob  # noqa: E402
 
 SHARED_DIR = Path(os.environ.get("SHARED_DIR", BENCH_DIR.parents[1] / "shared"))
 PRECISIONS = ("fp32", "bf16")

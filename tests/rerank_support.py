@@ -16,7 +16,7 @@ from service_support import coco_photos
 
 from model.retrieval import RetrievalModel
 from model.vision.extractors.grid import GridExtractor
-from service.rerank import PairReranker, RerankJob
+from service.search.rerank import PairReranker, RerankJob
 
 PHOTOS = 20
 TEXT_SHORTLIST = 12  # images per caption query

@@ -26,7 +26,7 @@ from model.architecture.network import NetworkSpec, RetrievalNetwork
 from model.retrieval import RetrievalModel
 from model.text.vocab import Vocabulary
 from model.vision.extractors.grid import GridExtractor
-from service.settings import Settings
+from service.runtime.settings import Settings
 
 READY_TIMEOUT_S = 60.0
 SMALL_INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor, 12x fewer pixels than 224

@@ -204,7 +204,7 @@ def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
 
     from model.architecture.network import NetworkSpec, RetrievalNetwork
     from model.text.vocab import Vocabulary
-    from service.cli import app
+    from service.cli.main import app
 
     folder, payload = fake_precomputed
     torch.manual_seed(0)
@@ -274,7 +274,7 @@ def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
 def test_evaluate_command_refuses_a_split_that_does_not_exist(tmp_path):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from service.cli.main import app
 
     result = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path), "--split", "nope"])
     assert result.exit_code == 2

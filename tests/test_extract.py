@@ -21,7 +21,7 @@ from model.vision.extract import (
 )
 from model.vision.extractors.grid import GridExtractor
 from model.vision.images import decode_image
-from service.cli import app
+from service.cli.main import app
 
 SPLIT_SIZES = {"train": 5, "dev": 3}  # real photos per split; dev also gets a corrupt file
 SHARD_SIZE = 2

@@ -34,9 +34,9 @@ from training_support import loss_and_grads, official_batch
 from model.retrieval import RetrievalModel
 from model.training.official import batch_logits
 from model.vision.extractors.grid import GridExtractor
-from service.app import create_app
-from service.ingest import HttpTarget, ingest, read_source
-from service.rerank import PairReranker
+from service.api.app import create_app
+from service.cli.bulk_ingest import HttpTarget, ingest, read_source
+from service.search.rerank import PairReranker
 
 pytestmark = pytest.mark.gpu
 

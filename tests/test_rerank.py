@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
-from service.rerank import PairReranker, RerankJob
+from service.search.rerank import PairReranker, RerankJob
 
 CAPTIONS = [
     "a dog runs on the grass",

@@ -203,7 +203,7 @@ def test_shipped_default_loads_weights_only():
 def test_tensor_byte_counts_are_what_the_tensors_hold(model):
     """The search memory budget reckons candidates with these counts: exact for images, an
     upper bound for captions that the longest caption the model reads reaches."""
-    from service.pipeline import _compacted, _held_bytes
+    from service.search.pipeline import _compacted, _held_bytes
 
     for regions in (1, REGIONS):
         precompute = model.precompute_images(_regions(1)[:, :regions])

@@ -158,7 +158,7 @@ def test_train_command_checkpoints_every_epoch_and_resumes(
     from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli import app
+    from service.cli.main import app
 
     config = {
         "recipe": "residual",
@@ -221,7 +221,7 @@ def test_official_recipe_runs_its_three_stages(shared_dir, tmp_path):
     from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli import app
+    from service.cli.main import app
 
     payload = torch.load(
         shared_dir / "parity" / "camp_tiny_eval_fake_5N_rows.pt", weights_only=False
@@ -322,7 +322,7 @@ def test_train_command_runs_the_gru_recipe_with_glove(flickr_slice_dir, tmp_path
     from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli import app
+    from service.cli.main import app
 
     config = {
         "recipe": "residual",

@@ -46,10 +46,9 @@ _open_lock = threading.Lock()
 
 
 class ImageInputError(ValueError):
-    """Base of every refusal. `http_status` is what the HTTP layer answers; `code` is a stable
-    machine-readable reason."""
+    """Base of every refusal; `code` is a stable machine-readable reason (the service maps the
+    kind of refusal to its answer)."""
 
-    http_status: int = 400
     code: str = "invalid_image"
 
 
@@ -60,21 +59,18 @@ class EmptyImage(ImageInputError):
 class ImageTooLarge(ImageInputError):
     """The encoded bytes exceed the size limit."""
 
-    http_status = 413
     code = "image_too_large"
 
 
 class TooManyPixels(ImageInputError):
     """The header declares more pixels than allowed (a decompression bomb or a huge scan)."""
 
-    http_status = 413
     code = "too_many_pixels"
 
 
 class UnsupportedImageFormat(ImageInputError):
     """Not an image, or an image in a format or colour mode we do not decode."""
 
-    http_status = 415
     code = "unsupported_image_format"
 
 
