@@ -109,7 +109,7 @@ def problem_of(error: Exception) -> ProblemError | None:
     return None
 
 
-def _retry(after_s: float) -> dict[str, str]:
+def _retry(after_s: int) -> dict[str, str]:
     return {"Retry-After": str(after_s)}
 
 
