@@ -18,7 +18,6 @@ Sources:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from typing import Literal, Protocol
 
 import httpx
 
+from index.corpus import sha256_hex
 from model.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
 from service.auth import API_KEY_HEADER
 from service.errors import ProblemError
@@ -212,7 +212,7 @@ async def _ingest_one(item: IngestItem, target: IngestTarget, report: IngestRepo
                 413, f"{size:,} bytes is over the limit of {target.max_upload_bytes:,} bytes"
             )
         data = await asyncio.to_thread(item.path.read_bytes)
-        stored_captions = await target.known(hashlib.sha256(data).hexdigest())
+        stored_captions = await target.known(sha256_hex(data))
         if stored_captions is not None and set(item.captions) <= set(stored_captions):
             result = Added("existing")
         else:  # new, or stored without some of these captions: the target adds what it lacks
@@ -335,7 +335,7 @@ class LocalTarget:
         record = corpus.find_image_by_sha256(sha256)
         if record is None:
             return None
-        return tuple(caption.text for caption in corpus.catalog.captions_of(record.id))
+        return tuple(caption.text for caption in corpus.captions_of(record.id))
 
     async def add(self, data: bytes, captions: Sequence[str]) -> Added:
         try:

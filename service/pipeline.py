@@ -25,15 +25,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from index.corpus import Corpus, Kind, RegionArrays
+from index.corpus import Corpus, Kind
 from index.shortlist import SearchResult, l2_normalised
 from model.precompute import CaptionPrecompute, ImagePrecompute
+from model.types import RegionFeatures
 from service.batching import MicroBatcher
 from service.budget import MemoryBudget
 from service.errors import FieldProblem, ProblemError
 from service.lru import ByteBoundedLRU
 from service.metrics import ServiceMetrics
-from service.regions import ImageRegions
+from service.regions import FoundRegions
 from service.rerank import RerankJob
 from service.schemas import (
     CaptionHit,
@@ -237,19 +238,14 @@ class SearchPipeline:
         if image_id not in stored:
             reason = f"no image with id {image_id}"
             raise ProblemError(404, "Not found", reason, [FieldProblem("body.image_id", reason)])
-        regions = stored[image_id]
         return await self._captions_for(
-            ImageRegions(regions.features, regions.boxes, regions.image_size, "corpus", image_id),
-            tensors[image_id],
-            options,
-            timings,
-            started,
+            stored[image_id], tensors[image_id], options, timings, started
         )
 
     @_within_request_timeout
     async def captions_for_regions(
         self,
-        regions: ImageRegions,
+        found: FoundRegions,
         options: SearchOptions,
         *,
         timings: dict[str, float],
@@ -257,9 +253,10 @@ class SearchPipeline:
     ) -> CaptionSearchResponse:
         """Search with an upload's regions; `timings` and `started` (perf_counter) may already
         count its decoding and extraction."""
+        regions = found.regions
         cached = (
-            self.image_tensors.get_many([regions.image_id]).get(regions.image_id)
-            if regions.image_id is not None  # the same bytes are in the corpus
+            self.image_tensors.get_many([found.image_id]).get(found.image_id)
+            if found.image_id is not None  # the same bytes are in the corpus
             else None
         )
         if cached is None:
@@ -272,7 +269,7 @@ class SearchPipeline:
 
     async def _captions_for(
         self,
-        regions: ImageRegions,
+        regions: RegionFeatures,
         image: ImageTensors,
         options: SearchOptions,
         timings: dict[str, float],
@@ -301,9 +298,7 @@ class SearchPipeline:
             )
             chosen = _best(shortlist, final, options.limit, options.min_score)
 
-            records = await asyncio.to_thread(
-                self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
-            )
+            records = await asyncio.to_thread(self.corpus.get_captions, [c.id for c, _ in chosen])
             explanations: dict[int, Explanation] = {}
             if options.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
@@ -353,7 +348,7 @@ class SearchPipeline:
     def tensors_of_images(
         self,
         ids: Sequence[int],
-        stored: dict[int, RegionArrays] | None = None,
+        stored: dict[int, RegionFeatures] | None = None,
         *,
         found: dict[int, ImageTensors] | None = None,
     ) -> dict[int, ImageTensors]:
@@ -374,7 +369,7 @@ class SearchPipeline:
             if image_id not in stored:
                 continue
             regions = stored[image_id]
-            by_regions.setdefault(regions.features.shape[0], []).append(image_id)
+            by_regions.setdefault(regions.num_regions, []).append(image_id)
         built: dict[int, ImageTensors] = {}
         with self.metrics.time_stage("precompute"):
             for group in by_regions.values():
@@ -397,7 +392,7 @@ class SearchPipeline:
         if not missing:
             return found
         self.metrics.precompute_cache.labels("caption", "miss").inc(len(missing))
-        records = self.corpus.catalog.get_captions(missing)
+        records = self.corpus.get_captions(missing)
         order = [i for i in missing if i in records]
         built: dict[int, CaptionPrecompute] = {}
         if order:
@@ -440,9 +435,9 @@ class SearchPipeline:
             return await self.batcher.submit(job)
 
     def _image_records(self, ids: Sequence[int]) -> dict[int, list[str]]:
-        """{image id: its caption texts} for the ids that still exist."""
-        images = self.corpus.get_images(ids)
-        return {i: [c.text for c in self.corpus.catalog.captions_of(i)] for i in ids if i in images}
+        """{image id: its caption texts} for the ids that still exist (one catalog query)."""
+        captions = self.corpus.captions_of_images(ids)
+        return {i: [c.text for c in captions[i]] for i in ids if i in captions}
 
     def _explain_images(
         self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
@@ -455,7 +450,7 @@ class SearchPipeline:
     def _explain_captions(
         self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
     ) -> dict[int, Explanation]:
-        records = self.corpus.catalog.get_captions(list(captions))
+        records = self.corpus.get_captions(list(captions))
         explanations: dict[int, Explanation] = {}
         for caption_id, precompute in captions.items():
             if caption_id not in records:
