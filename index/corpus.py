@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from index.atomic import TEMP_SUFFIX, write_atomically
 from index.cache import CachedFeatureStore, FeatureCache, LocalFeatureCache, cache_keyspace
 from index.catalog import CaptionRecord, Catalog, ImageRecord
 from index.codec import decode_arrays
@@ -46,6 +45,7 @@ from index.errors import (
     DimensionError,
     IndexMismatchError,
     NotFoundError,
+    full_disk_as_storage_full,
 )
 from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
 from index.locks import ReadWriteLock
@@ -58,6 +58,7 @@ from index.shortlist import (
     ShortlistIndex,
     choose_factory,
 )
+from model.files import TEMP_SUFFIX, write_bytes_atomically
 from model.types import RegionFeatures, stored_region_arrays
 
 logger = logging.getLogger(__name__)
@@ -648,7 +649,8 @@ class Corpus:
         relative = f"{IMAGES_DIR}/{sha256[:2]}/{sha256}{extension}"
         target = self.data_dir / relative
         if not target.exists():
-            write_atomically(target, [data])
+            with full_disk_as_storage_full():
+                write_bytes_atomically(target, [data])
         return relative
 
     def _forget_files_and_features(

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from model.extractors.base import RegionExtractor
+from model.files import READABLE_FILE_MODE, write_atomically
 from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageInputError, decode_image
 
 CAPTIONS_PER_IMAGE = 5
@@ -44,7 +43,6 @@ META_FILE = "meta.json"
 REFUSED_FILE = "refused.jsonl"
 SHARDS_DIR = ".shards"
 LAYOUT_VERSION = 1
-FILE_MODE = 0o644
 
 
 class ExtractInputError(ValueError):
@@ -145,23 +143,11 @@ def load_inputs(source: Path) -> tuple[list[ImageRecord], bool]:
     raise ExtractInputError(f"{source} is neither a manifest file nor a folder of images")
 
 
-# --- atomic files ---------------------------------------------------------------------------
+# --- atomic files (readable by whoever reads the output folder) -----------------------------
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        tmp.chmod(FILE_MODE)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, write, mode=READABLE_FILE_MODE)
 
 
 def _write_text_lines(path: Path, lines: Sequence[str]) -> None:

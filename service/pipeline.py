@@ -61,11 +61,18 @@ def image_file_url(image_id: int) -> str:
 
 @dataclass(frozen=True)
 class ImageTensors:
-    """What the reranker and the explanation need of one image (cached per image id)."""
+    """The reranker's precomputed tensors of one image (cached per image id), with the geometry
+    of its region record that the explanation draws. Not a second region record: the features
+    are left out and the boxes copied, so a cached entry pins neither the stored record nor its
+    batch (the search memory budget reckons exactly these bytes)."""
 
     precompute: ImagePrecompute  # [1]
     boxes: np.ndarray  # [R, 4]
     image_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, precompute: ImagePrecompute, regions: RegionFeatures) -> ImageTensors:
+        return cls(precompute, np.array(regions.boxes), regions.image_size)
 
 
 def _held_bytes(item: object) -> int:
@@ -264,7 +271,7 @@ class SearchPipeline:
                 precompute = await asyncio.to_thread(
                     self.model.precompute_images, np.asarray(regions.features)[None]
                 )
-            cached = ImageTensors(precompute, np.asarray(regions.boxes), regions.image_size)
+            cached = ImageTensors.of(precompute, regions)
         return await self._captions_for(regions, cached, options, timings, started)
 
     async def _captions_for(
@@ -376,11 +383,8 @@ class SearchPipeline:
                 batch = np.stack([stored[i].features for i in group])
                 precompute = self.model.precompute_images(batch)
                 for row, image_id in enumerate(group):
-                    built[image_id] = ImageTensors(
-                        precompute.select([row]),  # a copy (list index), not a view
-                        np.array(stored[image_id].boxes),  # not a view pinning the record
-                        stored[image_id].image_size,
-                    )
+                    # select: a copy (list index), not a view of the batch
+                    built[image_id] = ImageTensors.of(precompute.select([row]), stored[image_id])
         self.image_tensors.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 
