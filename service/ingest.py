@@ -23,12 +23,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
 from index.corpus import sha256_hex
-from model.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
+from model.extract import (
+    IMAGE_SUFFIXES,
+    ExtractInputError,
+    Refusal,
+    list_image_folder,
+    read_manifest_lines,
+)
 from service.auth import API_KEY_HEADER
 from service.errors import ProblemError
 from service.runtime import ServiceRuntime
@@ -62,13 +68,6 @@ class RefusedError(Exception):
 class IngestItem:
     path: Path
     captions: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Refusal:
-    path: str
-    status: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -129,23 +128,19 @@ def read_source(source: Path, *, max_captions: int | None = None) -> list[Ingest
 
 
 def _manifest_items(manifest: Path) -> list[IngestItem]:
-    items = []
-    with manifest.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                image = entry["image"]
-                captions = entry.get("captions") or []
-                if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
-                    raise TypeError("'image' must be a string and 'captions' a list of strings")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise IngestSourceError(
-                    f"{manifest}:{number}: expected {{'image': path, 'captions': [...]}}: {error}"
-                ) from error
-            items.append(IngestItem(manifest.parent / image, tuple(captions)))
-    return items
+    def item(number: int, entry: Any) -> IngestItem:
+        image = entry["image"]
+        captions = entry.get("captions") or []
+        if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError("'image' must be a string and 'captions' a list of strings")
+        return IngestItem(manifest.parent / image, tuple(captions))
+
+    def problem(number: int, error: Exception) -> IngestSourceError:
+        return IngestSourceError(
+            f"{manifest}:{number}: expected {{'image': path, 'captions': [...]}}: {error}"
+        )
+
+    return read_manifest_lines(manifest, item, problem)
 
 
 def _folder_items(folder: Path) -> list[IngestItem]:
@@ -218,10 +213,10 @@ async def _ingest_one(item: IngestItem, target: IngestTarget, report: IngestRepo
         else:  # new, or stored without some of these captions: the target adds what it lacks
             result = await target.add(data, item.captions)
     except RefusedError as refusal:
-        report.refused.append(Refusal(str(item.path), refusal.status, refusal.reason))
+        report.refused.append(Refusal(str(item.path), refusal.reason, status=refusal.status))
         return "refused"
     except OSError as error:
-        report.refused.append(Refusal(str(item.path), 0, f"cannot read the file: {error}"))
+        report.refused.append(Refusal(str(item.path), f"cannot read the file: {error}"))
         return "refused"
     if result.outcome == "added":
         report.added += 1
@@ -237,7 +232,8 @@ def write_refusals(report: IngestReport, path: Path) -> None:
     """One JSON object per refused file, so a later run can retry exactly those."""
     with path.open("w", encoding="utf-8") as out:
         for refusal in report.refused:
-            out.write(json.dumps(refusal.__dict__) + "\n")
+            line = {"path": refusal.image, "status": refusal.status, "reason": refusal.reason}
+            out.write(json.dumps(line) + "\n")
 
 
 # --- targets ------------------------------------------------------------------------------
