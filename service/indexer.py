@@ -203,11 +203,16 @@ class Indexer:
             raise ProblemError(422, "Invalid request", summary, problems)
         return list(captions)
 
-    async def add_image(self, data: bytes, captions: Sequence[str] = ()) -> StoredImage:
+    async def add_image(
+        self, data: bytes, captions: Sequence[str] = (), *, sha256: str | None = None
+    ) -> StoredImage:
         """Store a photo with its captions. The same bytes again return the existing record,
-        with those of `captions` it does not have yet added to it (in one commit)."""
+        with those of `captions` it does not have yet added to it (in one commit). `sha256`:
+        `sha256_hex(data)` when the caller has it (the bytes are hashed once)."""
         captions = self.check_captions(captions)
-        sha256 = sha256_hex(data)  # hashed once; looked up once here, once more in the commit
+        if sha256 is None:
+            sha256 = sha256_hex(data)
+        # Looked up once here (a duplicate skips decoding), and once more inside the commit.
         existing = await asyncio.to_thread(self._existing, sha256)
         if existing is not None:
             return await self._add_captions_to(existing, captions)

@@ -102,8 +102,9 @@ class IngestTarget(Protocol):
         """The captions of the stored photo with these bytes, or None when there is none."""
         ...
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
-        """Store the photo, or add to the stored one the captions it lacks."""
+    async def add(self, data: bytes, captions: Sequence[str], sha256: str) -> Added:
+        """Store the photo (`sha256`: its hash, already computed), or add to the stored one the
+        captions it lacks."""
         ...
 
 
@@ -207,11 +208,12 @@ async def _ingest_one(item: IngestItem, target: IngestTarget, report: IngestRepo
                 413, f"{size:,} bytes is over the limit of {target.max_upload_bytes:,} bytes"
             )
         data = await asyncio.to_thread(item.path.read_bytes)
-        stored_captions = await target.known(sha256_hex(data))
+        sha256 = sha256_hex(data)
+        stored_captions = await target.known(sha256)
         if stored_captions is not None and set(item.captions) <= set(stored_captions):
             result = Added("existing")
         else:  # new, or stored without some of these captions: the target adds what it lacks
-            result = await target.add(data, item.captions)
+            result = await target.add(data, item.captions, sha256)
     except RefusedError as refusal:
         report.refused.append(Refusal(str(item.path), refusal.reason, status=refusal.status))
         return "refused"
@@ -273,7 +275,8 @@ class HttpTarget:
         found = response.json()["data"]
         return tuple(caption["text"] for caption in found[0]["captions"]) if found else None
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
+    async def add(self, data: bytes, captions: Sequence[str], sha256: str) -> Added:
+        """POST the photo; the server hashes the bytes it receives itself."""
         response = await self._request(
             "POST",
             "/v1/images",
@@ -333,9 +336,9 @@ class LocalTarget:
             return None
         return tuple(caption.text for caption in corpus.captions_of(record.id))
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
+    async def add(self, data: bytes, captions: Sequence[str], sha256: str) -> Added:
         try:
-            stored = await self.runtime.indexer.add_image(data, captions)
+            stored = await self.runtime.indexer.add_image(data, captions, sha256=sha256)
         except ProblemError as problem:
             reasons = "; ".join(p.reason for p in problem.errors) or problem.detail
             raise RefusedError(problem.status, reasons) from problem
