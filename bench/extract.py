@@ -22,8 +22,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from model.extractors.grid import GridExtractor  # noqa: E402
-from model.images import decode_image  # noqa: E402
+from model.vision.extractors.grid import GridExtractor  # noqa: E402
+from model.vision.images import decode_image  # noqa: E402
 
 SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO_ROOT.parent / "shared"))
 BATCH_SIZES = (1, 32)

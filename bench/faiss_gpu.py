@@ -47,7 +47,7 @@ from index.shortlist import (  # noqa: E402
     choose_factory,
     l2_normalised,
 )
-from service.batching import MicroBatcher  # noqa: E402
+from service.search.batching import MicroBatcher  # noqa: E402
 
 K = 100
 BATCH_SIZES = (1, 16, 128)

@@ -35,12 +35,12 @@ from PIL import Image
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
 
-from model.extractors.grid import GridExtractor  # noqa: E402
-from model.precompute import CaptionPrecompute, ImagePrecompute  # noqa: E402
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute  # noqa: E402
 from model.retrieval import RetrievalModel  # noqa: E402
-from service.batching import MicroBatcher  # noqa: E402
-from service.rerank import PairReranker, RerankJob  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from model.vision.extractors.grid import GridExtractor  # noqa: E402
+from service.runtime.settings import Settings  # noqa: E402
+from service.search.batching import MicroBatcher  # noqa: E402
+from service.search.rerank import PairReranker, RerankJob  # noqa: E402
 
 SHARED_DIR = Path(os.environ.get("SHARED_DIR", BENCH_DIR.parents[1] / "shared"))
 PRECISIONS = ("fp32", "bf16")
@@ -151,7 +151,7 @@ async def bench_precision(
 
 def train_step(device: torch.device, batch: int, chunk_pairs: int) -> dict:
     """One camp_official step (bf16 autocast on CUDA, as the recipe) at the preset's sizes."""
-    from model.losses import bce_hardest_negative_loss
+    from model.training.losses import bce_hardest_negative_loss
     from model.training.official import batch_logits
     from model.training.recipes import TrainConfig
 

@@ -1,4 +1,4 @@
-"""Query-encoding latency of the MiniLM body: transformers' BertModel (model/minilm.py today)
+"""Query-encoding latency of the MiniLM body: transformers' BertModel (model/text/minilm.py today)
 against the hand-written BERT body it replaced, read from git history, in one run.
 
 Both load the same package files; the bench first checks they give the same token features,
@@ -25,9 +25,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from model.minilm import WordpieceTokenizer, load_minilm  # noqa: E402
+from model.text.minilm import WordpieceTokenizer, load_minilm  # noqa: E402
 
-# The last commit with the hand-written body (BertEncoder) in model/minilm.py.
+# The last commit with the hand-written body (BertEncoder), then in model/minilm.py.
 HAND_WRITTEN_COMMIT = "a142bc7"
 QUERY = "a man riding a wave on top of a surfboard ."
 BATCH_CAPTIONS = [

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from model.camp import CampModel
-from model.config import load_config
-from model.encoders import EncodedText
-from model.precompute import PrecomputedScorer
+from model.architecture.camp import CampModel
+from model.architecture.encoders import EncodedText
+from model.architecture.precompute import PrecomputedScorer
+from model.checkpoints.config import load_config
 
 REGIONS = 36
 CAPTION_TOKENS = 14  # <start> + 12 words + <end>

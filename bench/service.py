@@ -58,9 +58,9 @@ from index.corpus import (  # noqa: E402
 from index.feature_store import FeatureStore  # noqa: E402
 from model.retrieval import RetrievalModel  # noqa: E402
 from model.types import RegionFeatures, stored_region_arrays  # noqa: E402
-from service.app import create_app  # noqa: E402
-from service.runtime import build_extractor  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.api.app import create_app  # noqa: E402
+from service.runtime.lifecycle import build_extractor  # noqa: E402
+from service.runtime.settings import Settings  # noqa: E402
 
 REPO = _HERE.parent
 REGIONS, REGION_DIM = 49, 1280

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from model.network import NetworkSpec, RetrievalNetwork
-from model.precompute import PrecomputedScorer
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.architecture.precompute import PrecomputedScorer
+from model.text.vocab import Vocabulary
 from model.training.activation_memory import SavedTensorBytes
 from model.training.official import DEFAULT_CHUNK_PAIRS, batch_logits
 from model.training.recipes import TrainConfig
-from model.vocab import Vocabulary
 
 PRESET = Path(__file__).resolve().parents[1] / "model/configs/train_camp_official_f30k.json"
 REGIONS = 36  # bottom-up-attention boxes per image

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.data import load_precomputed
-from model.network import NetworkSpec, RetrievalNetwork
-from model.precompute import PrecomputedScorer
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.architecture.precompute import PrecomputedScorer
+from model.eval.data import load_precomputed
 from model.training.dev_eval import evaluate_frozen
 from model.training.features import FrozenSplit, frozen_split
 from model.training.mining import mine_shortlists

@@ -16,11 +16,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from model.checkpoint import CampCheckpoint, load_checkpoint
-from model.encoders import pad_token_ids
-from model.network import RetrievalNetwork
-from model.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
-from model.vocab import END, START
+from model.architecture.encoders import pad_token_ids
+from model.architecture.network import RetrievalNetwork
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
+from model.devices import DEVICE_AUTO, resolve_device
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
@@ -49,11 +49,19 @@ class EncodedTexts:
     precompute: CaptionPrecompute
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> CUDA when present, else CPU; anything else is passed to torch.device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+@dataclass(frozen=True)
+class PairExplanation:
+    """Why one (image, caption) pair scored as it did, in plain floats.
+
+    word_region [L][R]: how much each word attends to each region (rows sum to 1);
+    region_pooling [R] and word_pooling [L]: CAMP's attention pooling, averaged over heads;
+    camp_score: CAMP's own score in (0, 1).
+    """
+
+    word_region: list[list[float]]
+    region_pooling: list[float]
+    word_pooling: list[float]
+    camp_score: float
 
 
 class RetrievalModel:
@@ -85,16 +93,19 @@ class RetrievalModel:
         self.device = device
         self.metadata = dict(metadata or {})
         self.scorer = PrecomputedScorer(network.camp.scorer)
-        self._wordpieces = None
-        if network.spec.text_encoder == "minilm":
-            from model.minilm import WordpieceTokenizer
-
-            self._wordpieces = WordpieceTokenizer(max_wordpieces=network.spec.max_wordpieces)
+        spec = network.spec
+        self._tokenizer = spec.text_kind.tokenizer(
+            spec, network.vocabulary, max_words=network.camp_config().max_words
+        )
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | Path | None = None, *, device: str = "auto", precision: Precision = "fp32"
+        cls,
+        path: str | Path | None = None,
+        *,
+        device: str = DEVICE_AUTO,
+        precision: Precision = "fp32",
     ) -> RetrievalModel:
         """None -> the shipped default model (model/weights/default.pt); weights only."""
         checkpoint = load_checkpoint(path or DEFAULT_CHECKPOINT)
@@ -105,7 +116,7 @@ class RetrievalModel:
         cls,
         checkpoint: CampCheckpoint,
         *,
-        device: str | torch.device = "auto",
+        device: str | torch.device = DEVICE_AUTO,
         precision: Precision = "fp32",
     ) -> RetrievalModel:
         meta = checkpoint.metadata
@@ -128,20 +139,7 @@ class RetrievalModel:
         for index, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"text {index} is empty; give at least one word")
-        if self._wordpieces is not None:
-            batch = self._wordpieces(texts)
-            ids = [
-                row[:length].tolist()
-                for row, length in zip(batch.input_ids, batch.lengths, strict=True)
-            ]
-            return ids, batch.tokens
-        vocabulary = self.network.vocabulary
-        from model.tokenizer import tokenize
-
-        max_words = self.network.camp_config().max_words
-        token_ids = [vocabulary.encode(text, max_words=max_words) for text in texts]
-        tokens = [[START, *tokenize(text)[:max_words], END] for text in texts]
-        return token_ids, tokens
+        return self._tokenizer(texts)
 
     def text_features(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad ids and run the text side up to CAMP's projection: ([B, L, h], lengths [B])."""
@@ -217,9 +215,7 @@ class RetrievalModel:
 
     @property
     def max_caption_tokens(self) -> int:
-        if self._wordpieces is not None:
-            return self._wordpieces.max_wordpieces
-        return self.network.camp_config().max_words + 2  # <start> and <end>
+        return self._tokenizer.max_tokens
 
     @property
     def _embed_size(self) -> int:
@@ -278,20 +274,16 @@ class RetrievalModel:
         logits = self.camp_logits(images, captions)
         return self.fuse(self._to_device(shortlist), logits).cpu().numpy()
 
-    def explain_pair(self, image: ImagePrecompute, caption: CaptionPrecompute) -> dict[str, Any]:
-        """Attention of one (image, caption) pair, JSON-ready.
-
-        word_region [L][R] (each word over regions), region_pooling [R] and word_pooling [L]
-        (pooling attention averaged over heads), camp_score in (0, 1).
-        """
+    def explain_pair(self, image: ImagePrecompute, caption: CaptionPrecompute) -> PairExplanation:
+        """Attention of one (image, caption) pair, as plain lists (JSON-ready)."""
         if len(image) != 1 or len(caption) != 1:
             raise ValueError(f"explain one pair: got {len(image)} images, {len(caption)} captions")
         with torch.inference_mode():
             logits, maps = self.scorer.score_text_against_images(caption, image, explain=True)
         length = int(caption.lengths[0])
-        return {
-            "word_region": maps.attn_t2v[0, 0, :length].float().cpu().tolist(),
-            "region_pooling": maps.pool_attn_v[0, 0].mean(0).float().cpu().tolist(),
-            "word_pooling": maps.pool_attn_t[0, 0].mean(0)[:length].float().cpu().tolist(),
-            "camp_score": float(torch.sigmoid(logits[0].float())),
-        }
+        return PairExplanation(
+            word_region=maps.attn_t2v[0, 0, :length].float().cpu().tolist(),
+            region_pooling=maps.pool_attn_v[0, 0].mean(0).float().cpu().tolist(),
+            word_pooling=maps.pool_attn_t[0, 0].mean(0)[:length].float().cpu().tolist(),
+            camp_score=float(torch.sigmoid(logits[0].float())),
+        )

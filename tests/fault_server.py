@@ -14,8 +14,8 @@ import uvicorn
 from service_support import coco_photos, small_extractor, tiny_model
 from shared_paths import SHARED_DIR
 
-from service.app import create_app
-from service.settings import Settings
+from service.api.app import create_app
+from service.runtime.settings import Settings
 
 VOCABULARY_PHOTOS = 239  # as the tiny_retrieval_model fixture
 

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 from service_support import coco_photos
 
-from model.extractors.grid import GridExtractor
 from model.retrieval import RetrievalModel
-from service.rerank import PairReranker, RerankJob
+from model.vision.extractors.grid import GridExtractor
+from service.search.rerank import PairReranker, RerankJob
 
 PHOTOS = 20
 TEXT_SHORTLIST = 12  # images per caption query

@@ -22,11 +22,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.extractors.grid import GridExtractor
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.network import NetworkSpec, RetrievalNetwork
 from model.retrieval import RetrievalModel
-from model.vocab import Vocabulary
-from service.settings import Settings
+from model.text.vocab import Vocabulary
+from model.vision.extractors.grid import GridExtractor
+from service.runtime.settings import Settings
 
 READY_TIMEOUT_S = 60.0
 SMALL_INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor, 12x fewer pixels than 224

@@ -14,8 +14,8 @@ import pytest
 from service_support import ServerThread, make_settings
 from ui_stack import NGINX, NginxServer, free_port
 
-from service.api_docs import DOCS_ASSETS_URL
-from service.app import create_app
+from service.api.app import create_app
+from service.api.docs import DOCS_ASSETS_URL
 
 pytestmark = pytest.mark.browser
 

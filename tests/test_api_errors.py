@@ -12,10 +12,10 @@ import httpx
 import pytest
 from service_support import make_settings, png_bytes, running_client
 
-import service.runtime
+import service.runtime.lifecycle
 from index.corpus import Corpus
-from service.app import create_app
-from service.budget import MemoryBudget
+from service.api.app import create_app
+from service.runtime.budget import MemoryBudget
 
 MAX_UPLOAD = 64 * 1024
 
@@ -336,7 +336,7 @@ def test_full_storage_is_507_and_nothing_is_written(
         corpus.store.max_map_size = 64 * 1024
         return corpus
 
-    monkeypatch.setattr(service.runtime.Corpus, "open", staticmethod(open_small))
+    monkeypatch.setattr(service.runtime.lifecycle.Corpus, "open", staticmethod(open_small))
     app = create_app(
         make_settings(tmp_path / "data"), model=tiny_retrieval_model, extractor=small_grid_extractor
     )

@@ -7,21 +7,21 @@ import threading
 from fastapi.testclient import TestClient
 from service_support import make_settings, png_bytes, running_client, wait_until_loaded
 
-import service.runtime
-from service.app import create_app
+import service.runtime.lifecycle
+from service.api.app import create_app
 
 
 def test_ready_only_after_loading_and_alive_meanwhile(
     tmp_path, tiny_retrieval_model, small_grid_extractor, monkeypatch
 ) -> None:
     release = threading.Event()
-    real_build = service.runtime.ServiceRuntime.build.__func__
+    real_build = service.runtime.lifecycle.ServiceRuntime.build.__func__
 
     def held_build(cls, *args, **kwargs):  # the real build, once the test lets it go
         release.wait(30)
         return real_build(cls, *args, **kwargs)
 
-    monkeypatch.setattr(service.runtime.ServiceRuntime, "build", classmethod(held_build))
+    monkeypatch.setattr(service.runtime.lifecycle.ServiceRuntime, "build", classmethod(held_build))
     app = create_app(
         make_settings(tmp_path / "data"), model=tiny_retrieval_model, extractor=small_grid_extractor
     )

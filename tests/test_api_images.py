@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from service_support import TEST_API_KEY, coco_photos, make_settings, png_bytes, running_client
 
-from service.app import create_app
+from service.api.app import create_app
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from service_support import coco_photos, make_settings, png_bytes, running_client
 
-from service.app import create_app
+from service.api.app import create_app
 
 PHOTOS = 6
 

@@ -15,8 +15,8 @@ from service_support import ServerThread, make_settings, png_bytes
 
 import index.corpus
 import index.device
-import service.runtime
-from service.app import create_app
+import service.runtime.lifecycle
+from service.api.app import create_app
 
 COLOURS = ["red", "navy", "green", "orange", "purple", "teal", "gold", "gray", "pink", "black"]
 QUERIES = ["red", "a navy square", "green", "orange thing", "purple", "teal", "gold", "gray"]
@@ -129,7 +129,7 @@ def test_the_gpu_shortlist_follows_the_device_setting(
     server.stop()  # "cpu": never the GPU, even when faiss sees one
     assert not backends
     with monkeypatch.context() as patch:  # the model stays on the CPU; FAISS is told cuda:3
-        patch.setattr(service.runtime, "faiss_gpu_id", lambda device: 3)
+        patch.setattr(service.runtime.lifecycle, "faiss_gpu_id", lambda device: 3)
         server = _serve(tmp_path, tiny_retrieval_model, small_grid_extractor, batch_max_wait_ms=7)
     try:
         runtime = server.server.config.app.state.service.runtime

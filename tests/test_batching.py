@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batching import MicroBatcher, QueueFullError
+from service.search.batching import MicroBatcher, QueueFullError
 
 
 def test_concurrent_jobs_share_one_call_and_get_their_own_results() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.budget import BudgetWaitTimeout, MemoryBudget
+from service.runtime.budget import BudgetWaitTimeout, MemoryBudget
 
 
 async def _hold(budget: MemoryBudget, nbytes: int, log: list[str], name: str, until: asyncio.Event):

@@ -11,15 +11,15 @@ import pytest
 import torch
 from shared_paths import PARITY_DIR
 
-from model.camp import CampModel
-from model.checkpoint import (
+from model.architecture.camp import CampModel
+from model.checkpoints.checkpoint import (
     CheckpointError,
     checkpoint_from_model,
     import_official_checkpoint,
     load_checkpoint,
 )
-from model.config import CampConfig, ConfigError, available_configs, load_config
-from model.vocab import SPECIAL_TOKENS, Vocabulary
+from model.checkpoints.config import CampConfig, ConfigError, available_configs, load_config
+from model.text.vocab import SPECIAL_TOKENS, Vocabulary
 
 OFFICIAL = PARITY_DIR / "camp_tiny_checkpoint.pth.tar"
 

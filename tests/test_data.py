@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import DataError, load_precomputed, load_split
+from model.eval.data import DataError, load_precomputed, load_split
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Deployment files: docker-compose.yml (alone and merged with the CPU override) against the
 Compose specification's JSON schema, the Dockerfiles through hadolint, and the settings that
-.env.example, docker-compose.yml and docker/nginx.conf name against service/settings.py."""
+.env.example, docker-compose.yml and docker/nginx.conf name against service/runtime/settings.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from ui_stack import NGINX_TEMPLATE_VARIABLES
 
-from service.settings import Settings
+from service.runtime.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -219,6 +219,7 @@ def test_docker_context_leaves_out_local_state():
     ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".env", "data", "models", "tests"} <= ignored
     assert "requirements" not in ignored  # the images install torch from requirements/
+
 
 def test_api_trusts_forwarded_headers_from_nginx_only():
     """uvicorn believes X-Forwarded-For from nginx's fixed address and nobody else, so no

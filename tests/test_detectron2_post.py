@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from model.extractors.detectron2 import (
+from model.vision.extractors.detectron2 import (
     ADAPTIVE_MAX_BOXES,
     ADAPTIVE_MIN_BOXES,
     DEFAULT_NUM_BOXES,

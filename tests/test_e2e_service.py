@@ -18,8 +18,8 @@ import pytest
 from redis_server import RedisServer, free_port
 from service_support import ServerThread, make_settings
 
-from service.app import create_app
-from service.ingest import HttpTarget, ingest, read_source
+from service.api.app import create_app
+from service.cli.bulk_ingest import HttpTarget, ingest, read_source
 
 CAPTIONS_KEPT = 4
 HELD_OUT = 4  # index of the held-out caption

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.evaluation import (
+from model.eval.protocol import (
     average_metrics,
     fold_slices,
     i2t_ranks,
@@ -77,9 +77,9 @@ def test_equals_the_official_evaluation_printout(shared_dir):
 
 def test_equals_the_official_evaluation_with_the_imported_tiny_weights(shared_dir):
     """Score the fake split ourselves with the official tiny checkpoint -> same printout."""
-    from model.checkpoint import import_official_checkpoint
-    from model.precompute import PrecomputedScorer
-    from model.vocab import Vocabulary
+    from model.architecture.precompute import PrecomputedScorer
+    from model.checkpoints.checkpoint import import_official_checkpoint
+    from model.text.vocab import Vocabulary
 
     parity = shared_dir / "parity"
     payload = torch.load(parity / "camp_tiny_eval_fake_5N_rows.pt", weights_only=False)
@@ -178,11 +178,11 @@ def fake_precomputed(shared_dir, tmp_path):
 
 def test_official_checkpoint_evaluates_to_the_official_numbers(shared_dir, fake_precomputed):
     """Imported official weights + vocabulary through RetrievalModel and evaluate_model."""
-    from model.checkpoint import import_official_checkpoint
-    from model.data import load_precomputed
-    from model.evaluate_model import evaluate_model
+    from model.checkpoints.checkpoint import import_official_checkpoint
+    from model.eval.data import load_precomputed
+    from model.eval.evaluate_model import evaluate_model
     from model.retrieval import RetrievalModel
-    from model.vocab import Vocabulary
+    from model.text.vocab import Vocabulary
 
     folder, payload = fake_precomputed
     printed = json.loads((shared_dir / "parity" / "camp_tiny_eval_fake_summary.json").read_text())[
@@ -202,9 +202,9 @@ def test_official_checkpoint_evaluates_to_the_official_numbers(shared_dir, fake_
 def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
     from typer.testing import CliRunner
 
-    from model.network import NetworkSpec, RetrievalNetwork
-    from model.vocab import Vocabulary
-    from service.cli import app
+    from model.architecture.network import NetworkSpec, RetrievalNetwork
+    from model.text.vocab import Vocabulary
+    from service.cli.main import app
 
     folder, payload = fake_precomputed
     torch.manual_seed(0)
@@ -251,8 +251,8 @@ def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
     assert metrics["shortlist_recall"]["t2i"]["50"] == 100.0
     # CAMP alone: the untrained fusion ranks by the shortlist score only, so CAMP's own ranking
     # must come from its logits, computed here directly on every pair.
-    from model.data import load_precomputed
-    from model.precompute import CaptionPrecompute
+    from model.architecture.precompute import CaptionPrecompute
+    from model.eval.data import load_precomputed
     from model.retrieval import RetrievalModel
 
     model = RetrievalModel.load(checkpoint, device="cpu")
@@ -274,7 +274,7 @@ def test_evaluate_command_writes_the_issue_json(fake_precomputed, tmp_path):
 def test_evaluate_command_refuses_a_split_that_does_not_exist(tmp_path):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from service.cli.main import app
 
     result = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path), "--split", "nope"])
     assert result.exit_code == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from model.extract import (
+from model.vision.extract import (
     META_FILE,
     REFUSED_FILE,
     SHARDS_DIR,
@@ -19,9 +19,9 @@ from model.extract import (
     extract_dataset,
     read_manifest,
 )
-from model.extractors.grid import GridExtractor
-from model.images import decode_image
-from service.cli import app
+from model.vision.extractors.grid import GridExtractor
+from model.vision.images import decode_image
+from service.cli.main import app
 
 SPLIT_SIZES = {"train": 5, "dev": 3}  # real photos per split; dev also gets a corrupt file
 SHARD_SIZE = 2

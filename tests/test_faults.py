@@ -20,7 +20,7 @@ from security_support import served
 from service_support import TEST_API_KEY, coco_photos, make_settings, png_bytes
 from ui_stack import camp_search_command
 
-from service.app import create_app
+from service.api.app import create_app
 
 FAULT_SERVER = Path(__file__).with_name("fault_server.py")
 REPO_ROOT = Path(__file__).resolve().parents[1]

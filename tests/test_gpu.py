@@ -31,12 +31,12 @@ from rerank_support import (
 from service_support import ServerThread, coco_photos, make_settings
 from training_support import loss_and_grads, official_batch
 
-from model.extractors.grid import GridExtractor
 from model.retrieval import RetrievalModel
 from model.training.official import batch_logits
-from service.app import create_app
-from service.ingest import HttpTarget, ingest, read_source
-from service.rerank import PairReranker
+from model.vision.extractors.grid import GridExtractor
+from service.api.app import create_app
+from service.cli.bulk_ingest import HttpTarget, ingest, read_source
+from service.search.rerank import PairReranker
 
 pytestmark = pytest.mark.gpu
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from model.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
-from model.extractors import (
+from model.vision.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
+from model.vision.extractors import (
     InvalidExtractorConfig,
     RegionExtractor,
     UnknownExtractor,
     create_extractor,
     registered_extractors,
 )
-from model.extractors.detectron2 import Detectron2Unavailable
-from model.extractors.grid import GridExtractor, region_boxes_area
-from model.images import decode_image
+from model.vision.extractors.detectron2 import Detectron2Unavailable
+from model.vision.extractors.grid import GridExtractor, region_boxes_area
+from model.vision.images import decode_image
 
 # The few ImageNet-1k classes the test photos show (index: name in the ILSVRC-2012 order).
 ZEBRA = 340
@@ -82,7 +82,7 @@ def test_a_randomly_initialised_network_fails_the_same_test(
 
 
 def test_state_dict_keys_match_the_shipped_file_exactly() -> None:
-    from model.efficientnet_lite import pretrained_weights_path
+    from model.vision.efficientnet_lite import pretrained_weights_path
 
     shipped = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     assert set(EfficientNetLite0().state_dict()) == set(shipped)

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from security_support import served
 from service_support import TEST_API_KEY, coco_photos, make_settings, png_bytes, running_client
 
-from service.app import create_app
-from service.budget import MemoryBudget
-from service.indexer import decode_reservation_bytes
+from service.api.app import create_app
+from service.ingest.indexer import decode_reservation_bytes
+from service.runtime.budget import MemoryBudget
 
 WRONG_KEY = "wrong-key-0123456789abcdef"
 WINDOW_S = 3600  # long windows: a test never straddles two

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.heap import can_trim_heap, heap_usage, trim_heap
+from service.runtime.heap import can_trim_heap, heap_usage, trim_heap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Counts glibc's mapped blocks (mallinfo2().hblks) around a free of a large block, in a fresh
 # interpreter so this process's allocator is left as it is.
 MAPPED_BLOCKS_SCRIPT = """
 import ctypes, json, sys
-from service.heap import _libc, fix_mmap_threshold
+from service.runtime.heap import _libc, fix_mmap_threshold
 
 libc = _libc()  # glibc, with mallinfo2 typed by the service's own struct
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -65,13 +65,13 @@ def test_service_trims_on_its_interval(
 ):
     from service_support import running_client
 
-    import service.runtime
-    from service.app import create_app
-    from service.settings import Settings
+    import service.runtime.lifecycle
+    from service.api.app import create_app
+    from service.runtime.settings import Settings
 
     assert Settings(_env_file=None, data_dir=tmp_path).heap_trim_interval_s == 30.0
     calls = []
-    monkeypatch.setattr(service.runtime, "trim_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(service.runtime.lifecycle, "trim_heap", lambda: calls.append(1) or True)
     settings = Settings(_env_file=None, data_dir=tmp_path / "data", heap_trim_interval_s=0.05)
     app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
     with running_client(app) as client:
@@ -107,13 +107,15 @@ def test_the_service_fixes_the_threshold_it_is_given(
 ):
     from service_support import running_client
 
-    import service.runtime
-    from service.app import create_app
-    from service.settings import Settings
+    import service.runtime.lifecycle
+    from service.api.app import create_app
+    from service.runtime.settings import Settings
 
     assert Settings(_env_file=None, data_dir=tmp_path).malloc_mmap_threshold_kib == 64
     calls = []
-    monkeypatch.setattr(service.runtime, "fix_mmap_threshold", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(
+        service.runtime.lifecycle, "fix_mmap_threshold", lambda n: calls.append(n) or True
+    )
     for kib in (128, 0):
         settings = Settings(
             _env_file=None, data_dir=tmp_path / f"data{kib}", malloc_mmap_threshold_kib=kib

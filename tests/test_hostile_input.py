@@ -26,10 +26,11 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 from security_support import RssSampler, raw_get, raw_request, served
 from service_support import coco_photos, make_settings
 
-from model.images import DecodedImage, ImageInputError, decode_image
-from model.tokenizer import tokenize
-from model.vocab import END_ID, START_ID, UNK, Vocabulary
-from service.app import create_app
+from model.text.tokenizer import tokenize
+from model.text.vocab import END_ID, START_ID, UNK, Vocabulary
+from model.vision.images import DecodedImage, ImageInputError, decode_image
+from service.api.app import create_app
+from service.api.errors import image_refusal_status
 
 MAX_UPLOAD = 2 * 2**20  # the API refuses bodies past this (+ the form overhead)
 MAX_PIXELS = 4_000_000  # bombs below are 9 M pixels and more
@@ -190,7 +191,7 @@ def check_decoder_contract(data: bytes) -> None:
     try:
         decoded = decode_image(data, max_bytes=1 << 20, max_pixels=DECODER_PIXELS)
     except ImageInputError as error:
-        assert error.http_status in (400, 413, 415) and error.code and str(error)
+        assert image_refusal_status(error) in (400, 413, 415) and error.code and str(error)
         return
     assert isinstance(decoded, DecodedImage)
     assert decoded.image.mode == "RGB"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import (
+from model.vision.images import (
     CorruptImage,
     EmptyImage,
     ImageInputError,
@@ -25,6 +25,7 @@ from model.images import (
     UnsupportedImageFormat,
     decode_image,
 )
+from service.api.errors import image_refusal_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -187,7 +188,7 @@ def refusal(data: bytes, **limits) -> ImageInputError:
 def test_empty_body() -> None:
     error = refusal(b"")
     assert isinstance(error, EmptyImage)
-    assert error.http_status == 400
+    assert image_refusal_status(error) == 400
     assert "empty (0 bytes)" in str(error)
 
 
@@ -195,7 +196,7 @@ def test_encoded_size_limit() -> None:
     data = encode(Image.new("RGB", (64, 64), RED), "PNG")
     error = refusal(data, max_bytes=len(data) - 1)
     assert isinstance(error, ImageTooLarge)
-    assert error.http_status == 413
+    assert image_refusal_status(error) == 413
     assert f"{len(data):,} bytes; the limit is {len(data) - 1:,}" in str(error)
     assert decode_image(data, max_bytes=len(data)).size == (64, 64)
 
@@ -207,7 +208,7 @@ def test_bomb_beyond_pillows_own_limit_becomes_our_error() -> None:
     assert len(data) < 500
     error = refusal(data)
     assert isinstance(error, TooManyPixels)
-    assert error.http_status == 413
+    assert image_refusal_status(error) == 413
     assert "too many pixels" in str(error) and "Resize it" in str(error)
     assert warnings.filters == filters_before  # no filter leaks out of the call
     assert limit_before == Image.MAX_IMAGE_PIXELS
@@ -248,7 +249,7 @@ def test_bombs_are_refused_without_allocating_their_pixels() -> None:
 import resource, sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
 from tests.test_images import png_header_only, png_zero_bomb
-from model.images import decode_image, TooManyPixels
+from model.vision.images import decode_image, TooManyPixels
 bombs = [png_header_only(50_000, 50_000), png_zero_bomb(8_000)]
 with open("/proc/self/statm") as statm:
     mapped = int(statm.read().split()[0]) * resource.getpagesize()
@@ -281,7 +282,7 @@ def test_truncated_file(fmt: str) -> None:
     data = encode(noise, fmt)
     error = refusal(data[: len(data) // 2])
     assert isinstance(error, CorruptImage), error
-    assert error.http_status == 400
+    assert image_refusal_status(error) == 400
     assert "truncated or damaged" in str(error)
 
 
@@ -311,7 +312,7 @@ def test_damaged_png_data_fails_its_checksum() -> None:
 def test_non_images(data: bytes) -> None:
     error = refusal(data)
     assert isinstance(error, UnsupportedImageFormat)
-    assert error.http_status == 415
+    assert image_refusal_status(error) == 415
     assert "not an image in a supported format" in str(error)
 
 

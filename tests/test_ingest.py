@@ -12,12 +12,18 @@ import pytest
 from service_support import TEST_API_KEY, coco_photos, make_settings, running_client
 from typer.testing import CliRunner
 
-from service.app import create_app
-from service.cli import app as cli
-from service.demo import DEMO_CAPTIONS, demo_items
-from service.ingest import IngestSourceError, LocalTarget, ingest, read_source, write_refusals
-from service.metrics import ServiceMetrics
-from service.runtime import DataDirBusyError, ServiceRuntime
+from service.api.app import create_app
+from service.cli.bulk_ingest import (
+    IngestSourceError,
+    LocalTarget,
+    ingest,
+    read_source,
+    write_refusals,
+)
+from service.cli.demo import DEMO_CAPTIONS, demo_items
+from service.cli.main import app as cli
+from service.runtime.lifecycle import DataDirBusyError, ServiceRuntime
+from service.runtime.metrics import ServiceMetrics
 
 
 @pytest.fixture
@@ -158,7 +164,7 @@ def test_cli_ingest_and_the_offline_demo_with_the_default_model(
 def test_local_ingest_refuses_a_data_dir_in_use(photo_folder, tmp_path, monkeypatch) -> None:
     data_dir = tmp_path / "data"
     monkeypatch.setenv("CAMPSEARCH_DATA_DIR", str(data_dir))
-    from service.runtime import DataDirLock
+    from service.runtime.lifecycle import DataDirLock
 
     lock = DataDirLock(data_dir).acquire()
     try:

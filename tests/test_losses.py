@@ -8,7 +8,7 @@ import pytest
 import torch
 from shared_paths import PARITY_DIR
 
-from model.losses import BCE_EPS, bce_hardest_negative_loss, bce_mean_loss, vse_hinge_loss
+from model.training.losses import BCE_EPS, bce_hardest_negative_loss, bce_mean_loss, vse_hinge_loss
 
 
 def test_bce_hardest_negative_by_hand():

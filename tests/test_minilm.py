@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.minilm import WordpieceTokenizer, load_minilm, mean_pool
+from model.text.minilm import WordpieceTokenizer, load_minilm, mean_pool
 
 SENTENCES = [
     "A dog runs across the green grass .",
@@ -98,7 +98,7 @@ def test_loads_with_no_network_and_no_offline_flag(tmp_path):
     env.update(HTTP_PROXY=closed, HTTPS_PROXY=closed, http_proxy=closed, https_proxy=closed)
     env.update(HF_HOME=str(tmp_path / "hf"), NO_PROXY="", no_proxy="")
     code = (
-        "from model.minilm import WordpieceTokenizer, load_minilm\n"
+        "from model.text.minilm import WordpieceTokenizer, load_minilm\n"
         "batch = WordpieceTokenizer()(['a dog'])\n"
         "print(tuple(load_minilm()(batch.input_ids, batch.attention_mask).shape))\n"
     )

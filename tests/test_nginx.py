@@ -16,8 +16,8 @@ import pytest
 import ui_flows
 from ui_stack import NGINX, NGINX_TEMPLATE, NginxServer, free_port
 
-from service.settings import Settings
-from service.uploads import FORM_OVERHEAD_BYTES
+from service.api.uploads import FORM_OVERHEAD_BYTES
+from service.runtime.settings import Settings
 
 pytestmark = pytest.mark.browser
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from shared_paths import PARITY_DIR
 
-from model.checkpoint import OFFICIAL_PARTS, import_official_checkpoint
-from model.losses import bce_hardest_negative_loss, bce_mean_loss
-from model.precompute import PrecomputedScorer
+from model.architecture.precompute import PrecomputedScorer
+from model.checkpoints.checkpoint import OFFICIAL_PARTS, import_official_checkpoint
+from model.training.losses import bce_hardest_negative_loss, bce_mean_loss
 
 VARIANTS = ("dense", "tiny")
 SCORE_ATOL = 1e-5

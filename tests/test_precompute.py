@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.camp import CampModel
-from model.config import load_config
-from model.encoders import EncodedText
-from model.precompute import CaptionPrecompute, PrecomputedScorer
+from model.architecture.camp import CampModel
+from model.architecture.encoders import EncodedText
+from model.architecture.precompute import CaptionPrecompute, PrecomputedScorer
+from model.checkpoints.config import load_config
 
 ATOL = 2e-6
 # Lengths count <start>/<end>; 1 and 2 are the shortest a caption can be.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.precompute import CaptionPrecompute, ImagePrecompute
-from service.rerank import PairReranker, RerankJob
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from service.search.rerank import PairReranker, RerankJob
 
 CAPTIONS = [
     "a dog runs on the grass",

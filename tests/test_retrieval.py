@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.minilm import load_minilm
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.checkpoints.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoints.config import ConfigError
+from model.devices import DeviceUnavailable, resolve_device
 from model.retrieval import DEFAULT_CHECKPOINT, RetrievalModel
-from model.vocab import Vocabulary
+from model.text.minilm import load_minilm
+from model.text.registry import UnknownTextEncoder, registered_text_encoders
+from model.text.vocab import Vocabulary
 
 REGION_DIM = 24
 REGIONS = 6
@@ -169,13 +173,13 @@ def test_explain_pair_shapes_and_json(model):
     image = model.precompute_images(_regions(1))
     explanation = model.explain_pair(image, encoded.precompute.select([2]))
     length = len(encoded.tokens[2])
-    assert np.array(explanation["word_region"]).shape == (length, REGIONS)
-    np.testing.assert_allclose(np.array(explanation["word_region"]).sum(1), 1.0, rtol=1e-5)
-    assert len(explanation["region_pooling"]) == REGIONS
-    assert len(explanation["word_pooling"]) == length
-    np.testing.assert_allclose(sum(explanation["word_pooling"]), 1.0, rtol=1e-5)
-    assert 0.0 < explanation["camp_score"] < 1.0
-    json.dumps(explanation)
+    assert np.array(explanation.word_region).shape == (length, REGIONS)
+    np.testing.assert_allclose(np.array(explanation.word_region).sum(1), 1.0, rtol=1e-5)
+    assert len(explanation.region_pooling) == REGIONS
+    assert len(explanation.word_pooling) == length
+    np.testing.assert_allclose(sum(explanation.word_pooling), 1.0, rtol=1e-5)
+    assert 0.0 < explanation.camp_score < 1.0
+    json.dumps(dataclasses.asdict(explanation))
 
 
 def test_explain_pair_refuses_batches(model):
@@ -199,7 +203,7 @@ def test_shipped_default_loads_weights_only():
 def test_tensor_byte_counts_are_what_the_tensors_hold(model):
     """The search memory budget reckons candidates with these counts: exact for images, an
     upper bound for captions that the longest caption the model reads reaches."""
-    from service.pipeline import _compacted, _held_bytes
+    from service.search.pipeline import _compacted, _held_bytes
 
     for regions in (1, REGIONS):
         precompute = model.precompute_images(_regions(1)[:, :regions])
@@ -208,3 +212,29 @@ def test_tensor_byte_counts_are_what_the_tensors_hold(model):
     encoded = model.encode_texts([*TEXTS, longest])
     held = [_held_bytes(_compacted(encoded.precompute.select([row]))) for row in range(4)]
     assert max(held[:3]) < model.caption_tensor_bytes() == held[3]
+
+
+def test_text_encoders_come_from_the_registry_with_their_tokenizers(model):
+    assert [name for name, _ in registered_text_encoders()] == ["gru", "minilm"]
+    spec = model.network.spec
+    tokenizer = spec.text_kind.tokenizer(spec, model.network.vocabulary, max_words=47)
+    assert tokenizer(TEXTS) == model.tokenize(TEXTS)
+    assert tokenizer.max_tokens == model.max_caption_tokens
+    with pytest.raises(UnknownTextEncoder, match="choose one of"):
+        NetworkSpec(text_encoder="bert")
+
+
+def test_network_spec_refuses_unknown_keys():
+    with pytest.raises(ConfigError, match="embed_sise"):
+        NetworkSpec.from_dict({"text_encoder": "gru", "embed_sise": 16})
+    checkpoint = _network("gru").to_checkpoint(METADATA)
+    checkpoint.extras["retrieval"]["spec"]["embed_sise"] = 16
+    with pytest.raises(CheckpointError, match="embed_sise"):
+        RetrievalNetwork.from_checkpoint(checkpoint)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_is_refused_where_there_is_none():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+        RetrievalModel.load(device="cuda")

@@ -17,7 +17,7 @@ import pytest
 from security_support import raw_get, served
 from service_support import TEST_API_KEY, coco_photos, make_settings, png_bytes, running_client
 
-from service.app import create_app
+from service.api.app import create_app
 
 WRONG_KEY = "wrong-key-0123456789abcdef"
 WINDOW_S = 3600  # long windows: a test never straddles two
@@ -336,7 +336,7 @@ def test_the_budget_is_shared_across_replicas_through_redis(
         assert names and all(TEST_API_KEY not in name for name in names)
 
         redis_server.kill()
-        with caplog.at_level(logging.WARNING, logger="service.ratelimit"):
+        with caplog.at_level(logging.WARNING, logger="service.api.ratelimit"):
             for client in (one, two):
                 response = client.get("/v1/info")  # a fresh (address) budget, per replica
                 assert response.status_code == 200, response.text

@@ -7,8 +7,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from service_support import png_bytes, running_client
 
-from service.app import create_app
-from service.settings import MEBIBYTE, Settings
+from service.api.app import create_app
+from service.runtime.settings import MEBIBYTE, Settings
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

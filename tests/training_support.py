@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from model.encoders import pad_token_ids
-from model.losses import bce_hardest_negative_loss
-from model.network import NetworkSpec, RetrievalNetwork
-from model.vocab import Vocabulary
+from model.architecture.encoders import pad_token_ids
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.text.vocab import Vocabulary
+from model.training.losses import bce_hardest_negative_loss
 
 
 def official_batch(batch: int, dtype: torch.dtype = torch.float32):

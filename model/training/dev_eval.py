@@ -7,9 +7,9 @@ import time
 import numpy as np
 import torch
 
-from model.evaluation import retrieval_metrics, shortlist_recall, two_stage_metrics
-from model.network import RetrievalNetwork
-from model.precompute import PrecomputedScorer
+from model.architecture.network import RetrievalNetwork
+from model.architecture.precompute import PrecomputedScorer
+from model.eval.protocol import retrieval_metrics, shortlist_recall, two_stage_metrics
 from model.training.features import FrozenSplit
 
 PAIR_CHUNK = 4096

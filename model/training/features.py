@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.data import RetrievalSplit
-from model.token_cache import TokenFeatures, cached_token_features
+from model.eval.data import RetrievalSplit
+from model.text.token_cache import TokenFeatures, cached_token_features
 
 MEAN_CHUNK = 512
 
@@ -49,7 +49,7 @@ def region_means(images: np.ndarray) -> Tensor:
 
 def frozen_split(split: RetrievalSplit, cache_dir: Path) -> FrozenSplit:
     """Region means + MiniLM token features (cached as {cache_dir}/{split}_tokens.npz)."""
-    from model.minilm import WordpieceTokenizer, load_minilm
+    from model.text.minilm import WordpieceTokenizer, load_minilm
 
     tokens = cached_token_features(
         split.captions,

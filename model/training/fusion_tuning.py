@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from model.evaluation import two_stage_metrics
-from model.network import RetrievalNetwork
+from model.architecture.network import RetrievalNetwork
+from model.eval.protocol import two_stage_metrics
 from model.training.dev_eval import pair_scorer, pooled_scores
 from model.training.features import FrozenSplit
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.data import RetrievalSplit
-from model.encoders import pad_token_ids
-from model.network import RetrievalNetwork
-from model.token_cache import TokenFeatures
+from model.architecture.encoders import pad_token_ids
+from model.architecture.network import RetrievalNetwork
+from model.eval.data import RetrievalSplit
+from model.text.token_cache import TokenFeatures
 from model.training.features import FrozenSplit, region_means, token_means
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 

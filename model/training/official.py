@@ -18,21 +18,21 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from model.camp import CampModel
-from model.checkpoint import load_checkpoint
-from model.data import RetrievalSplit, load_precomputed
-from model.encoders import pad_token_ids
-from model.evaluation import retrieval_metrics
-from model.fusion import CampLogitScorer
-from model.losses import bce_hardest_negative_loss
-from model.network import NetworkSpec, RetrievalNetwork
-from model.precompute import PrecomputedScorer
+from model.architecture.camp import CampModel
+from model.architecture.encoders import pad_token_ids
+from model.architecture.fusion import CampLogitScorer
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.architecture.precompute import PrecomputedScorer
+from model.checkpoints.checkpoint import load_checkpoint
+from model.eval.data import RetrievalSplit, load_precomputed
+from model.eval.protocol import retrieval_metrics
+from model.text.vocab import Vocabulary
 from model.training.features import region_means, token_means
 from model.training.gru_text import gru_token_features
+from model.training.losses import bce_hardest_negative_loss
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 from model.training.recipes import TrainConfig
 from model.training.run_state import RunFolder
-from model.vocab import Vocabulary
 
 GRAD_CLIP = 2.0
 # Pairs of a batch's B x B grid whose activations are alive at once (a stage's "chunk_pairs").

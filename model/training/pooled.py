@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.pooled import PooledHeads
+from model.architecture.pooled import PooledHeads
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.architecture.network import NetworkSpec
+
 RECIPES = ("residual", "camp_official")
 
 
@@ -56,6 +58,10 @@ class TrainConfig:
             raise TrainConfigError(f"{path}: {exc}") from exc
         if config.recipe not in RECIPES:
             raise TrainConfigError(f"{path}: recipe must be one of {RECIPES}, got {config.recipe}")
+        try:  # a typo in the network section is refused here, before any data is read
+            NetworkSpec.from_dict(config.network)
+        except ValueError as exc:
+            raise TrainConfigError(f"{path}: network: {exc}") from exc
         return config
 
     def metadata(self) -> dict[str, Any]:

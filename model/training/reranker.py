@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.network import RetrievalNetwork
-from model.precompute import CaptionPrecompute, PrecomputedScorer
+from model.architecture.network import RetrievalNetwork
+from model.architecture.precompute import CaptionPrecompute, PrecomputedScorer
 from model.training.features import FrozenSplit
 from model.training.mining import MinedShortlists, sample_negatives
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from model.data import load_precomputed
-from model.glove import GLOVE_NAME, init_embedding_from_glove
-from model.network import NetworkSpec, RetrievalNetwork
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.eval.data import load_precomputed
+from model.text.glove import GLOVE_NAME, init_embedding_from_glove
+from model.text.vocab import DEFAULT_MIN_COUNT, Vocabulary
 from model.training.dev_eval import evaluate_frozen
 from model.training.features import FrozenSplit, frozen_split, region_means
 from model.training.fusion_tuning import tune_fusion
@@ -31,7 +32,6 @@ from model.training.reranker import (
     warm_start_from_heads,
 )
 from model.training.run_state import RunFolder
-from model.vocab import DEFAULT_MIN_COUNT, Vocabulary
 
 DEFAULT_SELECTION_IMAGES = 250
 DEFAULT_SELECTION_K = 100
@@ -45,7 +45,7 @@ def frozen_subset(data: FrozenSplit, images: int) -> FrozenSplit:
     split = data.split.subset(slice(0, images))
     tokens = data.tokens
     end = tokens.offsets[5 * images]
-    from model.token_cache import TokenFeatures
+    from model.text.token_cache import TokenFeatures
 
     sub_tokens = TokenFeatures(
         features=tokens.features[:end], offsets=tokens.offsets[: 5 * images + 1]
@@ -67,8 +67,10 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
     dev_split = load_precomputed(data_root, config.data.get("dev", "dev"))
     dev_images = int(config.selection.get("dev_images", DEFAULT_SELECTION_IMAGES))
     select_k = str(config.selection.get("k", DEFAULT_SELECTION_K))
-    gru = spec.text_encoder == "gru"
-    if gru:
+    # A text side over our own vocabulary (the GRU) is trained here; MiniLM's is frozen and
+    # read from the token cache.
+    own_vocabulary = spec.text_kind.uses_vocabulary
+    if own_vocabulary:
         vocabulary = Vocabulary.build(
             train_split.captions, min_count=int(config.data.get("min_count", DEFAULT_MIN_COUNT))
         )
@@ -149,7 +151,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 f"({len(train_split.captions) / seconds:.0f} captions/s)"
             )
 
-        if gru:
+        if own_vocabulary:
             word_vectors = config.data.get("word_vectors")
             if word_vectors == GLOVE_NAME:
                 coverage = init_embedding_from_glove(
@@ -176,7 +178,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 pooled_cfg,
                 on_epoch=on_epoch,
             )
-    if gru:  # the frozen GRU's word states stand where MiniLM's token cache stands
+    if own_vocabulary:  # the frozen GRU's word states stand where MiniLM's token cache stands
         for parameter in network.camp.text_encoder.parameters():
             parameter.requires_grad_(False)
         train = gru_frozen_split(network, train_split, train_means)

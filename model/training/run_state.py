@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import _atomic_torch_save
-from model.network import RetrievalNetwork
+from model.architecture.network import RetrievalNetwork
+from model.checkpoints.checkpoint import _atomic_torch_save
 
 
 class RunFolder:

@@ -2,7 +2,7 @@
 // photo on a canvas, the strongest regions as numbered boxes in an SVG overlay, and a table of
 // which region each word attended to most.
 //
-// Explanation shape (service/schemas.py): words [L], boxes [R][4] normalised (x0, y0, x1, y1),
+// Explanation shape (service/api/schemas.py): words [L], boxes [R][4] normalised (x0, y0, x1, y1),
 // image_size [w, h], word_region [L][R] (rows sum to 1), region_pooling [R], word_pooling [L],
 // camp_score.
 

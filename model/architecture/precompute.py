@@ -1,0 +1,420 @@
+"""The precompute split of the CAMP scorer (DESIGN §4.3): same scores, far less work per pair.
+
+Matrix products regroup (W(A X) = A(X Wᵀ)), so every projection of an image's regions V is
+computed once per image and every projection of a caption's words T once per caption:
+
+* stage-1 keys/queries of both sides;
+* the stage-2 self-attention logits collapse to per-item kernels: for words,
+  (M_t W3ᵀ)(M_t W4ᵀ)ᵀ = A_t2v [(V W3ᵀ)(V W4ᵀ)ᵀ] A_t2vᵀ, so the image keeps (V W3ᵀ)(V W4ᵀ)ᵀ/√d
+  [R, R]; the caption keeps (T W1ᵀ)(T W2ᵀ)ᵀ/√d [L, L];
+* the refined messages are P·V and P·T with P = (self-attention)(cross-attention) small
+  [L, R] / [R, L] matrices, so the halves of the fusion layers W_fv = [W_a | W_b] apply to
+  V and T once: W_a v and W_b F_v = (P_v (T W_bᵀ)) / ||P_v T||.
+
+What stays per pair is the attention itself, the norms and gates, the pooling MLP's first layer
+and the score MLP. Captions are trimmed to their own length; padding up to a batch's longest
+caption is masked exactly, so scores do not depend on padding or batching (to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from model.architecture.encoders import EncodedText, length_mask
+from model.architecture.scorer import (
+    L2NORM_EPS,
+    AttentionMaps,
+    CampScorer,
+    l2norm,
+    masked_logits,
+    wide,
+)
+
+# Working memory one chunk of an N x M grid may use (activations, not the inputs).
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
+
+
+@dataclass
+class ImagePrecompute:
+    """Per-image tensors of N images with R regions each (rows can be cached per image).
+
+    regions V [N, R, d]; queries V Wqvᵀ and keys V Wkvᵀ [N, R, d]; word_message_logits
+    (V W3ᵀ)(V W4ᵀ)ᵀ/√d [N, R, R]; fusion_self V W_aᵀ (first half of image_fusion) [N, R, d];
+    fusion_for_words V W_bᵀ (second half of text_fusion) [N, R, d].
+    """
+
+    regions: Tensor
+    queries: Tensor
+    keys: Tensor
+    word_message_logits: Tensor
+    gram: Tensor
+    fusion_self: Tensor
+    fusion_for_words: Tensor
+
+    def __len__(self) -> int:
+        return self.regions.shape[0]
+
+    def select(self, index: Tensor | slice | list[int]) -> ImagePrecompute:
+        return ImagePrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def repeat(self, count: int) -> ImagePrecompute:
+        """One image as `count` rows: expanded views, no copy, no index tensor on the device."""
+        return ImagePrecompute(
+            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
+        )
+
+    def to(self, device=None, dtype=None) -> ImagePrecompute:
+        return ImagePrecompute(
+            **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)}
+        )
+
+    @staticmethod
+    def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
+        """Bytes of one image's tensors with `regions` regions: five [R, d], two [R, R]."""
+        return (5 * regions * dim + 2 * regions * regions) * element_size
+
+    @staticmethod
+    def cat(items: list[ImagePrecompute]) -> ImagePrecompute:
+        regions = {item.regions.shape[1] for item in items}
+        if len(regions) != 1:
+            raise ValueError(f"images with different region counts cannot batch: {regions}")
+        return ImagePrecompute(
+            **{f.name: torch.cat([getattr(i, f.name) for i in items]) for f in fields(items[0])}
+        )
+
+
+_CAPTION_WORD_FIELDS = ("words", "queries", "keys", "fusion_self", "fusion_for_regions")
+_CAPTION_SQUARE_FIELDS = ("region_message_logits", "gram")
+
+
+@dataclass
+class CaptionPrecompute:
+    """Per-caption tensors of N captions, padded to the longest of them (L).
+
+    words T [N, L, d] (zero past each length); lengths [N] int64; queries T Wqtᵀ, keys T Wktᵀ
+    [N, L, d]; region_message_logits (T W1ᵀ)(T W2ᵀ)ᵀ/√d [N, L, L]; gram T Tᵀ [N, L, L];
+    fusion_self T W_aᵀ (first half of text_fusion) [N, L, d]; fusion_for_regions T W_bᵀ
+    (second half of image_fusion) [N, L, d].
+    """
+
+    words: Tensor
+    lengths: Tensor
+    queries: Tensor
+    keys: Tensor
+    region_message_logits: Tensor
+    gram: Tensor
+    fusion_self: Tensor
+    fusion_for_regions: Tensor
+
+    def __len__(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def mask(self) -> Tensor:
+        return length_mask(self.lengths, self.words.shape[1])
+
+    def select(self, index: Tensor | slice | list[int]) -> CaptionPrecompute:
+        """A subset, trimmed to its own longest caption."""
+        picked = CaptionPrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return picked.trimmed()
+
+    def repeat(self, count: int) -> CaptionPrecompute:
+        """One caption as `count` rows: expanded views, no copy, and no host synchronisation
+        (`select` trims, which reads the lengths back from the device)."""
+        return CaptionPrecompute(
+            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
+        )
+
+    def trimmed(self) -> CaptionPrecompute:
+        width = int(self.lengths.max())
+        if width == self.words.shape[1]:
+            return self
+        changes = {name: getattr(self, name)[:, :width] for name in _CAPTION_WORD_FIELDS}
+        for name in _CAPTION_SQUARE_FIELDS:
+            changes[name] = getattr(self, name)[:, :width, :width]
+        return replace(self, **changes)
+
+    def to(self, device=None, dtype=None) -> CaptionPrecompute:
+        moved = {
+            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+            for f in fields(self)
+            if f.name != "lengths"
+        }
+        return CaptionPrecompute(lengths=self.lengths.to(device=device), **moved)
+
+    @staticmethod
+    def bytes_of_one(words: int, dim: int, element_size: int) -> int:
+        """Bytes of one caption's tensors with `words` words: five [L, d], two [L, L], a length."""
+        return (5 * words * dim + 2 * words * words) * element_size + 8
+
+    @staticmethod
+    def cat(items: list[CaptionPrecompute]) -> CaptionPrecompute:
+        """Concatenate, re-padding every caption to the longest one."""
+        width = max(item.words.shape[1] for item in items)
+
+        def pad(x: Tensor, dims: int) -> Tensor:
+            extra = width - x.shape[1]
+            return F.pad(x, (0, extra) * dims if dims == 2 else (0, 0, 0, extra))
+
+        out = {
+            name: torch.cat([pad(getattr(i, name), 1) for i in items])
+            for name in _CAPTION_WORD_FIELDS
+        }
+        for name in _CAPTION_SQUARE_FIELDS:
+            out[name] = torch.cat([pad(getattr(i, name), 2) for i in items])
+        out["lengths"] = torch.cat([i.lengths for i in items])
+        return CaptionPrecompute(**out)
+
+
+def _block_shape(ni: int, nc: int, max_pairs: int) -> tuple[int, int]:
+    """(images, captions) per block of an Ni x Nc grid, at most `max_pairs` pairs a block."""
+    caption_block = min(nc, max_pairs)
+    return max(1, min(ni, max_pairs // caption_block)), caption_block
+
+
+def _expand(x: Tensor, count: int) -> Tensor:
+    if x.shape[0] != 1:
+        raise ValueError(f"repeat needs exactly one item, got {x.shape[0]}")
+    return x.expand(count, *x.shape[1:])
+
+
+def _rownorm(mix: Tensor, mix_gram: Tensor) -> Tensor:
+    """||P X|| per row from P and P·(X Xᵀ), plus the l2norm epsilon."""
+    product = mix * mix_gram
+    return product.sum(-1, dtype=wide(product)).clamp_min(0).sqrt() + L2NORM_EPS
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return logits.softmax(-1, dtype=wide(logits))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    product = a * b
+    return product.sum(-1, dtype=wide(product))
+
+
+class PrecomputedScorer:
+    """Scores (image, caption) pairs from per-item precomputed tensors, equal to the direct form.
+
+    Built on a `CampScorer`'s weights (no copy). Device and dtype follow the inputs; under
+    autocast (CUDA or CPU) the matmuls run in bf16/fp16, softmaxes and norms in fp32.
+    """
+
+    def __init__(self, scorer: CampScorer) -> None:
+        self.scorer = scorer
+
+    # -- per item ------------------------------------------------------------------------------
+    def precompute_images(self, images: Tensor) -> ImagePrecompute:
+        """V [N, R, d] (image encoder output) -> per-image tensors."""
+        s, d = self.scorer, self.scorer.embed_size
+        message_query = s.word_message_query(images)
+        message_key = s.word_message_key(images)
+        return ImagePrecompute(
+            regions=images,
+            queries=s.image_query(images),
+            keys=s.image_key(images),
+            word_message_logits=message_query @ message_key.transpose(-2, -1) / math.sqrt(d),
+            gram=images @ images.transpose(-2, -1),
+            fusion_self=F.linear(images, s.image_fusion.weight[:, :d]),
+            fusion_for_words=F.linear(images, s.text_fusion.weight[:, d:]),
+        )
+
+    def precompute_captions(self, text: EncodedText) -> CaptionPrecompute:
+        """Word features of N captions -> per-caption tensors, trimmed to the longest."""
+        s, d = self.scorer, self.scorer.embed_size
+        width = int(text.lengths.max())
+        words = text.words[:, :width] * text.mask[:, :width].unsqueeze(-1).to(text.words.dtype)
+        message_query = s.region_message_query(words)
+        message_key = s.region_message_key(words)
+        return CaptionPrecompute(
+            words=words,
+            lengths=text.lengths.to(torch.int64),
+            queries=s.text_query(words),
+            keys=s.text_key(words),
+            region_message_logits=message_query @ message_key.transpose(-2, -1) / math.sqrt(d),
+            gram=words @ words.transpose(-2, -1),
+            fusion_self=F.linear(words, s.text_fusion.weight[:, :d]),
+            fusion_for_regions=F.linear(words, s.image_fusion.weight[:, d:]),
+        )
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score_grid(
+        self,
+        images: ImagePrecompute,
+        captions: CaptionPrecompute,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    ) -> Tensor:
+        """Scores [Ni, Nc] of every image against every caption, in memory-bounded chunks.
+
+        The chunk size comes from `memory_budget_bytes`, so 1,000 images x 5,000 captions run
+        without ever holding Ni·Nc·L·d values.
+        """
+        ni, nc = len(images), len(captions)
+        max_pairs = max(1, memory_budget_bytes // self.bytes_per_pair(images, captions))
+        image_block, caption_block = _block_shape(ni, nc, max_pairs)
+        out = images.regions.new_empty((ni, nc), dtype=torch.float32)
+        for j in range(0, nc, caption_block):
+            block = captions.select(slice(j, j + caption_block))
+            for i in range(0, ni, image_block):
+                scores, _ = self._score(images.select(slice(i, i + image_block)), block, "grid")
+                out[i : i + image_block, j : j + caption_block] = scores
+        return out
+
+    def score_grid_checkpointed(
+        self, images: ImagePrecompute, captions: CaptionPrecompute, max_pairs: int
+    ) -> Tensor:
+        """Scores [Ni, Nc] for training: differentiable, at most `max_pairs` pairs' activations
+        alive at once.
+
+        Each block of pairs runs under activation checkpointing: its activations are freed
+        after the forward and recomputed, one block at a time, during the backward. The
+        per-item tensors (and their graph back to the encoders) are kept once for the whole
+        grid. The backward replays the same operations, so the gradients are those of one
+        unchunked grid, to float rounding; the price is a second forward of the pair math.
+        """
+        ni, nc = len(images), len(captions)
+        image_block, caption_block = _block_shape(ni, nc, max(1, max_pairs))
+        rows = []
+        for i in range(0, ni, image_block):
+            image_rows = images.select(slice(i, i + image_block))
+            row = [
+                checkpoint(
+                    self._grid_block,
+                    image_rows,
+                    captions.select(slice(j, j + caption_block)),
+                    use_reentrant=False,
+                )
+                for j in range(0, nc, caption_block)
+            ]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _grid_block(self, images: ImagePrecompute, captions: CaptionPrecompute) -> Tensor:
+        return self._score(images, captions, "grid")[0]
+
+    def score_text_against_images(
+        self, caption: CaptionPrecompute, images: ImagePrecompute, explain: bool = False
+    ) -> tuple[Tensor, AttentionMaps | None]:
+        """One caption x K images (the text->image reranker): scores [K], maps [K, 1, ...]."""
+        if len(caption) != 1:
+            raise ValueError(f"expected one caption, got {len(caption)}")
+        scores, maps = self._score(images, caption.trimmed(), "grid", explain=explain)
+        return scores[:, 0], maps
+
+    def score_image_against_captions(
+        self, image: ImagePrecompute, captions: CaptionPrecompute, explain: bool = False
+    ) -> tuple[Tensor, AttentionMaps | None]:
+        """One image x K captions (the image->caption reranker): scores [K], maps [1, K, ...]."""
+        if len(image) != 1:
+            raise ValueError(f"expected one image, got {len(image)}")
+        scores, maps = self._score(image, captions.trimmed(), "grid", explain=explain)
+        return scores[0], maps
+
+    def score_pairs(
+        self, images: ImagePrecompute, captions: CaptionPrecompute, *, trim: bool = True
+    ) -> Tensor:
+        """Scores [K] of aligned pairs (images[k], captions[k]).
+
+        trim=False skips trimming the captions to their longest length: the scores are the same
+        (padding is masked exactly) and no lengths are read back to the host.
+        """
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images cannot pair with {len(captions)} captions")
+        scores, _ = self._score(images, captions.trimmed() if trim else captions, "pairs")
+        return scores
+
+    @staticmethod
+    def bytes_per_pair(images: ImagePrecompute, captions: CaptionPrecompute) -> int:
+        """Upper estimate of the working memory of one pair (activations of `_score`)."""
+        r, d = images.regions.shape[1], images.regions.shape[2]
+        length = captions.words.shape[1]
+        elements = 10 * (r + length) * d + 12 * (r * length + r * r + length * length)
+        return elements * max(4, images.regions.element_size())
+
+    # -- the per-pair math ---------------------------------------------------------------------
+    def _score(
+        self,
+        img: ImagePrecompute,
+        cap: CaptionPrecompute,
+        pairing: str,
+        explain: bool = False,
+    ) -> tuple[Tensor, AttentionMaps | None]:
+        """`grid`: all Ni x Nc pairs -> [Ni, Nc]; `pairs`: aligned -> [K]."""
+        s = self.scorer
+        if pairing == "grid":
+            i, j, o = "i", "j", "ij"
+
+            def per_image(x: Tensor) -> Tensor:
+                return x.unsqueeze(1)
+
+            def per_caption(x: Tensor) -> Tensor:
+                return x.unsqueeze(0)
+        else:
+            i, j, o = "k", "k", "k"
+
+            def per_image(x: Tensor) -> Tensor:
+                return x
+
+            per_caption = per_image
+
+        scale = 1.0 / math.sqrt(s.embed_size)
+        keep = per_caption(cap.mask)  # [.., L]
+
+        # Stage 1: cross attention. t2v: words over regions; v2t: regions over real words.
+        attn_t2v = _softmax(torch.einsum(f"{j}ld,{i}rd->{o}lr", cap.queries, img.keys) * scale)
+        logits_v2t = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.queries, cap.keys) * scale
+        attn_v2t = _softmax(masked_logits(logits_v2t, keep.unsqueeze(-2)))
+
+        # Stage 2 with the per-item kernels; P = selfattn @ crossattn maps messages to items.
+        region_logits = torch.einsum(f"{o}rl,{j}lm->{o}rm", attn_v2t, cap.region_message_logits)
+        selfattn_v = _softmax(region_logits @ attn_v2t.transpose(-2, -1))
+        word_logits = torch.einsum(f"{o}lr,{i}rs->{o}ls", attn_t2v, img.word_message_logits)
+        word_logits = word_logits @ attn_t2v.transpose(-2, -1)
+        selfattn_t = _softmax(masked_logits(word_logits, keep.unsqueeze(-2)))
+        mix_v = selfattn_v @ attn_v2t  # [.., R, L]
+        mix_t = selfattn_t @ attn_t2v  # [.., L, R]
+
+        # Refined messages F = P·X / ||P·X|| are never formed: their norms come from the Gram
+        # matrices (||P X||² = rowsum((P XXᵀ) ⊙ P)), the gates from V Tᵀ, and the fusion's
+        # second half from P (X W_bᵀ), with gate/norm folded into the small P.
+        regions, words = per_image(img.regions), per_caption(cap.words)
+        region_word_dots = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.regions, cap.words)
+        norm_v = _rownorm(mix_v, torch.einsum(f"{o}rl,{j}lm->{o}rm", mix_v, cap.gram))
+        norm_t = _rownorm(mix_t, torch.einsum(f"{o}lr,{i}rs->{o}ls", mix_t, img.gram))
+        gate_v = torch.sigmoid(_rowdot(mix_v, region_word_dots) / norm_v)
+        gate_t = torch.sigmoid(_rowdot(mix_t, region_word_dots.transpose(-2, -1)) / norm_t)
+        mix_v = mix_v * (gate_v / norm_v).unsqueeze(-1)
+        mix_t = mix_t * (gate_t / norm_t).unsqueeze(-1)
+        fused_v = torch.einsum(f"{o}rl,{j}ld->{o}rd", mix_v, cap.fusion_for_regions)
+        fused_t = torch.einsum(f"{o}lr,{i}rd->{o}ld", mix_t, img.fusion_for_words)
+        # v-hat = ReLU(g·(W_a v) + g·(W_b F)) + v, in place on the per-pair buffers.
+        fused_v = fused_v.addcmul_(gate_v.unsqueeze(-1), per_image(img.fusion_self))
+        fused_t = fused_t.addcmul_(gate_t.unsqueeze(-1), per_caption(cap.fusion_self))
+        if torch.is_grad_enabled():  # training: autograd needs ReLU's output unmodified
+            fused_v, fused_t = fused_v.relu() + regions, fused_t.relu() + words
+        else:
+            fused_v = fused_v.relu_().add_(regions)
+            fused_t = fused_t.relu_().add_(words)
+
+        pooled_v, pool_attn_v = s.image_pool(fused_v)
+        pooled_t, pool_attn_t = s.text_pool(fused_t, keep)
+        scores = s.score_mlp(l2norm(pooled_v), l2norm(pooled_t))
+        if not explain:
+            return scores, None
+        maps = AttentionMaps(
+            attn_t2v=attn_t2v,
+            attn_v2t=attn_v2t,
+            selfattn_v=selfattn_v,
+            selfattn_t=selfattn_t,
+            gate_v=gate_v,
+            gate_t=gate_t,
+            pool_attn_v=pool_attn_v,
+            pool_attn_t=pool_attn_t,
+        )
+        return scores, maps

@@ -1,0 +1,315 @@
+"""Checkpoints: our single-file format, and import of the official CAMP release.
+
+Our format is one `torch.save`d dict that loads with `torch.load(..., weights_only=True)`:
+`{"format_version", "config", "vocabulary", "state_dict", "extras", "metadata"}`. `extras`
+holds tensors or dicts of tensors for later additions (pooled shortlist heads, a score-fusion
+weight) without a format change.
+
+The official release is `{'model': [img_enc_sd, txt_enc_sd, sim_sd], 'opt': EasyDict, ...}` with
+`module.` prefixes (nn.DataParallel). `opt` is an `easydict.EasyDict`; it is read through
+torch's weights-only unpickler with an inert stand-in for that one class, so no pickled code
+runs and easydict need not be installed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.architecture.camp import CampModel
+from model.checkpoints.config import CampConfig, ConfigError
+from model.files import write_atomically
+from model.text.vocab import Vocabulary
+
+FORMAT_VERSION = 1
+_FORMAT_KEYS = ("format_version", "config", "state_dict")
+
+# official module path (without `module.`) -> ours, per part of the official state-dict list.
+OFFICIAL_IMAGE_ENCODER_MODULES = {"fc": "image_encoder.fc"}
+OFFICIAL_TEXT_ENCODER_MODULES = {"embed": "text_encoder.embed", "rnn": "text_encoder.rnn"}
+OFFICIAL_SCORER_MODULES = {
+    "img_key_fc": "scorer.image_key",
+    "txt_key_fc": "scorer.text_key",
+    "img_query_fc": "scorer.image_query",
+    "txt_query_fc": "scorer.text_query",
+    "weighted_txt_query_fc": "scorer.region_message_query",
+    "weighted_txt_key_fc": "scorer.region_message_key",
+    "weighted_img_query_fc": "scorer.word_message_query",
+    "weighted_img_key_fc": "scorer.word_message_key",
+    "fc_1.0": "scorer.image_fusion",
+    "fc_2.0": "scorer.text_fusion",
+    "fc_out.0": "scorer.score_hidden",
+    "fc_out.3": "scorer.score_out",
+    "final_reduce_1.linear.0": "scorer.image_pool.hidden",
+    "final_reduce_1.linear.2": "scorer.image_pool.heads",
+    "final_reduce_2.linear.0": "scorer.text_pool.hidden",
+    "final_reduce_2.linear.2": "scorer.text_pool.heads",
+}
+OFFICIAL_PARTS = (
+    ("img_enc", OFFICIAL_IMAGE_ENCODER_MODULES),
+    ("txt_enc", OFFICIAL_TEXT_ENCODER_MODULES),
+    ("sim", OFFICIAL_SCORER_MODULES),
+)
+# Options of the released CAMP configs this implementation reproduces; others are refused.
+SUPPORTED_OFFICIAL_OPTIONS = {
+    "measure": "gate_fusion_new",
+    "fusion_func": "concat",
+    "bi_gru": True,
+    "no_imgnorm": True,
+    "no_txtnorm": True,
+    "self_attention": False,
+}
+
+
+class CheckpointError(ValueError):
+    """A file is not a checkpoint this code can load; the message says what is wrong."""
+
+
+@dataclass
+class CampCheckpoint:
+    """Everything needed to rebuild a model: config, weights, vocabulary, extra state."""
+
+    config: CampConfig
+    state_dict: dict[str, Tensor]
+    vocabulary: Vocabulary | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, device: torch.device | str | None = None) -> CampModel:
+        """A `CampModel` in eval mode with these weights (strict: every key must match)."""
+        model = CampModel.from_config(self.config)
+        _check_state_dict(model, self.state_dict, source="checkpoint")
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval() if device is not None else model.eval()
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (model/files.py: temp file, fsync, rename, fsync folder)."""
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "vocabulary": self.vocabulary.to_dict() if self.vocabulary is not None else None,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+            "extras": self.extras,
+            "metadata": self.metadata,
+        }
+        return _atomic_torch_save(payload, Path(path))
+
+
+def checkpoint_from_model(
+    model: CampModel,
+    vocabulary: Vocabulary | None = None,
+    extras: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> CampCheckpoint:
+    if model.config is None:
+        raise CheckpointError("the model has no config; build it with CampModel.from_config")
+    return CampCheckpoint(
+        config=model.config,
+        state_dict=dict(model.state_dict()),
+        vocabulary=vocabulary,
+        extras=dict(extras or {}),
+        metadata=dict(metadata or {}),
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CampCheckpoint:
+    """Load our format (weights only: no pickled code runs)."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} is not a camp-search checkpoint (it needs a full unpickler: {exc}); "
+            "use import_official_checkpoint for official CAMP files"
+        ) from exc
+    if not isinstance(payload, dict) or any(k not in payload for k in _FORMAT_KEYS):
+        keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not a camp-search checkpoint: expected keys {list(_FORMAT_KEYS)}, "
+            f"found {keys}; use import_official_checkpoint for official CAMP files"
+        )
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {payload['format_version']}; "
+            f"this code reads {FORMAT_VERSION}"
+        )
+    vocabulary = payload.get("vocabulary")
+    return CampCheckpoint(
+        config=CampConfig.from_dict(payload["config"]),
+        state_dict=dict(payload["state_dict"]),
+        vocabulary=Vocabulary.from_dict(vocabulary) if vocabulary is not None else None,
+        extras=dict(payload.get("extras") or {}),
+        metadata=dict(payload.get("metadata") or {}),
+    )
+
+
+# -- the official release -------------------------------------------------------------------
+class _EasyDictStandIn(dict):
+    """Inert stand-in for `easydict.EasyDict` while unpickling `opt`.
+
+    torch's weights-only unpickler fills only plain dict types, so "creating" one returns an
+    OrderedDict: the pickled items and attribute state land in it and nothing else runs.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return OrderedDict()
+
+
+_EasyDictStandIn.__module__ = "easydict"
+_EasyDictStandIn.__name__ = "EasyDict"
+_EasyDictStandIn.__qualname__ = "EasyDict"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _load_official_payload(path: Path, map_location: str | torch.device) -> Any:
+    try:
+        with torch.serialization.safe_globals([_EasyDictStandIn]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} is not a CAMP checkpoint this code can read safely: {exc}"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on foreign or truncated files
+        raise CheckpointError(
+            f"{path} could not be read as a torch file ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _official_state_dict(payload: Any, path: Path) -> dict[str, Tensor]:
+    """Flatten `[img_sd, txt_sd, sim_sd]` into our key space, naming everything that is off."""
+    parts = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(parts, list | tuple) or len(parts) != 3:
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not a CAMP checkpoint: expected {{'model': [img_enc, txt_enc, sim] state "
+            f"dicts, 'opt': ...}}, found {found}"
+        )
+    ours: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    for (part, modules), part_state in zip(OFFICIAL_PARTS, parts, strict=True):
+        if not isinstance(part_state, Mapping):
+            raise CheckpointError(f"{path}: model[{part}] is not a state dict")
+        for key, tensor in part_state.items():
+            name = key.removeprefix("module.")
+            module, _, param = name.rpartition(".")
+            if module not in modules:
+                unexpected.append(f"{part}/{key}")
+                continue
+            ours[f"{modules[module]}.{param}"] = tensor
+    if unexpected:
+        raise CheckpointError(f"{path} is not a CAMP checkpoint: unexpected keys {unexpected}")
+    return ours
+
+
+def _config_from_official(state: Mapping[str, Tensor], opt: Mapping[str, Any], path: Path):
+    try:
+        vocab_size, word_dim = state["text_encoder.embed.weight"].shape
+        embed_size, img_dim = state["image_encoder.fc.weight"].shape
+        num_heads = state["scorer.image_pool.heads.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"{path} is not a CAMP checkpoint: missing key {exc}") from exc
+    num_layers = sum(
+        1
+        for k in state
+        if k.startswith("text_encoder.rnn.weight_ih_l") and not k.endswith("_reverse")
+    )
+    wrong = {k: opt[k] for k, v in SUPPORTED_OFFICIAL_OPTIONS.items() if k in opt and opt[k] != v}
+    if wrong:
+        raise CheckpointError(
+            f"{path} was trained with options this implementation does not reproduce: {wrong} "
+            f"(supported: {SUPPORTED_OFFICIAL_OPTIONS})"
+        )
+    for option, value in (
+        ("vocab_size", vocab_size),
+        ("word_dim", word_dim),
+        ("embed_size", embed_size),
+        ("img_dim", img_dim),
+        ("num_layers", num_layers),
+    ):
+        if option in opt and int(opt[option]) != int(value):
+            raise CheckpointError(
+                f"{path}: opt.{option}={opt[option]} disagrees with the weights ({value})"
+            )
+    try:
+        return CampConfig(
+            vocab_size=int(vocab_size),
+            word_dim=int(word_dim),
+            embed_size=int(embed_size),
+            img_dim=int(img_dim),
+            num_heads=int(num_heads),
+            num_gru_layers=max(1, num_layers),
+            max_words=int(opt.get("max_length", CampConfig.max_words)),
+            name=str(opt.get("data_name", "camp_official")),
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def import_official_checkpoint(
+    path: str | Path,
+    vocabulary: Vocabulary | None = None,
+    map_location: str | torch.device = "cpu",
+) -> CampCheckpoint:
+    """Convert an official CAMP `*.pth.tar` into our checkpoint (sizes read from the weights).
+
+    Raises CheckpointError naming missing, unexpected and shape-mismatched keys when the file
+    is not a CAMP checkpoint, and refusing options (e.g. sum fusion) that change the math.
+    """
+    path = Path(path)
+    payload = _load_official_payload(path, map_location)
+    state = _official_state_dict(payload, path)
+    opt = _plain(payload.get("opt") or {})
+    config = _config_from_official(state, opt, path)
+    if vocabulary is not None and len(vocabulary) != config.vocab_size:
+        raise CheckpointError(
+            f"vocabulary has {len(vocabulary)} words but the checkpoint embeds {config.vocab_size}"
+        )
+    _check_state_dict(CampModel.from_config(config), state, source=str(path))
+    metadata = {k: payload[k] for k in ("epoch", "best_rsum", "Eiters") if k in payload} | {
+        "source": "official",
+        "opt": {k: v for k, v in opt.items() if _is_simple(v)},
+    }
+    return CampCheckpoint(config=config, state_dict=state, vocabulary=vocabulary, metadata=metadata)
+
+
+def _is_simple(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_is_simple(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_is_simple(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _check_state_dict(model: CampModel, state: Mapping[str, Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            problems.append(f"mismatched shapes {mismatched}")
+        raise CheckpointError(f"{source} does not fit the CAMP model: " + "; ".join(problems))
+
+
+def _atomic_torch_save(payload: dict[str, Any], path: Path) -> Path:
+    return write_atomically(path, lambda temp: torch.save(payload, temp))

@@ -1,0 +1,2 @@
+"""Evaluation: the precomputed split layout, the VSE++/SCAN protocol and the runs that score a
+model on a split."""

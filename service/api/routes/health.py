@@ -1,0 +1,94 @@
+"""Operations: liveness, readiness, Prometheus metrics and what is being served."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import RuntimeDep, StateDep
+from service.api.errors import ProblemError
+from service.api.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
+from service.runtime.metrics import PROMETHEUS_CONTENT_TYPE
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz(state: StateDep) -> JSONResponse:
+    """Alive: 200 while the process serves (also while loading); 503 when start-up failed."""
+    if state.phase == "failed":
+        return JSONResponse({"status": "failed", "detail": state.error}, status_code=503)
+    return JSONResponse({"status": "alive", "phase": state.phase})
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(state: StateDep) -> JSONResponse:
+    """503 until the model and indexes are loaded. A dead Redis keeps 200 with status
+    "degraded": search still works, reading features from the durable store."""
+    runtime = state.runtime
+    if runtime is None:
+        detail = state.error or "loading the model and indexes"
+        body = Readiness(
+            status="failed" if state.phase == "failed" else "starting",
+            components=[ComponentState(name="model", ok=False, detail=detail)],
+        )
+        return JSONResponse(body.model_dump(), status_code=503)
+    cache_ok = await asyncio.to_thread(runtime.cache.check)
+    cache_status = runtime.cache.status()
+    indexes = runtime.corpus.index_summaries()
+    components = [
+        ComponentState(name="model", ok=True, detail=runtime.model.version),
+        ComponentState(
+            name="indexes",
+            ok=True,
+            detail=f"{indexes['images'].count} images, {indexes['captions'].count} captions",
+        ),
+        ComponentState(
+            name=f"cache:{cache_status.backend}", ok=cache_ok, detail=cache_status.detail
+        ),
+    ]
+    body = Readiness(status="ready" if cache_ok else "degraded", components=components)
+    return JSONResponse(body.model_dump())
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus text format; 404 when CAMPSEARCH_EXPOSE_METRICS keeps them off this port
+    (by default, a bind on a network address)."""
+    if not state.settings.metrics_exposed:
+        raise ProblemError(
+            404,
+            "Not found",
+            "metrics are not served on this port; set CAMPSEARCH_EXPOSE_METRICS=true to serve "
+            "them (scrape through a proxy that allows only your monitoring)",
+        )
+    return Response(state.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+@router.get("/v1/info", response_model=ServiceInfo, tags=["info"])
+async def info(runtime: RuntimeDep) -> ServiceInfo:
+    """The model, extractor and device being served, the corpus size, and where each stage
+    (text encoder, extractor, shortlist, reranker) runs and in what precision."""
+    indexes = runtime.corpus.index_summaries()
+    settings = runtime.settings
+    return ServiceInfo(
+        model_version=runtime.model.version,
+        extractor=runtime.extractor.name,
+        extractor_version=runtime.extractor.version,
+        device=str(runtime.model.device),
+        embedding_dim=runtime.model.pooled_dim,
+        region_dim=runtime.model.region_dim,
+        regions_per_image=runtime.extractor.num_regions,
+        index_factories={kind: summary.factory for kind, summary in indexes.items()},
+        corpus=CorpusSizes(images=indexes["images"].count, captions=indexes["captions"].count),
+        cache=runtime.cache.status().backend,
+        limits={
+            "max_limit": settings.max_limit,
+            "max_candidates": settings.max_candidates,
+            "max_query_chars": settings.max_query_chars,
+            "max_upload_bytes": settings.max_upload_bytes,
+        },
+        stages={stage: StageInfo(**where) for stage, where in runtime.stages().items()},
+    )

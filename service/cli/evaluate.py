@@ -1,0 +1,106 @@
+"""`camp-search evaluate`: load a model and a split, print a table, optionally write JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.progress import TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from model.checkpoints.checkpoint import CheckpointError
+from model.eval.data import DataError, load_split
+from model.eval.evaluate_model import MODES, evaluate_model
+from model.retrieval import RetrievalModel
+from service.cli.output import console, fail, progress_bar
+
+
+def _row(table: Table, name: str, metrics: dict) -> None:
+    i2t, t2i = metrics["i2t"], metrics["t2i"]
+    table.add_row(
+        name,
+        *(f"{i2t[k]:.1f}" for k in ("r1", "r5", "r10")),
+        *(f"{t2i[k]:.1f}" for k in ("r1", "r5", "r10")),
+        f"{metrics['rsum']:.1f}",
+    )
+
+
+def metrics_table(result: dict, title: str) -> Table:
+    table = Table("mode", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum", title=title)
+    if "pooled" in result:
+        _row(table, "pooled", result["pooled"])
+    for k, metrics in result.get("two_stage", {}).items():
+        _row(table, f"two-stage K={k}", metrics)
+    if "exhaustive" in result:
+        _row(table, "exhaustive", result["exhaustive"])
+    camp_alone = result.get("camp_alone", {})
+    for k, metrics in camp_alone.get("two_stage", {}).items():
+        _row(table, f"CAMP alone, top {k}", metrics)
+    if "exhaustive" in camp_alone:
+        _row(table, "CAMP alone, every pair", camp_alone["exhaustive"])
+    return table
+
+
+def run_evaluate(
+    data: Path,
+    split: str,
+    checkpoint: Path | None,
+    json_out: Path | None,
+    modes: Sequence[str],
+    device: str,
+    ks: str = "10,50,100,200",
+) -> dict:
+    modes = [m.strip() for m in modes if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        fail(f"modes must be a comma-separated subset of {MODES}")
+    try:
+        model = RetrievalModel.load(checkpoint, device=device)
+        dataset = load_split(
+            data,
+            split,
+            extractor_name=model.extractor_name,
+            extractor_config=model.extractor_config,
+        )
+    except (CheckpointError, DataError, FileNotFoundError) as exc:
+        fail(exc)
+    if dataset.images.shape[-1] != model.region_dim:
+        fail(
+            f"{data} holds {dataset.images.shape[-1]}-d regions; the model "
+            f"expects {model.region_dim}-d ({model.extractor_name})"
+        )
+    console.print(f"model {model.version} on {model.device}; {split}: {dataset.num_images} images")
+    try:
+        shortlist_sizes = sorted({int(k) for k in ks.split(",") if k.strip()})
+    except ValueError:
+        fail(f"--ks must be comma-separated integers, got {ks!r}")
+    columns = (
+        TextColumn("scoring pairs with CAMP"),
+        TextColumn("{task.completed:,.0f} pairs"),
+        TimeElapsedColumn(),
+    )
+    with progress_bar(*columns, transient=True) as bar:
+        task = bar.add_task("pairs", total=None)
+        result = evaluate_model(
+            model,
+            dataset,
+            modes=modes,
+            ks=shortlist_sizes,
+            on_pairs=lambda count: bar.advance(task, count),
+        )
+    console.print(metrics_table(result, f"{split} ({model.version})"))
+    if "shortlist_recall" in result:
+        recall = result["shortlist_recall"]
+        console.print(
+            "shortlist recall (%): t2i "
+            + json.dumps(recall["t2i"])
+            + "  i2t "
+            + json.dumps(recall["i2t"])
+        )
+    console.print(
+        "timings (s): " + json.dumps({k: round(v, 2) for k, v in result["timings_s"].items()})
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1))
+    return result

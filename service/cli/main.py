@@ -1,0 +1,131 @@
+"""The `camp-search` command line: every command declared in one typer app; each body lives in
+its own module of `service/cli/`, imported only when that command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="camp-search",
+    help="Self-hosted text-image retrieval with a FAISS shortlist and the CAMP reranker.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """camp-search: text-to-image and image-to-caption retrieval."""
+
+
+@app.command()
+def extract(
+    source: Path = typer.Argument(
+        ..., help="manifest.jsonl (one output split per 'split') or a folder of images"
+    ),
+    out: Path = typer.Option(..., "--out", help="output folder for the precomputed layout"),
+    extractor: str = typer.Option("grid", help="region extractor: grid or detectron2"),
+    batch_size: int = typer.Option(32, min=1, help="images per forward pass"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("float16", help="feature dtype: float16 or float32"),
+    fit: str = typer.Option("squash", help="grid only: squash, pad or crop the image to the input"),
+    shard_size: int = typer.Option(512, min=1, help="images per resumable shard"),
+    weights: Path | None = typer.Option(
+        None, help="detectron2 only: the bottom-up-attention weights"
+    ),
+    config_file: Path | None = typer.Option(None, help="detectron2 only: its config yaml"),
+) -> None:
+    """Extract region features into {split}_ims.npy, _boxes.npy, _ids.txt and _caps.txt.
+
+    Resumable: rerun the same command after an interrupt and finished shards are kept.
+    """
+    from service.cli.extract import run_extract
+
+    run_extract(
+        source,
+        out,
+        extractor,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        fit=fit,
+        shard_size=shard_size,
+        weights=weights,
+        config_file=config_file,
+    )
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="bind address (default CAMPSEARCH_HOST)"),
+    port: int | None = typer.Option(None, help="port (default CAMPSEARCH_PORT, 8000)"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Run the HTTP API and the web UI; data lives in CAMPSEARCH_DATA_DIR (default ./data)."""
+    from service.cli.serve import run_serve
+
+    run_serve(host, port, log_level)
+
+
+@app.command()
+def ingest(
+    source: Path = typer.Argument(..., help="manifest.jsonl, or a folder of photos"),
+    server: str | None = typer.Option(
+        None, help="URL of a running server (key from CAMPSEARCH_API_KEY); default: local data dir"
+    ),
+    jobs: int = typer.Option(2, min=1, help="photos in flight at once"),
+    max_captions: int | None = typer.Option(None, min=0, help="keep the first N captions each"),
+    refused: Path | None = typer.Option(None, help="write refused files here (JSON lines)"),
+) -> None:
+    """Bulk-ingest photos with their captions. Resumable: rerun it and stored photos are skipped."""
+    from service.cli.ingest import run_ingest
+
+    run_ingest(
+        source, None, server=server, jobs=jobs, max_captions=max_captions, refused_out=refused
+    )
+
+
+@app.command()
+def demo(
+    server: str | None = typer.Option(None, help="URL of a running server; default: local"),
+) -> None:
+    """Ingest the offline demo corpus (photos bundled with scikit-image, captions by us)."""
+    from service.cli.ingest import run_demo
+
+    run_demo(server)
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="precomputed folder or manifest.jsonl"),
+    split: str = typer.Option(..., "--split", help="split name, e.g. dev, test, testall (COCO)"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="our checkpoint (default: the shipped model)"
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="write the metrics JSON here"),
+    modes: str = typer.Option(
+        "pooled,two_stage,exhaustive", help="comma-separated: pooled, two_stage, exhaustive"
+    ),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
+    ks: str = typer.Option("10,50,100,200", "--ks", help="two-stage shortlist sizes"),
+) -> None:
+    """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split."""
+    from service.cli.evaluate import run_evaluate
+
+    run_evaluate(data, split, checkpoint, json_out, modes.split(","), device, ks=ks)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(
+        ..., "--config", help="training preset (model/configs/train_*.json)"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="run folder (default: from the config)"),
+    resume: bool = typer.Option(True, help="continue from the run folder's last checkpoint"),
+) -> None:
+    """Train a retrieval model from a JSON preset; checkpoints, metrics log and best model."""
+    from service.cli.train import run_train
+
+    run_train(config, out, resume)

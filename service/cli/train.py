@@ -1,0 +1,39 @@
+"""`camp-search train --config FILE`: run a preset into a run folder (resumable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.eval.data import DataError
+from model.training.recipes import TrainConfig, TrainConfigError
+from model.training.run_state import RunFolder
+from service.cli.output import console, fail
+
+
+def run_train(config_path: Path, out: Path | None, resume: bool) -> Path:
+    """Train `config_path` into its run folder; exits 2 on a bad preset or missing data."""
+    try:
+        config = TrainConfig.load(config_path)
+    except TrainConfigError as exc:
+        fail(exc)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run = RunFolder(out or Path(config.out))
+    (run.path / "config.json").write_text(json.dumps(config.__dict__, indent=1))
+    run.log(event="start", config=str(config_path), recipe=config.recipe)
+    try:
+        if config.recipe == "residual":
+            from model.training.residual import run_residual
+
+            best = run_residual(config, run, resume, console)
+        else:
+            from model.training.official import run_official
+
+            best = run_official(config, run, resume, console)
+    except (DataError, FileNotFoundError) as exc:
+        fail(exc)
+    console.print(f"best checkpoint: {best}")
+    return best

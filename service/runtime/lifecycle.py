@@ -1,0 +1,430 @@
+"""Everything a running service holds, built from `Settings`, and its lifecycle.
+
+`ServiceRuntime.build` loads the model, the region extractor, the feature cache and the corpus
+(blocking: run it in a thread). `ServiceState` is what the app keeps: "starting" until the
+runtime is built, then "ready" (or "failed" with the reason), so `/healthz` answers at once and
+`/readyz` says 503 until search can work.
+
+One process owns a data directory: `DataDirLock` (an advisory `flock`) refuses a second server
+or a local bulk ingest on the same folder, whose in-memory indexes would silently diverge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
+from index.corpus import Corpus
+from index.device import CPU, faiss_gpu_id
+from index.shortlist import SearchResult
+from model.vision.extractors import RegionExtractor, create_extractor
+from service.ingest.indexer import Indexer
+from service.runtime.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
+from service.runtime.metrics import ServiceMetrics
+from service.runtime.settings import MEBIBYTE, Settings
+from service.search.batching import MicroBatcher
+from service.search.pipeline import SearchPipeline
+from service.search.regions import UploadRegions
+from service.search.rerank import PairReranker, RerankJob
+from service.search.shortlist import ShortlistJob, ShortlistSearcher
+
+if TYPE_CHECKING:
+    from model.retrieval import RetrievalModel
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".campsearch.lock"
+SAVE_INTERVAL_S = 60.0  # indexes are also rebuilt from the store on start, so this is a speed-up
+
+Phase = Literal["starting", "ready", "failed"]
+
+
+class DataDirBusyError(RuntimeError):
+    """Another process (a server or a bulk ingest) is using the data directory."""
+
+
+class DataDirLock:
+    """An exclusive advisory lock on `data_dir/.campsearch.lock`, held while the corpus is open."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> DataDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusyError(
+                f"{self.path.parent} is in use by another camp-search process (a running "
+                "server?); stop it, or ingest into it over HTTP with --server URL"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def build_cache(settings: Settings) -> FeatureCache:
+    """Redis when `CAMPSEARCH_REDIS_URL` is set (a dead Redis only makes it unhealthy), else
+    an in-process LRU of `CAMPSEARCH_FEATURE_CACHE_MIB`."""
+    if settings.redis_url:
+        cache = RedisFeatureCache(settings.redis_url, ttl_s=settings.cache_ttl_s)
+        if not cache.check():
+            logger.warning("Redis is not answering; serving from the durable store meanwhile")
+        return cache
+    return LocalFeatureCache(
+        max_bytes=settings.feature_cache_mib * MEBIBYTE, ttl_s=settings.cache_ttl_s
+    )
+
+
+def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtractor:
+    """The extractor the model was trained on, on the configured device."""
+    if settings.extractor != model.extractor_name:
+        raise ValueError(
+            f"the model was trained on {model.extractor_name!r} regions, but "
+            f"CAMPSEARCH_EXTRACTOR is {settings.extractor!r}: use the model's extractor"
+        )
+    config: dict[str, object] = {**model.extractor_config, "device": settings.device}
+    if settings.extractor == "detectron2" and settings.detectron2_weights is not None:
+        config["weights"] = settings.detectron2_weights
+    return create_extractor(model.extractor_name, config)
+
+
+def open_corpus(
+    settings: Settings,
+    model: RetrievalModel,
+    extractor: RegionExtractor,
+    cache: FeatureCache,
+    gpu_id: int | None = None,
+) -> Corpus:
+    return Corpus.open(
+        settings.data_dir,
+        dim=model.pooled_dim,
+        extractor=extractor.name,
+        extractor_version=extractor.version,
+        model_version=model.version,
+        image_factory=settings.index_factory,
+        caption_factory=settings.index_factory,
+        nprobe=settings.nprobe,
+        ef_search=settings.ef_search,
+        gpu_id=gpu_id,
+        cache=cache,
+    )
+
+
+def build_shortlist_batcher(
+    settings: Settings, corpus: Corpus, metrics: ServiceMetrics, gpu_id: int | None
+) -> MicroBatcher[ShortlistJob, SearchResult]:
+    """Every shortlist search goes through this batcher's one thread (the only thread that
+    searches a GPU index). On a GPU it waits `batch_max_wait_ms` to gather queries, as the
+    reranker does: one launch serves them all. On a CPU it never waits and batches only what
+    queued while it was searching (an idle service adds no latency)."""
+    return MicroBatcher(
+        ShortlistSearcher(corpus, on_call=metrics.shortlist_batch_jobs.observe),
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_ms / 1000.0 if gpu_id is not None else 0.0,
+        max_queue_size=settings.queue_max_size,
+        name="shortlist",
+    )
+
+
+@dataclass
+class ServiceRuntime:
+    """The loaded service: model, extractor, corpus, cache, batchers, pipeline and indexer."""
+
+    settings: Settings
+    model: RetrievalModel
+    extractor: RegionExtractor
+    cache: FeatureCache
+    corpus: Corpus
+    batcher: MicroBatcher[RerankJob, np.ndarray]
+    shortlist: MicroBatcher[ShortlistJob, SearchResult]
+    pipeline: SearchPipeline
+    regions: UploadRegions
+    indexer: Indexer
+    metrics: ServiceMetrics
+    lock: DataDirLock
+    saved_sequence: int = -1
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        *,
+        model: RetrievalModel | None = None,
+        extractor: RegionExtractor | None = None,
+    ) -> ServiceRuntime:
+        """Load everything (seconds: model weights, extractor weights, index files).
+
+        `model` / `extractor` may be passed in already loaded (tests, benchmarks).
+        """
+        lock = DataDirLock(settings.data_dir).acquire()
+        try:
+            if model is None:
+                from model.retrieval import RetrievalModel
+
+                model = RetrievalModel.load(
+                    settings.checkpoint,
+                    device=settings.device,
+                    precision=settings.rerank_precision,
+                )
+            extractor = extractor or build_extractor(settings, model)
+            cache = build_cache(settings)
+            gpu_id = faiss_gpu_id(settings.device)
+            corpus = open_corpus(settings, model, extractor, cache, gpu_id)
+        except BaseException:
+            lock.release()
+            raise
+        reranker = PairReranker(
+            model, on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs)
+        )
+        batcher: MicroBatcher[RerankJob, np.ndarray] = MicroBatcher(
+            reranker,
+            max_batch_size=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            max_queue_size=settings.queue_max_size,
+            name="rerank",
+        )
+        shortlist = build_shortlist_batcher(settings, corpus, metrics, gpu_id)
+        pipeline = SearchPipeline(
+            model,
+            corpus,
+            batcher,
+            metrics,
+            shortlist=shortlist,
+            request_timeout_s=settings.request_timeout_s,
+            image_cache_bytes=settings.image_cache_mib * MEBIBYTE,
+            caption_cache_bytes=settings.caption_cache_mib * MEBIBYTE,
+            search_memory_bytes=settings.search_memory_mib * MEBIBYTE,
+            max_regions=extractor.num_regions,
+        )
+        regions = UploadRegions(
+            corpus, extractor, cache, metrics=metrics, max_waiting=settings.queue_max_size
+        )
+        indexer = Indexer(
+            model,
+            corpus,
+            regions,
+            pipeline,
+            metrics,
+            max_image_bytes=settings.max_upload_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_caption_chars=settings.max_query_chars,
+            decode_memory_bytes=settings.decode_memory_mib * MEBIBYTE,
+            decode_wait_s=settings.request_timeout_s,
+        )
+        runtime = cls(
+            settings=settings,
+            model=model,
+            extractor=extractor,
+            cache=cache,
+            corpus=corpus,
+            batcher=batcher,
+            shortlist=shortlist,
+            pipeline=pipeline,
+            regions=regions,
+            indexer=indexer,
+            metrics=metrics,
+            lock=lock,
+        )
+        runtime.saved_sequence = corpus.sequence
+        return runtime
+
+    def save_if_changed(self) -> bool:
+        """Save the indexes when the catalog changed since the last save (blocking)."""
+        sequence = self.corpus.sequence
+        if sequence == self.saved_sequence:
+            return False
+        self.corpus.save()
+        self.saved_sequence = sequence
+        return True
+
+    def live_state(self) -> dict[str, object]:
+        """Cheap numbers for metrics scraping."""
+        indexes = self.corpus.index_summaries()
+        return {
+            "cache": self.cache.status().as_dict(),
+            "memory_caches": self.memory_caches(),
+            "heap": heap_usage(),
+            "search_memory": self.pipeline.search_memory,
+            "decode_memory": self.indexer.decode_memory,
+            "queued": self.batcher.queued,
+            "shortlist_queued": self.shortlist.queued,
+            "stages": self.stages(),
+            "device_copies": {
+                kind: summary.full_copies
+                for kind, summary in indexes.items()
+                if summary.full_copies is not None
+            },
+            "images": indexes["images"].count,
+            "captions": indexes["captions"].count,
+        }
+
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """Where each stage runs ("cpu" / "cuda:N") and in what precision. The encoders and the
+        extractor run fp32; the reranker autocasts to `model.precision` on CUDA only; the
+        shortlist is float32 FAISS, on the GPU where its index type can go (shortlist
+        `indexes` says per index)."""
+        index_devices = {
+            kind: summary.device for kind, summary in self.corpus.index_summaries().items()
+        }
+        on_device = sorted({device for device in index_devices.values() if device != CPU})
+        model_device = _device_name(self.model.device)
+        reranker_precision = self.model.precision if model_device != CPU else "fp32"
+        return {
+            "text_encoder": {"device": model_device, "precision": "fp32"},
+            "extractor": {"device": _device_name(self.extractor.device), "precision": "fp32"},
+            "shortlist": {
+                "device": on_device[0] if on_device else CPU,
+                "precision": "fp32",
+                "indexes": index_devices,
+            },
+            "reranker": {"device": model_device, "precision": reranker_precision},
+        }
+
+    def memory_caches(self) -> dict[str, tuple[int, int]]:
+        """{cache: (bytes held, byte budget)} of the caches that live in this process's heap:
+        the rerank-tensor LRUs, and the feature cache when it is the in-process one."""
+        caches = {
+            "image_tensors": (
+                self.pipeline.image_tensors.bytes_used,
+                self.pipeline.image_tensors.max_bytes,
+            ),
+            "caption_tensors": (
+                self.pipeline.caption_tensors.bytes_used,
+                self.pipeline.caption_tensors.max_bytes,
+            ),
+        }
+        if isinstance(self.cache, LocalFeatureCache):
+            caches["features"] = (self.cache.bytes_used, self.cache.max_bytes)
+        return caches
+
+    async def stop_batchers(self) -> None:
+        """Stop the shortlist and rerank batchers (searches still queued get an error)."""
+        await self.shortlist.stop()
+        await self.batcher.stop()
+
+    def close(self) -> None:
+        """Save and release everything (blocking); the batchers must be stopped first."""
+        try:
+            self.regions.close()
+            self.corpus.close()
+            close_cache = getattr(self.cache, "close", None)
+            if close_cache is not None:
+                close_cache()
+        finally:
+            self.lock.release()
+
+
+@dataclass
+class ServiceState:
+    """What the app holds: the phase, the runtime once built, and why it failed if it did."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    model: RetrievalModel | None = None
+    extractor: RegionExtractor | None = None
+    phase: Phase = "starting"
+    runtime: ServiceRuntime | None = None
+    error: str = ""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Build the runtime in a worker thread, then start the batcher and the saver."""
+        threshold_kib = self.settings.malloc_mmap_threshold_kib
+        if threshold_kib > 0 and not fix_mmap_threshold(threshold_kib * 1024):
+            logger.info("malloc mmap threshold not set: not glibc")
+        try:
+            runtime = await asyncio.to_thread(
+                ServiceRuntime.build,
+                self.settings,
+                self.metrics,
+                model=self.model,
+                extractor=self.extractor,
+            )
+            await runtime.shortlist.start()
+            await runtime.batcher.start()
+        except Exception as error:  # reported by /readyz and /healthz; the process stays up
+            logger.exception("the service failed to start")
+            self.phase, self.error = "failed", f"{type(error).__name__}: {error}"
+            self._ready.set()
+            return
+        self.runtime = runtime
+        self.phase = "ready"
+        self._tasks.append(asyncio.create_task(self._save_periodically()))
+        if self.settings.heap_trim_interval_s > 0 and can_trim_heap():
+            self._tasks.append(asyncio.create_task(self._trim_heap_periodically()))
+        self._ready.set()
+        logger.info(
+            "ready: model %s, extractor %s on %s, %d images, %d captions",
+            runtime.model.version,
+            runtime.extractor.version,
+            runtime.extractor.device,
+            runtime.corpus.count_images(),
+            runtime.corpus.count_captions(),
+        )
+
+    def begin(self) -> None:
+        """Start loading in the background (the server accepts requests meanwhile)."""
+        self._tasks.append(asyncio.create_task(self.start()))
+
+    async def wait_ready(self, timeout_s: float | None = None) -> Phase:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        return self.phase
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            await runtime.stop_batchers()
+            await asyncio.to_thread(runtime.close)
+
+    async def _trim_heap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heap_trim_interval_s)
+            await asyncio.to_thread(trim_heap)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL_S)
+            runtime = self.runtime
+            if runtime is None:
+                return
+            try:
+                await asyncio.to_thread(runtime.save_if_changed)
+            except Exception:  # the next start rebuilds from the store; keep serving
+                logger.exception("saving the indexes failed; will retry")
+
+
+def _device_name(device: str | torch.device) -> str:
+    """ "cpu" or "cuda:N" (a bare "cuda" means the current CUDA device)."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(resolved)

@@ -1,0 +1,190 @@
+"""Service settings, read from `CAMPSEARCH_*` environment variables (and a `.env` file).
+
+One class holds every knob an operator may turn; validators refuse unsafe combinations at
+start-up rather than at the first request. A default that a lower layer also uses (upload and
+pixel limits, FAISS search parameters, the feature cache's size and TTL) is that layer's
+constant, imported here, so each number is defined once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from index.cache import DEFAULT_LOCAL_MAX_BYTES, DEFAULT_TTL_S
+from index.shortlist import DEFAULT_EF_SEARCH, DEFAULT_NPROBE
+from model.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+MEBIBYTE = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; the defaults are the embedded laptop setup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CAMPSEARCH_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path("data")
+    checkpoint: Path | None = Field(
+        default=None, description="Model checkpoint; None means the shipped default model."
+    )
+    extractor: Literal["grid", "detectron2"] = "grid"
+    detectron2_weights: Path | None = None
+    device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'")
+    rerank_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description=(
+            "The reranker's pair scoring on the model's device (CUDA or CPU): fp32, or "
+            "autocast in bf16/fp16 (softmaxes, norms and the fused score stay fp32)."
+        ),
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db; without it an in-process cache serves."
+    )
+    cache_ttl_s: int = Field(default=DEFAULT_TTL_S, ge=1)
+    index_factory: str = Field(
+        default="auto", description="A FAISS factory string, or 'auto' to pick by corpus size."
+    )
+    nprobe: int = Field(default=DEFAULT_NPROBE, ge=1)
+    ef_search: int = Field(default=DEFAULT_EF_SEARCH, ge=1)
+
+    image_cache_mib: int = Field(
+        default=512,
+        ge=0,
+        description="In-process LRU of per-image rerank tensors (~0.14 MiB an image with the "
+        "default model, ~1 MiB at d=1024); 0 turns it off.",
+    )
+    caption_cache_mib: int = Field(
+        default=128,
+        ge=0,
+        description="In-process LRU of per-caption rerank tensors (~20x smaller than an image's).",
+    )
+    feature_cache_mib: int = Field(
+        default=DEFAULT_LOCAL_MAX_BYTES // MEBIBYTE,
+        ge=0,
+        description="In-process region-feature cache, used only without CAMPSEARCH_REDIS_URL "
+        "(~0.12 MiB a photo with 49 grid regions).",
+    )
+    search_memory_mib: int = Field(
+        default=256,
+        ge=0,
+        description="Rerank tensors and region features that searches in flight may hold "
+        "together (with the default model an image candidate ~0.14 MiB, +0.12 MiB when it misses "
+        "the cache, a caption candidate ~0.14 MiB); past it a search waits its turn, within "
+        "CAMPSEARCH_REQUEST_TIMEOUT_S. 0 turns the bound off.",
+    )
+    decode_memory_mib: int = Field(
+        default=512,
+        ge=0,
+        description="Decoded pixels that photo uploads (searches and ingest) may hold together, "
+        "reserved from the header's size before decoding (7 bytes a pixel: the decoded pixels "
+        "and an upright RGB copy, + 8 MiB for the extractor's resized input; a 12-megapixel "
+        "photo ~88 MiB); past it an upload waits its turn, within CAMPSEARCH_REQUEST_TIMEOUT_S, "
+        "then 503. 0 turns the bound off.",
+    )
+
+    heap_trim_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds between handing freed heap memory back to the OS (glibc "
+        "malloc_trim; service/runtime/heap.py); 0 turns it off.",
+    )
+    malloc_mmap_threshold_kib: int = Field(
+        default=64,
+        ge=0,
+        description="Allocations of at least this many KiB get their own memory mapping, "
+        "returned to the OS when freed (glibc mallopt M_MMAP_THRESHOLD, fixed; "
+        "service/runtime/heap.py); 0 keeps glibc's self-raising threshold.",
+    )
+
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_query_chars: int = Field(default=2_000, ge=1)
+    max_limit: int = Field(default=100, ge=1)
+    max_candidates: int = Field(default=1_000, ge=1)
+
+    batch_max_size: int = Field(default=16, ge=1, description="Queries per reranker call.")
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    queue_max_size: int = Field(default=256, ge=1, description="Waiting queries before 429.")
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    allow_anonymous_writes: bool = False
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins a browser may call the API from; none by default"
+    )
+
+    rate_limit_window_s: int = Field(
+        default=60, ge=1, description="Length of one rate-limit window (fixed windows)."
+    )
+    rate_limit_requests: int = Field(
+        default=3_000, ge=0, description="/v1 requests per client per window; 0 turns it off."
+    )
+    rate_limit_writes: int = Field(
+        default=1_200, ge=0, description="Of those, writes (POST/DELETE of images and captions)."
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    expose_metrics: bool | None = Field(
+        default=None,
+        description="Whether the API port answers /metrics; unset: only when it binds a "
+        "loopback host (a public bind keeps them for a proxy's allow-list or the local network).",
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        """Accept a comma-separated string from the environment as well as a list."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_long(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        if any(len(key.get_secret_value()) < 16 for key in keys):
+            raise ValueError("every API key must have at least 16 characters")
+        return keys
+
+    @model_validator(mode="after")
+    def _refuse_open_writes_on_the_network(self) -> Settings:
+        """Without API keys, writes are anonymous: only allow that on a loopback address."""
+        if not self.api_keys and not self.allow_anonymous_writes and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host!r} without API keys: set CAMPSEARCH_API_KEYS, "
+                "or CAMPSEARCH_ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes"
+            )
+        return self
+
+    @property
+    def writes_need_key(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def metrics_exposed(self) -> bool:
+        """/metrics on the API port: as set, or by default only on a loopback bind."""
+        if self.expose_metrics is not None:
+            return self.expose_metrics
+        return _is_loopback(self.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own `Settings(...)` instead."""
+    return Settings()

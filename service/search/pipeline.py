@@ -1,0 +1,503 @@
+"""The two-stage search: pooled-vector shortlist, then the CAMP reranker (docs/ARCHITECTURE.md).
+
+text -> images:  encode the text -> micro-batched FAISS top-K images -> their rerank tensors
+                 (in-process LRU, else ONE feature fetch through the cache for the misses) ->
+                 micro-batched rerank -> sort, `min_score`, `limit` -> catalog metadata
+                 (+ explanation).
+image -> captions: the same with the sides swapped; the image's regions come from the corpus
+                 (by id) or from `UploadRegions` (an upload).
+
+Every blocking step (torch, FAISS, LMDB, SQLite) runs in a worker thread; the shortlist and the
+reranker each run on their own micro-batcher's thread. Stage timings go to the response and to
+Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+
+from index.corpus import Corpus, Kind
+from index.shortlist import SearchResult, l2_normalised
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.types import RegionFeatures
+from service.outcomes import NotFound, TimedOut
+from service.runtime.budget import MemoryBudget
+from service.runtime.metrics import ServiceMetrics
+from service.search.batching import MicroBatcher
+from service.search.lru import ByteBoundedLRU
+from service.search.regions import FoundRegions
+from service.search.rerank import RerankJob
+from service.search.results import (
+    CaptionHit,
+    CaptionMatches,
+    Explanation,
+    ImageMatch,
+    ImageMatches,
+    SearchParams,
+    Timings,
+)
+from service.search.shortlist import ShortlistJob
+
+if TYPE_CHECKING:
+    from model.retrieval import PairExplanation, RetrievalModel
+
+RETRY_AFTER_TIMEOUT_S = 1
+SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """The reranker's precomputed tensors of one image (cached per image id), with the geometry
+    of its region record that the explanation draws. Not a second region record: the features
+    are left out and the boxes copied, so a cached entry pins neither the stored record nor its
+    batch (the search memory budget reckons exactly these bytes)."""
+
+    precompute: ImagePrecompute  # [1]
+    boxes: np.ndarray  # [R, 4]
+    image_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, precompute: ImagePrecompute, regions: RegionFeatures) -> ImageTensors:
+        return cls(precompute, np.array(regions.boxes), regions.image_size)
+
+
+def _held_bytes(item: object) -> int:
+    """Bytes a cached dataclass keeps alive: whole tensor storages and array buffers, not only
+    the visible elements, since a view pins its base (a byte budget must count what it holds)."""
+    total = 0
+    for f in fields(item):  # type: ignore[arg-type]
+        value = getattr(item, f.name)
+        if isinstance(value, torch.Tensor):
+            total += value.untyped_storage().nbytes()
+        elif isinstance(value, np.ndarray):
+            total += _buffer_bytes(value)
+        elif hasattr(value, "__dataclass_fields__"):
+            total += _held_bytes(value)
+    return total
+
+
+def _buffer_bytes(array: np.ndarray) -> int:
+    """Bytes of the buffer `array` views (e.g. a whole feature record for `np.frombuffer`)."""
+    owner = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner.base is None:
+        return owner.nbytes
+    try:
+        return max(memoryview(owner.base).nbytes, owner.nbytes)
+    except TypeError:  # a base without the buffer protocol: count the array itself
+        return owner.nbytes
+
+
+def _compacted(item: CaptionPrecompute) -> CaptionPrecompute:
+    """A copy whose tensors own exactly their elements: a selected, trimmed caption is a view
+    of its batch's padded tensors and would otherwise keep the whole batch row alive."""
+    return replace(
+        item,
+        **{
+            f.name: getattr(item, f.name).clone(memory_format=torch.contiguous_format)
+            for f in fields(item)
+        },
+    )
+
+
+def _within_request_timeout(search: SearchMethod) -> SearchMethod:
+    """`request_timeout_s` bounds a whole search (tensor building and queueing included): past
+    it the caller gets `TimedOut`, and work not yet started in a thread is dropped."""
+
+    @functools.wraps(search)
+    async def bounded(self: SearchPipeline, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                return await search(self, *args, **kwargs)
+        except TimeoutError:
+            raise TimedOut(
+                f"the search did not finish within {self.request_timeout_s:g} s; retry later",
+                retry_after_s=RETRY_AFTER_TIMEOUT_S,
+            ) from None
+
+    return bounded  # type: ignore[return-value]
+
+
+class SearchPipeline:
+    """Both search directions over one corpus, one model and two micro-batchers (the shortlist's
+    and the reranker's)."""
+
+    def __init__(
+        self,
+        model: RetrievalModel,
+        corpus: Corpus,
+        batcher: MicroBatcher[RerankJob, np.ndarray],
+        metrics: ServiceMetrics,
+        *,
+        shortlist: MicroBatcher[ShortlistJob, SearchResult],
+        request_timeout_s: float,
+        image_cache_bytes: int,
+        caption_cache_bytes: int,
+        search_memory_bytes: int = 0,
+        max_regions: int = 100,
+    ) -> None:
+        """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
+        tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
+        ones ~20x less); `search_memory_bytes` bounds what searches in flight hold of them
+        (service/runtime/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
+        service takes them from `Settings` and the extractor."""
+        self.model = model
+        self.corpus = corpus
+        self.batcher = batcher
+        self.shortlist = shortlist
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        self.search_memory = MemoryBudget(search_memory_bytes)
+        # What one candidate may cost a search: its rerank tensors and boxes; for a cache miss
+        # also its stored region features (float16) while they are turned into tensors.
+        self._bytes_per_image = model.image_tensor_bytes(max_regions) + max_regions * 16
+        self._bytes_per_image_miss = max_regions * model.region_dim * 2
+        self._bytes_per_caption = model.caption_tensor_bytes()
+        self.image_tensors: ByteBoundedLRU[int, ImageTensors] = ByteBoundedLRU(
+            image_cache_bytes, _held_bytes
+        )
+        self.caption_tensors: ByteBoundedLRU[int, CaptionPrecompute] = ByteBoundedLRU(
+            caption_cache_bytes, _held_bytes
+        )
+
+    # --- text -> images ---------------------------------------------------------------------
+
+    @_within_request_timeout
+    async def images_for_text(self, text: str, request: SearchParams) -> ImageMatches:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        with self.metrics.time_stage("encode", timings):
+            encoded = await asyncio.to_thread(self.model.encode_texts, [text])
+        query = encoded.precompute.select([0])
+        k = max(request.candidates, request.limit)
+        with self.metrics.time_stage("shortlist", timings):
+            scores, ids = await self._search("images", encoded.pooled, k)
+        shortlist = _shortlist(scores[0], ids[0])
+
+        async with contextlib.AsyncExitStack() as held:  # the tensors, until the answer is built
+            tensors: dict[int, ImageTensors] = {}
+            if request.rerank and shortlist:
+                with self.metrics.time_stage("features", timings):
+                    tensors = await self._hold_image_tensors([c.id for c in shortlist], held)
+                shortlist = [c for c in shortlist if c.id in tensors]  # deleted meanwhile
+            final = await self._final_scores(
+                shortlist,
+                request.rerank,
+                timings,
+                lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
+            )
+            chosen = _best(shortlist, final, request.limit, request.min_score)
+
+            records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
+            explanations: dict[int, Explanation] = {}
+            if request.explain and chosen:
+                with self.metrics.time_stage("explain", timings):
+                    if not request.rerank:
+                        tensors = await self._hold_image_tensors([c.id for c, _ in chosen], held)
+                    chosen_tensors = {c.id: tensors[c.id] for c, _ in chosen if c.id in tensors}
+                    explanations = await asyncio.to_thread(
+                        self._explain_images, chosen_tensors, query, encoded.tokens[0]
+                    )
+        results = [
+            ImageMatch(
+                id=c.id,
+                score=score,
+                shortlist_score=c.score,
+                shortlist_rank=c.rank,
+                captions=records[c.id],
+                explanation=explanations.get(c.id),
+            )
+            for c, score in chosen
+            if c.id in records
+        ]
+        return ImageMatches(results=results, timings_ms=_timings(timings, started))
+
+    # --- image -> captions ------------------------------------------------------------------
+
+    @_within_request_timeout
+    async def captions_for_image_id(self, image_id: int, options: SearchParams) -> CaptionMatches:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        with self.metrics.time_stage("features", timings):
+            stored = await asyncio.to_thread(self.corpus.get_region_features, [image_id])
+            if image_id in stored:
+                tensors = await asyncio.to_thread(self.tensors_of_images, [image_id], stored)
+        if image_id not in stored:
+            raise NotFound("image", image_id, field="body.image_id")
+        return await self._captions_for(
+            stored[image_id], tensors[image_id], options, timings, started
+        )
+
+    @_within_request_timeout
+    async def captions_for_regions(
+        self,
+        found: FoundRegions,
+        options: SearchParams,
+        *,
+        timings: dict[str, float],
+        started: float,
+    ) -> CaptionMatches:
+        """Search with an upload's regions; `timings` and `started` (perf_counter) may already
+        count its decoding and extraction."""
+        regions = found.regions
+        cached = (
+            self.image_tensors.get_many([found.image_id]).get(found.image_id)
+            if found.image_id is not None  # the same bytes are in the corpus
+            else None
+        )
+        if cached is None:
+            with self.metrics.time_stage("precompute", timings):
+                precompute = await asyncio.to_thread(
+                    self.model.precompute_images, np.asarray(regions.features)[None]
+                )
+            cached = ImageTensors.of(precompute, regions)
+        return await self._captions_for(regions, cached, options, timings, started)
+
+    async def _captions_for(
+        self,
+        regions: RegionFeatures,
+        image: ImageTensors,
+        options: SearchParams,
+        timings: dict[str, float],
+        started: float,
+    ) -> CaptionMatches:
+        with self.metrics.time_stage("encode", timings):
+            pooled = await asyncio.to_thread(
+                self.model.pooled_images, np.asarray(regions.features)[None]
+            )
+        k = max(options.candidates, options.limit)
+        with self.metrics.time_stage("shortlist", timings):
+            scores, ids = await self._search("captions", pooled, k)
+        shortlist = _shortlist(scores[0], ids[0])
+
+        async with contextlib.AsyncExitStack() as held:  # the tensors, until the answer is built
+            captions: dict[int, CaptionPrecompute] = {}
+            if (options.rerank or options.explain) and shortlist:
+                with self.metrics.time_stage("features", timings):
+                    captions = await self._hold_caption_tensors([c.id for c in shortlist], held)
+                shortlist = [c for c in shortlist if c.id in captions]
+            final = await self._final_scores(
+                shortlist,
+                options.rerank,
+                timings,
+                lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
+            )
+            chosen = _best(shortlist, final, options.limit, options.min_score)
+
+            records = await asyncio.to_thread(self.corpus.get_captions, [c.id for c, _ in chosen])
+            explanations: dict[int, Explanation] = {}
+            if options.explain and chosen:
+                with self.metrics.time_stage("explain", timings):
+                    explanations = await asyncio.to_thread(
+                        self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
+                    )
+        results = [
+            CaptionHit(
+                id=c.id,
+                text=records[c.id].text,
+                image_id=records[c.id].image_id,
+                score=score,
+                shortlist_score=c.score,
+                shortlist_rank=c.rank,
+                explanation=explanations.get(c.id),
+            )
+            for c, score in chosen
+            if c.id in records
+        ]
+        return CaptionMatches(results=results, timings_ms=_timings(timings, started))
+
+    # --- per-item tensors (cached) ------------------------------------------------------------
+
+    async def _hold_image_tensors(
+        self, ids: Sequence[int], held: contextlib.AsyncExitStack
+    ) -> dict[int, ImageTensors]:
+        """`tensors_of_images`, once the search's share of `search_memory` is reserved in
+        `held` (it waits there, within the request timeout, while the budget is spent)."""
+        found = self.image_tensors.get_many(ids)
+        misses = len(ids) - len(found)
+        await held.enter_async_context(
+            self.search_memory.reserve(
+                len(ids) * self._bytes_per_image + misses * self._bytes_per_image_miss
+            )
+        )
+        return await asyncio.to_thread(self.tensors_of_images, ids, found=found)
+
+    async def _hold_caption_tensors(
+        self, ids: Sequence[int], held: contextlib.AsyncExitStack
+    ) -> dict[int, CaptionPrecompute]:
+        """`tensors_of_captions`, once the search's share of `search_memory` is reserved."""
+        await held.enter_async_context(
+            self.search_memory.reserve(len(ids) * self._bytes_per_caption)
+        )
+        return await asyncio.to_thread(self.tensors_of_captions, ids)
+
+    def tensors_of_images(
+        self,
+        ids: Sequence[int],
+        stored: dict[int, RegionFeatures] | None = None,
+        *,
+        found: dict[int, ImageTensors] | None = None,
+    ) -> dict[int, ImageTensors]:
+        """Rerank tensors of the images that exist: LRU hits (or `found`, hits the caller
+        already looked up), then ONE feature fetch + ONE precompute call for the misses (grouped
+        by region count). `stored` may hold region features the caller already fetched."""
+        if found is None:
+            found = self.image_tensors.get_many(ids)
+        self.metrics.precompute_cache.labels("image", "hit").inc(len(found))
+        missing = [i for i in ids if i not in found]
+        if not missing:
+            return found
+        self.metrics.precompute_cache.labels("image", "miss").inc(len(missing))
+        if stored is None or any(i not in stored for i in missing):
+            stored = self.corpus.get_region_features(missing)
+        by_regions: dict[int, list[int]] = {}
+        for image_id in missing:
+            if image_id not in stored:
+                continue
+            regions = stored[image_id]
+            by_regions.setdefault(regions.num_regions, []).append(image_id)
+        built: dict[int, ImageTensors] = {}
+        with self.metrics.time_stage("precompute"):
+            for group in by_regions.values():
+                batch = np.stack([stored[i].features for i in group])
+                precompute = self.model.precompute_images(batch)
+                for row, image_id in enumerate(group):
+                    # select: a copy (list index), not a view of the batch
+                    built[image_id] = ImageTensors.of(precompute.select([row]), stored[image_id])
+        self.image_tensors.put_many(built)
+        return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+
+    def tensors_of_captions(self, ids: Sequence[int]) -> dict[int, CaptionPrecompute]:
+        """Rerank tensors of the captions that exist; misses are re-encoded in one call."""
+        found = self.caption_tensors.get_many(ids)
+        self.metrics.precompute_cache.labels("caption", "hit").inc(len(found))
+        missing = [i for i in ids if i not in found]
+        if not missing:
+            return found
+        self.metrics.precompute_cache.labels("caption", "miss").inc(len(missing))
+        records = self.corpus.get_captions(missing)
+        order = [i for i in missing if i in records]
+        built: dict[int, CaptionPrecompute] = {}
+        if order:
+            with self.metrics.time_stage("precompute"):
+                encoded = self.model.encode_texts([records[i].text for i in order])
+            for row, caption_id in enumerate(order):
+                built[caption_id] = _compacted(encoded.precompute.select([row]))
+            self.caption_tensors.put_many(built)
+        return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+
+    def forget(self, image_ids: Sequence[int] = (), caption_ids: Sequence[int] = ()) -> None:
+        """Drop cached tensors of deleted items (ids are never reused; this frees memory)."""
+        self.image_tensors.discard(image_ids)
+        self.caption_tensors.discard(caption_ids)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    async def _search(self, kind: Kind, pooled: np.ndarray, k: int) -> SearchResult:
+        """The shortlist of one query, searched in a batch with concurrent ones. The vector is
+        checked here, so a bad one fails its own request and never its batch-mates'."""
+        job = ShortlistJob(kind, l2_normalised(pooled, self.corpus.dim), k)
+        return await self.shortlist.submit(job)
+
+    async def _final_scores(
+        self,
+        shortlist: Sequence[_Candidate],
+        rerank: bool,
+        timings: dict[str, float],
+        pairs: Callable[[], tuple[tuple[ImagePrecompute, ...], tuple[CaptionPrecompute, ...]]],
+    ) -> np.ndarray:
+        """The reranker's fused scores of the shortlist (`pairs`: the query's per-item tensors
+        on one side, the K candidates' on the other, references and not copies), or the
+        shortlist's own scores when reranking is off or nothing is left."""
+        shortlist_scores = np.asarray([c.score for c in shortlist], dtype=np.float32)
+        if not (rerank and shortlist):
+            return shortlist_scores
+        images, captions = pairs()
+        job = RerankJob(images=images, captions=captions, shortlist_scores=shortlist_scores)
+        with self.metrics.time_stage("rerank", timings):
+            return await self.batcher.submit(job)
+
+    def _image_records(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        """{image id: its caption texts} for the ids that still exist (one catalog query)."""
+        captions = self.corpus.captions_of_images(ids)
+        return {i: [c.text for c in captions[i]] for i in ids if i in captions}
+
+    def _explain_images(
+        self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
+    ) -> dict[int, Explanation]:
+        return {
+            i: _explanation(self.model.explain_pair(image.precompute, query), words, image)
+            for i, image in tensors.items()
+        }
+
+    def _explain_captions(
+        self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
+    ) -> dict[int, Explanation]:
+        records = self.corpus.get_captions(list(captions))
+        explanations: dict[int, Explanation] = {}
+        for caption_id, precompute in captions.items():
+            if caption_id not in records:
+                continue
+            words = self.model.tokenize([records[caption_id].text])[1][0]
+            explanation = self.model.explain_pair(image.precompute, precompute)
+            explanations[caption_id] = _explanation(explanation, words, image)
+        return explanations
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    id: int
+    score: float
+    rank: int
+
+
+def _shortlist(scores: np.ndarray, ids: np.ndarray) -> list[_Candidate]:
+    return [
+        _Candidate(int(i), float(s), rank)
+        for rank, (s, i) in enumerate(zip(scores, ids, strict=True))
+        if i >= 0
+    ]
+
+
+def _best(
+    candidates: list[_Candidate], final: np.ndarray, limit: int, min_score: float | None
+) -> list[tuple[_Candidate, float]]:
+    """Best first (ties keep shortlist order), at or above `min_score`, at most `limit`."""
+    order = np.argsort(-final, kind="stable")
+    chosen = [(candidates[i], float(final[i])) for i in order]
+    if min_score is not None:
+        chosen = [(c, s) for c, s in chosen if s >= min_score]
+    return chosen[:limit]
+
+
+def _explanation(pair: PairExplanation, words: list[str], image: ImageTensors) -> Explanation:
+    return Explanation(
+        words=list(words[: len(pair.word_region)]),
+        boxes=np.asarray(image.boxes, dtype=np.float32).round(5).tolist(),
+        image_size=image.image_size,
+        word_region=pair.word_region,
+        region_pooling=pair.region_pooling,
+        word_pooling=pair.word_pooling,
+        camp_score=pair.camp_score,
+    )
+
+
+def _timings(stages: dict[str, float], started: float) -> Timings:
+    total = (time.perf_counter() - started) * 1000.0
+    return Timings(
+        encode=stages.get("encode", 0.0),
+        shortlist=stages.get("shortlist", 0.0),
+        features=sum(stages.get(name, 0.0) for name in ("features", "extract", "precompute")),
+        rerank=stages.get("rerank", 0.0),
+        total=total,
+    )
