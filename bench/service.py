@@ -52,12 +52,12 @@ from index.corpus import (  # noqa: E402
     CATALOG_FILE,
     POOLED_KEY,
     STORE_DIR,
-    RegionArrays,
     pooled_namespace,
     regions_namespace,
 )
 from index.feature_store import FeatureStore  # noqa: E402
 from model.retrieval import RetrievalModel  # noqa: E402
+from model.types import RegionFeatures, stored_region_arrays  # noqa: E402
 from service.api.app import create_app  # noqa: E402
 from service.runtime.lifecycle import build_extractor  # noqa: E402
 from service.runtime.settings import Settings  # noqa: E402
@@ -166,11 +166,9 @@ def write_synthetic_corpus(
         with_regions = [i for i in chunk if i <= stored_regions]
         if with_regions:
             puts[regions_namespace(extractor_name, extractor_version)] = {
-                i: {
-                    "features": rng.standard_normal((REGIONS, REGION_DIM)).astype(np.float16),
-                    "boxes": boxes,
-                    "image_size": np.asarray([640, 480], np.int32),
-                }
+                i: stored_region_arrays(
+                    rng.standard_normal((REGIONS, REGION_DIM)), boxes, (640, 480)
+                )
                 for i in with_regions
             }
         store.write(puts)
@@ -183,7 +181,7 @@ def alias_region_features(corpus, stored: int) -> None:
     """Ids above `stored` read the record of ((id - 1) mod stored) + 1 (see the docstring)."""
     real = corpus.get_region_features
 
-    def aliased(ids) -> dict[int, RegionArrays]:
+    def aliased(ids) -> dict[int, RegionFeatures]:
         source = {int(i): (int(i) - 1) % stored + 1 for i in ids}
         found = real(sorted(set(source.values())))
         return {i: found[s] for i, s in source.items() if s in found}
@@ -252,7 +250,7 @@ def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, capti
     runtime = app.state.service.runtime
     if size > args.stored_regions:
         alias_region_features(runtime.corpus, args.stored_regions)
-    factories = {k: v.factory for k, v in runtime.corpus.indexes.items()}
+    factories = {k: v.factory for k, v in runtime.corpus.index_summaries().items()}
     print(f"\n== N = {size:,} images, {size * CAPTIONS_PER_IMAGE:,} captions "
           f"(written in {build_s:.0f} s; indexes {factories})")  # fmt: skip
     queries = captions[4::5]  # coco-mini's 5th captions

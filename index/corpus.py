@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from index.atomic import TEMP_SUFFIX, write_atomically
 from index.cache import CachedFeatureStore, FeatureCache, LocalFeatureCache, cache_keyspace
 from index.catalog import CaptionRecord, Catalog, ImageRecord
 from index.codec import decode_arrays
@@ -46,6 +45,7 @@ from index.errors import (
     DimensionError,
     IndexMismatchError,
     NotFoundError,
+    full_disk_as_storage_full,
 )
 from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
 from index.locks import ReadWriteLock
@@ -58,6 +58,8 @@ from index.shortlist import (
     ShortlistIndex,
     choose_factory,
 )
+from model.files import TEMP_SUFFIX, write_bytes_atomically
+from model.types import RegionFeatures, stored_region_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +84,9 @@ def pooled_namespace(kind: Kind, model_version: str) -> str:
 
 
 def sha256_hex(data: bytes) -> str:
+    """The content address of image bytes (lower-case hex SHA-256): the stored file's name and
+    the catalog's duplicate key. Hash an upload once and pass the result along."""
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class RegionArrays:
-    """Stored region features of one image (what the reranker and the explanation need)."""
-
-    features: np.ndarray  # float16 [R, D]
-    boxes: np.ndarray  # float32 [R, 4], normalised (x0, y0, x1, y1)
-    image_size: tuple[int, int]  # (width, height) pixels
 
 
 @dataclass(frozen=True)
@@ -106,6 +101,17 @@ class AddedImage:
     image: ImageRecord
     captions: tuple[CaptionRecord, ...]
     created: bool  # False: an image with the same sha256 existed; nothing was written
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """One shortlist index as status pages and metrics report it (held in memory: no I/O)."""
+
+    factory: str
+    count: int
+    trained: bool
+    device: str
+    full_copies: int | None  # host-to-GPU copies of the whole index; None on the CPU
 
 
 @dataclass
@@ -149,6 +155,8 @@ class Corpus:
         self.data_dir = Path(data_dir)
         self.dim = dim
         self.model_version = model_version
+        self.extractor = extractor
+        self.extractor_version = extractor_version
         self.regions_namespace = regions_namespace(extractor, extractor_version)
         self._factories = {"images": image_factory, "captions": caption_factory}
         self._index_options: dict[str, Any] = {
@@ -195,6 +203,7 @@ class Corpus:
         pooled: np.ndarray,
         captions: Sequence[NewCaption] = (),
         extension: str = "",
+        sha256: str | None = None,
     ) -> AddedImage:
         """Store an image with its regions, shortlist vector and captions; durable on return.
 
@@ -202,13 +211,15 @@ class Corpus:
         `extension` (e.g. ".jpg", from the decoded format, never the client's name) is appended
         to the stored file name. An image whose sha256 exists is not stored again: the existing
         record comes back with `created=False` and `captions` are ignored (use `add_captions`).
+        `sha256`: `sha256_hex(image_bytes)` when the caller already has it (hashed once).
         """
         features, boxes = _region_arrays(region_features, region_boxes)
         image_vector = self._pooled(pooled)
         caption_vectors = [self._pooled(caption.pooled) for caption in captions]
         if not EXTENSION_PATTERN.match(extension):
             raise ValueError(f"extension must look like '.jpg', got {extension!r}")
-        sha256 = sha256_hex(image_bytes)
+        if sha256 is None:
+            sha256 = sha256_hex(image_bytes)
         with self._write_lock:
             existing = self.catalog.find_image_by_sha256(sha256)
             if existing is not None:
@@ -216,11 +227,7 @@ class Corpus:
             stored_path = self._write_image_file(sha256, image_bytes, extension)
             (image_id,) = self.catalog.allocate_ids("images", 1)
             caption_ids = self.catalog.allocate_ids("captions", len(captions))
-            region_record = {
-                "features": features,
-                "boxes": boxes,
-                "image_size": np.asarray([width, height], dtype=np.int32),
-            }
+            region_record = stored_region_arrays(features, boxes, (width, height))
             puts = {
                 self.regions_namespace: {image_id: region_record},
                 pooled_namespace("images", self.model_version): {
@@ -369,11 +376,66 @@ class Corpus:
     def get_caption(self, caption_id: int) -> CaptionRecord | None:
         return self.catalog.get_caption(caption_id)
 
+    def get_captions(self, ids: Sequence[int]) -> dict[int, CaptionRecord]:
+        """{id: record} for the caption ids that exist, in one query."""
+        return self.catalog.get_captions(ids)
+
+    def captions_of(self, image_id: int) -> list[CaptionRecord]:
+        return self.catalog.captions_of(image_id)
+
+    def captions_of_images(self, image_ids: Sequence[int]) -> dict[int, list[CaptionRecord]]:
+        """{image id: its captions} for the images that exist, in one query (a search's hits)."""
+        return self.catalog.captions_of_images(image_ids)
+
+    def count_images(self) -> int:
+        return self.catalog.count_images()
+
+    def count_captions(self) -> int:
+        return self.catalog.count_captions()
+
+    @property
+    def sequence(self) -> int:
+        """The catalog's change sequence: it moves with every committed write."""
+        return self.catalog.sequence
+
+    def index_summaries(self) -> dict[Kind, IndexSummary]:
+        """Each shortlist index's factory, size, training state and device (in memory)."""
+        return {
+            kind: IndexSummary(
+                factory=index.factory,
+                count=len(index),
+                trained=index.is_trained,
+                device=index.device,
+                full_copies=(
+                    None if index.device_stats is None else index.device_stats.full_copies
+                ),
+            )
+            for kind, index in self.indexes.items()
+        }
+
     def find_image_by_sha256(self, sha256: str) -> ImageRecord | None:
         return self.catalog.find_image_by_sha256(sha256)
 
     def image_path(self, record: ImageRecord) -> Path:
         return self.data_dir / record.stored_path
+
+    def stored_file(self, image_id: int) -> tuple[ImageRecord, Path] | None:
+        """The record and resolved file of an image that can be served, or None: no such id,
+        its file is gone (deleted meanwhile), or its stored path leaves the data folder."""
+        record = self.catalog.get_image(image_id)
+        if record is None:
+            return None
+        path = self.image_path(record).resolve()
+        if not path.is_relative_to(self.data_dir.resolve()):
+            # Stored paths are written here (sha256 names), never by clients; one that leaves
+            # the data folder means a tampered catalog: serve nothing.
+            logger.error(
+                "image %d has a stored path outside the data dir; not serving it", image_id
+            )
+            return None
+        if not path.is_file():
+            return None
+        return record, path
 
     def search_images(self, vectors: np.ndarray, k: int) -> SearchResult:
         """Shortlist images for query vectors [Q, dim]: (scores [Q, k], ids [Q, k]; -1 empty)."""
@@ -388,12 +450,10 @@ class Corpus:
         with self._visibility.read():
             return self.indexes[kind].search_batch(jobs)
 
-    def get_region_features(self, ids: Sequence[int]) -> dict[int, RegionArrays]:
-        """Region features of `ids` (cache, then durable store); absent ids are absent."""
+    def get_region_features(self, ids: Sequence[int]) -> dict[int, RegionFeatures]:
+        """Region records of `ids` (cache, then durable store); absent ids are absent."""
         return {
-            item_id: RegionArrays(
-                arrays["features"], arrays["boxes"], tuple(int(v) for v in arrays["image_size"])
-            )
+            item_id: RegionFeatures.from_stored(arrays, self.extractor, self.extractor_version)
             for item_id, arrays in self.regions.get_many(ids).items()
         }
 
@@ -404,12 +464,12 @@ class Corpus:
             "captions": self.catalog.count_captions(),
             "indexes": {
                 name: {
-                    "factory": index.factory,
-                    "count": len(index),
-                    "trained": index.is_trained,
-                    "device": index.device,
+                    "factory": summary.factory,
+                    "count": summary.count,
+                    "trained": summary.trained,
+                    "device": summary.device,
                 }
-                for name, index in self.indexes.items()
+                for name, summary in self.index_summaries().items()
             },
             "cache": self.cache.status().as_dict(),
         }
@@ -589,7 +649,8 @@ class Corpus:
         relative = f"{IMAGES_DIR}/{sha256[:2]}/{sha256}{extension}"
         target = self.data_dir / relative
         if not target.exists():
-            write_atomically(target, [data])
+            with full_disk_as_storage_full():
+                write_bytes_atomically(target, [data])
         return relative
 
     def _forget_files_and_features(

@@ -5,6 +5,11 @@ Every error names what failed and what an operator can do about it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from model.files import DiskFullError
+
 
 class StorageError(Exception):
     """Base class for every failure of the stored side (catalog, feature store, indexes)."""
@@ -39,3 +44,13 @@ class InvalidRecordError(StorageError, ValueError):
 
 class NotFoundError(StorageError, KeyError):
     """An id that the caller expected to exist does not (e.g. a caption for a missing image)."""
+
+
+@contextmanager
+def full_disk_as_storage_full() -> Iterator[None]:
+    """A full disk met while writing a file (`model.files.DiskFullError`) is a StorageFullError
+    of the stored side, like a full catalog or feature store."""
+    try:
+        yield
+    except DiskFullError as error:
+        raise StorageFullError(str(error)) from error

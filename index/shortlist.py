@@ -47,10 +47,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.atomic import write_atomically
 from index.device import CPU, DeviceBackend, DeviceReplica, DeviceStats, device_lock
-from index.errors import CorruptIndexError, DimensionError, IndexMismatchError
+from index.errors import (
+    CorruptIndexError,
+    DimensionError,
+    IndexMismatchError,
+    full_disk_as_storage_full,
+)
 from index.locks import ReadWriteLock
+from model.files import write_bytes_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -347,10 +352,9 @@ class ShortlistIndex:
                 "meta": meta or {},
             }
         header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
-        write_atomically(
-            Path(path),
-            [FILE_MAGIC, _HEADER_LENGTH.pack(len(header_bytes)), header_bytes, payload.data],
-        )
+        chunks = [FILE_MAGIC, _HEADER_LENGTH.pack(len(header_bytes)), header_bytes, payload.data]
+        with full_disk_as_storage_full():
+            write_bytes_atomically(Path(path), chunks)
 
     @classmethod
     def load(

@@ -1,7 +1,8 @@
 """Everything learned, one folder per concern:
 
     retrieval.py   `RetrievalModel`, the one surface the service uses
-    types.py       one image's region features (numpy only; `index` imports it too)
+    types.py       one image's region record, extractor to reranker (numpy only; `index` imports it)
+    files.py       the one atomic file writer (standard library only; `index` imports it too)
     devices.py     the one device resolver ("auto", "cpu", "cuda:N")
     architecture/  the network and its scorer: encoders, CAMP, precompute split, heads, fusion
     text/          tokenization, vocabulary, MiniLM, the text-encoder registry, GloVe vectors

@@ -1,16 +1,20 @@
-"""The typed container for one image's region features: detector -> store -> reranker -> UI.
+"""The one record of an image's regions: extractor -> store and cache -> reranker -> explanation.
 
-numpy only (no torch): the storage layer imports this module.
+numpy only (no torch, nothing of `index` or `service`): the storage layer imports this module,
+so the record the extractor validates is the record the corpus and the upload cache hand back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 BOX_DTYPE = np.dtype(np.float32)
+STORED_FEATURE_DTYPE = np.dtype(np.float16)
+IMAGE_SIZE_DTYPE = np.dtype(np.int32)
 BOX_TOLERANCE = 1e-4  # normalised boxes may overshoot [0, 1] by float rounding only
 
 
@@ -28,7 +32,9 @@ class RegionFeatures:
     image_size: (width, height) in pixels of the decoded, EXIF-rotated image.
     extractor, extractor_version: who made them; caches key on both (see `namespace`).
 
-    The arrays are made read-only so a cached record cannot be changed in place.
+    The arrays are made read-only so a cached record cannot be changed in place. Built by an
+    extractor it is validated; read back from the store or the cache (`from_stored`) it is not
+    validated again: it was checked when it was written.
     """
 
     boxes: np.ndarray
@@ -74,6 +80,28 @@ class RegionFeatures:
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "features", features)
         object.__setattr__(self, "image_size", (width, height))
+
+    @classmethod
+    def from_stored(
+        cls, arrays: Mapping[str, np.ndarray], extractor: str, extractor_version: str
+    ) -> RegionFeatures:
+        """The record of arrays laid out by `stored_region_arrays` (a feature store or cache
+        entry), without re-validating or copying them: a search reads a hundred at a time."""
+        record = object.__new__(cls)
+        width, height = (int(v) for v in arrays["image_size"])
+        for name, value in (
+            ("boxes", arrays["boxes"]),
+            ("features", arrays["features"]),
+            ("image_size", (width, height)),
+            ("extractor", extractor),
+            ("extractor_version", extractor_version),
+        ):
+            object.__setattr__(record, name, value)
+        return record
+
+    def stored_arrays(self) -> dict[str, np.ndarray]:
+        """The named arrays the feature store and the cache keep (see `stored_region_arrays`)."""
+        return stored_region_arrays(self.features, self.boxes, self.image_size)
 
     @property
     def num_regions(self) -> int:
@@ -127,3 +155,15 @@ class RegionFeatures:
 def extractor_namespace(extractor: str, version: str) -> str:
     """Key prefix for features of one extractor version, e.g. "grid@effnet-lite0-squash-1"."""
     return f"{extractor}@{version}"
+
+
+def stored_region_arrays(
+    features: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """The stored layout of a region record, in this key order (the bytes index/codec.py writes
+    depend on it): float16 features [R, D], float32 boxes [R, 4], int32 (width, height)."""
+    return {
+        "features": np.asarray(features, dtype=STORED_FEATURE_DTYPE),
+        "boxes": np.asarray(boxes, dtype=BOX_DTYPE),
+        "image_size": np.asarray(image_size, dtype=IMAGE_SIZE_DTYPE),
+    }

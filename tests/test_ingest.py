@@ -91,7 +91,7 @@ def test_local_ingest_refuses_bad_files_and_resumes(
     first, captions = run_once()
     assert (first.added, first.existing) == (3, 0)
     assert captions == 2
-    refused = {r.path.rsplit("/", 1)[-1]: r for r in first.refused}
+    refused = {r.image.rsplit("/", 1)[-1]: r for r in first.refused}
     assert refused["broken.jpg"].status == 400 and "truncated" in refused["broken.jpg"].reason
     assert refused["notes.png"].status == 415
 

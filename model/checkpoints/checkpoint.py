@@ -13,9 +13,7 @@ runs and easydict need not be installed.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from model.architecture.camp import CampModel
 from model.checkpoints.config import CampConfig, ConfigError
+from model.files import write_atomically
 from model.text.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -91,7 +90,7 @@ class CampCheckpoint:
         return model.to(device).eval() if device is not None else model.eval()
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file, fsync, rename)."""
+        """Write atomically (model/files.py: temp file, fsync, rename, fsync folder)."""
         payload = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -313,15 +312,4 @@ def _check_state_dict(model: CampModel, state: Mapping[str, Tensor], source: str
 
 
 def _atomic_torch_save(payload: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda temp: torch.save(payload, temp))

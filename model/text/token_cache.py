@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.files import READABLE_FILE_MODE, write_atomically
 from model.text.minilm import MiniLMBackbone, WordpieceTokenizer
 
 CACHE_FORMAT = "minilm-token-features-v1"
@@ -94,9 +94,13 @@ def cached_token_features(
             if meta.get("format") == CACHE_FORMAT and meta.get("captions") == digest:
                 return TokenFeatures(features=data["features"], offsets=data["offsets"])
     token_features = encode_token_features(captions, encoder_factory(), tokenizer_factory())
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(".tmp.npz")
     meta = json.dumps({"format": CACHE_FORMAT, "captions": digest})
-    np.savez(tmp, features=token_features.features, offsets=token_features.offsets, meta=meta)
-    os.replace(tmp, cache_path)
+
+    def write(temp: Path) -> None:
+        with temp.open("wb") as handle:
+            np.savez(
+                handle, features=token_features.features, offsets=token_features.offsets, meta=meta
+            )
+
+    write_atomically(cache_path, write, mode=READABLE_FILE_MODE)
     return token_features

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from model.files import READABLE_FILE_MODE, write_atomically
 from model.vision.extractors.base import RegionExtractor
 from model.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageInputError, decode_image
 
@@ -44,7 +43,9 @@ META_FILE = "meta.json"
 REFUSED_FILE = "refused.jsonl"
 SHARDS_DIR = ".shards"
 LAYOUT_VERSION = 1
-FILE_MODE = 0o644
+
+
+Entry = TypeVar("Entry")
 
 
 class ExtractInputError(ValueError):
@@ -63,11 +64,26 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Refusal:
+    """A file that was not taken, and why: `code` is the decoder's (extract), `status` the
+    HTTP status or its local equivalent (ingest; 0: the file could not be read). `id` and
+    `split` are a manifest's, when it gives them."""
+
     image: str
-    id: str
-    split: str
-    code: str
     reason: str
+    code: str = ""
+    status: int = 0
+    id: str = ""
+    split: str = ""
+
+    def extract_line(self) -> dict[str, str]:
+        """The record of refused.jsonl."""
+        return {
+            "image": self.image,
+            "id": self.id,
+            "split": self.split,
+            "code": self.code,
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -86,34 +102,48 @@ class ExtractSummary:
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def read_manifest(path: Path) -> list[ImageRecord]:
-    """Records of a JSON-lines manifest ({"image", "id", "split", "captions"} per line);
-    image paths are relative to the manifest's folder."""
-    records: list[ImageRecord] = []
-    seen: set[tuple[str, str]] = set()
+def read_manifest_lines(
+    path: Path,
+    entry: Callable[[int, Any], Entry],
+    problem: Callable[[int, Exception], Exception],
+) -> list[Entry]:
+    """Every non-blank line of a JSON-lines manifest, as `entry(line number, parsed JSON)` makes
+    it (image paths are relative to the manifest's folder). A line that is not JSON, or that
+    `entry` cannot read (a missing key, a wrong type), raises `problem(line number, error)`."""
+    entries: list[Entry] = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
-                image, image_id, split = entry["image"], str(entry["id"]), str(entry["split"])
-                captions = tuple(str(c) for c in entry.get("captions", ()))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ExtractInputError(
-                    f"{path}:{number}: expected a JSON object with image, id, split and "
-                    f"captions ({exc})"
-                ) from exc
-            if not SPLIT_NAME.match(split):
-                raise ExtractInputError(
-                    f"{path}:{number}: split {split!r} is not a file-name-safe name"
-                )
-            if (split, image_id) in seen:
-                raise ExtractInputError(
-                    f"{path}:{number}: id {image_id!r} repeats in split {split!r}"
-                )
-            seen.add((split, image_id))
-            records.append(ImageRecord(path.parent / image, image_id, split, captions))
+                entries.append(entry(number, json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise problem(number, error) from error
+    return entries
+
+
+def read_manifest(path: Path) -> list[ImageRecord]:
+    """Records of a JSON-lines manifest ({"image", "id", "split", "captions"} per line)."""
+    seen: set[tuple[str, str]] = set()
+
+    def record(number: int, entry: Any) -> ImageRecord:
+        image, image_id, split = entry["image"], str(entry["id"]), str(entry["split"])
+        captions = tuple(str(c) for c in entry.get("captions", ()))
+        if not SPLIT_NAME.match(split):
+            raise ExtractInputError(
+                f"{path}:{number}: split {split!r} is not a file-name-safe name"
+            )
+        if (split, image_id) in seen:
+            raise ExtractInputError(f"{path}:{number}: id {image_id!r} repeats in split {split!r}")
+        seen.add((split, image_id))
+        return ImageRecord(path.parent / image, image_id, split, captions)
+
+    def problem(number: int, error: Exception) -> ExtractInputError:
+        return ExtractInputError(
+            f"{path}:{number}: expected a JSON object with image, id, split and captions ({error})"
+        )
+
+    records = read_manifest_lines(path, record, problem)
     if not records:
         raise ExtractInputError(f"{path} lists no images")
     return records
@@ -145,23 +175,11 @@ def load_inputs(source: Path) -> tuple[list[ImageRecord], bool]:
     raise ExtractInputError(f"{source} is neither a manifest file nor a folder of images")
 
 
-# --- atomic files ---------------------------------------------------------------------------
+# --- atomic files (readable by whoever reads the output folder) -----------------------------
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        tmp.chmod(FILE_MODE)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, write, mode=READABLE_FILE_MODE)
 
 
 def _write_text_lines(path: Path, lines: Sequence[str]) -> None:
@@ -204,7 +222,7 @@ def _run_fingerprint(
 
 
 def _refusal(record: ImageRecord, code: str, reason: str) -> Refusal:
-    return Refusal(str(record.path), record.id, record.split, code, reason)
+    return Refusal(str(record.path), reason, code=code, id=record.id, split=record.split)
 
 
 def _decode(record: ImageRecord, has_captions: bool, max_bytes: int, max_pixels: int) -> Any:
@@ -267,7 +285,7 @@ def _extract_shard(
         "features": np.stack(features) if features else np.zeros(shape, dtype=dtype),
         "boxes": np.stack(boxes) if boxes else np.zeros((*shape[:2], 4), dtype=np.float32),
         "ids": np.asarray(kept, dtype=str),
-        "refused": np.asarray(json.dumps([asdict(r) for r in refused])),
+        "refused": np.asarray(json.dumps([r.extract_line() for r in refused])),
     }
 
 
@@ -397,7 +415,8 @@ def extract_dataset(
             split, paths, records, out_dir, extractor, dtype, has_captions
         )
     _write_text_lines(
-        out_dir / REFUSED_FILE, [json.dumps(asdict(r), ensure_ascii=False) for r in summary.refused]
+        out_dir / REFUSED_FILE,
+        [json.dumps(r.extract_line(), ensure_ascii=False) for r in summary.refused],
     )
     summary.seconds = time.perf_counter() - started
     _write_meta(out_dir, source, extractor, dtype, fingerprint, summary)

@@ -18,17 +18,23 @@ Sources:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
-from model.vision.extract import IMAGE_SUFFIXES, ExtractInputError, list_image_folder
+from index.corpus import sha256_hex
+from model.vision.extract import (
+    IMAGE_SUFFIXES,
+    ExtractInputError,
+    Refusal,
+    list_image_folder,
+    read_manifest_lines,
+)
 from service.api.auth import API_KEY_HEADER
 from service.api.errors import problem_of
 from service.outcomes import ServiceError
@@ -66,13 +72,6 @@ class IngestItem:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    path: str
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True)
 class Added:
     """What the target did with one photo: stored it (`added`) or had it (`existing`), and
     how many of its captions it stored."""
@@ -104,8 +103,9 @@ class IngestTarget(Protocol):
         """The captions of the stored photo with these bytes, or None when there is none."""
         ...
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
-        """Store the photo, or add to the stored one the captions it lacks."""
+    async def add(self, data: bytes, captions: Sequence[str], sha256: str) -> Added:
+        """Store the photo (`sha256`: its hash, already computed), or add to the stored one the
+        captions it lacks."""
         ...
 
 
@@ -130,23 +130,19 @@ def read_source(source: Path, *, max_captions: int | None = None) -> list[Ingest
 
 
 def _manifest_items(manifest: Path) -> list[IngestItem]:
-    items = []
-    with manifest.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                image = entry["image"]
-                captions = entry.get("captions") or []
-                if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
-                    raise TypeError("'image' must be a string and 'captions' a list of strings")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-                raise IngestSourceError(
-                    f"{manifest}:{number}: expected {{'image': path, 'captions': [...]}}: {error}"
-                ) from error
-            items.append(IngestItem(manifest.parent / image, tuple(captions)))
-    return items
+    def item(number: int, entry: Any) -> IngestItem:
+        image = entry["image"]
+        captions = entry.get("captions") or []
+        if not isinstance(image, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError("'image' must be a string and 'captions' a list of strings")
+        return IngestItem(manifest.parent / image, tuple(captions))
+
+    def problem(number: int, error: Exception) -> IngestSourceError:
+        return IngestSourceError(
+            f"{manifest}:{number}: expected {{'image': path, 'captions': [...]}}: {error}"
+        )
+
+    return read_manifest_lines(manifest, item, problem)
 
 
 def _folder_items(folder: Path) -> list[IngestItem]:
@@ -213,16 +209,17 @@ async def _ingest_one(item: IngestItem, target: IngestTarget, report: IngestRepo
                 413, f"{size:,} bytes is over the limit of {target.max_upload_bytes:,} bytes"
             )
         data = await asyncio.to_thread(item.path.read_bytes)
-        stored_captions = await target.known(hashlib.sha256(data).hexdigest())
+        sha256 = sha256_hex(data)
+        stored_captions = await target.known(sha256)
         if stored_captions is not None and set(item.captions) <= set(stored_captions):
             result = Added("existing")
         else:  # new, or stored without some of these captions: the target adds what it lacks
-            result = await target.add(data, item.captions)
+            result = await target.add(data, item.captions, sha256)
     except RefusedError as refusal:
-        report.refused.append(Refusal(str(item.path), refusal.status, refusal.reason))
+        report.refused.append(Refusal(str(item.path), refusal.reason, status=refusal.status))
         return "refused"
     except OSError as error:
-        report.refused.append(Refusal(str(item.path), 0, f"cannot read the file: {error}"))
+        report.refused.append(Refusal(str(item.path), f"cannot read the file: {error}"))
         return "refused"
     if result.outcome == "added":
         report.added += 1
@@ -238,7 +235,8 @@ def write_refusals(report: IngestReport, path: Path) -> None:
     """One JSON object per refused file, so a later run can retry exactly those."""
     with path.open("w", encoding="utf-8") as out:
         for refusal in report.refused:
-            out.write(json.dumps(refusal.__dict__) + "\n")
+            line = {"path": refusal.image, "status": refusal.status, "reason": refusal.reason}
+            out.write(json.dumps(line) + "\n")
 
 
 # --- targets ------------------------------------------------------------------------------
@@ -278,7 +276,8 @@ class HttpTarget:
         found = response.json()["data"]
         return tuple(caption["text"] for caption in found[0]["captions"]) if found else None
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
+    async def add(self, data: bytes, captions: Sequence[str], sha256: str) -> Added:
+        """POST the photo; the server hashes the bytes it receives itself."""
         response = await self._request(
             "POST",
             "/v1/images",
@@ -336,11 +335,11 @@ class LocalTarget:
         record = corpus.find_image_by_sha256(sha256)
         if record is None:
             return None
-        return tuple(caption.text for caption in corpus.catalog.captions_of(record.id))
+        return tuple(caption.text for caption in corpus.captions_of(record.id))
 
-    async def add(self, data: bytes, captions: Sequence[str]) -> Added:
+    async def add(self, data: bytes, captions: Sequence[str], sha256: str) -> Added:
         try:
-            stored = await self.runtime.indexer.add_image(data, captions)
+            stored = await self.runtime.indexer.add_image(data, captions, sha256=sha256)
         except ServiceError as error:
             problem = problem_of(error)  # the answer the API would give: the same refusal
             assert problem is not None

@@ -135,7 +135,7 @@ def _print_report(report: IngestReport, refused_out: Path | None) -> None:
         return
     table = Table("file", "status", "reason", title=f"{len(report.refused)} file(s) refused")
     for refusal in report.refused[:MAX_REFUSALS_SHOWN]:
-        table.add_row(refusal.path, str(refusal.status), refusal.reason)
+        table.add_row(refusal.image, str(refusal.status), refusal.reason)
     console.print(table)
     if len(report.refused) > MAX_REFUSALS_SHOWN:
         console.print(f"... and {len(report.refused) - MAX_REFUSALS_SHOWN} more")

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from index.catalog import CaptionRecord, ImageRecord
-from index.corpus import Corpus, NewCaption
+from index.corpus import Corpus, NewCaption, sha256_hex
 from index.errors import NotFoundError
 from model.vision.images import DecodedImage, ImageInputError, decode_image
 from service.outcomes import Conflict, FieldProblem, InvalidImage, InvalidInput, Overloaded
 from service.runtime.budget import BudgetWaitTimeout, MemoryBudget
 from service.runtime.metrics import ServiceMetrics
 from service.search.pipeline import SearchPipeline
-from service.search.regions import ImageRegions, UploadRegions, sha256_hex
+from service.search.regions import FoundRegions, UploadRegions
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -56,7 +56,7 @@ EXTRACTOR_INPUT_BYTES = 8 * 1024 * 1024
 class UploadDecoded:
     """What an upload's decoding leaves behind once its pixels are released."""
 
-    regions: ImageRegions
+    regions: FoundRegions
     size: tuple[int, int]  # (width, height), upright
     format: str
 
@@ -123,22 +123,33 @@ class Indexer:
         self.decode_wait_s = decode_wait_s
 
     async def decode_and_extract(
-        self, data: bytes, *, field: str = "file", timings: dict[str, float] | None = None
+        self,
+        data: bytes,
+        *,
+        field: str = "file",
+        timings: dict[str, float] | None = None,
+        sha256: str | None = None,
+        look_in_corpus: bool = True,
     ) -> UploadDecoded:
         """Decode `data` and find its regions while holding its share of the decode budget.
 
         The share is reserved from the header's size before any pixel is decoded, so many
         large uploads wait in line instead of all being decoded at once; it is released when
         the regions are out and the pixels dropped. Waiting longer than `decode_wait_s` is
-        `Overloaded`.
+        `Overloaded`. `sha256`: `sha256_hex(data)` when the caller has it; `look_in_corpus=False`
+        when the caller just found no stored image with it.
         """
+        if sha256 is None:
+            sha256 = sha256_hex(data)
         nbytes = await asyncio.to_thread(decode_reservation_bytes, data, self.max_image_pixels)
         try:
             async with self.decode_memory.reserve(nbytes, timeout_s=self.decode_wait_s):
                 with self._stage("decode", timings):
                     decoded = await self.decode(data, field)
                 with self._stage("extract", timings):
-                    regions = await self.regions.for_upload(data, decoded)
+                    regions = await self.regions.for_upload(
+                        sha256, decoded, look_in_corpus=look_in_corpus
+                    )
                 return UploadDecoded(regions, decoded.size, decoded.format)
         except BudgetWaitTimeout:
             raise Overloaded(
@@ -178,19 +189,21 @@ class Indexer:
             raise InvalidInput(problems)
         return list(captions)
 
-    async def add_image(self, data: bytes, captions: Sequence[str] = ()) -> StoredImage:
+    async def add_image(
+        self, data: bytes, captions: Sequence[str] = (), *, sha256: str | None = None
+    ) -> StoredImage:
         """Store a photo with its captions. The same bytes again return the existing record,
-        with those of `captions` it does not have yet added to it (in one commit)."""
+        with those of `captions` it does not have yet added to it (in one commit). `sha256`:
+        `sha256_hex(data)` when the caller has it (the bytes are hashed once)."""
         captions = self.check_captions(captions)
-        existing = await asyncio.to_thread(self._existing, sha256_hex(data))
+        if sha256 is None:
+            sha256 = sha256_hex(data)
+        # Looked up once here (a duplicate skips decoding), and once more inside the commit.
+        existing = await asyncio.to_thread(self._existing, sha256)
         if existing is not None:
             return await self._add_captions_to(existing, captions)
-        upload = await self.decode_and_extract(data)
-        regions = upload.regions
-        if regions.image_id is not None:  # stored by a concurrent request meanwhile
-            existing = await asyncio.to_thread(self._existing, sha256_hex(data))
-            if existing is not None:
-                return await self._add_captions_to(existing, captions)
+        upload = await self.decode_and_extract(data, sha256=sha256, look_in_corpus=False)
+        regions = upload.regions.regions
         with self.metrics.time_stage("encode"):
             pooled = await asyncio.to_thread(self.model.pooled_images, regions.features[None])
             new_captions = await self._encoded(captions)
@@ -206,6 +219,7 @@ class Indexer:
                 pooled=pooled[0],
                 captions=new_captions,
                 extension=EXTENSION_BY_FORMAT.get(upload.format, ""),
+                sha256=sha256,
             )
         stored = StoredImage(added.image, added.captions, regions.num_regions, added.created)
         if not added.created:  # a concurrent request stored the same bytes first
@@ -264,7 +278,7 @@ class Indexer:
             )
 
     async def delete_image(self, image_id: int) -> bool:
-        captions = await asyncio.to_thread(self.corpus.catalog.captions_of, image_id)
+        captions = await asyncio.to_thread(self.corpus.captions_of, image_id)
         deleted = await asyncio.to_thread(self.corpus.delete_image, image_id)
         if deleted:
             self.pipeline.forget([image_id], [c.id for c in captions])
@@ -275,6 +289,10 @@ class Indexer:
         if deleted:
             self.pipeline.forget(caption_ids=[caption_id])
         return deleted
+
+    async def find_by_sha256(self, sha256: str) -> StoredImage | None:
+        """The stored image whose bytes hash to `sha256`, or None."""
+        return await asyncio.to_thread(self._existing, sha256)
 
     async def describe(self, image_id: int) -> StoredImage | None:
         """The stored record of `image_id` with its captions and region count, or None."""
@@ -289,6 +307,6 @@ class Indexer:
         if record is None:
             return None
         stored = self.corpus.get_region_features([image_id]).get(image_id)
-        regions = 0 if stored is None else int(stored.features.shape[0])
-        captions = tuple(self.corpus.catalog.captions_of(image_id))
+        regions = 0 if stored is None else stored.num_regions
+        captions = tuple(self.corpus.captions_of(image_id))
         return StoredImage(record, captions, regions, created)

@@ -247,12 +247,12 @@ class ServiceRuntime:
             metrics=metrics,
             lock=lock,
         )
-        runtime.saved_sequence = corpus.catalog.sequence
+        runtime.saved_sequence = corpus.sequence
         return runtime
 
     def save_if_changed(self) -> bool:
         """Save the indexes when the catalog changed since the last save (blocking)."""
-        sequence = self.corpus.catalog.sequence
+        sequence = self.corpus.sequence
         if sequence == self.saved_sequence:
             return False
         self.corpus.save()
@@ -261,6 +261,7 @@ class ServiceRuntime:
 
     def live_state(self) -> dict[str, object]:
         """Cheap numbers for metrics scraping."""
+        indexes = self.corpus.index_summaries()
         return {
             "cache": self.cache.status().as_dict(),
             "memory_caches": self.memory_caches(),
@@ -271,12 +272,12 @@ class ServiceRuntime:
             "shortlist_queued": self.shortlist.queued,
             "stages": self.stages(),
             "device_copies": {
-                kind: index.device_stats.full_copies
-                for kind, index in self.corpus.indexes.items()
-                if index.device_stats is not None
+                kind: summary.full_copies
+                for kind, summary in indexes.items()
+                if summary.full_copies is not None
             },
-            "images": len(self.corpus.indexes["images"]),
-            "captions": len(self.corpus.indexes["captions"]),
+            "images": indexes["images"].count,
+            "captions": indexes["captions"].count,
         }
 
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -284,7 +285,9 @@ class ServiceRuntime:
         extractor run fp32; the reranker autocasts to `model.precision` on CUDA only; the
         shortlist is float32 FAISS, on the GPU where its index type can go (shortlist
         `indexes` says per index)."""
-        index_devices = {kind: index.device for kind, index in self.corpus.indexes.items()}
+        index_devices = {
+            kind: summary.device for kind, summary in self.corpus.index_summaries().items()
+        }
         on_device = sorted({device for device in index_devices.values() if device != CPU})
         model_device = _device_name(self.model.device)
         reranker_precision = self.model.precision if model_device != CPU else "fp32"
@@ -378,8 +381,8 @@ class ServiceState:
             runtime.model.version,
             runtime.extractor.version,
             runtime.extractor.device,
-            runtime.corpus.catalog.count_images(),
-            runtime.corpus.catalog.count_captions(),
+            runtime.corpus.count_images(),
+            runtime.corpus.count_captions(),
         )
 
     def begin(self) -> None:

@@ -25,15 +25,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from index.corpus import Corpus, Kind, RegionArrays
+from index.corpus import Corpus, Kind
 from index.shortlist import SearchResult, l2_normalised
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.types import RegionFeatures
 from service.outcomes import NotFound, TimedOut
 from service.runtime.budget import MemoryBudget
 from service.runtime.metrics import ServiceMetrics
 from service.search.batching import MicroBatcher
 from service.search.lru import ByteBoundedLRU
-from service.search.regions import ImageRegions
+from service.search.regions import FoundRegions
 from service.search.rerank import RerankJob
 from service.search.results import (
     CaptionHit,
@@ -55,11 +56,18 @@ SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class ImageTensors:
-    """What the reranker and the explanation need of one image (cached per image id)."""
+    """The reranker's precomputed tensors of one image (cached per image id), with the geometry
+    of its region record that the explanation draws. Not a second region record: the features
+    are left out and the boxes copied, so a cached entry pins neither the stored record nor its
+    batch (the search memory budget reckons exactly these bytes)."""
 
     precompute: ImagePrecompute  # [1]
     boxes: np.ndarray  # [R, 4]
     image_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, precompute: ImagePrecompute, regions: RegionFeatures) -> ImageTensors:
+        return cls(precompute, np.array(regions.boxes), regions.image_size)
 
 
 def _held_bytes(item: object) -> int:
@@ -226,19 +234,14 @@ class SearchPipeline:
                 tensors = await asyncio.to_thread(self.tensors_of_images, [image_id], stored)
         if image_id not in stored:
             raise NotFound("image", image_id, field="body.image_id")
-        regions = stored[image_id]
         return await self._captions_for(
-            ImageRegions(regions.features, regions.boxes, regions.image_size, "corpus", image_id),
-            tensors[image_id],
-            options,
-            timings,
-            started,
+            stored[image_id], tensors[image_id], options, timings, started
         )
 
     @_within_request_timeout
     async def captions_for_regions(
         self,
-        regions: ImageRegions,
+        found: FoundRegions,
         options: SearchParams,
         *,
         timings: dict[str, float],
@@ -246,9 +249,10 @@ class SearchPipeline:
     ) -> CaptionMatches:
         """Search with an upload's regions; `timings` and `started` (perf_counter) may already
         count its decoding and extraction."""
+        regions = found.regions
         cached = (
-            self.image_tensors.get_many([regions.image_id]).get(regions.image_id)
-            if regions.image_id is not None  # the same bytes are in the corpus
+            self.image_tensors.get_many([found.image_id]).get(found.image_id)
+            if found.image_id is not None  # the same bytes are in the corpus
             else None
         )
         if cached is None:
@@ -256,12 +260,12 @@ class SearchPipeline:
                 precompute = await asyncio.to_thread(
                     self.model.precompute_images, np.asarray(regions.features)[None]
                 )
-            cached = ImageTensors(precompute, np.asarray(regions.boxes), regions.image_size)
+            cached = ImageTensors.of(precompute, regions)
         return await self._captions_for(regions, cached, options, timings, started)
 
     async def _captions_for(
         self,
-        regions: ImageRegions,
+        regions: RegionFeatures,
         image: ImageTensors,
         options: SearchParams,
         timings: dict[str, float],
@@ -290,9 +294,7 @@ class SearchPipeline:
             )
             chosen = _best(shortlist, final, options.limit, options.min_score)
 
-            records = await asyncio.to_thread(
-                self.corpus.catalog.get_captions, [c.id for c, _ in chosen]
-            )
+            records = await asyncio.to_thread(self.corpus.get_captions, [c.id for c, _ in chosen])
             explanations: dict[int, Explanation] = {}
             if options.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
@@ -342,7 +344,7 @@ class SearchPipeline:
     def tensors_of_images(
         self,
         ids: Sequence[int],
-        stored: dict[int, RegionArrays] | None = None,
+        stored: dict[int, RegionFeatures] | None = None,
         *,
         found: dict[int, ImageTensors] | None = None,
     ) -> dict[int, ImageTensors]:
@@ -363,18 +365,15 @@ class SearchPipeline:
             if image_id not in stored:
                 continue
             regions = stored[image_id]
-            by_regions.setdefault(regions.features.shape[0], []).append(image_id)
+            by_regions.setdefault(regions.num_regions, []).append(image_id)
         built: dict[int, ImageTensors] = {}
         with self.metrics.time_stage("precompute"):
             for group in by_regions.values():
                 batch = np.stack([stored[i].features for i in group])
                 precompute = self.model.precompute_images(batch)
                 for row, image_id in enumerate(group):
-                    built[image_id] = ImageTensors(
-                        precompute.select([row]),  # a copy (list index), not a view
-                        np.array(stored[image_id].boxes),  # not a view pinning the record
-                        stored[image_id].image_size,
-                    )
+                    # select: a copy (list index), not a view of the batch
+                    built[image_id] = ImageTensors.of(precompute.select([row]), stored[image_id])
         self.image_tensors.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 
@@ -386,7 +385,7 @@ class SearchPipeline:
         if not missing:
             return found
         self.metrics.precompute_cache.labels("caption", "miss").inc(len(missing))
-        records = self.corpus.catalog.get_captions(missing)
+        records = self.corpus.get_captions(missing)
         order = [i for i in missing if i in records]
         built: dict[int, CaptionPrecompute] = {}
         if order:
@@ -429,9 +428,9 @@ class SearchPipeline:
             return await self.batcher.submit(job)
 
     def _image_records(self, ids: Sequence[int]) -> dict[int, list[str]]:
-        """{image id: its caption texts} for the ids that still exist."""
-        images = self.corpus.get_images(ids)
-        return {i: [c.text for c in self.corpus.catalog.captions_of(i)] for i in ids if i in images}
+        """{image id: its caption texts} for the ids that still exist (one catalog query)."""
+        captions = self.corpus.captions_of_images(ids)
+        return {i: [c.text for c in captions[i]] for i in ids if i in captions}
 
     def _explain_images(
         self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
@@ -444,7 +443,7 @@ class SearchPipeline:
     def _explain_captions(
         self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
     ) -> dict[int, Explanation]:
-        records = self.corpus.catalog.get_captions(list(captions))
+        records = self.corpus.get_captions(list(captions))
         explanations: dict[int, Explanation] = {}
         for caption_id, precompute in captions.items():
             if caption_id not in records:

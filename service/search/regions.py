@@ -10,7 +10,6 @@ bounded pool of worker threads that never runs on the event loop.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +20,7 @@ from index.cache import FeatureCache, cache_keyspace
 from index.codec import decode_arrays, encode_arrays
 from index.corpus import Corpus
 from index.errors import InvalidRecordError
+from model.types import RegionFeatures
 from model.vision.extractors import RegionExtractor
 from model.vision.images import DecodedImage
 from service.runtime.metrics import ServiceMetrics
@@ -35,22 +35,12 @@ RegionOrigin = Literal["corpus", "cache", "extractor"]
 
 
 @dataclass(frozen=True)
-class ImageRegions:
-    """Region features of one photo, as the reranker and the explanation need them."""
+class FoundRegions:
+    """An upload's region record and where it came from (metrics count the origins)."""
 
-    features: np.ndarray  # float16/32 [R, D]
-    boxes: np.ndarray  # float32 [R, 4], normalised (x0, y0, x1, y1)
-    image_size: tuple[int, int]  # (width, height) in pixels
+    regions: RegionFeatures
     origin: RegionOrigin
     image_id: int | None = None  # the corpus image with the same bytes, if any
-
-    @property
-    def num_regions(self) -> int:
-        return int(self.features.shape[0])
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _cache_id(digest: bytes) -> int:
@@ -82,19 +72,23 @@ class UploadRegions:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extract")
         self._in_flight = 0
 
-    async def for_upload(self, data: bytes, decoded: DecodedImage) -> ImageRegions:
-        """Regions of `data` (already validated and decoded into `decoded`)."""
-        digest = hashlib.sha256(data).digest()
-        known = await asyncio.to_thread(self._known, digest)
+    async def for_upload(
+        self, sha256: str, decoded: DecodedImage, *, look_in_corpus: bool = True
+    ) -> FoundRegions:
+        """Regions of the upload whose bytes hash to `sha256` (`index.corpus.sha256_hex`),
+        already validated and decoded into `decoded`. `look_in_corpus=False` when the caller
+        has just looked the hash up in the corpus and found nothing."""
+        digest = bytes.fromhex(sha256)
+        known = await asyncio.to_thread(self._known, digest, look_in_corpus)
         if known is not None:
             self.metrics.upload_region_cache.labels(known.origin).inc()
             return known
-        regions = await self.extract(decoded)
-        await asyncio.to_thread(self._remember, digest, regions)
+        found = await self.extract(decoded)
+        await asyncio.to_thread(self._remember, digest, found.regions)
         self.metrics.upload_region_cache.labels("extractor").inc()
-        return regions
+        return found
 
-    async def extract(self, decoded: DecodedImage) -> ImageRegions:
+    async def extract(self, decoded: DecodedImage) -> FoundRegions:
         """Run the extractor on one image in the worker pool (429 when too many wait)."""
         if self._in_flight >= self.max_waiting:
             raise QueueFullError(self._in_flight, retry_after_s=1)
@@ -102,29 +96,22 @@ class UploadRegions:
         try:
             loop = asyncio.get_running_loop()
             with self.metrics.time_stage("extract"):
-                (features,) = await loop.run_in_executor(
+                (regions,) = await loop.run_in_executor(
                     self._executor, self.extractor.extract, [decoded.image]
                 )
         finally:
             self._in_flight -= 1
-        return ImageRegions(
-            features=features.features,
-            boxes=features.boxes,
-            image_size=tuple(int(v) for v in features.image_size),
-            origin="extractor",
-        )
+        return FoundRegions(regions, "extractor")
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    def _known(self, digest: bytes) -> ImageRegions | None:
-        record = self.corpus.find_image_by_sha256(digest.hex())
+    def _known(self, digest: bytes, look_in_corpus: bool) -> FoundRegions | None:
+        record = self.corpus.find_image_by_sha256(digest.hex()) if look_in_corpus else None
         if record is not None:
             stored = self.corpus.get_region_features([record.id]).get(record.id)
             if stored is not None:
-                return ImageRegions(
-                    stored.features, stored.boxes, stored.image_size, "corpus", record.id
-                )
+                return FoundRegions(stored, "corpus", record.id)
         cached = self.cache.get_many(self.keyspace, [_cache_id(digest)])
         for value in cached.values():
             try:
@@ -133,21 +120,14 @@ class UploadRegions:
                 return None
             if bytes(arrays["sha256"]) != digest:  # a 63-bit id collision: not our photo
                 return None
-            return ImageRegions(
-                arrays["features"],
-                arrays["boxes"],
-                (int(arrays["image_size"][0]), int(arrays["image_size"][1])),
-                "cache",
+            regions = RegionFeatures.from_stored(
+                arrays, self.extractor.name, self.extractor.version
             )
+            return FoundRegions(regions, "cache")
         return None
 
-    def _remember(self, digest: bytes, regions: ImageRegions) -> None:
+    def _remember(self, digest: bytes, regions: RegionFeatures) -> None:
         record = encode_arrays(
-            {
-                "features": np.asarray(regions.features, dtype=np.float16),
-                "boxes": np.asarray(regions.boxes, dtype=np.float32),
-                "image_size": np.asarray(regions.image_size, dtype=np.int32),
-                "sha256": np.frombuffer(digest, dtype=np.uint8),
-            }
+            {**regions.stored_arrays(), "sha256": np.frombuffer(digest, dtype=np.uint8)}
         )
         self.cache.set_many(self.keyspace, {_cache_id(digest): record})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
@@ -23,7 +24,10 @@ CaptionId = Annotated[int, Path(ge=0, le=MAX_ID, description="Caption id.")]
 )
 async def add_caption(body: CaptionCreate, runtime: RuntimeDep) -> CaptionPublic:
     """Index a caption; with `image_id` it describes that image (404 when it does not exist)."""
-    if body.image_id is not None and runtime.corpus.get_image(body.image_id) is None:
+    if (
+        body.image_id is not None
+        and await asyncio.to_thread(runtime.corpus.get_image, body.image_id) is None
+    ):
         raise NotFound("image", body.image_id, field="body.image_id")
     record = await runtime.indexer.add_caption(body.text, body.image_id)
     return CaptionPublic(id=record.id, text=record.text, image_id=record.image_id)
@@ -31,7 +35,7 @@ async def add_caption(body: CaptionCreate, runtime: RuntimeDep) -> CaptionPublic
 
 @router.get("/{caption_id}", response_model=CaptionPublic)
 async def get_caption(caption_id: CaptionId, runtime: RuntimeDep) -> CaptionPublic:
-    record = runtime.corpus.get_caption(caption_id)
+    record = await asyncio.to_thread(runtime.corpus.get_caption, caption_id)
     if record is None:
         raise NotFound("caption", caption_id)
     return CaptionPublic(id=record.id, text=record.text, image_id=record.image_id)

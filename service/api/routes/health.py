@@ -37,13 +37,13 @@ async def readyz(state: StateDep) -> JSONResponse:
         return JSONResponse(body.model_dump(), status_code=503)
     cache_ok = await asyncio.to_thread(runtime.cache.check)
     cache_status = runtime.cache.status()
+    indexes = runtime.corpus.index_summaries()
     components = [
         ComponentState(name="model", ok=True, detail=runtime.model.version),
         ComponentState(
             name="indexes",
             ok=True,
-            detail=f"{len(runtime.corpus.indexes['images'])} images, "
-            f"{len(runtime.corpus.indexes['captions'])} captions",
+            detail=f"{indexes['images'].count} images, {indexes['captions'].count} captions",
         ),
         ComponentState(
             name=f"cache:{cache_status.backend}", ok=cache_ok, detail=cache_status.detail
@@ -71,7 +71,7 @@ async def metrics(state: StateDep) -> Response:
 async def info(runtime: RuntimeDep) -> ServiceInfo:
     """The model, extractor and device being served, the corpus size, and where each stage
     (text encoder, extractor, shortlist, reranker) runs and in what precision."""
-    corpus = runtime.corpus
+    indexes = runtime.corpus.index_summaries()
     settings = runtime.settings
     return ServiceInfo(
         model_version=runtime.model.version,
@@ -81,10 +81,8 @@ async def info(runtime: RuntimeDep) -> ServiceInfo:
         embedding_dim=runtime.model.pooled_dim,
         region_dim=runtime.model.region_dim,
         regions_per_image=runtime.extractor.num_regions,
-        index_factories={kind: index.factory for kind, index in corpus.indexes.items()},
-        corpus=CorpusSizes(
-            images=len(corpus.indexes["images"]), captions=len(corpus.indexes["captions"])
-        ),
+        index_factories={kind: summary.factory for kind, summary in indexes.items()},
+        corpus=CorpusSizes(images=indexes["images"].count, captions=indexes["captions"].count),
         cache=runtime.cache.status().backend,
         limits={
             "max_limit": settings.max_limit,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import mimetypes
 from typing import Annotated
 
@@ -21,8 +21,6 @@ from service.api.schemas import (
 from service.api.uploads import read_upload
 from service.ingest.indexer import StoredImage
 from service.outcomes import NotFound
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -86,8 +84,7 @@ async def find_images(
     ],
 ) -> ImagesPublic:
     """Images whose bytes have this SHA-256 (0 or 1): lets bulk ingest skip what is stored."""
-    record = runtime.corpus.find_image_by_sha256(sha256)
-    stored = None if record is None else await runtime.indexer.describe(record.id)
+    stored = await runtime.indexer.find_by_sha256(sha256)
     data = [] if stored is None else [image_public(stored)]
     return ImagesPublic(data=data, count=len(data))
 
@@ -103,17 +100,10 @@ async def get_image(image_id: ImageId, runtime: RuntimeDep) -> ImagePublic:
 @router.get("/{image_id}/file", response_class=FileResponse)
 async def get_image_file(image_id: ImageId, runtime: RuntimeDep) -> FileResponse:
     """The stored bytes, with the content type of their decoded format."""
-    record = runtime.corpus.get_image(image_id)
-    if record is None:
+    found = await asyncio.to_thread(runtime.corpus.stored_file, image_id)
+    if found is None:
         raise NotFound("image", image_id)
-    path = runtime.corpus.image_path(record).resolve()
-    if not path.is_relative_to(runtime.corpus.data_dir.resolve()):
-        # Stored paths are written by the corpus (sha256 names), never by clients; one that
-        # leaves the data dir means a tampered catalog: serve nothing.
-        logger.error("image %d has a stored path outside the data dir; not serving it", image_id)
-        raise NotFound("image", image_id)
-    if not path.is_file():  # deleted between the lookup and now
-        raise NotFound("image", image_id)
+    record, path = found
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(
         path,
