@@ -1,6 +1,6 @@
 """Per-pair cost of CAMP scoring: the direct form (padded to 50 words as the official code,
-or trimmed) against the precompute split (DESIGN §4.3), on the reranker's 1 x K shape and an
-evaluation-style N x M block. All three must give the same scores.
+or trimmed) against the precompute split (docs/ARCHITECTURE.md, The precompute split), on the
+reranker's 1 x K shape and an evaluation-style N x M block. All three must give the same scores.
 
     python bench/score_pairs.py [--device cuda] [--json results.json]
 

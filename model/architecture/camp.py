@@ -1,4 +1,5 @@
-"""The whole CAMP model: image encoder + text encoder + cross-modal scorer (DESIGN §4)."""
+"""The whole CAMP model: image encoder + text encoder + cross-modal scorer (docs/ARCHITECTURE.md,
+The model)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The two CAMP encoders (DESIGN §4.1): regions -> V [B, R, d], token ids -> T [B, L, d].
+"""The two CAMP encoders (docs/ARCHITECTURE.md, Encoders): regions -> V [B, R, d], token ids -> T
+[B, L, d].
 
 Neither output is l2-normalised, as in the released CAMP configs (`no_imgnorm`, `no_txtnorm`).
 Any text encoder that returns `EncodedText` (word features plus true lengths) can feed the

@@ -1,4 +1,5 @@
-"""Shortlist heads (DESIGN §4.5): cheap pooled embeddings compared by inner product.
+"""Shortlist heads (docs/ARCHITECTURE.md, Shortlist heads): cheap pooled embeddings compared by
+inner product.
 
 Each side mean-pools its fragments (regions, or a caption's real tokens), maps the mean through a
 linear map plus a small MLP residual, and l2-normalises, so FAISS inner product = cosine. The

@@ -1,4 +1,5 @@
-"""The precompute split of the CAMP scorer (DESIGN §4.3): same scores, far less work per pair.
+"""The precompute split of the CAMP scorer (docs/ARCHITECTURE.md, The precompute split): same
+scores, far less work per pair.
 
 Matrix products regroup (W(A X) = A(X Wᵀ)), so every projection of an image's regions V is
 computed once per image and every projection of a caption's words T once per caption:

@@ -1,4 +1,4 @@
-"""The CAMP cross-modal scorer (DESIGN §4.2), exactly as the authors coded it.
+"""The CAMP cross-modal scorer (docs/ARCHITECTURE.md, The scorer), exactly as the authors coded it.
 
 `CampScorer` holds the weights and computes the *direct form*: every image of a batch against
 every caption, as the official training and evaluation code does. The reranker uses the

@@ -44,7 +44,7 @@ def config_from_dict(cls: type[Config], data: Mapping[str, Any], *, what: str) -
 
 @dataclass(frozen=True)
 class CampConfig:
-    """Sizes of the CAMP model (DESIGN §4).
+    """Sizes of the CAMP model (docs/ARCHITECTURE.md, The model).
 
     vocab_size: rows of the word embedding (ids 0-3 are <pad>, <start>, <end>, <unk>).
     word_dim: word embedding width (300 in the paper).

@@ -1,7 +1,7 @@
 """Evaluation/training data: the precomputed layout (N-row or 5N-row images) and manifests.
 
-Precomputed layout (SCAN/VSE++/CAMP, DESIGN §5): `{split}_ims.npy` [N or 5N, R, D],
-`{split}_caps.txt` with 5 consecutive captions per image, optional `{split}_ids.txt`. The
+Precomputed layout (SCAN/VSE++/CAMP, docs/ARCHITECTURE.md, Data formats): `{split}_ims.npy` [N or
+5N, R, D], `{split}_caps.txt` with 5 consecutive captions per image, optional `{split}_ids.txt`. The
 official loader accepts only 5N rows (one image row per caption); both load here, and a 5N array
 is reduced to its N distinct rows (every 5th). A manifest (`manifest.jsonl`) is turned into that
 layout once with the model's region extractor and cached.

@@ -1,4 +1,5 @@
-"""Evaluate a `RetrievalModel` on a split: pooled, exhaustive and two-stage (DESIGN §6).
+"""Evaluate a `RetrievalModel` on a split: pooled, exhaustive and two-stage (docs/ARCHITECTURE.md,
+The evaluation protocol).
 
 Used by `camp-search evaluate`. COCO's `testall` (5,000 images) is scored as the mean of its
 five 1K folds and as the whole 5K; any other split as one set. The exhaustive mode runs CAMP

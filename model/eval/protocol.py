@@ -1,4 +1,5 @@
-"""The VSE++/SCAN evaluation protocol (DESIGN §6) for pooled, exhaustive and two-stage ranking.
+"""The VSE++/SCAN evaluation protocol (docs/ARCHITECTURE.md, The evaluation protocol) for pooled,
+exhaustive and two-stage ranking.
 
 Score matrices are images × captions [N, 5N], caption j belongs to image j // 5.
 * i2t rank of image i: best (smallest) position of any of its 5 captions among all 5N captions;

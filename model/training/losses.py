@@ -1,5 +1,6 @@
 """Training losses on a square score matrix S [B, B]: rows images, columns captions, diagonal
-positives (DESIGN §4.4, §4.5). All return a scalar **sum** over the batch unless named mean.
+positives (docs/ARCHITECTURE.md, Training and Shortlist heads). All return a scalar **sum** over
+the batch unless named mean.
 """
 
 from __future__ import annotations

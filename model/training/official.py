@@ -1,4 +1,5 @@
-"""The authors' recipe for precomputed BUTD features (DESIGN §4.4), meant for a GPU.
+"""The authors' recipe for precomputed BUTD features (docs/ARCHITECTURE.md, Training), meant for a
+GPU.
 
 BCE on the hardest negative of every row and column of the B×B score matrix of a batch (all
 pairs, scored with the precompute split in checkpointed blocks so that a batch fits one GPU:

@@ -3,7 +3,8 @@
 * "residual" (the CPU recipe of the shipped model): frozen MiniLM + grid features; stage
   "pooled" trains the shortlist heads with InfoNCE, stage "reranker" trains CAMP as a residual
   over the frozen shortlist on mined shortlists (model/training/reranker.py).
-* "camp_official" (BUTD precomputed features on a GPU, DESIGN §4.4): GRU text encoder over a
+* "camp_official" (BUTD precomputed features on a GPU, docs/ARCHITECTURE.md, Training): GRU text
+encoder over a
   vocabulary built from the training captions (count >= 4), BCE hardest-negative loss on all
   B×B pairs of a batch, three stages: (1) everything, Adam; (2) encoders and the 8 attention
   projections frozen, SGD nesterov; (3) everything, SGD; then the shortlist heads (InfoNCE) on

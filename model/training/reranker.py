@@ -6,7 +6,8 @@ learn a correction. Each step takes B caption queries (t2i) and B image queries 
 query gets its positive plus `negatives` candidates drawn from its own pooled top-`pool` (what
 the reranker sees at serving time), and the loss is a listwise softmax cross-entropy over each
 group (the positive in slot 0). `loss="bce_hardest"` instead uses the authors' BCE on the
-group's hardest negative (DESIGN §4.4). `negatives_from="batch"` trains on CAMP's own shape
+group's hardest negative (docs/ARCHITECTURE.md, Training). `negatives_from="batch"` trains on
+CAMP's own shape
 instead: B distinct images with one caption each, every B×B pair scored, a symmetric listwise
 loss with the diagonal positive (much faster to learn from scratch: bench/train_step.py).
 """

@@ -1,6 +1,6 @@
 """Extract region features for a manifest or a folder of images into the precomputed layout.
 
-Output, per split (DESIGN §5), in `out_dir`:
+Output, per split (docs/ARCHITECTURE.md, Data formats), in `out_dir`:
     {split}_ims.npy    float16/float32 [N, R, D]  region features, one row per kept image
     {split}_boxes.npy  float32 [N, R, 4]          normalised (x0, y0, x1, y1) boxes
     {split}_ids.txt    N lines                    image ids
