@@ -110,35 +110,41 @@ class ImagePrecompute:
 
     @staticmethod
     def cat(items: list[ImagePrecompute]) -> ImagePrecompute:
-        """Concatenate, padding every image to the widest one.
-
-        Images of one width are one `torch.cat` per tensor, exactly as before masks existed.
-        Mixed widths cost one `torch.cat` and one `masked_scatter_` per tensor into a zeroed
-        padded buffer (the slots each row owns come from the shapes, known on the host, so
-        nothing is read back from the device and no op runs per item).
-        """
-        widths = [item.regions.shape[1] for item in items]
-        width = max(widths)
+        """Concatenate, padding every image to the widest one (see `_padded_cat`); images of
+        one width concatenate exactly as before masks existed."""
         counts = torch.cat([item.region_counts for item in items])
-        if min(widths) == width:
-            same = {
-                name: torch.cat([getattr(item, name) for item in items])
-                for name in (*_IMAGE_REGION_FIELDS, *_IMAGE_SQUARE_FIELDS)
-            }
-            return ImagePrecompute(region_counts=counts, **same)
-        first = items[0].regions
-        owned = _owned_slots(widths, [len(item) for item in items], width, first.device)
-        rows = len(counts)
-        out: dict[str, Tensor] = {}
-        for name in _IMAGE_REGION_FIELDS:
-            flat = torch.cat([getattr(item, name).reshape(-1) for item in items])
-            padded = flat.new_zeros((rows, width, getattr(items[0], name).shape[-1]))
-            out[name] = padded.masked_scatter_(owned.unsqueeze(-1), flat)
-        square = owned.unsqueeze(-1) & owned.unsqueeze(-2)
-        for name in _IMAGE_SQUARE_FIELDS:
-            flat = torch.cat([getattr(item, name).reshape(-1) for item in items])
-            out[name] = flat.new_zeros((rows, width, width)).masked_scatter_(square, flat)
-        return ImagePrecompute(region_counts=counts, **out)
+        padded = _padded_cat(items, _IMAGE_REGION_FIELDS, _IMAGE_SQUARE_FIELDS)
+        return ImagePrecompute(region_counts=counts, **padded)
+
+
+def _padded_cat(items: list, row_fields: tuple[str, ...], square_fields: tuple[str, ...]):
+    """{field: the items' tensors concatenated, each padded with zeros to the widest}.
+
+    `row_fields` are [n, W, d], `square_fields` [n, W, W], W varying by item. Items of one width
+    are one `torch.cat` per tensor. Mixed widths cost one `torch.cat` and one `masked_scatter_`
+    per tensor into a zeroed buffer: the slots each row owns come from the shapes, known on the
+    host, so nothing is read back from the device and no op runs per item.
+    """
+    widths = [getattr(item, row_fields[0]).shape[1] for item in items]
+    width = max(widths)
+    if min(widths) == width:
+        return {
+            name: torch.cat([getattr(item, name) for item in items])
+            for name in (*row_fields, *square_fields)
+        }
+    first = getattr(items[0], row_fields[0])
+    owned = _owned_slots(widths, [len(item) for item in items], width, first.device)
+    rows = owned.shape[0]
+    out: dict[str, Tensor] = {}
+    for name in row_fields:
+        flat = torch.cat([getattr(item, name).reshape(-1) for item in items])
+        padded = flat.new_zeros((rows, width, getattr(items[0], name).shape[-1]))
+        out[name] = padded.masked_scatter_(owned.unsqueeze(-1), flat)
+    square = owned.unsqueeze(-1) & owned.unsqueeze(-2)
+    for name in square_fields:
+        flat = torch.cat([getattr(item, name).reshape(-1) for item in items])
+        out[name] = flat.new_zeros((rows, width, width)).masked_scatter_(square, flat)
+    return out
 
 
 def _owned_slots(widths: list[int], rows: list[int], width: int, device: torch.device) -> Tensor:
@@ -220,21 +226,9 @@ class CaptionPrecompute:
 
     @staticmethod
     def cat(items: list[CaptionPrecompute]) -> CaptionPrecompute:
-        """Concatenate, re-padding every caption to the longest one."""
-        width = max(item.words.shape[1] for item in items)
-
-        def pad(x: Tensor, dims: int) -> Tensor:
-            extra = width - x.shape[1]
-            return F.pad(x, (0, extra) * dims if dims == 2 else (0, 0, 0, extra))
-
-        out = {
-            name: torch.cat([pad(getattr(i, name), 1) for i in items])
-            for name in _CAPTION_WORD_FIELDS
-        }
-        for name in _CAPTION_SQUARE_FIELDS:
-            out[name] = torch.cat([pad(getattr(i, name), 2) for i in items])
-        out["lengths"] = torch.cat([i.lengths for i in items])
-        return CaptionPrecompute(**out)
+        """Concatenate, re-padding every caption to the longest one (see `_padded_cat`)."""
+        padded = _padded_cat(items, _CAPTION_WORD_FIELDS, _CAPTION_SQUARE_FIELDS)
+        return CaptionPrecompute(lengths=torch.cat([i.lengths for i in items]), **padded)
 
 
 def _block_shape(ni: int, nc: int, max_pairs: int) -> tuple[int, int]:
