@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from model.architecture.encoders import pad_token_ids
 from model.architecture.network import NetworkSpec, RetrievalNetwork
 from model.eval.data import DataError, load_precomputed
 from model.eval.evaluate_model import EncodedSplit
 from model.retrieval import RetrievalModel
 from model.text.vocab import Vocabulary
 from model.training.features import region_means
+from model.training.official import batch_logits
 
 PADDING_VALUE = 3.0  # what padded rows hold on disk: masks must make it irrelevant
 
@@ -132,3 +134,27 @@ def test_training_region_means_leave_the_padding_out(padded_split) -> None:
     expected = np.stack([images[i, : counts[i]].astype(np.float32).mean(0) for i in range(12)])
     np.testing.assert_allclose(means, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(region_means(images).numpy(), images.mean(1, dtype=np.float32))
+
+
+def test_training_logits_of_a_padded_batch_are_each_image_alone_and_padding_gets_no_gradient(
+    padded_split, model
+) -> None:
+    """The official recipe's differentiable B x B logits (`batch_logits`) with region counts."""
+    images, counts, captions, _ = padded_split
+    camp = model.network.camp
+    token_ids = [model.tokenize([text])[0][0] for text in captions[:6]]
+    ids, lengths = pad_token_ids(token_ids)
+    regions = torch.from_numpy(images[:6]).float().requires_grad_(True)
+    got = batch_logits(camp, regions, ids, lengths, 4, torch.from_numpy(counts[:6]))
+    with torch.no_grad():
+        expected = torch.cat(
+            [
+                batch_logits(camp, regions[i : i + 1, : counts[i]], ids, lengths, 36)
+                for i in range(6)
+            ]
+        )
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-5)
+    got.sum().backward()
+    padding = torch.arange(images.shape[1])[None, :] >= torch.from_numpy(counts[:6])[:, None]
+    assert regions.grad[padding].abs().max() == 0
+    assert regions.grad[~padding].abs().max() > 0
