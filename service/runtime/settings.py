@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         description="In-process region-feature cache, used only without CAMPSEARCH_REDIS_URL "
         "(~0.12 MiB a photo with 49 grid regions).",
     )
+    keep_region_features: bool = Field(
+        default=True,
+        description="Keep each photo's raw region features beside its stored rerank tensors "
+        "(float16: ~123 KiB a photo with 49 grid regions). false drops them once the tensors "
+        "are stored (~71 KiB a photo left): searches never need them, but a new model can then "
+        "not rebuild its tensors and is refused at start.",
+    )
     search_memory_mib: int = Field(
         default=256,
         ge=0,
