@@ -511,9 +511,9 @@ class Corpus:
         deleted meanwhile are skipped, so nothing is left that no catalog row owns). Returns
         how many were stored."""
         with self._write_lock:
-            ids = self.catalog.image_ids() if kind == "images" else self.catalog.caption_ids()
-            present = set(ids.tolist())
-            kept = {int(i): r for i, r in records.items() if int(i) in present}
+            ids = [int(i) for i in records]
+            present = self.catalog.get_images(ids) if kind == "images" else self.get_captions(ids)
+            kept = {i: records[i] for i in ids if i in present}
             if kept:
                 self.store.write({rerank_namespace(kind, self.tensor_version): kept})
             return len(kept)

@@ -397,13 +397,14 @@ class ServiceState:
         if self.settings.heap_trim_interval_s > 0 and can_trim_heap():
             self._tasks.append(asyncio.create_task(self._trim_heap_periodically()))
         self._ready.set()
+        indexes = runtime.corpus.index_summaries()  # in memory: no SQLite on the event loop
         logger.info(
             "ready: model %s, extractor %s on %s, %d images, %d captions",
             runtime.model.version,
             runtime.extractor.version,
             runtime.extractor.device,
-            runtime.corpus.count_images(),
-            runtime.corpus.count_captions(),
+            indexes["images"].count,
+            indexes["captions"].count,
         )
 
     def begin(self) -> None:
