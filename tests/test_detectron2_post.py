@@ -4,9 +4,12 @@ failure when detectron2 is missing."""
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from model.vision.extractors import InvalidExtractorConfig, check_extractor_config
 from model.vision.extractors.detectron2 import (
@@ -257,3 +260,85 @@ def test_detectron2_settings_are_validated_before_importing_it() -> None:
     with pytest.raises(InvalidExtractorConfig, match=r"unknown setting.*max_box"):
         check_extractor_config("detectron2", {"weights": "w", "config_file": "c", "max_box": 9})
     check_extractor_config("detectron2", {"weights": "w", "config_file": "c", "max_boxes": 100})
+
+
+class FakeBoxes:
+    """detectron2's `Boxes` as the extractor uses it: `.tensor` [N, 4] and `len`."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+
+class FakeDetector(torch.nn.Module):
+    """The parts of a detectron2 GeneralizedRCNN + Res5ROIHeads the extractor calls, so its
+    batching runs without detectron2: proposals are given per image (in resized pixels), a
+    box's pooled feature is one-hot at its class (each box less sure than the one before), and
+    logits follow the features."""
+
+    def __init__(self, proposals_per_image: list[np.ndarray]) -> None:
+        super().__init__()
+        self.proposals_per_image = proposals_per_image
+        self.backbone_batches: list[tuple[int, ...]] = []
+        self.roi_heads = self
+        self.in_features = ["res4"]
+        self.box_predictor = self._predict
+
+    def preprocess_image(self, inputs: list[dict[str, torch.Tensor]]) -> types.SimpleNamespace:
+        height = max(item["image"].shape[1] for item in inputs)
+        width = max(item["image"].shape[2] for item in inputs)
+        padded = torch.zeros(len(inputs), 3, height, width)
+        for index, item in enumerate(inputs):
+            padded[index, :, : item["image"].shape[1], : item["image"].shape[2]] = item["image"]
+        sizes = [tuple(item["image"].shape[1:]) for item in inputs]
+        return types.SimpleNamespace(tensor=padded, image_sizes=sizes)
+
+    def backbone(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.backbone_batches.append(tuple(tensor.shape))
+        return {"res4": tensor}
+
+    def proposal_generator(self, batch, features, targets) -> tuple[list, dict]:
+        proposals = [
+            types.SimpleNamespace(proposal_boxes=FakeBoxes(torch.from_numpy(boxes)))
+            for boxes in self.proposals_per_image
+        ]
+        return proposals, {}
+
+    def _shared_roi_transform(self, features, boxes: list[FakeBoxes]) -> torch.Tensor:
+        count = sum(len(b) for b in boxes)
+        out = torch.zeros(count, POOLED_FEATURE_DIM, 2, 2)
+        boxes_index = torch.arange(count)
+        strength = (1.0 - 0.1 * boxes_index)[:, None, None]
+        out[boxes_index, boxes_index % 1600] = strength  # box i: class i, less sure
+        return out
+
+    def _predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pooled[:, :1601] * 12.0, torch.zeros(len(pooled), 4)
+
+
+def test_images_go_through_the_detector_as_one_batch(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # first photo: three boxes far apart; second photo: the detector proposes nothing
+    far_apart = np.array([[0, 0, 100, 100], [200, 0, 300, 100], [0, 200, 100, 300]], "float32")
+    detector = FakeDetector([far_apart, np.zeros((0, 4), dtype=np.float32)])
+    monkeypatch.setattr(
+        Detectron2Extractor, "_build_model", lambda self: (detector, "BGR", FakeBoxes)
+    )
+    extractor = Detectron2Extractor(
+        weights="w.pth", config_file="c.yaml", min_boxes=1, max_boxes=10, device="cpu"
+    )
+    photos = [Image.new("RGB", (60, 40), "red"), Image.new("RGB", (30, 50), "blue")]
+    first, second = extractor.extract(photos)
+    # one backbone call for both photos, resized (900 x 600, 600 x 1000) and padded together
+    assert detector.backbone_batches == [(2, 3, 1000, 900)]
+    # 60 x 40 is scaled by 15 (short edge 600): boxes back in original pixels, normalised
+    np.testing.assert_allclose(first.boxes, far_apart / 15 / [60, 40, 60, 40], rtol=1e-6)
+    assert first.features.shape == (3, POOLED_FEATURE_DIM) and first.extractor_version.endswith(
+        "-v2"
+    )
+    # nothing proposed: the whole photo is its one region
+    np.testing.assert_array_equal(second.boxes, [[0, 0, 1, 1]])
+    assert second.features.shape == (1, POOLED_FEATURE_DIM)
