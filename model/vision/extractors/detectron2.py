@@ -2,9 +2,14 @@
 the detector SCAN, CAMP and IMRAM features come from: 2048-d mean-pooled res5 box features.
 
 detectron2 is not on PyPI and is imported only when an extractor is built. Everything that
-does not need it (per-class NMS, the box-selection rule of the original
-`generate_tsv.py`, box normalisation, feature shape checks) is a plain numpy function here
-with its own tests.
+does not need it (class-wise NMS of all classes in one batched pass, the box-selection rule of
+the original `generate_tsv.py`, box normalisation, feature shape checks) is a plain numpy
+function here with its own tests.
+
+The config and weights follow upstream detectron2's conventions: the box predictor's scores
+are [N, C+1] with the background LAST (the Caffe original put it first; weights converted
+from it must have their classifier rows reordered). A list of photos runs through the
+backbone, the RPN and the res5 head as one padded batch of `batch_size`.
 """
 
 from __future__ import annotations
