@@ -22,12 +22,12 @@ from model.architecture.encoders import pad_token_ids
 from model.architecture.network import RetrievalNetwork
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
+from model.checkpoints.extractor import ExtractorRecord
 from model.devices import DEVICE_AUTO, resolve_device
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
 DEFAULT_VERSION = "default-v2"
-DEFAULT_EXTRACTOR = {"name": "grid", "config": {"fit": "squash"}}
 # The reranker's arithmetic on the model's device (CUDA or CPU): fp32, or torch.autocast in
 # bf16/fp16 (matmuls in the low precision, softmaxes and the fused score in fp32).
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -83,6 +83,7 @@ class RetrievalModel:
         device: torch.device,
         metadata: dict[str, Any] | None = None,
         precision: Precision = "fp32",
+        extractor_version: str = "",
     ) -> None:
         if precision != "fp32" and precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -91,6 +92,7 @@ class RetrievalModel:
         self.version = version
         self.extractor_name = extractor_name
         self.extractor_config = dict(extractor_config)
+        self.extractor_version = extractor_version  # "" when the checkpoint does not say
         self.region_dim = network.spec.region_dim
         self.pooled_dim = network.pooled_dim
         self.device = device
@@ -123,13 +125,14 @@ class RetrievalModel:
         precision: Precision = "fp32",
     ) -> RetrievalModel:
         meta = checkpoint.metadata
-        extractor = meta.get("extractor") or DEFAULT_EXTRACTOR
+        extractor = ExtractorRecord.from_metadata(meta)
         version = meta.get("version") or checkpoint.config.name or "unversioned"
         return cls(
             RetrievalNetwork.from_checkpoint(checkpoint),
             version=str(version),
-            extractor_name=str(extractor["name"]),
-            extractor_config=dict(extractor.get("config") or {}),
+            extractor_name=extractor.name,
+            extractor_config=extractor.config,
+            extractor_version=extractor.version,
             device=resolve_device(device),
             metadata=meta,
             precision=precision,

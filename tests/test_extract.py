@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from model.types import RegionFeatures
 from model.vision.extract import (
     META_FILE,
     REFUSED_FILE,
@@ -19,10 +20,12 @@ from model.vision.extract import (
     extract_dataset,
     read_manifest,
 )
+from model.vision.extractors import RegionExtractor, register_extractor
 from model.vision.extractors.grid import GridExtractor
 from model.vision.images import decode_image
 from service.cli.main import app
 
+ADAPTIVE_DIM = 6
 SPLIT_SIZES = {"train": 5, "dev": 3}  # real photos per split; dev also gets a corrupt file
 SHARD_SIZE = 2
 BATCH_SIZE = 2
@@ -87,7 +90,8 @@ def test_manifest_to_precomputed_layout(dataset: Path, tmp_path: Path, grid: Gri
     meta = json.loads((out / META_FILE).read_text())
     assert meta["extractor"] == "grid" and meta["extractor_version"] == grid.version
     assert meta["dtype"] == "float16" and meta["fit"] == "squash"
-    assert meta["splits"]["dev"] == {"images": 3, "captions": 15, "refused": 1}
+    assert meta["splits"]["dev"] == {"images": 3, "regions": 49, "captions": 15, "refused": 1}
+    np.testing.assert_array_equal(np.load(out / "dev_region_counts.npy"), [49, 49, 49])
     assert not (out / SHARDS_DIR).exists()
 
 
@@ -211,3 +215,129 @@ def test_cli_extract(dataset: Path, tmp_path: Path) -> None:
         app, ["extract", str(dataset), "--out", str(out), "--extractor", "clip"]
     )
     assert bad.exit_code == 2 and "no extractor named 'clip'" in bad.output
+
+
+@register_extractor("test-adaptive")
+class AdaptiveExtractor(RegionExtractor):
+    """Stands in for detectron2 with adaptive box counts: each photo gets its own number of
+    regions between min_boxes and max_boxes, and features, both read from its pixels (so a
+    rerun gives the same), without a detector."""
+
+    CONFIG_KEYS = ("min_boxes", "max_boxes", "batch_size", "device")
+
+    def __init__(
+        self, *, min_boxes: int = 10, max_boxes: int = 100, batch_size: int = 2, device="cpu"
+    ) -> None:
+        super().__init__(batch_size=batch_size, device=device)
+        self.min_boxes, self.max_boxes = min_boxes, max_boxes
+
+    @classmethod
+    def from_config(cls, config) -> AdaptiveExtractor:
+        cls.check_config(config)
+        return cls(**dict(config))
+
+    @property
+    def version(self) -> str:
+        return f"adaptive-{self.min_boxes}-{self.max_boxes}"
+
+    @property
+    def feature_dim(self) -> int:
+        return ADAPTIVE_DIM
+
+    @property
+    def num_regions(self) -> int:
+        return self.max_boxes
+
+    def count_for(self, image) -> int:
+        brightness = int(np.asarray(image, dtype=np.float32).mean() * 10)
+        return self.min_boxes + brightness % (self.max_boxes - self.min_boxes + 1)
+
+    def _extract_batch(self, images) -> list[RegionFeatures]:
+        results = []
+        for image in images:
+            count = self.count_for(image)
+            mean = float(np.asarray(image, dtype=np.float32).mean())
+            features = mean + np.arange(count * ADAPTIVE_DIM, dtype=np.float32)
+            boxes = np.linspace(0, 1, count, dtype=np.float32)[:, None] * [0, 0, 1, 1]
+            results.append(
+                RegionFeatures(
+                    boxes=boxes.astype(np.float32),
+                    features=features.reshape(count, ADAPTIVE_DIM) / 100,
+                    image_size=image.size,
+                    extractor=self.name,
+                    extractor_version=self.version,
+                )
+            )
+        return results
+
+
+def test_adaptive_box_counts_are_padded_to_the_split_and_counted(
+    dataset: Path, tmp_path: Path
+) -> None:
+    extractor = AdaptiveExtractor(min_boxes=10, max_boxes=100)
+    out = tmp_path / "out"
+    summary = extract_dataset(dataset, out, extractor, dtype="float32", shard_size=SHARD_SIZE)
+    records = {r.id: r for r in read_manifest(dataset)}
+    meta = json.loads((out / META_FILE).read_text())
+    for split in SPLIT_SIZES:
+        ids = (out / f"{split}_ids.txt").read_text().splitlines()
+        photos = [decode_image(records[i].path.read_bytes()).image for i in ids]
+        expected = [extractor.count_for(photo) for photo in photos]
+        counts = np.load(out / f"{split}_region_counts.npy")
+        ims, boxes = np.load(out / f"{split}_ims.npy"), np.load(out / f"{split}_boxes.npy")
+        np.testing.assert_array_equal(counts, expected)
+        assert counts.dtype == np.int32
+        assert ims.shape == (len(ids), max(expected), ADAPTIVE_DIM)
+        assert boxes.shape == (len(ids), max(expected), 4)
+        assert summary.regions[split] == meta["splits"][split]["regions"] == max(expected)
+        for row, (photo, count) in enumerate(zip(photos, expected, strict=True)):
+            (direct,) = extractor.extract([photo])
+            np.testing.assert_array_equal(ims[row, :count], direct.features)
+            np.testing.assert_array_equal(boxes[row, :count], direct.boxes)
+            assert not ims[row, count:].any() and not boxes[row, count:].any()
+    assert len(set(np.load(out / "train_region_counts.npy").tolist())) > 1  # really mixed
+    # a finished run is recognised, region widths included
+    rerun = extract_dataset(dataset, out, extractor, dtype="float32", shard_size=SHARD_SIZE)
+    assert rerun.shards_reused == rerun.shards_total and rerun.regions == summary.regions
+
+
+def test_an_extractor_giving_more_regions_than_it_promised_is_refused(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extractor = AdaptiveExtractor(min_boxes=10, max_boxes=20)
+    monkeypatch.setattr(AdaptiveExtractor, "num_regions", property(lambda self: 5))
+    with pytest.raises(ValueError, match=r"gave 1[0-9] regions .* at most 5"):
+        extract_dataset(dataset, tmp_path / "out", extractor)
+
+
+def test_cli_extract_with_adaptive_box_counts(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli-out"
+    arguments = ["extract", str(dataset), "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(
+        app,
+        [*arguments, "--extractor", "test-adaptive", "--min-boxes", "10", "--max-boxes", "20"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    counts = np.load(out / "train_region_counts.npy")
+    assert counts.min() >= 10 and counts.max() <= 20
+    assert np.load(out / "train_ims.npy").shape == (5, counts.max(), ADAPTIVE_DIM)
+    assert "_region_counts.npy" in result.output
+    # a box setting the extractor does not take is refused by name, not ignored
+    grid = CliRunner().invoke(app, [*arguments, "--min-boxes", "10"], env={"COLUMNS": "200"})
+    assert grid.exit_code == 2
+    assert "unknown setting(s) for the 'grid' extractor: min_boxes" in grid.output
+    # detectron2's own checks run before anything is built or imported
+    files = ["--weights", "w.pth", "--config-file", "c.yaml"]
+    boxes = ["--min-boxes", "50", "--max-boxes", "10", "--confidence-threshold", "0.3"]
+    detector = CliRunner().invoke(
+        app, [*arguments, "--extractor", "detectron2", *files, *boxes], env={"COLUMNS": "200"}
+    )
+    assert detector.exit_code == 2 and "min_boxes <= max_boxes" in detector.output
+    missing = CliRunner().invoke(
+        app,
+        [*arguments, "--extractor", "detectron2", "--min-boxes", "10", "--max-boxes", "100"],
+        env={"COLUMNS": "200", "CAMPSEARCH_DETECTRON2_CONFIG": str(tmp_path / "butd.yaml")},
+    )
+    assert missing.exit_code == 2
+    assert "needs weights;" in missing.output  # the config came from the setting

@@ -237,7 +237,10 @@ def test_official_recipe_runs_its_three_stages(shared_dir, tmp_path):
         "recipe": "camp_official",
         "version": "official-test",
         "data": {"root": str(data), "min_count": 1},
-        "extractor": {"name": "detectron2", "config": {}},
+        "extractor": {
+            "name": "detectron2",
+            "config": {"config_file": "butd.yaml", "weights": "vg.pkl", "max_boxes": 36},
+        },
         "network": {
             "text_encoder": "gru",
             "embed_size": 16,
@@ -265,6 +268,7 @@ def test_official_recipe_runs_its_three_stages(shared_dir, tmp_path):
     assert [e["stage"] for e in events if e["event"] == "dev"] == ["attention", "fusion", "all"]
     model = RetrievalModel.load(run / "best.pt", device="cpu")
     assert model.extractor_name == "detectron2" and model.pooled_dim == 8
+    assert model.extractor_config["weights"] == "vg.pkl"  # the service can rebuild it
 
 
 def _gru_network(vocabulary) -> RetrievalNetwork:

@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from model.architecture.network import NetworkSpec
+from model.checkpoints.extractor import ExtractorRecord, ExtractorRecordError
+from model.vision.extractors import (
+    InvalidExtractorConfig,
+    UnknownExtractor,
+    check_extractor_config,
+)
 
 RECIPES = ("residual", "camp_official")
 
@@ -63,11 +69,16 @@ class TrainConfig:
             NetworkSpec.from_dict(config.network)
         except ValueError as exc:
             raise TrainConfigError(f"{path}: network: {exc}") from exc
+        try:  # every checkpoint carries it: the service must be able to rebuild the extractor
+            record = ExtractorRecord.from_dict(config.extractor)
+            check_extractor_config(record.name, record.config)
+        except (ExtractorRecordError, InvalidExtractorConfig, UnknownExtractor) as exc:
+            raise TrainConfigError(f"{path}: extractor: {exc}") from exc
         return config
 
     def metadata(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "extractor": self.extractor,
+            "extractor": ExtractorRecord.from_dict(self.extractor).to_dict(),
             "training": {"recipe": self.recipe, "seed": self.seed, "data": self.data},
         }

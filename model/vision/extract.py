@@ -3,6 +3,8 @@
 Output, per split (docs/ARCHITECTURE.md, Data formats), in `out_dir`:
     {split}_ims.npy    float16/float32 [N, R, D]  region features, one row per kept image
     {split}_boxes.npy  float32 [N, R, 4]          normalised (x0, y0, x1, y1) boxes
+    {split}_region_counts.npy  int32 [N]          real regions of each image: the first
+                                                  count rows are real, the rest zero padding
     {split}_ids.txt    N lines                    image ids
     {split}_caps.txt   5N lines                   5 consecutive captions per image (manifests
                                                   only: a folder has no captions, no file)
@@ -13,6 +15,11 @@ Work is done in shards (`shard_size` images of one split) written atomically und
 `out_dir/.shards/<run fingerprint>/`; a rerun with the same inputs and settings reuses every
 finished shard, then the final files are assembled and the shards removed. Images the
 decoder refuses are skipped, listed in refused.jsonl, and their captions dropped with them.
+
+Extractors with adaptive box counts (detectron2 with min_boxes < max_boxes) give images
+different numbers of regions: a split's R is the most any of its images got, and
+`{split}_region_counts.npy` says how many rows of each image are real (a region mask). With a
+fixed count every entry is R.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ OUTPUT_DTYPES = ("float16", "float32")
 META_FILE = "meta.json"
 REFUSED_FILE = "refused.jsonl"
 SHARDS_DIR = ".shards"
-LAYOUT_VERSION = 1
+SHARD_ARRAYS = ("features", "boxes", "counts", "ids", "refused")
+LAYOUT_VERSION = 2  # 2: region counts (adaptive box counts, padded)
+REGION_COUNT_DTYPE = np.int32
 
 
 Entry = TypeVar("Entry")
@@ -92,6 +101,7 @@ class ExtractSummary:
 
     out_dir: Path
     images: dict[str, int] = field(default_factory=dict)
+    regions: dict[str, int] = field(default_factory=dict)  # per split: R, the padded width
     refused: list[Refusal] = field(default_factory=list)
     shards_total: int = 0
     shards_reused: int = 0
@@ -258,9 +268,11 @@ def _extract_shard(
     max_pixels: int,
     progress: Callable[[int], None] | None,
 ) -> dict[str, Any]:
-    """Decode and extract one shard batch by batch; returns the arrays to store."""
+    """Decode and extract one shard batch by batch; returns the arrays to store, each image's
+    regions padded with zeros to the extractor's `num_regions`."""
     features: list[np.ndarray] = []
     boxes: list[np.ndarray] = []
+    counts: list[int] = []
     kept: list[str] = []
     refused: list[Refusal] = []
     for start in range(0, len(shard.records), extractor.batch_size):
@@ -275,8 +287,10 @@ def _extract_shard(
                 batch_records.append(record)
         if images:
             for record, regions in zip(batch_records, extractor.extract(images), strict=True):
-                features.append(regions.features.astype(dtype))
-                boxes.append(regions.boxes)
+                padded_features, padded_boxes = _padded(regions, extractor.num_regions, dtype)
+                features.append(padded_features)
+                boxes.append(padded_boxes)
+                counts.append(regions.num_regions)
                 kept.append(record.id)
         if progress is not None:
             progress(len(batch))
@@ -284,9 +298,24 @@ def _extract_shard(
     return {
         "features": np.stack(features) if features else np.zeros(shape, dtype=dtype),
         "boxes": np.stack(boxes) if boxes else np.zeros((*shape[:2], 4), dtype=np.float32),
+        "counts": np.asarray(counts, dtype=REGION_COUNT_DTYPE),
         "ids": np.asarray(kept, dtype=str),
         "refused": np.asarray(json.dumps([r.extract_line() for r in refused])),
     }
+
+
+def _padded(regions: Any, width: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features [width, D], boxes [width, 4]): the regions, then zero rows."""
+    count = regions.num_regions
+    if count > width:
+        raise ValueError(
+            f"the extractor gave {count} regions for one image but says it gives at most {width}"
+        )
+    features = np.zeros((width, regions.feature_dim), dtype=dtype)
+    boxes = np.zeros((width, 4), dtype=np.float32)
+    features[:count] = regions.features
+    boxes[:count] = regions.boxes
+    return features, boxes
 
 
 def _load_shard(path: Path, shard: _Shard) -> dict[str, Any] | None:
@@ -295,12 +324,14 @@ def _load_shard(path: Path, shard: _Shard) -> dict[str, Any] | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            arrays = {key: stored[key] for key in ("features", "boxes", "ids", "refused")}
+            arrays = {key: stored[key] for key in SHARD_ARRAYS}
     except (OSError, ValueError, KeyError):
         return None
     refused_ids = {r["id"] for r in json.loads(str(arrays["refused"]))}
     expected = [r.id for r in shard.records if r.id not in refused_ids]
-    if arrays["ids"].tolist() != expected or len(arrays["features"]) != len(expected):
+    if arrays["ids"].tolist() != expected or any(
+        len(arrays[key]) != len(expected) for key in ("features", "boxes", "counts")
+    ):
         return None
     return arrays
 
@@ -324,14 +355,19 @@ def _assemble_split(
     extractor: RegionExtractor,
     dtype: str,
     has_captions: bool,
-) -> int:
-    """Concatenate a split's shards into the final files (written atomically); returns N."""
+) -> tuple[int, int]:
+    """Concatenate a split's shards into the final files (written atomically), padded to the
+    most regions any image of the split got; returns (N, that R)."""
     ids: list[str] = []
+    counts: list[np.ndarray] = []
     for path in shard_paths:
         with np.load(path, allow_pickle=False) as stored:
             ids.extend(stored["ids"].tolist())
+            counts.append(stored["counts"])
     count = len(ids)
-    regions, dim = extractor.num_regions, extractor.feature_dim
+    region_counts = np.concatenate(counts).astype(REGION_COUNT_DTYPE)
+    regions = int(region_counts.max()) if count else extractor.num_regions
+    dim = extractor.feature_dim
 
     def write_array(name: str, shape: tuple[int, ...], array_dtype: str) -> None:
         def write(tmp: Path) -> None:
@@ -339,7 +375,7 @@ def _assemble_split(
             row = 0
             for path in shard_paths:
                 with np.load(path, allow_pickle=False) as stored:
-                    block = stored[name]
+                    block = stored[name][:, :regions]
                 target[row : row + len(block)] = block
                 row += len(block)
             target.flush()
@@ -350,12 +386,18 @@ def _assemble_split(
 
     write_array("features", (count, regions, dim), dtype)
     write_array("boxes", (count, regions, 4), "float32")
+    _atomic_write(out_dir / f"{split}_region_counts.npy", lambda tmp: _save_npy(tmp, region_counts))
     _write_text_lines(out_dir / f"{split}_ids.txt", ids)
     if has_captions:
         by_id = {r.id: r.captions for r in records}
         captions = [c for image_id in ids for c in by_id[image_id][:CAPTIONS_PER_IMAGE]]
         _write_text_lines(out_dir / f"{split}_caps.txt", [c.replace("\n", " ") for c in captions])
-    return count
+    return count, regions
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as handle:
+        np.save(handle, array)
 
 
 def extract_dataset(
@@ -411,7 +453,7 @@ def extract_dataset(
         paths_by_split.setdefault(shard.split, []).append(path)
 
     for split, paths in paths_by_split.items():
-        summary.images[split] = _assemble_split(
+        summary.images[split], summary.regions[split] = _assemble_split(
             split, paths, records, out_dir, extractor, dtype, has_captions
         )
     _write_text_lines(
@@ -435,12 +477,14 @@ def _finished_run(out_dir: Path, fingerprint: str, summary: ExtractSummary) -> b
         return False
     splits = meta["splits"]
     for split in splits:
-        names = [f"{split}_ims.npy", f"{split}_boxes.npy", f"{split}_ids.txt"]
+        names = [f"{split}_{name}" for name in ("ims.npy", "boxes.npy", "region_counts.npy")]
+        names.append(f"{split}_ids.txt")
         if summary.has_captions:
             names.append(f"{split}_caps.txt")
         if not all((out_dir / name).is_file() for name in names):
             return False
     summary.images = {split: int(info["images"]) for split, info in splits.items()}
+    summary.regions = {split: int(info["regions"]) for split, info in splits.items()}
     summary.refused = [Refusal(**json.loads(line)) for line in refused_lines if line.strip()]
     summary.shards_reused = summary.shards_total
     return True
@@ -471,6 +515,7 @@ def _write_meta(
         "splits": {
             split: {
                 "images": count,
+                "regions": summary.regions[split],
                 "captions": count * CAPTIONS_PER_IMAGE if summary.has_captions else 0,
                 "refused": refused_per_split.get(split, 0),
             }

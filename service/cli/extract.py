@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -24,14 +25,19 @@ def run_extract(
     shard_size: int,
     weights: Path | None,
     config_file: Path | None,
+    box_settings: Mapping[str, object] | None = None,
 ) -> None:
     """Extract with a progress bar, then print what was written, reused and refused; exits 2
-    on a bad extractor or input and 130 on an interrupt (finished shards are kept)."""
+    on a bad extractor or input and 130 on an interrupt (finished shards are kept).
+
+    `box_settings` (min_boxes, max_boxes, confidence_threshold) go to the extractor only when
+    given; one that does not take them refuses them by name rather than ignoring them."""
     settings: dict[str, object] = {"batch_size": batch_size, "device": device}
     if extractor == "grid":
         settings["fit"] = fit
     elif extractor == "detectron2":
         settings.update(weights=weights, config_file=config_file)
+    settings.update({k: v for k, v in (box_settings or {}).items() if v is not None})
     try:
         backend = create_extractor(extractor, settings)
     except (UnknownExtractor, InvalidExtractorConfig, ImportError) as exc:
@@ -57,7 +63,10 @@ def run_extract(
             raise typer.Exit(130) from None
 
     for split, count in summary.images.items():
-        console.print(f"{split}: {count} images -> {out}/{split}_ims.npy")
+        console.print(
+            f"{split}: {count} images, {summary.regions[split]} regions each at most "
+            f"-> {out}/{split}_ims.npy (real counts in {split}_region_counts.npy)"
+        )
     if not summary.has_captions:
         console.print("input is a folder: no captions, so no *_caps.txt was written")
     console.print(

@@ -33,12 +33,34 @@ def extract(
     fit: str = typer.Option("squash", help="grid only: squash, pad or crop the image to the input"),
     shard_size: int = typer.Option(512, min=1, help="images per resumable shard"),
     weights: Path | None = typer.Option(
-        None, help="detectron2 only: the bottom-up-attention weights"
+        None,
+        envvar="CAMPSEARCH_DETECTRON2_WEIGHTS",
+        help="detectron2 only: the bottom-up-attention weights",
     ),
-    config_file: Path | None = typer.Option(None, help="detectron2 only: its config yaml"),
+    config_file: Path | None = typer.Option(
+        None,
+        envvar="CAMPSEARCH_DETECTRON2_CONFIG",
+        help="detectron2 only: its config yaml (upstream detectron2 keys)",
+    ),
+    min_boxes: int | None = typer.Option(
+        None, min=1, help="detectron2 only: fewest boxes an image gets (default 36; adaptive: 10)"
+    ),
+    max_boxes: int | None = typer.Option(
+        None, min=1, help="detectron2 only: most boxes an image gets (default 36; adaptive: 100)"
+    ),
+    confidence_threshold: float | None = typer.Option(
+        None,
+        min=0.0,
+        max=1.0,
+        help="detectron2 only: boxes at least this confident are kept, between the two counts "
+        "(default 0.2)",
+    ),
 ) -> None:
-    """Extract region features into {split}_ims.npy, _boxes.npy, _ids.txt and _caps.txt.
+    """Extract region features into {split}_ims.npy, _boxes.npy, _region_counts.npy, _ids.txt
+    and _caps.txt.
 
+    With adaptive box counts (--min-boxes 10 --max-boxes 100) images get different numbers of
+    regions: each split is padded to its most, and _region_counts.npy says how many are real.
     Resumable: rerun the same command after an interrupt and finished shards are kept.
     """
     from service.cli.extract import run_extract
@@ -54,6 +76,11 @@ def extract(
         shard_size=shard_size,
         weights=weights,
         config_file=config_file,
+        box_settings={
+            "min_boxes": min_boxes,
+            "max_boxes": max_boxes,
+            "confidence_threshold": confidence_threshold,
+        },
     )
 
 

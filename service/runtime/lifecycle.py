@@ -97,17 +97,38 @@ def build_cache(settings: Settings) -> FeatureCache:
     )
 
 
-def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtractor:
-    """The extractor the model was trained on, on the configured device."""
-    if settings.extractor != model.extractor_name:
+def extractor_settings(settings: Settings, model: RetrievalModel) -> tuple[str, dict[str, Any]]:
+    """(name, config) of the extractor to build: the one the checkpoint's metadata records,
+    with the device and any detectron2 files the settings give instead. Refuses a
+    CAMPSEARCH_EXTRACTOR that differs from the model's: its features would be foreign."""
+    name = settings.extractor or model.extractor_name
+    if name != model.extractor_name:
         raise ValueError(
             f"the model was trained on {model.extractor_name!r} regions, but "
-            f"CAMPSEARCH_EXTRACTOR is {settings.extractor!r}: use the model's extractor"
+            f"CAMPSEARCH_EXTRACTOR is {name!r}: use the model's extractor"
         )
-    config: dict[str, object] = {**model.extractor_config, "device": settings.device}
-    if settings.extractor == "detectron2" and settings.detectron2_weights is not None:
-        config["weights"] = settings.detectron2_weights
-    return create_extractor(model.extractor_name, config)
+    config: dict[str, Any] = {**model.extractor_config, "device": settings.device}
+    if name == "detectron2":
+        if settings.detectron2_config is not None:
+            config["config_file"] = settings.detectron2_config
+        if settings.detectron2_weights is not None:
+            config["weights"] = settings.detectron2_weights
+    return name, config
+
+
+def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtractor:
+    """The extractor the model was trained on, on the configured device; a version that
+    differs from the one the checkpoint recorded is logged (other weights or box counts give
+    other features than the model saw)."""
+    name, config = extractor_settings(settings, model)
+    extractor = create_extractor(name, config)
+    if model.extractor_version and extractor.version != model.extractor_version:
+        logger.warning(
+            "the model's features came from extractor version %s; this service extracts %s",
+            model.extractor_version,
+            extractor.version,
+        )
+    return extractor
 
 
 def open_corpus(

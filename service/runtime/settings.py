@@ -34,8 +34,20 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(
         default=None, description="Model checkpoint; None means the shipped default model."
     )
-    extractor: Literal["grid", "detectron2"] = "grid"
-    detectron2_weights: Path | None = None
+    extractor: Literal["grid", "detectron2"] | None = Field(
+        default=None,
+        description="The region extractor; unset: the one the checkpoint's metadata names "
+        "(its features are what the model was trained on). Set, it must agree with it.",
+    )
+    detectron2_config: Path | None = Field(
+        default=None,
+        description="detectron2 only: the bottom-up-attention config yaml; unset: the one the "
+        "checkpoint's metadata names.",
+    )
+    detectron2_weights: Path | None = Field(
+        default=None,
+        description="detectron2 only: the detector's weights; unset: the checkpoint's.",
+    )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'")
     rerank_precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",

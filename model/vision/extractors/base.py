@@ -62,6 +62,14 @@ class RegionExtractor(ABC):
     @abstractmethod
     def num_regions(self) -> int: ...
 
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """Refuse a settings mapping `from_config` would refuse, without building anything
+        (no weights read): training presets and checkpoint metadata are checked with it."""
+        check_config_keys(config, cls.CONFIG_KEYS, cls.name)
+
     @classmethod
     @abstractmethod
     def from_config(cls, config: Mapping[str, Any]) -> RegionExtractor:
@@ -122,6 +130,12 @@ def extractor_class(name: str) -> type[RegionExtractor]:
         raise UnknownExtractor(
             f"no extractor named {name!r}; available: {', '.join(sorted(_REGISTRY))}"
         ) from None
+
+
+def check_extractor_config(name: str, config: Mapping[str, Any]) -> None:
+    """Raise UnknownExtractor or InvalidExtractorConfig if `create_extractor(name, config)`
+    would refuse these settings; builds nothing."""
+    extractor_class(name).check_config(config)
 
 
 def create_extractor(name: str, config: Mapping[str, Any] | None = None) -> RegionExtractor:
