@@ -285,3 +285,28 @@ def test_without_keeping_region_features_only_the_tensors_are_stored(tmp_path):
         assert corpus.drop_region_features() == 1
         assert corpus.get_region_features([image]) == {}
         assert list(corpus.get_rerank_tensors("images", [image])) == [image]
+
+
+def test_rerank_tensors_are_read_through_redis_per_tensor_version(tmp_path, redis_server):
+    """Reads go cache-first (a value only in Redis is served), keyed by the tensor version, and a
+    delete drops the cached copy too."""
+    from index.cache import RedisFeatureCache, cache_key, cache_keyspace
+    from index.codec import encode_arrays
+
+    rng = np.random.default_rng(9)
+    cache = RedisFeatureCache(redis_server.url, ttl_s=60)
+    corpus = Corpus.open(tmp_path / "data", **OPTIONS, cache=cache, tensor_version="m1+abc")
+    image = _add_with_tensors(corpus, 0, rng).image.id
+    stored = corpus.get_rerank_tensors("images", [image])[image]  # miss, written back
+    keyspace = cache_keyspace("rerank-images", "m1+abc")
+    client = redis_server.client()
+    assert client.get(cache_key(keyspace, image)) == encode_arrays(stored)
+    marker = {"regions": np.full((2, 8), 3, np.float16)}
+    cache.set_many(keyspace, {image: encode_arrays(marker)})
+    np.testing.assert_array_equal(
+        corpus.get_rerank_tensors("images", [image])[image]["regions"], marker["regions"]
+    )
+    assert corpus.delete_image(image)
+    assert client.get(cache_key(keyspace, image)) is None
+    corpus.close()
+    cache.close()
