@@ -2,7 +2,8 @@
 
 For each corpus size N (default 1k, 10k, 100k) a synthetic corpus is written straight into a
 data directory (catalog rows, 5 captions per image with real coco-mini texts, random unit
-shortlist vectors, random float16 49x1280 region features), the real app opens it (its
+shortlist vectors, random float16 49x1280 region features and the rerank tensors ingest
+stores with them, computed by the model), the real app opens it (its
 recovery rule builds the FAISS indexes from the store, with the "auto" factory) and uvicorn
 serves it on a free port with the shipped default model. Then, for text -> images (held-out
 coco-mini captions) and image -> captions (by stored image id), with and without the
@@ -54,6 +55,7 @@ from index.corpus import (  # noqa: E402
     STORE_DIR,
     pooled_namespace,
     regions_namespace,
+    rerank_namespace,
 )
 from index.feature_store import FeatureStore  # noqa: E402
 from model.retrieval import RetrievalModel  # noqa: E402
@@ -61,6 +63,11 @@ from model.types import RegionFeatures, stored_region_arrays  # noqa: E402
 from service.api.app import create_app  # noqa: E402
 from service.runtime.lifecycle import build_extractor  # noqa: E402
 from service.runtime.settings import Settings  # noqa: E402
+from service.search.stored_tensors import (  # noqa: E402
+    ImageTensors,
+    caption_record,
+    image_record,
+)
 
 REPO = _HERE.parent
 REGIONS, REGION_DIM = 49, 1280
@@ -122,8 +129,12 @@ def write_synthetic_corpus(
     extractor_version: str,
     captions: list[str],
 ) -> None:
-    """Catalog rows, pooled vectors and region records, written in large transactions."""
+    """Catalog rows, pooled vectors, region records and the rerank tensors ingest stores with
+    them (computed by the model from those records and texts), in large transactions."""
     rng = np.random.default_rng(0)
+    tensor_version = model.tensor_version
+    texts = model.encode_texts(captions)
+    text_records = [caption_record(texts.precompute.select([i])) for i in range(len(captions))]
     catalog = Catalog(data_dir / CATALOG_FILE)
     store = FeatureStore(data_dir / STORE_DIR)
     token_ids = model.tokenize(captions)[0]
@@ -163,13 +174,21 @@ def write_synthetic_corpus(
                 )
             },
         }
+        puts[rerank_namespace("captions", tensor_version)] = {
+            r.id: text_records[r.id % len(captions)] for r in caption_rows
+        }
         with_regions = [i for i in chunk if i <= stored_regions]
         if with_regions:
+            features = rng.standard_normal((len(with_regions), REGIONS, REGION_DIM))
+            features = features.astype(np.float16)
             puts[regions_namespace(extractor_name, extractor_version)] = {
-                i: stored_region_arrays(
-                    rng.standard_normal((REGIONS, REGION_DIM)), boxes, (640, 480)
-                )
-                for i in with_regions
+                i: stored_region_arrays(row, boxes, (640, 480))
+                for i, row in zip(with_regions, features, strict=True)
+            }
+            precompute = model.precompute_images(features)
+            puts[rerank_namespace("images", tensor_version)] = {
+                i: image_record(ImageTensors(precompute.select([row]), boxes, (640, 480)))
+                for row, i in enumerate(with_regions)
             }
         store.write(puts)
         catalog.insert(image_rows, caption_rows)
@@ -178,15 +197,25 @@ def write_synthetic_corpus(
 
 
 def alias_region_features(corpus, stored: int) -> None:
-    """Ids above `stored` read the record of ((id - 1) mod stored) + 1 (see the docstring)."""
+    """Ids above `stored` read the region record and the rerank tensors of
+    ((id - 1) mod stored) + 1 (see the docstring)."""
     real = corpus.get_region_features
+    real_tensors = corpus.get_rerank_tensors
 
     def aliased(ids) -> dict[int, RegionFeatures]:
         source = {int(i): (int(i) - 1) % stored + 1 for i in ids}
         found = real(sorted(set(source.values())))
         return {i: found[s] for i, s in source.items() if s in found}
 
+    def aliased_tensors(kind, ids) -> dict[int, dict[str, np.ndarray]]:
+        if kind != "images":
+            return real_tensors(kind, ids)
+        source = {int(i): (int(i) - 1) % stored + 1 for i in ids}
+        found = real_tensors(kind, sorted(set(source.values())))
+        return {i: found[s] for i, s in source.items() if s in found}
+
     corpus.get_region_features = aliased
+    corpus.get_rerank_tensors = aliased_tensors
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

@@ -5,7 +5,9 @@ Ingest order (`add_image`, `add_caption`):
   1. image bytes -> ``images/<sha[:2]>/<sha256><ext>`` (temp file, fsync, rename, fsync dir);
      the name is the content hash, never a client's file name;
   2. ids reserved in the catalog (a committed counter; never reused);
-  3. region features (float16) and pooled vectors (float32) -> LMDB, in ONE transaction;
+  3. region features (float16), pooled vectors (float32) and the reranker's per-item tensors
+     (float16, keyed by the tensor version: the checkpoint's identity) -> LMDB, in ONE
+     transaction;
   4. catalog rows -> SQLite, in ONE transaction.  THIS COMMIT IS THE ACKNOWLEDGEMENT:
      the item exists once, and only once, it commits;
   5. pooled vectors -> the in-memory FAISS indexes (saved by `save`, which records the model
@@ -13,8 +15,9 @@ Ingest order (`add_image`, `add_caption`):
 Deletes commit the catalog first (the acknowledgement), then update indexes, store, cache, file.
 
 Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
-  * store entries and image files whose id / path has no catalog row are orphans of a crash
-    before step 4 (or after a delete's commit): they are deleted, so never visible;
+  * store entries (region features, pooled vectors, rerank tensors of any version) and image
+    files whose id / path has no catalog row are orphans of a crash before step 4 (or after a
+    delete's commit): they are deleted, so never visible;
   * each index file is loaded; if it is missing, unreadable, truncated, fails its checksum or
     was built for another dimension/model version, it is REBUILT from the pooled vectors in the
     store; if it loads but its ids differ from the catalog's (a crash after step 4 before the
@@ -29,7 +32,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +86,17 @@ def pooled_namespace(kind: Kind, model_version: str) -> str:
     return f"pooled:{kind}:{model_version}"
 
 
+def rerank_namespace(kind: Kind, tensor_version: str) -> str:
+    """Where the reranker's per-item tensors of one model live: a new checkpoint reads (and
+    rebuilds into) its own namespace, so tensors of two models never mix."""
+    return f"rerank:{kind}:{tensor_version}"
+
+
+# Which catalog table owns the records of a namespace, by prefix (orphans, deletes).
+_IMAGE_PREFIXES = ("regions:", "pooled:images:", "rerank:images:")
+_CAPTION_PREFIXES = ("pooled:captions:", "rerank:captions:")
+
+
 def sha256_hex(data: bytes) -> str:
     """The content address of image bytes (lower-case hex SHA-256): the stored file's name and
     the catalog's duplicate key. Hash an upload once and pass the result along."""
@@ -94,6 +108,7 @@ class NewCaption:
     text: str
     token_ids: Sequence[int]
     pooled: np.ndarray  # float [dim], the caption's shortlist vector
+    rerank: Mapping[str, np.ndarray] | None = None  # its rerank tensors (stored as given)
 
 
 @dataclass(frozen=True)
@@ -147,14 +162,21 @@ class Corpus:
         gpu_id: int | None = None,
         cache: FeatureCache | None = None,
         map_size: int = DEFAULT_MAP_SIZE,
+        tensor_version: str | None = None,
+        keep_region_features: bool = True,
     ) -> None:
         """Prefer `Corpus.open`, which also runs the recovery rule.
 
         `gpu_id`: the FAISS GPU to search on (see index.device.faiss_gpu_id), None for the CPU.
+        `tensor_version`: the identity of the rerank tensors (the checkpoint's; default the
+        model version). `keep_region_features=False`: an image stored with its rerank tensors
+        keeps no region features (less disk; a new model can then not rebuild its tensors).
         """
         self.data_dir = Path(data_dir)
         self.dim = dim
         self.model_version = model_version
+        self.tensor_version = tensor_version or model_version
+        self.keep_region_features = keep_region_features
         self.extractor = extractor
         self.extractor_version = extractor_version
         self.regions_namespace = regions_namespace(extractor, extractor_version)
@@ -173,6 +195,15 @@ class Corpus:
             namespace=self.regions_namespace,
             keyspace=cache_keyspace(extractor, extractor_version),
         )
+        self.rerank: dict[Kind, CachedFeatureStore] = {
+            kind: CachedFeatureStore(
+                self.store,
+                self.cache,
+                namespace=rerank_namespace(kind, self.tensor_version),
+                keyspace=cache_keyspace(f"rerank-{kind}", self.tensor_version),
+            )
+            for kind in ("images", "captions")
+        }
         self.indexes: dict[Kind, ShortlistIndex] = {}
         self._write_lock = threading.Lock()
         self._visibility = ReadWriteLock()
@@ -204,10 +235,14 @@ class Corpus:
         captions: Sequence[NewCaption] = (),
         extension: str = "",
         sha256: str | None = None,
+        rerank: Mapping[str, np.ndarray] | None = None,
     ) -> AddedImage:
         """Store an image with its regions, shortlist vector and captions; durable on return.
 
         region_features [R, D] (stored float16), region_boxes [R, 4] normalised, pooled [dim].
+        `rerank` (and each caption's): the reranker's tensors, stored as given under the
+        tensor version, in the same transaction; without region features kept, only images
+        that bring them leave their features out.
         `extension` (e.g. ".jpg", from the decoded format, never the client's name) is appended
         to the stored file name. An image whose sha256 exists is not stored again: the existing
         record comes back with `created=False` and `captions` are ignored (use `add_captions`).
@@ -228,17 +263,21 @@ class Corpus:
             (image_id,) = self.catalog.allocate_ids("images", 1)
             caption_ids = self.catalog.allocate_ids("captions", len(captions))
             region_record = stored_region_arrays(features, boxes, (width, height))
-            puts = {
-                self.regions_namespace: {image_id: region_record},
+            puts: dict[str, dict[int, Mapping[str, np.ndarray]]] = {
                 pooled_namespace("images", self.model_version): {
                     image_id: {POOLED_KEY: image_vector}
                 },
             }
+            if self.keep_region_features or rerank is None:
+                puts[self.regions_namespace] = {image_id: region_record}
+            if rerank is not None:
+                puts[rerank_namespace("images", self.tensor_version)] = {image_id: rerank}
             if captions:
                 puts[pooled_namespace("captions", self.model_version)] = {
                     cid: {POOLED_KEY: vector}
                     for cid, vector in zip(caption_ids, caption_vectors, strict=True)
                 }
+                puts.update(self._caption_rerank_puts(caption_ids, captions))
             created = time.time()
             image = ImageRecord(image_id, sha256, stored_path, int(width), int(height), created)
             caption_records = tuple(
@@ -322,7 +361,8 @@ class Corpus:
                     pooled_namespace("captions", self.model_version): {
                         cid: {POOLED_KEY: vector}
                         for cid, vector in zip(caption_ids, vectors, strict=True)
-                    }
+                    },
+                    **self._caption_rerank_puts(caption_ids, captions),
                 }
             )
             try:
@@ -457,6 +497,57 @@ class Corpus:
             for item_id, arrays in self.regions.get_many(ids).items()
         }
 
+    def get_rerank_tensors(
+        self, kind: Kind, ids: Sequence[int]
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """Stored rerank tensors of the current tensor version (cache, then durable store);
+        ids without them (absent, or not rebuilt yet for this model) are absent."""
+        return self.rerank[kind].get_many(ids)
+
+    def put_rerank_tensors(
+        self, kind: Kind, records: Mapping[int, Mapping[str, np.ndarray]]
+    ) -> int:
+        """Store rebuilt rerank tensors of items that still exist, in one transaction (items
+        deleted meanwhile are skipped, so nothing is left that no catalog row owns). Returns
+        how many were stored."""
+        with self._write_lock:
+            ids = [int(i) for i in records]
+            present = self.catalog.get_images(ids) if kind == "images" else self.get_captions(ids)
+            kept = {i: records[i] for i in ids if i in present}
+            if kept:
+                self.store.write({rerank_namespace(kind, self.tensor_version): kept})
+            return len(kept)
+
+    def ids_without_rerank_tensors(self, kind: Kind) -> np.ndarray:
+        """Catalog ids of `kind` that have no rerank tensors of the current version, sorted."""
+        present = self.catalog.image_ids() if kind == "images" else self.catalog.caption_ids()
+        stored = self.store.ids(rerank_namespace(kind, self.tensor_version))
+        return np.setdiff1d(present, stored)
+
+    def ids_with_region_features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Those of `ids` whose region features are stored (a rebuild needs them)."""
+        return np.intersect1d(
+            np.asarray(ids, dtype=np.int64), self.store.ids(self.regions_namespace)
+        )
+
+    def drop_region_features(self) -> int:
+        """Delete the region features of images whose rerank tensors of this version are
+        stored (`keep_region_features=False`); returns how many were dropped."""
+        with self._write_lock:
+            ids = np.intersect1d(
+                self.store.ids(self.regions_namespace),
+                self.store.ids(rerank_namespace("images", self.tensor_version)),
+            )
+            if len(ids):
+                self.store.write(deletes={self.regions_namespace: ids.tolist()})
+                self.regions.invalidate(ids.tolist())
+            return len(ids)
+
+    def get_pooled(self, kind: Kind, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Stored float32 shortlist vectors of the current model, {id: [dim]}."""
+        found = self.store.get_many(pooled_namespace(kind, self.model_version), ids)
+        return {i: arrays[POOLED_KEY] for i, arrays in found.items()}
+
     def status(self) -> dict[str, Any]:
         """Counts, index kinds and cache health (for /readyz and logs)."""
         return {
@@ -513,9 +604,9 @@ class Corpus:
         for namespace in self.store.namespaces():
             owner: Kind | None = (
                 "images"
-                if namespace.startswith(("regions:", "pooled:images:"))
+                if namespace.startswith(_IMAGE_PREFIXES)
                 else "captions"
-                if namespace.startswith("pooled:captions:")
+                if namespace.startswith(_CAPTION_PREFIXES)
                 else None
             )
             if owner is None:
@@ -635,6 +726,17 @@ class Corpus:
             index.save(self._index_path(kind), meta=meta)
         self._dirty = False
 
+    def _caption_rerank_puts(
+        self, caption_ids: Sequence[int], captions: Sequence[NewCaption]
+    ) -> dict[str, dict[int, Mapping[str, np.ndarray]]]:
+        """The rerank-tensor put of the captions that bring them (none: {})."""
+        records = {
+            cid: caption.rerank
+            for cid, caption in zip(caption_ids, captions, strict=True)
+            if caption.rerank is not None
+        }
+        return {rerank_namespace("captions", self.tensor_version): records} if records else {}
+
     def _pooled(self, vector: np.ndarray) -> np.ndarray:
         array = np.asarray(vector, dtype=np.float32).reshape(-1)
         if array.shape != (self.dim,) or not np.isfinite(array).all():
@@ -665,14 +767,16 @@ class Corpus:
         collects anything left)."""
         deletes: dict[str, list[int]] = {}
         for namespace in self.store.namespaces():
-            if namespace.startswith(("regions:", "pooled:images:")) and image_ids:
+            if namespace.startswith(_IMAGE_PREFIXES) and image_ids:
                 deletes[namespace] = sorted(image_ids)
-            elif namespace.startswith("pooled:captions:") and caption_ids:
+            elif namespace.startswith(_CAPTION_PREFIXES) and caption_ids:
                 deletes[namespace] = sorted(caption_ids)
         try:
             if deletes:
                 self.store.write(deletes=deletes)
             self.regions.invalidate(image_ids)
+            self.rerank["images"].invalidate(image_ids)
+            self.rerank["captions"].invalidate(caption_ids)
             for stored_path in stored_paths:
                 (self.data_dir / stored_path).unlink(missing_ok=True)
         except Exception:

@@ -8,6 +8,8 @@ images into shortlist vectors and rerank precomputes, and asks for fused scores 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +137,16 @@ class RetrievalModel:
             metadata=meta,
             precision=precision,
         )
+
+    @functools.cached_property
+    def tensor_version(self) -> str:
+        """The identity of the stored rerank tensors: the version and a digest of the weights,
+        so a retrained checkpoint that kept its version string still gets its own tensors."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return f"{self.version}+{digest.hexdigest()[:12]}"
 
     # -- text side --------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[str]]]:
@@ -312,12 +324,44 @@ class RetrievalModel:
         """Attention of one (image, caption) pair, as plain lists (JSON-ready)."""
         if len(image) != 1 or len(caption) != 1:
             raise ValueError(f"explain one pair: got {len(image)} images, {len(caption)} captions")
-        with torch.inference_mode():
-            logits, maps = self.scorer.score_text_against_images(caption, image, explain=True)
-        length, regions = int(caption.lengths[0]), int(image.region_counts[0])
-        return PairExplanation(
-            word_region=maps.attn_t2v[0, 0, :length, :regions].float().cpu().tolist(),
-            region_pooling=maps.pool_attn_v[0, 0].mean(0)[:regions].float().cpu().tolist(),
-            word_pooling=maps.pool_attn_t[0, 0].mean(0)[:length].float().cpu().tolist(),
-            camp_score=float(torch.sigmoid(logits[0].float())),
-        )
+        return self.explain_pairs(image, caption)[0]
+
+    def explain_pairs(
+        self, images: ImagePrecompute, captions: CaptionPrecompute
+    ) -> list[PairExplanation]:
+        """Attention of one caption against K images, or of one image against K captions, in
+        ONE scorer call and one copy back to the host: K explanations, in the many side's
+        order. Each covers only its own words and real regions (padding is left out)."""
+        if len(captions) == 1:
+            with torch.inference_mode():
+                logits, maps = self.scorer.score_text_against_images(captions, images, True)
+            pick = [(k, 0) for k in range(len(images))]
+            logits = logits[:, None]
+        elif len(images) == 1:
+            with torch.inference_mode():
+                logits, maps = self.scorer.score_image_against_captions(images, captions, True)
+            pick = [(0, k) for k in range(len(captions))]
+            logits = logits[None]
+        else:
+            raise ValueError(
+                f"explain one caption x K images or one image x K captions: got {len(images)} "
+                f"images, {len(captions)} captions"
+            )
+        word_region = maps.attn_t2v.float().cpu()
+        region_pooling = maps.pool_attn_v.float().mean(-2).cpu()
+        word_pooling = maps.pool_attn_t.float().mean(-2).cpu()
+        scores = torch.sigmoid(logits.float()).cpu()
+        lengths = captions.lengths.tolist()
+        regions = images.region_counts.tolist()
+        explanations = []
+        for i, j in pick:
+            length, count = int(lengths[j]), int(regions[i])
+            explanations.append(
+                PairExplanation(
+                    word_region=word_region[i, j, :length, :count].tolist(),
+                    region_pooling=region_pooling[i, j, :count].tolist(),
+                    word_pooling=word_pooling[i, j, :length].tolist(),
+                    camp_score=float(scores[i, j]),
+                )
+            )
+        return explanations

@@ -22,6 +22,11 @@ SAVE_EVERY = 7
 DELETE_EVERY = 5
 
 
+def _tensors(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    """A stand-in rerank record (float16, as the service stores them)."""
+    return {"regions": rng.standard_normal((rows, 32)).astype(np.float16)}
+
+
 def main() -> None:
     data_dir, seed = Path(sys.argv[1]), int(sys.argv[2])
     rng = np.random.default_rng(seed)
@@ -35,7 +40,11 @@ def main() -> None:
             region_features=rng.standard_normal((49, 64)),
             region_boxes=rng.random((49, 4)),
             pooled=rng.standard_normal(DIM),
-            captions=[NewCaption(f"c{n}", [1, 5, 2], rng.standard_normal(DIM)) for _ in range(2)],
+            captions=[
+                NewCaption(f"c{n}", [1, 5, 2], rng.standard_normal(DIM), _tensors(rng, 3))
+                for _ in range(2)
+            ],
+            rerank=_tensors(rng, 49),
         )
         ids = [record.image.id, *(c.id for c in record.captions)]
         print("ADD", *ids, flush=True)

@@ -36,7 +36,9 @@ def test_ready_only_after_loading_and_alive_meanwhile(
         wait_until_loaded(app)
         ready = client.get("/readyz").json()
         assert ready["status"] == "ready"
-        assert {c["name"] for c in ready["components"]} == {"model", "indexes", "cache:local"}
+        components = {c["name"]: c for c in ready["components"]}
+        assert set(components) == {"model", "indexes", "cache:local", "rerank_tensors"}
+        assert components["rerank_tensors"]["detail"] == "complete (images 0/0, captions 0/0)"
 
 
 def test_a_failed_start_is_reported_not_hidden(tmp_path) -> None:

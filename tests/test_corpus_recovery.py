@@ -7,7 +7,14 @@ import logging
 import numpy as np
 import pytest
 
-from index.corpus import STORE_DIR, Corpus, NewCaption, pooled_namespace, regions_namespace
+from index.corpus import (
+    STORE_DIR,
+    Corpus,
+    NewCaption,
+    pooled_namespace,
+    regions_namespace,
+    rerank_namespace,
+)
 from index.errors import DimensionError, NotFoundError
 from index.feature_store import FeatureStore
 
@@ -178,3 +185,128 @@ def test_auto_factory_and_model_version_change_rebuild(tmp_path, caplog):
     assert "built for model 'm1'" in corpus.recovery.rebuilt["images"]
     assert corpus.recovery.missing_pooled == {"images": 1, "captions": 2}
     corpus.close()
+
+
+def _tensors(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    return {"regions": rng.standard_normal((rows, 8)).astype(np.float16)}
+
+
+def _add_with_tensors(corpus: Corpus, n: int, rng: np.random.Generator):
+    return corpus.add_image(
+        f"tensors-{n}".encode() * 10,
+        width=64,
+        height=48,
+        region_features=rng.standard_normal((49, 24)),
+        region_boxes=rng.random((49, 4)),
+        pooled=rng.standard_normal(DIM),
+        captions=[
+            NewCaption(
+                f"caption {n}.{c}", [1, 4 + c, 2], rng.standard_normal(DIM), _tensors(rng, 3)
+            )
+            for c in range(2)
+        ],
+        rerank=_tensors(rng, 49),
+    )
+
+
+def test_rerank_tensors_are_stored_read_and_deleted_with_their_items(tmp_path):
+    rng = np.random.default_rng(5)
+    with Corpus.open(tmp_path / "data", **OPTIONS, tensor_version="m1+abc") as corpus:
+        added = [_add_with_tensors(corpus, n, rng) for n in range(3)]
+        image = added[0].image.id
+        caption = added[0].captions[0].id
+        stored = corpus.get_rerank_tensors("images", [image, 10_000])
+        assert list(stored) == [image] and stored[image]["regions"].shape == (49, 8)
+        assert stored[image]["regions"].dtype == np.float16
+        assert list(corpus.get_rerank_tensors("captions", [caption])) == [caption]
+        extra = corpus.add_captions(
+            [NewCaption("late", [1, 9, 2], rng.standard_normal(DIM), _tensors(rng, 2))],
+            image_id=image,
+        )
+        assert list(corpus.get_rerank_tensors("captions", [extra[0].id])) == [extra[0].id]
+        assert corpus.ids_without_rerank_tensors("images").size == 0
+        assert corpus.ids_without_rerank_tensors("captions").size == 0
+        assert corpus.delete_image(image)
+        assert corpus.get_rerank_tensors("images", [image]) == {}
+        assert corpus.get_rerank_tensors("captions", [caption, extra[0].id]) == {}
+        assert corpus.delete_caption(added[1].captions[0].id)
+        assert corpus.get_rerank_tensors("captions", [added[1].captions[0].id]) == {}
+
+
+def test_orphan_rerank_tensors_of_a_crash_before_commit_are_collected(tmp_path):
+    rng = np.random.default_rng(6)
+    Corpus.open(tmp_path / "data", **OPTIONS).close()
+    with FeatureStore(tmp_path / "data" / STORE_DIR) as store:  # written, never committed
+        store.write(
+            {
+                rerank_namespace("images", "m1"): {777: _tensors(rng, 49)},
+                rerank_namespace("images", "an-old-model"): {778: _tensors(rng, 49)},
+                rerank_namespace("captions", "m1"): {779: _tensors(rng, 3)},
+            }
+        )
+    corpus = Corpus.open(tmp_path / "data", **OPTIONS)
+    assert corpus.recovery.orphan_features == 3
+    assert corpus.store.ids(rerank_namespace("images", "an-old-model")).size == 0
+    assert corpus.get_rerank_tensors("images", [777]) == {}
+    assert corpus.get_rerank_tensors("captions", [779]) == {}
+    corpus.close()
+
+
+def test_a_new_tensor_version_sees_none_and_stores_only_items_that_exist(tmp_path):
+    rng = np.random.default_rng(7)
+    with Corpus.open(tmp_path / "data", **OPTIONS, tensor_version="m1+old") as corpus:
+        added = [_add_with_tensors(corpus, n, rng) for n in range(3)]
+    ids = [a.image.id for a in added]
+    with Corpus.open(tmp_path / "data", **OPTIONS, tensor_version="m1+new") as corpus:
+        assert corpus.get_rerank_tensors("images", ids) == {}  # never another model's
+        assert corpus.ids_without_rerank_tensors("images").tolist() == ids
+        assert corpus.ids_without_rerank_tensors("captions").size == 6
+        assert corpus.ids_with_region_features(ids).tolist() == ids
+        corpus.delete_image(ids[1])
+        stored = corpus.put_rerank_tensors("images", {i: _tensors(rng, 49) for i in ids})
+        assert stored == 2  # the deleted image gets nothing that no catalog row owns
+        assert sorted(corpus.get_rerank_tensors("images", ids)) == [ids[0], ids[2]]
+        assert corpus.ids_without_rerank_tensors("images").size == 0
+
+
+def test_without_keeping_region_features_only_the_tensors_are_stored(tmp_path):
+    rng = np.random.default_rng(8)
+    options = {**OPTIONS, "keep_region_features": False}
+    with Corpus.open(tmp_path / "data", **options) as corpus:
+        with_tensors = _add_with_tensors(corpus, 0, rng).image.id
+        without = _add(corpus, 1, rng).image.id  # no tensors: its features stay
+        assert corpus.get_region_features([with_tensors, without]).keys() == {without}
+        assert corpus.ids_with_region_features([with_tensors, without]).tolist() == [without]
+        assert list(corpus.get_rerank_tensors("images", [with_tensors])) == [with_tensors]
+        assert corpus.get_pooled("images", [with_tensors])[with_tensors].shape == (DIM,)
+    kept = {**OPTIONS, "tensor_version": "m1+t"}
+    with Corpus.open(tmp_path / "other", **kept) as corpus:
+        image = _add_with_tensors(corpus, 0, rng).image.id
+        assert corpus.drop_region_features() == 1
+        assert corpus.get_region_features([image]) == {}
+        assert list(corpus.get_rerank_tensors("images", [image])) == [image]
+
+
+def test_rerank_tensors_are_read_through_redis_per_tensor_version(tmp_path, redis_server):
+    """Reads go cache-first (a value only in Redis is served), keyed by the tensor version, and a
+    delete drops the cached copy too."""
+    from index.cache import RedisFeatureCache, cache_key, cache_keyspace
+    from index.codec import encode_arrays
+
+    rng = np.random.default_rng(9)
+    cache = RedisFeatureCache(redis_server.url, ttl_s=60)
+    corpus = Corpus.open(tmp_path / "data", **OPTIONS, cache=cache, tensor_version="m1+abc")
+    image = _add_with_tensors(corpus, 0, rng).image.id
+    stored = corpus.get_rerank_tensors("images", [image])[image]  # miss, written back
+    keyspace = cache_keyspace("rerank-images", "m1+abc")
+    client = redis_server.client()
+    assert client.get(cache_key(keyspace, image)) == encode_arrays(stored)
+    marker = {"regions": np.full((2, 8), 3, np.float16)}
+    cache.set_many(keyspace, {image: encode_arrays(marker)})
+    np.testing.assert_array_equal(
+        corpus.get_rerank_tensors("images", [image])[image]["regions"], marker["regions"]
+    )
+    assert corpus.delete_image(image)
+    assert client.get(cache_key(keyspace, image)) is None
+    corpus.close()
+    cache.close()

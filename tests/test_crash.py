@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.corpus import Corpus, pooled_namespace, regions_namespace
+from index.corpus import Corpus, pooled_namespace, regions_namespace, rerank_namespace
 
 WORKER = Path(__file__).with_name("crash_ingest_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +90,8 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, seed):
         assert set(store.ids(regions_namespace("grid", "v1")).tolist()) == image_ids
         assert set(store.ids(pooled_namespace("images", "m1")).tolist()) == image_ids
         assert set(store.ids(pooled_namespace("captions", "m1")).tolist()) == caption_ids
+        assert set(store.ids(rerank_namespace("images", "m1")).tolist()) == image_ids
+        assert set(store.ids(rerank_namespace("captions", "m1")).tolist()) == caption_ids
         assert set(corpus.indexes["images"].ids().tolist()) == image_ids
         assert set(corpus.indexes["captions"].ids().tolist()) == caption_ids
         files = {p.relative_to(data_dir).as_posix() for p in (data_dir / "images").rglob("*")

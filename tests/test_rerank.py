@@ -208,3 +208,33 @@ def test_explanations_of_a_padded_image_cover_only_its_real_regions(
     np.testing.assert_allclose(explained.word_region, alone.word_region, atol=1e-6)
     np.testing.assert_allclose(explained.region_pooling, alone.region_pooling, atol=1e-6)
     np.testing.assert_allclose(explained.camp_score, alone.camp_score, atol=1e-6)
+
+
+def test_explanations_of_all_hits_come_from_one_batched_call_and_match_each_alone(
+    tiny_retrieval_model, items, mixed_items
+) -> None:
+    """Text -> images: one caption x K images of mixed region counts; image -> captions: one
+    image x K captions of different lengths. Each explanation equals the pair's own."""
+    model = tiny_retrieval_model
+    images, captions = items
+    query = captions[2]
+    batched = model.explain_pairs(ImagePrecompute.cat(mixed_items), query)
+    assert [len(e.region_pooling) for e in batched] == [
+        int(image.region_counts[0]) for image in mixed_items
+    ]
+    for image, explained in zip(mixed_items, batched, strict=True):
+        alone = model.explain_pair(image, query)
+        np.testing.assert_allclose(explained.word_region, alone.word_region, atol=1e-6)
+        np.testing.assert_allclose(explained.region_pooling, alone.region_pooling, atol=1e-6)
+        np.testing.assert_allclose(explained.word_pooling, alone.word_pooling, atol=1e-6)
+        assert explained.camp_score == pytest.approx(alone.camp_score, abs=1e-6)
+
+    batched = model.explain_pairs(images[0], CaptionPrecompute.cat(captions))
+    for caption, explained in zip(captions, batched, strict=True):
+        alone = model.explain_pair(images[0], caption)
+        assert len(explained.word_pooling) == int(caption.lengths[0])
+        np.testing.assert_allclose(explained.word_region, alone.word_region, atol=1e-6)
+        np.testing.assert_allclose(explained.word_pooling, alone.word_pooling, atol=1e-6)
+        assert explained.camp_score == pytest.approx(alone.camp_score, abs=1e-6)
+    with pytest.raises(ValueError, match="one caption x K images"):
+        model.explain_pairs(ImagePrecompute.cat(images[:2]), CaptionPrecompute.cat(captions[:2]))

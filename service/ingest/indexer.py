@@ -10,25 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image
 
 from index.catalog import CaptionRecord, ImageRecord
 from index.corpus import Corpus, NewCaption, sha256_hex
 from index.errors import NotFoundError
+from model.architecture.precompute import CaptionPrecompute
+from model.types import RegionFeatures
 from model.vision.images import DecodedImage, ImageInputError, decode_image
 from service.outcomes import Conflict, FieldProblem, InvalidImage, InvalidInput, Overloaded
 from service.runtime.budget import BudgetWaitTimeout, MemoryBudget
 from service.runtime.metrics import ServiceMetrics
 from service.search.pipeline import SearchPipeline
 from service.search.regions import FoundRegions, UploadRegions
+from service.search.stored_tensors import (
+    BOXES_KEY,
+    TensorOverflowError,
+    caption_record,
+    image_record,
+)
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
+
+logger = logging.getLogger(__name__)
 
 DECODE_RETRY_AFTER_S = 1
 
@@ -206,6 +218,7 @@ class Indexer:
         regions = upload.regions.regions
         with self.metrics.time_stage("encode"):
             pooled = await asyncio.to_thread(self.model.pooled_images, regions.features[None])
+            rerank = await asyncio.to_thread(self._image_rerank_record, regions)
             new_captions = await self._encoded(captions)
         width, height = upload.size
         with self.metrics.time_stage("store"):
@@ -220,6 +233,7 @@ class Indexer:
                 captions=new_captions,
                 extension=EXTENSION_BY_FORMAT.get(upload.format, ""),
                 sha256=sha256,
+                rerank=rerank,
             )
         stored = StoredImage(added.image, added.captions, regions.num_regions, added.created)
         if not added.created:  # a concurrent request stored the same bytes first
@@ -256,26 +270,36 @@ class Indexer:
             captions_skipped=len(captions) - len(added),
         )
 
+    def _image_rerank_record(self, regions: RegionFeatures) -> dict[str, np.ndarray] | None:
+        """The image's rerank tensors as stored (None when they overflow float16: the image is
+        then stored with its features only, and scored from them)."""
+        computed = self.pipeline.computed_image_tensors({0: regions})[0]
+        try:
+            return image_record(computed)
+        except TensorOverflowError:
+            logger.warning("an image's rerank tensors overflow float16; storing its features")
+            return None
+
     async def _encoded(self, captions: Sequence[str]) -> list[NewCaption]:
+        """Captions encoded in one call: shortlist vectors, token ids and rerank tensors."""
         if not captions:
             return []
         encoded = await asyncio.to_thread(self.model.encode_texts, list(captions))
         return [
-            NewCaption(text, ids, vector)
-            for text, ids, vector in zip(captions, encoded.token_ids, encoded.pooled, strict=True)
+            NewCaption(text, ids, vector, _caption_rerank_record(encoded.precompute.select([row])))
+            for row, (text, ids, vector) in enumerate(
+                zip(captions, encoded.token_ids, encoded.pooled, strict=True)
+            )
         ]
 
     async def add_caption(self, text: str, image_id: int | None = None) -> CaptionRecord:
         (text,) = self.check_captions([text], field="body.text")
-        encoded = await asyncio.to_thread(self.model.encode_texts, [text])
+        (caption,) = await self._encoded([text])
         with self.metrics.time_stage("store"):
-            return await asyncio.to_thread(
-                self.corpus.add_caption,
-                text,
-                encoded.token_ids[0],
-                encoded.pooled[0],
-                image_id=image_id,
+            (record,) = await asyncio.to_thread(
+                self.corpus.add_captions, [caption], image_id=image_id
             )
+            return record
 
     async def delete_image(self, image_id: int) -> bool:
         captions = await asyncio.to_thread(self.corpus.captions_of, image_id)
@@ -307,6 +331,20 @@ class Indexer:
         if record is None:
             return None
         stored = self.corpus.get_region_features([image_id]).get(image_id)
-        regions = 0 if stored is None else stored.num_regions
+        if stored is not None:
+            regions = stored.num_regions
+        else:  # region features dropped (CAMPSEARCH_KEEP_REGION_FEATURES=false): the tensors'
+            tensors = self.corpus.get_rerank_tensors("images", [image_id]).get(image_id)
+            regions = 0 if tensors is None else int(tensors[BOXES_KEY].shape[0])
         captions = tuple(self.corpus.captions_of(image_id))
         return StoredImage(record, captions, regions, created)
+
+
+def _caption_rerank_record(precompute: CaptionPrecompute) -> dict[str, np.ndarray] | None:
+    """A caption's rerank tensors as stored; None when they overflow float16 (the caption is
+    then stored without them and re-encoded when a search needs it)."""
+    try:
+        return caption_record(precompute)
+    except TensorOverflowError:
+        logger.warning("a caption's rerank tensors overflow float16; storing it without them")
+        return None

@@ -37,6 +37,7 @@ from service.search.pipeline import SearchPipeline
 from service.search.regions import UploadRegions
 from service.search.rerank import PairReranker, RerankJob
 from service.search.shortlist import ShortlistJob, ShortlistSearcher
+from service.search.tensor_rebuild import TensorRebuild, refuse_unbuildable
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -149,6 +150,8 @@ def open_corpus(
         ef_search=settings.ef_search,
         gpu_id=gpu_id,
         cache=cache,
+        tensor_version=model.tensor_version,
+        keep_region_features=settings.keep_region_features,
     )
 
 
@@ -184,6 +187,7 @@ class ServiceRuntime:
     indexer: Indexer
     metrics: ServiceMetrics
     lock: DataDirLock
+    rebuild: TensorRebuild
     saved_sequence: int = -1
 
     @classmethod
@@ -213,6 +217,12 @@ class ServiceRuntime:
             cache = build_cache(settings)
             gpu_id = faiss_gpu_id(settings.device)
             corpus = open_corpus(settings, model, extractor, cache, gpu_id)
+            if not settings.keep_region_features:
+                try:
+                    refuse_unbuildable(corpus)
+                except BaseException:
+                    corpus.close()
+                    raise
         except BaseException:
             lock.release()
             raise
@@ -254,6 +264,10 @@ class ServiceRuntime:
             decode_memory_bytes=settings.decode_memory_mib * MEBIBYTE,
             decode_wait_s=settings.request_timeout_s,
         )
+        rebuild = TensorRebuild(
+            corpus, pipeline, drop_region_features=not settings.keep_region_features
+        )
+        rebuild.plan()
         runtime = cls(
             settings=settings,
             model=model,
@@ -267,6 +281,7 @@ class ServiceRuntime:
             indexer=indexer,
             metrics=metrics,
             lock=lock,
+            rebuild=rebuild,
         )
         runtime.saved_sequence = corpus.sequence
         return runtime
@@ -299,6 +314,10 @@ class ServiceRuntime:
             },
             "images": indexes["images"].count,
             "captions": indexes["captions"].count,
+            "tensor_rebuild": {
+                kind: (progress.done, progress.total)
+                for kind, progress in self.rebuild.progress().items()
+            },
         }
 
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -348,6 +367,7 @@ class ServiceRuntime:
     def close(self) -> None:
         """Save and release everything (blocking); the batchers must be stopped first."""
         try:
+            self.rebuild.stop()
             self.regions.close()
             self.corpus.close()
             close_cache = getattr(self.cache, "close", None)
@@ -386,6 +406,7 @@ class ServiceState:
             )
             await runtime.shortlist.start()
             await runtime.batcher.start()
+            runtime.rebuild.start()
         except Exception as error:  # reported by /readyz and /healthz; the process stays up
             logger.exception("the service failed to start")
             self.phase, self.error = "failed", f"{type(error).__name__}: {error}"
@@ -397,13 +418,14 @@ class ServiceState:
         if self.settings.heap_trim_interval_s > 0 and can_trim_heap():
             self._tasks.append(asyncio.create_task(self._trim_heap_periodically()))
         self._ready.set()
+        indexes = runtime.corpus.index_summaries()  # in memory: no SQLite on the event loop
         logger.info(
             "ready: model %s, extractor %s on %s, %d images, %d captions",
             runtime.model.version,
             runtime.extractor.version,
             runtime.extractor.device,
-            runtime.corpus.count_images(),
-            runtime.corpus.count_captions(),
+            indexes["images"].count,
+            indexes["captions"].count,
         )
 
     def begin(self) -> None:

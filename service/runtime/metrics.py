@@ -88,7 +88,8 @@ class ServiceMetrics:
         )
         self.precompute_cache = Counter(
             "campsearch_precompute_cache_lookups",
-            "Per-item rerank tensors looked up in the in-process LRU, by kind and result.",
+            "Per-item rerank tensors looked up, by kind and result: hit (in-process LRU), "
+            "stored (read from the feature cache or LMDB), miss (computed on the fly).",
             ("kind", "result"),
             registry=self.registry,
         )
@@ -213,6 +214,18 @@ class _StateCollector(Collector):
             "Searches waiting for room in the search memory budget.",
             value=float(search_memory.waiting),
         )
+        rebuild = state.get("tensor_rebuild")
+        if rebuild is not None:
+            rebuilt = GaugeMetricFamily(
+                "campsearch_rerank_tensor_rebuild_items",
+                "The background rebuild of rerank tensors after a model change: items done "
+                "and the total to do, by kind (equal when finished; 0/0 when nothing was missing).",
+                labels=("kind", "state"),
+            )
+            for kind, (done, total) in rebuild.items():
+                rebuilt.add_metric((kind, "done"), float(done))
+                rebuilt.add_metric((kind, "total"), float(total))
+            yield rebuilt
         decode_memory = state.get("decode_memory")
         if decode_memory is not None:
             decoding = GaugeMetricFamily(

@@ -80,8 +80,16 @@ class Settings(BaseSettings):
     feature_cache_mib: int = Field(
         default=DEFAULT_LOCAL_MAX_BYTES // MEBIBYTE,
         ge=0,
-        description="In-process region-feature cache, used only without CAMPSEARCH_REDIS_URL "
-        "(~0.12 MiB a photo with 49 grid regions).",
+        description="In-process cache of stored records in front of LMDB (region features "
+        "~0.12 MiB a photo with 49 grid regions, rerank tensors ~0.07 MiB a photo), used only "
+        "without CAMPSEARCH_REDIS_URL.",
+    )
+    keep_region_features: bool = Field(
+        default=True,
+        description="Keep each photo's raw region features beside its stored rerank tensors "
+        "(float16: ~123 KiB a photo with 49 grid regions). false drops them once the tensors "
+        "are stored (~71 KiB a photo left): searches never need them, but a new model can then "
+        "not rebuild its tensors and is refused at start.",
     )
     search_memory_mib: int = Field(
         default=256,

@@ -4,8 +4,14 @@ text -> images:  encode the text -> micro-batched FAISS top-K images -> their re
                  (in-process LRU, else ONE feature fetch through the cache for the misses) ->
                  micro-batched rerank -> sort, `min_score`, `limit` -> catalog metadata
                  (+ explanation).
-image -> captions: the same with the sides swapped; the image's regions come from the corpus
-                 (by id) or from `UploadRegions` (an upload).
+image -> captions: the same with the sides swapped; the image's tensors and shortlist vector
+                 come from the corpus (by id) or from `UploadRegions` (an upload).
+
+Per-item rerank tensors are read, never rebuilt, when stored: in-process LRU, then the feature
+cache and LMDB in one round trip (`Corpus.get_rerank_tensors`, float16 records of the current
+model's tensor version, service/search/stored_tensors.py). Only items without them (a model
+change whose background rebuild is not done) are computed on the fly, from region features or
+caption texts, so results are never wrong and never mix two models' tensors.
 
 Every blocking step (torch, FAISS, LMDB, SQLite) runs in a worker thread; the shortlist and the
 reranker each run on their own micro-batcher's thread. Stage timings go to the response and to
@@ -46,6 +52,7 @@ from service.search.results import (
     Timings,
 )
 from service.search.shortlist import ShortlistJob
+from service.search.stored_tensors import ImageTensors, caption_tensors, image_tensors
 
 if TYPE_CHECKING:
     from model.retrieval import PairExplanation, RetrievalModel
@@ -53,22 +60,6 @@ if TYPE_CHECKING:
 RETRY_AFTER_TIMEOUT_S = 1
 SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
 PrecomputeT = TypeVar("PrecomputeT", CaptionPrecompute, ImagePrecompute)
-
-
-@dataclass(frozen=True)
-class ImageTensors:
-    """The reranker's precomputed tensors of one image (cached per image id), with the geometry
-    of its region record that the explanation draws. Not a second region record: the features
-    are left out and the boxes copied, so a cached entry pins neither the stored record nor its
-    batch (the search memory budget reckons exactly these bytes)."""
-
-    precompute: ImagePrecompute  # [1]
-    boxes: np.ndarray  # [R, 4]
-    image_size: tuple[int, int]
-
-    @classmethod
-    def of(cls, precompute: ImagePrecompute, regions: RegionFeatures) -> ImageTensors:
-        return cls(precompute, np.array(regions.boxes), regions.image_size)
 
 
 def _held_bytes(item: object) -> int:
@@ -230,14 +221,11 @@ class SearchPipeline:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("features", timings):
-            stored = await asyncio.to_thread(self.corpus.get_region_features, [image_id])
-            if image_id in stored:
-                tensors = await asyncio.to_thread(self.tensors_of_images, [image_id], stored)
-        if image_id not in stored:
+            found = await asyncio.to_thread(self._stored_image, image_id)
+        if found is None:
             raise NotFound("image", image_id, field="body.image_id")
-        return await self._captions_for(
-            stored[image_id], tensors[image_id], options, timings, started
-        )
+        tensors, pooled = found
+        return await self._captions_for(pooled, tensors, options, timings, started)
 
     @_within_request_timeout
     async def captions_for_regions(
@@ -251,31 +239,32 @@ class SearchPipeline:
         """Search with an upload's regions; `timings` and `started` (perf_counter) may already
         count its decoding and extraction."""
         regions = found.regions
-        cached = (
-            self.image_tensors.get_many([found.image_id]).get(found.image_id)
-            if found.image_id is not None  # the same bytes are in the corpus
-            else None
-        )
-        if cached is None:
-            with self.metrics.time_stage("precompute", timings):
-                precompute = await asyncio.to_thread(
-                    self.model.precompute_images, np.asarray(regions.features)[None]
-                )
-            cached = ImageTensors.of(precompute, regions)
-        return await self._captions_for(regions, cached, options, timings, started)
+        if found.image_id is not None:  # the same bytes are in the corpus: its stored tensors
+            with self.metrics.time_stage("features", timings):
+                stored = await asyncio.to_thread(self._stored_image, found.image_id)
+            if stored is not None:
+                tensors, pooled = stored
+                return await self._captions_for(pooled, tensors, options, timings, started)
+        with self.metrics.time_stage("precompute", timings):
+            precompute = await asyncio.to_thread(
+                self.model.precompute_images, np.asarray(regions.features)[None]
+            )
+        with self.metrics.time_stage("encode", timings):
+            pooled = await asyncio.to_thread(
+                self.model.pooled_images, np.asarray(regions.features)[None]
+            )
+        image = ImageTensors.of(precompute, regions)
+        return await self._captions_for(pooled, image, options, timings, started)
 
     async def _captions_for(
         self,
-        regions: RegionFeatures,
+        pooled: np.ndarray,
         image: ImageTensors,
         options: SearchParams,
         timings: dict[str, float],
         started: float,
     ) -> CaptionMatches:
-        with self.metrics.time_stage("encode", timings):
-            pooled = await asyncio.to_thread(
-                self.model.pooled_images, np.asarray(regions.features)[None]
-            )
+        """The search of one image (its shortlist vector [1, e] and rerank tensors)."""
         k = max(options.candidates, options.limit)
         with self.metrics.time_stage("shortlist", timings):
             scores, ids = await self._search("captions", pooled, k)
@@ -300,7 +289,10 @@ class SearchPipeline:
             if options.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     explanations = await asyncio.to_thread(
-                        self._explain_captions, image, {c.id: captions[c.id] for c, _ in chosen}
+                        self._explain_captions,
+                        image,
+                        {c.id: captions[c.id] for c, _ in chosen if c.id in records},
+                        {c.id: records[c.id].text for c, _ in chosen if c.id in records},
                     )
         results = [
             CaptionHit(
@@ -343,62 +335,92 @@ class SearchPipeline:
         return await asyncio.to_thread(self.tensors_of_captions, ids)
 
     def tensors_of_images(
-        self,
-        ids: Sequence[int],
-        stored: dict[int, RegionFeatures] | None = None,
-        *,
-        found: dict[int, ImageTensors] | None = None,
+        self, ids: Sequence[int], *, found: dict[int, ImageTensors] | None = None
     ) -> dict[int, ImageTensors]:
         """Rerank tensors of the images that exist: LRU hits (or `found`, hits the caller
-        already looked up), then ONE feature fetch + ONE precompute call for the misses (padded
-        to the most regions among them, with their counts; each cached entry is trimmed back to
-        its own regions). `stored` may hold region features the caller already fetched."""
+        already looked up), then the stored tensors of the misses (cache, then LMDB, one round
+        trip), and only for images without them (a model change not rebuilt yet) ONE feature
+        fetch + ONE precompute call, padded to the most regions among them."""
         if found is None:
             found = self.image_tensors.get_many(ids)
         self.metrics.precompute_cache.labels("image", "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
         if not missing:
             return found
-        self.metrics.precompute_cache.labels("image", "miss").inc(len(missing))
-        if stored is None or any(i not in stored for i in missing):
-            stored = self.corpus.get_region_features(missing)
-        group = [i for i in missing if i in stored]
-        built: dict[int, ImageTensors] = {}
-        if group:
-            counts = np.array([stored[i].num_regions for i in group], dtype=np.int64)
-            batch = np.zeros(
-                (len(group), int(counts.max()), stored[group[0]].feature_dim),
-                dtype=stored[group[0]].features.dtype,
-            )
-            for row, image_id in enumerate(group):
-                batch[row, : counts[row]] = stored[image_id].features
-            with self.metrics.time_stage("precompute"):
-                precompute = self.model.precompute_images(batch, counts)
-            for row, image_id in enumerate(group):
-                # Each entry owns exactly its own regions: trimmed, then copied off the batch.
-                own = precompute.select(slice(row, row + 1)).trimmed(int(counts[row]))
-                built[image_id] = ImageTensors.of(_compacted(own), stored[image_id])
+        built = {
+            image_id: image_tensors(record, self.model.device)
+            for image_id, record in self.corpus.get_rerank_tensors("images", missing).items()
+        }
+        self.metrics.precompute_cache.labels("image", "stored").inc(len(built))
+        unstored = [i for i in missing if i not in built]
+        if unstored:
+            self.metrics.precompute_cache.labels("image", "miss").inc(len(unstored))
+            built.update(self.computed_image_tensors(self.corpus.get_region_features(unstored)))
         self.image_tensors.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 
+    def computed_image_tensors(self, stored: dict[int, RegionFeatures]) -> dict[int, ImageTensors]:
+        """Rerank tensors computed from region features, in ONE precompute call padded to the
+        most regions among them; each entry is trimmed back to its own regions and owns its
+        memory (the path of images without stored tensors, and of the rebuild)."""
+        group = list(stored)
+        if not group:
+            return {}
+        counts = np.array([stored[i].num_regions for i in group], dtype=np.int64)
+        batch = np.zeros(
+            (len(group), int(counts.max()), stored[group[0]].feature_dim),
+            dtype=stored[group[0]].features.dtype,
+        )
+        for row, image_id in enumerate(group):
+            batch[row, : counts[row]] = stored[image_id].features
+        with self.metrics.time_stage("precompute"):
+            precompute = self.model.precompute_images(batch, counts)
+        built: dict[int, ImageTensors] = {}
+        for row, image_id in enumerate(group):
+            own = precompute.select(slice(row, row + 1)).trimmed(int(counts[row]))
+            built[image_id] = ImageTensors.of(_compacted(own), stored[image_id])
+        return built
+
     def tensors_of_captions(self, ids: Sequence[int]) -> dict[int, CaptionPrecompute]:
-        """Rerank tensors of the captions that exist; misses are re-encoded in one call."""
+        """Rerank tensors of the captions that exist: LRU hits, then stored tensors (one
+        round trip); only captions without them are re-encoded, in one call."""
         found = self.caption_tensors.get_many(ids)
         self.metrics.precompute_cache.labels("caption", "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
         if not missing:
             return found
-        self.metrics.precompute_cache.labels("caption", "miss").inc(len(missing))
-        records = self.corpus.get_captions(missing)
-        order = [i for i in missing if i in records]
-        built: dict[int, CaptionPrecompute] = {}
-        if order:
-            with self.metrics.time_stage("precompute"):
-                encoded = self.model.encode_texts([records[i].text for i in order])
-            for row, caption_id in enumerate(order):
-                built[caption_id] = _compacted(encoded.precompute.select([row]))
-            self.caption_tensors.put_many(built)
+        built = {
+            caption_id: caption_tensors(record, self.model.device)
+            for caption_id, record in self.corpus.get_rerank_tensors("captions", missing).items()
+        }
+        self.metrics.precompute_cache.labels("caption", "stored").inc(len(built))
+        unstored = [i for i in missing if i not in built]
+        if unstored:
+            self.metrics.precompute_cache.labels("caption", "miss").inc(len(unstored))
+            records = self.corpus.get_captions(unstored)
+            built.update(self.computed_caption_tensors({i: records[i].text for i in records}))
+        self.caption_tensors.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+
+    def computed_caption_tensors(self, texts: dict[int, str]) -> dict[int, CaptionPrecompute]:
+        """Rerank tensors of caption texts, encoded in one call; each owns its memory."""
+        if not texts:
+            return {}
+        with self.metrics.time_stage("precompute"):
+            encoded = self.model.encode_texts(list(texts.values()))
+        return {
+            caption_id: _compacted(encoded.precompute.select([row]))
+            for row, caption_id in enumerate(texts)
+        }
+
+    def _stored_image(self, image_id: int) -> tuple[ImageTensors, np.ndarray] | None:
+        """A corpus image's rerank tensors and stored shortlist vector [1, e], or None when it
+        does not exist (or has no vector of this model: it is not searchable either)."""
+        tensors = self.tensors_of_images([image_id])
+        pooled = self.corpus.get_pooled("images", [image_id])
+        if image_id not in tensors or image_id not in pooled:
+            return None
+        return tensors[image_id], pooled[image_id][None]
 
     def forget(self, image_ids: Sequence[int] = (), caption_ids: Sequence[int] = ()) -> None:
         """Drop cached tensors of deleted items (ids are never reused; this frees memory)."""
@@ -439,23 +461,32 @@ class SearchPipeline:
     def _explain_images(
         self, tensors: dict[int, ImageTensors], query: CaptionPrecompute, words: list[str]
     ) -> dict[int, Explanation]:
+        """Explanations of all hits against the query, in one batched scorer call."""
+        ids = list(tensors)
+        if not ids:
+            return {}
+        images = ImagePrecompute.cat([tensors[i].precompute for i in ids])
+        pairs = self.model.explain_pairs(images, query)
         return {
-            i: _explanation(self.model.explain_pair(image.precompute, query), words, image)
-            for i, image in tensors.items()
+            i: _explanation(pair, words, tensors[i]) for i, pair in zip(ids, pairs, strict=True)
         }
 
     def _explain_captions(
-        self, image: ImageTensors, captions: dict[int, CaptionPrecompute]
+        self, image: ImageTensors, captions: dict[int, CaptionPrecompute], texts: dict[int, str]
     ) -> dict[int, Explanation]:
-        records = self.corpus.get_captions(list(captions))
-        explanations: dict[int, Explanation] = {}
-        for caption_id, precompute in captions.items():
-            if caption_id not in records:
-                continue
-            words = self.model.tokenize([records[caption_id].text])[1][0]
-            explanation = self.model.explain_pair(image.precompute, precompute)
-            explanations[caption_id] = _explanation(explanation, words, image)
-        return explanations
+        """Explanations of all caption hits (`texts`: their catalog texts, already read), in
+        one tokenizer call and one batched scorer call."""
+        ids = [i for i in captions if i in texts]
+        if not ids:
+            return {}
+        words = self.model.tokenize([texts[i] for i in ids])[1]
+        pairs = self.model.explain_pairs(
+            image.precompute, CaptionPrecompute.cat([captions[i] for i in ids])
+        )
+        return {
+            i: _explanation(pair, tokens, image)
+            for i, pair, tokens in zip(ids, pairs, words, strict=True)
+        }
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from service.api.deps import RuntimeDep, StateDep
 from service.api.errors import ProblemError
 from service.api.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
 from service.runtime.metrics import PROMETHEUS_CONTENT_TYPE
+from service.search.tensor_rebuild import TensorRebuild
 
 router = APIRouter(tags=["operations"])
 
@@ -48,9 +49,27 @@ async def readyz(state: StateDep) -> JSONResponse:
         ComponentState(
             name=f"cache:{cache_status.backend}", ok=cache_ok, detail=cache_status.detail
         ),
+        _rebuild_state(runtime.rebuild),
     ]
     body = Readiness(status="ready" if cache_ok else "degraded", components=components)
     return JSONResponse(body.model_dump())
+
+
+def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
+    """How far the rerank tensors of the served model are built. Always ok: items not built
+    yet are scored from features computed on the fly (slower, never wrong)."""
+    progress = rebuild.progress()
+    detail = ", ".join(
+        f"{kind} {p.done}/{p.total}" + (f" ({p.skipped} skipped)" if p.skipped else "")
+        for kind, p in progress.items()
+    )
+    if rebuild.error:
+        detail += f"; stopped: {rebuild.error}"
+    elif all(p.finished for p in progress.values()):
+        detail = f"complete ({detail})"
+    else:
+        detail = f"rebuilding ({detail})"
+    return ComponentState(name="rerank_tensors", ok=True, detail=detail)
 
 
 @router.get("/metrics", response_class=Response)

@@ -1,0 +1,107 @@
+"""The reranker's per-item tensors as stored records: computed once at ingest (or by a rebuild
+after a model change), kept in float16 beside the region features, read back by searches.
+
+An image's record is its `ImagePrecompute` row trimmed to its own regions, plus the geometry
+its explanation draws (boxes, image size), so a search needs no region features at all; a
+caption's is its `CaptionPrecompute` row trimmed to its own words. Shapes carry the counts.
+Records are plain named numpy arrays (`index.codec`), written through `Corpus` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.types import RegionFeatures
+
+# float16 keeps every stored value within 1e-3 of its float32 form relative to its row's scale;
+# tests/test_stored_tensors.py shows real shortlists rank the same (scores within 2e-3).
+STORED_DTYPE = np.float16
+_STORED_MAX = float(np.finfo(STORED_DTYPE).max)
+_IMAGE_TENSORS = tuple(f.name for f in fields(ImagePrecompute) if f.name != "region_counts")
+_CAPTION_TENSORS = tuple(f.name for f in fields(CaptionPrecompute) if f.name != "lengths")
+BOXES_KEY = "boxes"
+IMAGE_SIZE_KEY = "image_size"
+
+Record = Mapping[str, np.ndarray]
+
+
+class TensorOverflowError(ValueError):
+    """A tensor does not fit float16 (|x| > 65504); the item is scored from its features."""
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """The reranker's precomputed tensors of one image (cached per image id), with the geometry
+    of its region record that the explanation draws. Not a second region record: the features
+    are left out and the boxes copied, so a cached entry pins neither the stored record nor its
+    batch (the search memory budget reckons exactly these bytes)."""
+
+    precompute: ImagePrecompute  # [1]
+    boxes: np.ndarray  # [R, 4]
+    image_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, precompute: ImagePrecompute, regions: RegionFeatures) -> ImageTensors:
+        return cls(precompute, np.array(regions.boxes), regions.image_size)
+
+
+def image_record(tensors: ImageTensors) -> dict[str, np.ndarray]:
+    """The stored record of one image's tensors (trimmed to its own regions), float16."""
+    precompute = tensors.precompute
+    if len(precompute) != 1:
+        raise ValueError(f"store one image at a time, got {len(precompute)}")
+    own = precompute.trimmed(int(precompute.region_counts[0]))
+    record = {name: _half(getattr(own, name)[0]) for name in _IMAGE_TENSORS}
+    record[BOXES_KEY] = np.asarray(tensors.boxes, dtype=np.float32)
+    record[IMAGE_SIZE_KEY] = np.asarray(tensors.image_size, dtype=np.int32)
+    return record
+
+
+def image_tensors(record: Record, device: torch.device) -> ImageTensors:
+    """An image's tensors from its stored record, float32 on `device`."""
+    regions = int(record["regions"].shape[0])
+    precompute = ImagePrecompute(
+        region_counts=torch.tensor([regions], dtype=torch.int64, device=device),
+        **{name: _tensor(record[name], device) for name in _IMAGE_TENSORS},
+    )
+    width, height = (int(v) for v in record[IMAGE_SIZE_KEY])
+    return ImageTensors(precompute, np.array(record[BOXES_KEY]), (width, height))
+
+
+def caption_record(precompute: CaptionPrecompute) -> dict[str, np.ndarray]:
+    """The stored record of one caption's tensors (trimmed to its own words), float16."""
+    if len(precompute) != 1:
+        raise ValueError(f"store one caption at a time, got {len(precompute)}")
+    own = precompute.trimmed()
+    return {name: _half(getattr(own, name)[0]) for name in _CAPTION_TENSORS}
+
+
+def caption_tensors(record: Record, device: torch.device) -> CaptionPrecompute:
+    """A caption's tensors from its stored record, float32 on `device`."""
+    length = int(record["words"].shape[0])
+    return CaptionPrecompute(
+        lengths=torch.tensor([length], dtype=torch.int64, device=device),
+        **{name: _tensor(record[name], device) for name in _CAPTION_TENSORS},
+    )
+
+
+def stored_bytes(record: Record) -> int:
+    """Bytes of a record's arrays (the codec adds ~20 bytes a name of header)."""
+    return sum(int(np.asarray(value).nbytes) for value in record.values())
+
+
+def _half(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.detach().float().cpu().numpy()
+    if array.size and not np.abs(array).max() <= _STORED_MAX:  # NaN fails too
+        raise TensorOverflowError("a rerank tensor overflows float16; it is not stored")
+    return array.astype(STORED_DTYPE)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float32 [1, ...] owning its memory (the stored array is a read-only view of a record)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32)[None]).to(device)
