@@ -88,8 +88,15 @@ class EncodedSplit:
         return {"final": final, "camp": camp}
 
 
+ScoreSink = Callable[[dict[str, np.ndarray]], None]
+
+
 def _evaluate_fold(
-    encoded: EncodedSplit, images: slice, modes: Sequence[str], ks: Sequence[int]
+    encoded: EncodedSplit,
+    images: slice,
+    modes: Sequence[str],
+    ks: Sequence[int],
+    on_scores: ScoreSink | None = None,
 ) -> dict:
     pooled, captions = encoded.subset(images)
     timings: dict[str, float] = {}
@@ -117,6 +124,8 @@ def _evaluate_fold(
         image_index = np.repeat(np.arange(n), m)
         caption_index = np.tile(np.arange(m), n)
         scores = pairs(image_index, caption_index)
+        if on_scores is not None:
+            on_scores({name: values.reshape(n, m) for name, values in scores.items()})
         result["exhaustive"] = retrieval_metrics(scores["final"].reshape(n, m))
         result.setdefault("camp_alone", {})["exhaustive"] = retrieval_metrics(
             scores["camp"].reshape(n, m)
@@ -133,6 +142,7 @@ def evaluate_model(
     modes: Sequence[str] = MODES,
     ks: Sequence[int] = TWO_STAGE_K,
     on_pairs: Callable[[int], None] | None = None,
+    on_scores: ScoreSink | None = None,
 ) -> dict:
     """The issue's JSON: {"pooled": M, "exhaustive": M, "two_stage": {K: M}, "shortlist_recall":
     {"t2i": {K: %}, "i2t": {...}}, "timings_s": {...}}, plus "camp_alone": {"two_stage": {K: M},
@@ -141,7 +151,9 @@ def evaluate_model(
     level holds the mean of the five 1K folds.
 
     `on_pairs(n)` is called after every chunk of n reranked pairs (exhaustive mode scores
-    millions of pairs on a CPU: the CLI shows progress with it)."""
+    millions of pairs on a CPU: the CLI shows progress with it). `on_scores` receives the
+    exhaustive score matrices of the whole split, images x captions {"final": fused, "camp":
+    CAMP's logits}, once (for COCO testall: of the 5K set), to compare with other code's."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
@@ -152,12 +164,12 @@ def evaluate_model(
     }
     whole = slice(0, split.num_images)
     if split.name != COCO_TESTALL:
-        result = _evaluate_fold(encoded, whole, modes, ks)
+        result = _evaluate_fold(encoded, whole, modes, ks, on_scores)
         result["timings_s"] |= encode_timings
         return result
     folds = [_evaluate_fold(encoded, fold, modes, ks) for fold in fold_slices(split.num_images)]
     result = _average_folds(folds)
-    result["coco_5k"] = _evaluate_fold(encoded, whole, modes, ks)
+    result["coco_5k"] = _evaluate_fold(encoded, whole, modes, ks, on_scores)
     result["timings_s"] = encode_timings | {
         f"folds_{k}": sum(f["timings_s"].get(k, 0.0) for f in folds) for k in folds[0]["timings_s"]
     }
