@@ -112,7 +112,7 @@ def test_imports_the_official_checkpoint_with_either_vocabulary_and_scores_as_th
     assert result.exit_code == 0, result.output
     raw = torch.load(out, weights_only=True)  # our format: no pickled code
     assert raw["vocabulary"] == {"words": words}
-    assert raw["metadata"]["extractor"] == {"name": "precomputed", "config": {}, "feature_dim": 64}
+    assert raw["metadata"]["extractor"] == {"name": "precomputed", "config": {}, "version": ""}
     assert raw["metadata"]["version"] == "official-camp_tiny_checkpoint"
     assert "pooled_heads" not in raw["extras"]
 
@@ -160,8 +160,13 @@ def test_a_2048d_release_is_paired_with_the_detectron2_extractor(words, tmp_path
     assert result.exit_code == 0, result.output
     model = RetrievalModel.load(out, device="cpu")
     assert (model.extractor_name, model.region_dim) == ("detectron2", 2048)
-    assert model.extractor_config == {"min_boxes": 36, "max_boxes": 36}
-    assert model.metadata["extractor"]["feature_dim"] == 2048
+    assert model.extractor_config == {
+        "min_boxes": 36,
+        "max_boxes": 36,
+        "confidence_threshold": 0.2,
+        "nms_threshold": 0.3,
+    }
+    assert set(model.metadata["extractor"]) == {"name", "config", "version"}
     # Every key is one the extractor's from_config takes today.
     from model.vision.extractors.detectron2 import Detectron2Extractor
 
@@ -171,10 +176,14 @@ def test_a_2048d_release_is_paired_with_the_detectron2_extractor(words, tmp_path
         build_extractor(Settings(extractor="grid"), model)
 
     adaptive = tmp_path / "camp_butd_adaptive.pt"
-    result = _import(official, vocab, adaptive, "--min-boxes", 10, "--max-boxes", 100)
+    files = ("--detectron2-config", "/models/vg.yaml", "--detectron2-weights", "/models/vg.pkl")
+    result = _import(official, vocab, adaptive, "--min-boxes", 10, "--max-boxes", 100, *files)
     assert result.exit_code == 0, result.output
     config = RetrievalModel.load(adaptive, device="cpu").extractor_config
-    assert config == {"min_boxes": 10, "max_boxes": 100}
+    assert (config["min_boxes"], config["max_boxes"]) == (10, 100)
+    assert (config["config_file"], config["weights"]) == ("/models/vg.yaml", "/models/vg.pkl")
+    result = _import(official, vocab, adaptive, "--min-boxes", 50, "--max-boxes", 10)
+    assert result.exit_code == 2 and "need 1 <= min_boxes <= max_boxes" in result.output
 
 
 def test_an_extractor_that_does_not_fit_the_weights_is_refused(words, tmp_path):

@@ -9,12 +9,18 @@ made the features the weights expect. Without that record the service would fall
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from model.checkpoints.checkpoint import CampCheckpoint, CheckpointError, import_official_checkpoint
 from model.text.vocab import Vocabulary, VocabularyError, load_vocabulary
-from model.vision.extractors.detectron2 import DEFAULT_NUM_BOXES, POOLED_FEATURE_DIM
+from model.vision.extractors.detectron2 import (
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_NMS_THRESHOLD,
+    DEFAULT_NUM_BOXES,
+    POOLED_FEATURE_DIM,
+)
 from model.vision.extractors.grid import HEAD_CHANNELS
 
 # Extractors a release can be paired with, by the width of the region features they make.
@@ -32,34 +38,41 @@ def extractor_metadata(
     *,
     min_boxes: int = DEFAULT_NUM_BOXES,
     max_boxes: int = DEFAULT_NUM_BOXES,
+    detectron2_files: Mapping[str, str | Path | None] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint's `metadata["extractor"]` for a model reading `img_dim`-d regions.
+    """The checkpoint's extractor record `{"name", "config", "version"}` for a model reading
+    `img_dim`-d regions.
 
-    `config` holds only keys the extractor's `from_config` takes; the detectron2 weights (and
-    config file) are paths on the serving machine, supplied by its settings. Refuses an
-    extractor whose features are not `img_dim` wide, since every ingest would then fail.
+    `config` holds only keys the extractor's `from_config` takes: for detectron2 the box
+    settings of the features (36 fixed boxes in the released SCAN/CAMP features) and, when
+    given, its `config_file` and `weights` paths (the serving machine's settings may name
+    others). `version` is "" because a release does not say which extractor build made its
+    features. Refuses an extractor whose features are not `img_dim` wide: every ingest would
+    fail.
     """
     if name not in EXTRACTOR_CHOICES:
         raise CheckpointError(f"unknown extractor {name!r}; choose one of {EXTRACTOR_CHOICES}")
     if name == PRECOMPUTED:
-        return {"name": name, "config": {}, "feature_dim": img_dim}
+        return {"name": name, "config": {}, "version": ""}
     width = EXTRACTOR_FEATURE_DIMS[name]
     if width != img_dim:
-        fitting = [n for n, d in EXTRACTOR_FEATURE_DIMS.items() if d == img_dim]
-        hint = f"use --extractor {fitting[0]}" if fitting else f"use --extractor {PRECOMPUTED}"
         raise CheckpointError(
             f"the checkpoint reads {img_dim}-d regions but the {name!r} extractor makes "
-            f"{width}-d ones; {hint}"
+            f"{width}-d ones; use --extractor {default_extractor(img_dim)}"
         )
     if name == "grid":
-        return {"name": name, "config": dict(GRID_CONFIG), "feature_dim": width}
+        return {"name": name, "config": dict(GRID_CONFIG), "version": ""}
     if not 1 <= min_boxes <= max_boxes:
         raise CheckpointError(f"need 1 <= min_boxes <= max_boxes, got {min_boxes}, {max_boxes}")
-    return {
-        "name": name,
-        "config": {"min_boxes": min_boxes, "max_boxes": max_boxes},
-        "feature_dim": width,
+    files = {k: str(v) for k, v in (detectron2_files or {}).items() if v is not None}
+    config = {
+        **files,
+        "min_boxes": min_boxes,
+        "max_boxes": max_boxes,
+        "confidence_threshold": DEFAULT_CONFIDENCE_THRESHOLD,
+        "nms_threshold": DEFAULT_NMS_THRESHOLD,
     }
+    return {"name": name, "config": config, "version": ""}
 
 
 def default_extractor(img_dim: int) -> str:
@@ -87,6 +100,7 @@ def import_release(
     version: str | None = None,
     min_boxes: int = DEFAULT_NUM_BOXES,
     max_boxes: int = DEFAULT_NUM_BOXES,
+    detectron2_files: Mapping[str, str | Path | None] | None = None,
 ) -> CampCheckpoint:
     """An official `*.pth.tar` and its vocabulary as our checkpoint, with extractor metadata.
 
@@ -104,7 +118,13 @@ def import_release(
     name = extractor or default_extractor(img_dim)
     checkpoint.metadata |= {
         "version": version or f"official-{checkpoint_path.name.split('.')[0]}",
-        "extractor": extractor_metadata(name, img_dim, min_boxes=min_boxes, max_boxes=max_boxes),
+        "extractor": extractor_metadata(
+            name,
+            img_dim,
+            min_boxes=min_boxes,
+            max_boxes=max_boxes,
+            detectron2_files=detectron2_files,
+        ),
         "imported_from": {
             "checkpoint": checkpoint_path.name,
             "vocabulary": Path(vocabulary_path).name,

@@ -18,6 +18,7 @@ def run_import_checkpoint(
     version: str | None,
     min_boxes: int,
     max_boxes: int,
+    detectron2_files: dict[str, Path | None] | None = None,
 ) -> Path:
     """Convert and write `out` atomically; exits 2 naming what is wrong with an input."""
     try:
@@ -28,6 +29,7 @@ def run_import_checkpoint(
             version=version,
             min_boxes=min_boxes,
             max_boxes=max_boxes,
+            detectron2_files=detectron2_files,
         )
     except CheckpointError as exc:
         fail(exc)

@@ -141,6 +141,12 @@ def import_checkpoint(
     version: str | None = typer.Option(None, help="model version (default: official-<file>)"),
     min_boxes: int = typer.Option(36, min=1, help="detectron2: fewest boxes per image"),
     max_boxes: int = typer.Option(36, min=1, help="detectron2: most boxes per image"),
+    detectron2_config: Path | None = typer.Option(
+        None, help="detectron2: its config yaml, recorded (the serving settings may override)"
+    ),
+    detectron2_weights: Path | None = typer.Option(
+        None, help="detectron2: the Visual Genome weights, recorded (settings may override)"
+    ),
 ) -> None:
     """Convert an official CAMP checkpoint and vocabulary into a checkpoint the service loads.
 
@@ -157,6 +163,7 @@ def import_checkpoint(
         version=version,
         min_boxes=min_boxes,
         max_boxes=max_boxes,
+        detectron2_files={"config_file": detectron2_config, "weights": detectron2_weights},
     )
 
 
