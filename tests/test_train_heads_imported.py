@@ -135,3 +135,78 @@ def test_features_of_another_width_are_refused(setup, tmp_path):
     result = _invoke("train", "--config", _preset(setup, "wide", data={"root": str(data)}))
     assert result.exit_code == 2
     assert "holds 2048-d regions; the imported model reads 64-d" in " ".join(result.output.split())
+
+
+def test_the_whole_path_release_to_two_stage_search(shared_dir, small_grid_extractor, tmp_path):
+    """A release in the official layout whose regions are the grid extractor's (1280-d), so the
+    path runs here without detectron2: import -> extract real photos -> train the heads ->
+    serve -> ingest -> both searches, the shortlist from the heads and the order from CAMP."""
+    from collections import Counter
+
+    from service_support import coco_photos, make_settings, running_client
+
+    from model.text.tokenizer import tokenize
+    from model.vision.extract import extract_dataset
+    from model.vision.extractors.grid import HEAD_CHANNELS
+    from service.api.app import create_app
+
+    photos = coco_photos(shared_dir, 30)
+    counts = Counter(w for _, captions in photos for c in captions[:5] for w in tokenize(c))
+    words = ["<pad>", "<start>", "<end>", "<unk>", *(w for w, _ in counts.most_common(36))]
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"word2idx": {w: i for i, w in enumerate(words)}}))
+    payload = torch.load(PARITY_DIR / "camp_tiny_checkpoint.pth.tar")
+    image_part = dict(payload["model"][0])
+    generator = torch.Generator().manual_seed(0)
+    image_part["module.fc.weight"] = 0.05 * torch.randn(32, HEAD_CHANNELS, generator=generator)
+    release = tmp_path / "model_best.pth.tar"
+    opt = {**payload["opt"], "img_dim": HEAD_CHANNELS}
+    torch.save({**payload, "model": [image_part, *payload["model"][1:]], "opt": opt}, release)
+    imported = tmp_path / "imported.pt"
+    result = _invoke("import-checkpoint", release, "--vocab", vocab, "--out", imported)
+    assert result.exit_code == 0, result.output
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"image": str(path), "id": path.stem, "captions": caps[:5], "split": split})
+            + "\n"
+            for (path, caps), split in zip(photos, ["train"] * 24 + ["dev"] * 6, strict=True)
+        )
+    )
+    extract_dataset(manifest, tmp_path / "precomp", small_grid_extractor)
+    setup = {"root": tmp_path, "imported": imported, "data": tmp_path / "precomp"}
+    preset = _preset(setup, "run", selection={"dev_images": 6, "k": 5})
+    result = _invoke("train", "--config", preset)
+    assert result.exit_code == 0, result.output
+
+    model = RetrievalModel.load(tmp_path / "run" / "best.pt", device="cpu")
+    assert model.extractor_name == "grid" and model.network.heads is not None
+    settings = make_settings(tmp_path / "data", batch_max_wait_ms=20)
+    app = create_app(settings, model=model, extractor=small_grid_extractor)
+    with running_client(app) as client:
+        ids = []
+        for path, captions in photos[24:]:
+            response = client.post(
+                "/v1/images", files={"file": (path.name, path.read_bytes())},
+                data={"captions": captions[:2]},
+            )  # fmt: skip
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+        query = photos[24][1][0]
+        response = client.post("/v1/search/images", json={"text": query, "limit": 6})
+        assert response.status_code == 200, response.text
+        hits = response.json()["results"]
+        assert sorted(h["id"] for h in hits) == sorted(ids)
+        # Each hit's score is CAMP's own logit for the pair: the shortlist only chose them.
+        runtime = app.state.service.runtime
+        encoded = runtime.model.encode_texts([query])
+        for hit in hits:
+            tensors = runtime.pipeline.tensors_of_images([hit["id"]])[hit["id"]]
+            logit = runtime.model.camp_logits(tensors.precompute, encoded.precompute)
+            assert hit["score"] == pytest.approx(float(logit[0]), abs=1e-5)
+        scores = [h["score"] for h in hits]
+        assert scores == sorted(scores, reverse=True)
+        response = client.post("/v1/search/captions", json={"image_id": ids[0], "limit": 5})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"]) == 5
