@@ -116,7 +116,8 @@ def test_trains_only_the_heads_and_the_result_searches_two_stage(setup):
     [
         ({"network": {"embed_size": 64}}, "network may set only ['pooled_dim', 'pooled_hidden']"),
         ({"init": {"checkpoint": ""}}, "init.checkpoint must name the imported model"),
-        ({"init": {"checkpoint": "/nowhere/model.pt"}}, "init.checkpoint"),
+        ({"init": {"checkpoint": "/nowhere/model.pt"}}, "init.checkpoint: "),
+        ({"init": {"checkpoint": __file__}}, "init.checkpoint: "),
         ({"selection": {"fusion": "average"}}, "selection.fusion must be one of"),
         ({"extractor": {"name": "grid"}}, "differs from the imported model's 'precomputed'"),
     ],

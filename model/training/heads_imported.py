@@ -40,7 +40,7 @@ def frozen_network(base: Path, network: dict[str, Any]) -> tuple[RetrievalNetwor
     try:
         checkpoint = load_checkpoint(base)
         imported = RetrievalNetwork.from_checkpoint(checkpoint)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, OSError, RuntimeError) as exc:  # RuntimeError: not a torch file
         raise TrainConfigError(f"init.checkpoint: {exc}") from exc
     if imported.spec.text_encoder != "gru" or imported.vocabulary is None:
         raise TrainConfigError(
