@@ -337,3 +337,39 @@ def test_evaluate_refuses_a_manifest_for_a_precomputed_only_model(imported_tiny,
     )  # fmt: skip
     assert result.exit_code == 2
     assert "imported for precomputed features" in " ".join(result.output.split())
+
+
+def test_pair_chunks_shrink_to_the_memory_budget_and_score_the_same(
+    imported_tiny, fake_split, monkeypatch
+):
+    """At the paper's size a pair needs ~2 MiB, so the exhaustive pass scores fewer pairs per
+    call; the scores must not depend on the chunking."""
+    import model.eval.evaluate_model as evaluate_module
+    from model.architecture.precompute import PrecomputedScorer
+    from model.eval.data import RetrievalSplit
+
+    model = RetrievalModel.load(imported_tiny, device="cpu")
+    split = RetrievalSplit(
+        "test", fake_split["image_feats"].numpy(), list(fake_split["captions_txt"]),
+        [str(i) for i in range(12)],
+    )  # fmt: skip
+
+    def run() -> tuple[dict, dict, list[int]]:
+        """(metrics, score matrices, pairs per reranker call)"""
+        calls: list[int] = []
+        matrices: dict = {}
+        metrics = evaluate_module.evaluate_model(
+            model, split, modes=["exhaustive"], on_pairs=calls.append, on_scores=matrices.update
+        )
+        return metrics, matrices, calls
+
+    whole, whole_scores, whole_calls = run()
+    assert whole_calls == [720]  # 12 x 60 pairs fit one call at the tiny size
+    encoded = evaluate_module.EncodedSplit(model, split)
+    longest = max(encoded.captions, key=lambda c: c.words.shape[1])
+    per_pair = PrecomputedScorer.bytes_per_pair(encoded.images, longest)
+    monkeypatch.setattr(evaluate_module, "PAIR_MEMORY_BYTES", 7 * per_pair + 1)
+    chunked, chunked_scores, chunked_calls = run()
+    assert max(chunked_calls) == 7 and sum(chunked_calls) == 720
+    assert chunked["exhaustive"] == whole["exhaustive"]
+    np.testing.assert_allclose(chunked_scores["camp"], whole_scores["camp"], atol=1e-6, rtol=0)

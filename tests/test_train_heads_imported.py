@@ -211,3 +211,32 @@ def test_the_whole_path_release_to_two_stage_search(shared_dir, small_grid_extra
         response = client.post("/v1/search/captions", json={"image_id": ids[0], "limit": 5})
         assert response.status_code == 200, response.text
         assert len(response.json()["results"]) == 5
+
+
+def test_dev_pair_scores_do_not_depend_on_the_memory_budget(setup, monkeypatch):
+    """The dev two-stage pass scores fewer pairs per call where pairs are large (d = 1024);
+    its CAMP scores stay those of the whole grid."""
+    import model.training.dev_eval as dev_eval
+    from model.architecture.precompute import PrecomputedScorer
+    from model.training.gru_text import gru_frozen_split
+    from model.training.heads_imported import frozen_network
+
+    network, _ = frozen_network(setup["imported"], {"pooled_dim": 8, "pooled_hidden": 16})
+    with torch.no_grad():  # rank by CAMP alone, so the scores are CAMP's
+        network.fusion.shortlist_weight.fill_(0.0)
+        network.fusion.camp_weight.fill_(1.0)
+    data = gru_frozen_split(network, load_precomputed(setup["data"], "dev"))
+    pooled = dev_eval.pooled_scores(network, data)
+    images, captions = np.divmod(np.arange(pooled.size), pooled.shape[1])
+    whole = dev_eval.pair_scorer(network, data, pooled)(images, captions)
+    monkeypatch.setattr(dev_eval, "PAIR_MEMORY_BYTES", 1)  # one pair per call
+    single = dev_eval.pair_scorer(network, data, pooled)(images, captions)
+    np.testing.assert_allclose(single, whole, atol=1e-6, rtol=0)
+    scorer = PrecomputedScorer(network.camp.scorer)
+    features, lengths = data.tokens.batch(np.arange(pooled.shape[1]))
+    with torch.no_grad():
+        grid = scorer.score_grid(
+            scorer.precompute_images(network.camp.image_encoder(data.regions(np.arange(12)))),
+            scorer.precompute_captions(network.words_from_features(features, lengths)),
+        )
+    np.testing.assert_allclose(whole.reshape(pooled.shape), grid.numpy(), atol=1e-5, rtol=0)

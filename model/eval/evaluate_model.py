@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 from model.eval.data import RetrievalSplit
 from model.eval.protocol import (
     TWO_STAGE_K,
@@ -30,7 +30,10 @@ from model.retrieval import RetrievalModel
 MODES = ("pooled", "exhaustive", "two_stage")
 COCO_TESTALL = "testall"
 ENCODE_BATCH = 256
-PAIR_CHUNK = 4096
+PAIR_CHUNK = 4096  # pairs per reranker call, at most
+# Activation memory one call may use: at the paper's size (d = 1024, 36 regions) a pair needs
+# about 2 MiB, so 4,096 pairs would need 8 GiB; the chunk shrinks to fit this instead.
+PAIR_MEMORY_BYTES = 1 << 30
 
 
 class EncodedSplit:
@@ -62,6 +65,9 @@ class EncodedSplit:
         self.captions = captions  # one trimmed CaptionPrecompute per caption
         self.caption_vectors = np.concatenate(pooled_captions)
         self.caption_seconds = time.perf_counter() - started
+        longest = max(self.captions, key=lambda caption: caption.words.shape[1])
+        per_pair = PrecomputedScorer.bytes_per_pair(self.images, longest)
+        self.pair_chunk = max(1, min(PAIR_CHUNK, PAIR_MEMORY_BYTES // per_pair))
 
     def subset(self, images: slice) -> tuple[np.ndarray, slice]:
         """Pooled scores [n, 5n] of a fold and its caption slice."""
@@ -75,8 +81,8 @@ class EncodedSplit:
         product ranks by, "camp": CAMP's logit alone}."""
         final = np.empty(len(image_index), dtype=np.float32)
         camp = np.empty(len(image_index), dtype=np.float32)
-        for start in range(0, len(image_index), PAIR_CHUNK):
-            chunk = slice(start, start + PAIR_CHUNK)
+        for start in range(0, len(image_index), self.pair_chunk):
+            chunk = slice(start, start + self.pair_chunk)
             images = self.images.select(torch.as_tensor(image_index[chunk]))
             captions = CaptionPrecompute.cat([self.captions[c] for c in caption_index[chunk]])
             logits = self.model.camp_logits(images, captions)
