@@ -1,6 +1,8 @@
 """Per-pair cost of CAMP scoring: the direct form (padded to 50 words as the official code,
 or trimmed) against the precompute split (docs/ARCHITECTURE.md, The precompute split), on the
 reranker's 1 x K shape and an evaluation-style N x M block. All three must give the same scores.
+A third shape is the reranker's 1 x K over adaptive detector boxes (10..100 regions an image):
+the K per-item tensors padded into one call must score as each image alone.
 
     python bench/score_pairs.py [--device cuda] [--json results.json]
 
@@ -24,7 +26,7 @@ import torch
 
 from model.architecture.camp import CampModel
 from model.architecture.encoders import EncodedText
-from model.architecture.precompute import PrecomputedScorer
+from model.architecture.precompute import ImagePrecompute, PrecomputedScorer
 from model.checkpoints.config import load_config
 
 REGIONS = 36
@@ -35,6 +37,8 @@ DIRECT_PAIRS_PER_CALL = 100
 FP32_TOLERANCE = 1e-5
 # Shapes up to this many pairs are warmed up and repeated; bigger ones run once.
 SMALL_SHAPE_PAIRS = 1000
+# A detector's adaptive box counts (bottom-up attention's 10-100 setting).
+ADAPTIVE_BOXES = (10, 100)
 
 
 def _spread_weights(model: CampModel) -> None:
@@ -121,6 +125,33 @@ def run_shape(model, scorer, images, text, autocast, device, repeats, warmup) ->
     }
 
 
+def run_adaptive(scorer: PrecomputedScorer, images: list[torch.Tensor], text, device, repeats):
+    """1 x K over images with their own region counts: the reranker's padded one-call layout
+    (`ImagePrecompute.cat` of per-item tensors) against each image scored alone."""
+    with torch.inference_mode():
+        items = [scorer.precompute_images(image) for image in images]
+        caption = scorer.precompute_captions(text)
+
+        def padded() -> torch.Tensor:
+            joined = ImagePrecompute.cat(items)
+            return scorer.score_text_against_images(caption, joined)[0].float()
+
+        _timed(padded, device)  # warm-up
+        best, scores = float("inf"), None
+        for _ in range(repeats):
+            seconds, scores = _timed(padded, device)
+            best = min(best, seconds)
+        alone = torch.cat(
+            [scorer.score_text_against_images(caption, item)[0].float() for item in items]
+        )
+    return {
+        "pairs": len(images),
+        "regions": [int(image.shape[1]) for image in images],
+        "ms_per_pair_padded_one_call": 1e3 * best / len(images),
+        "max_abs_diff_padded_vs_alone": float((scores - alone).abs().max()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +217,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"b/c {row['ratio_b_over_c']:5.2f}x  max|a-c| {row['max_abs_diff_a_c']:.1e}"
             )
 
+    generator = torch.Generator().manual_seed(args.seed)
+    counts = torch.randint(
+        ADAPTIVE_BOXES[0], ADAPTIVE_BOXES[1] + 1, (args.candidates,), generator=generator
+    )
+    with torch.inference_mode():
+        adaptive_images = [
+            model.encode_images(torch.randn(1, int(c), config.img_dim, device=device))
+            for c in counts
+        ]
+    adaptive = run_adaptive(scorer, adaptive_images, captions(1), device, args.repeats)
+    adaptive["scores_agree"] = adaptive["max_abs_diff_padded_vs_alone"] < FP32_TOLERANCE
+    ok &= adaptive["scores_agree"]
+    print(
+        f"fp32 adaptive 1x{args.candidates} ({ADAPTIVE_BOXES[0]}-{ADAPTIVE_BOXES[1]} regions): "
+        f"{adaptive['ms_per_pair_padded_one_call']:.3f} ms/pair in one padded call, max|padded - "
+        f"alone| {adaptive['max_abs_diff_padded_vs_alone']:.1e}"
+    )
+
     one_by_k = f"1x{args.candidates}"
     figures = {
         "speedup_precompute_vs_padded": results["fp32"][one_by_k]["ratio_a_over_c"],
@@ -206,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "padded_width": OFFICIAL_WIDTH,
         },
         "results": results,
+        "adaptive_regions": adaptive,
     }
     print(
         f"speedup (a)/(c) at {one_by_k}: {figures['speedup_precompute_vs_padded']:.2f}x; "

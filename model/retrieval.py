@@ -53,7 +53,8 @@ class EncodedTexts:
 class PairExplanation:
     """Why one (image, caption) pair scored as it did, in plain floats.
 
-    word_region [L][R]: how much each word attends to each region (rows sum to 1);
+    word_region [L][R]: how much each word attends to each region (rows sum to 1), over the
+    image's real regions only (a padded image's padding is left out);
     region_pooling [R] and word_pooling [L]: CAMP's attention pooling, averaged over heads;
     camp_score: CAMP's own score in (0, 1).
     """
@@ -191,16 +192,46 @@ class RetrievalModel:
             array = array.astype(np.float32)
         return torch.from_numpy(array).to(self.device)
 
-    def pooled_images(self, regions: np.ndarray) -> np.ndarray:
-        """[B, R, D] float16/32 region features -> [B, e] float32 unit shortlist vectors."""
-        with torch.inference_mode():
-            return self.network.pooled_images(self._regions(regions)).float().cpu().numpy()
+    def _region_counts(self, counts: np.ndarray | None, regions: np.ndarray) -> torch.Tensor | None:
+        """Real regions per image [B] int64 on the device, checked against the padded width."""
+        if counts is None:
+            return None
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (len(regions),):
+            raise ValueError(
+                f"need one region count per image: {len(regions)} images, counts of shape "
+                f"{counts.shape}"
+            )
+        if len(counts) and (counts.min() < 1 or counts.max() > np.shape(regions)[1]):
+            raise ValueError(
+                f"region counts must lie in [1, {np.shape(regions)[1]}] (the padded width), got "
+                f"{counts.min()}..{counts.max()}"
+            )
+        return self._to_device(torch.from_numpy(counts))
 
-    def precompute_images(self, regions: np.ndarray) -> ImagePrecompute:
-        """[B, R, D] -> per-image rerank tensors on self.device (cache them per image id)."""
+    def pooled_images(
+        self, regions: np.ndarray, region_counts: np.ndarray | None = None
+    ) -> np.ndarray:
+        """[B, R, D] float16/32 region features -> [B, e] float32 unit shortlist vectors.
+
+        `region_counts` [B]: real regions per image when `regions` is padded to R; None: all R
+        are real."""
+        counts = self._region_counts(region_counts, regions)
+        with torch.inference_mode():
+            pooled = self.network.pooled_images(self._regions(regions), counts)
+            return pooled.float().cpu().numpy()
+
+    def precompute_images(
+        self, regions: np.ndarray, region_counts: np.ndarray | None = None
+    ) -> ImagePrecompute:
+        """[B, R, D] -> per-image rerank tensors on self.device (cache them per image id).
+
+        `region_counts` [B]: real regions per image when `regions` is padded to R (the padding
+        is masked when scoring); None: all R are real."""
+        counts = self._region_counts(region_counts, regions)
         with torch.inference_mode():
             encoded = self.network.camp.image_encoder(self._regions(regions))
-            return self.scorer.precompute_images(encoded)
+            return self.scorer.precompute_images(encoded, counts)
 
     # -- memory ----------------------------------------------------------------------------------
     def image_tensor_bytes(self, regions: int) -> int:
@@ -280,10 +311,10 @@ class RetrievalModel:
             raise ValueError(f"explain one pair: got {len(image)} images, {len(caption)} captions")
         with torch.inference_mode():
             logits, maps = self.scorer.score_text_against_images(caption, image, explain=True)
-        length = int(caption.lengths[0])
+        length, regions = int(caption.lengths[0]), int(image.region_counts[0])
         return PairExplanation(
-            word_region=maps.attn_t2v[0, 0, :length].float().cpu().tolist(),
-            region_pooling=maps.pool_attn_v[0, 0].mean(0).float().cpu().tolist(),
+            word_region=maps.attn_t2v[0, 0, :length, :regions].float().cpu().tolist(),
+            region_pooling=maps.pool_attn_v[0, 0].mean(0)[:regions].float().cpu().tolist(),
             word_pooling=maps.pool_attn_t[0, 0].mean(0)[:length].float().cpu().tolist(),
             camp_score=float(torch.sigmoid(logits[0].float())),
         )

@@ -36,7 +36,7 @@ from model.training.official import batch_logits
 from model.vision.extractors.grid import GridExtractor
 from service.api.app import create_app
 from service.cli.bulk_ingest import HttpTarget, ingest, read_source
-from service.search.rerank import PairReranker
+from service.search.rerank import PairReranker, RerankJob
 
 pytestmark = pytest.mark.gpu
 
@@ -101,6 +101,45 @@ def test_the_reranker_synchronises_once_per_model_call_on_the_gpu(shortlists) ->
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+def test_mixed_region_counts_share_one_call_and_one_sync_on_the_gpu(
+    shortlists, exact_fp32_on_cuda
+) -> None:
+    """Candidates cut to 5..49 regions (as a detector's boxes vary) are padded on the device in
+    one call: CUDA's sync debug mode sees one synchronisation, and the scores are the CPU's."""
+    counts = [5 + (11 * row) % 45 for row in range(len(shortlists.regions))]
+
+    def jobs_on(model: RetrievalModel) -> list[RerankJob]:
+        images = tuple(
+            model.precompute_images(shortlists.regions[row : row + 1, :count])
+            for row, count in enumerate(counts)
+        )
+        queries = model.encode_texts(shortlists.first_captions).precompute
+        shortlist = np.linspace(0.0, 0.2, len(images), dtype=np.float32)
+        return [
+            RerankJob(images=images, captions=(queries.select([q]),), shortlist_scores=shortlist)
+            for q in range(len(queries))
+        ]
+
+    on_cpu = PairReranker(RetrievalModel.load(device="cpu"), memory_budget_bytes=2**40)(
+        jobs_on(RetrievalModel.load(device="cpu"))
+    )
+    model = RetrievalModel.load(device="cuda")
+    jobs = jobs_on(model)
+    reranker = PairReranker(model, memory_budget_bytes=2**40)
+    reranker(jobs)  # warm-up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            on_gpu = reranker(jobs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert max_abs_diff(on_cpu, on_gpu) < FP32_MAX_SCORE_DIFF
 
 
 def test_grid_extractor_on_the_gpu_equals_the_cpu(shared_dir, exact_fp32_on_cuda) -> None:

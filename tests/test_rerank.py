@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 from service.search.rerank import PairReranker, RerankJob
 
 CAPTIONS = [
@@ -118,3 +118,93 @@ def test_the_hot_path_reads_back_from_the_device_once_per_model_call(
     monkeypatch.undo()
     assert counting.calls == 5
     assert reads == {"cpu": 5, "numpy": 5}
+
+
+MIXED_COUNTS = [3, 7, 1, 5, 7]
+
+
+@pytest.fixture(scope="module")
+def mixed_items(tiny_retrieval_model):
+    """Per-item image tensors with different region counts, as a detector's boxes give them."""
+    model = tiny_retrieval_model
+    rng = np.random.default_rng(1)
+    regions = [
+        rng.standard_normal((1, count, model.region_dim)).astype(np.float32)
+        for count in MIXED_COUNTS
+    ]
+    return [model.precompute_images(r) for r in regions]
+
+
+def test_jobs_of_mixed_region_counts_share_one_call_and_score_each_image_as_alone(
+    tiny_retrieval_model, items, mixed_items, monkeypatch
+) -> None:
+    """Both directions, images of 1..7 regions in one job and in one model call: every score
+    equals that image reranked alone, and the host still reads back only the call's scores."""
+    model = tiny_retrieval_model
+    images = mixed_items
+    _, captions = items
+    shortlist = np.linspace(0.1, 0.5, len(MIXED_COUNTS), dtype=np.float32)
+    text_query = RerankJob(
+        images=tuple(images), captions=(captions[2],), shortlist_scores=shortlist
+    )
+    image_query = RerankJob(
+        images=(images[2],), captions=tuple(captions), shortlist_scores=shortlist[::-1].copy()
+    )
+    alone_text = [
+        model.rerank_pairs(image, captions[2], shortlist[k : k + 1])[0]
+        for k, image in enumerate(images)
+    ]
+    alone_image = [
+        model.rerank_pairs(images[2], caption, shortlist[::-1][k : k + 1].copy())[0]
+        for k, caption in enumerate(captions)
+    ]
+    reads: dict[str, int] = {}
+    for name in ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads[_name] = reads.get(_name, 0) + 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counting = _CountingModel(model)
+    scores = PairReranker(counting, memory_budget_bytes=2**40)([text_query, image_query])
+    monkeypatch.undo()
+    assert counting.calls == 1
+    assert reads == {"cpu": 1, "numpy": 1}
+    np.testing.assert_allclose(scores[0], alone_text, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores[1], alone_image, rtol=0, atol=1e-5)
+    assert np.ptp(scores[0]) > 0.01, "scores should differ for this check to mean something"
+
+
+def test_chunks_are_reckoned_at_the_widest_padded_pair(tiny_retrieval_model, mixed_items) -> None:
+    """A budget of two pairs at the widest image (7 regions) is two pairs a call, even where a
+    chunk's own images are narrower: padding makes every pair as wide as the widest."""
+    model = tiny_retrieval_model
+    images = mixed_items
+    caption = model.encode_texts(["a dog runs on the grass"]).precompute
+    job = RerankJob(
+        images=tuple(images), captions=(caption,), shortlist_scores=np.zeros(5, np.float32)
+    )
+    widest = PrecomputedScorer.bytes_per_pair(images[1], caption)
+    assert job.bytes_per_pair() == widest > PrecomputedScorer.bytes_per_pair(images[0], caption)
+    counting = _CountingModel(model)
+    PairReranker(counting, memory_budget_bytes=2 * widest + 1)([job])
+    assert counting.calls == 3  # 5 pairs, 2 a call
+
+
+def test_explanations_of_a_padded_image_cover_only_its_real_regions(
+    tiny_retrieval_model, mixed_items
+) -> None:
+    model = tiny_retrieval_model
+    images = mixed_items
+    caption = model.encode_texts(["a dog runs on the grass"]).precompute
+    padded = ImagePrecompute.cat(images).select([0])  # 3 regions padded to 7
+    assert padded.regions.shape[1] == 7
+    explained = model.explain_pair(padded, caption)
+    alone = model.explain_pair(images[0], caption)
+    assert len(explained.region_pooling) == 3
+    assert all(len(row) == 3 for row in explained.word_region)
+    np.testing.assert_allclose(explained.word_region, alone.word_region, atol=1e-6)
+    np.testing.assert_allclose(explained.region_pooling, alone.region_pooling, atol=1e-6)
+    np.testing.assert_allclose(explained.camp_score, alone.camp_score, atol=1e-6)

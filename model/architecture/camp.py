@@ -51,11 +51,26 @@ class CampModel(nn.Module):
         """token_ids [Nc, L_in] (any order, any right padding) -> words [Nc, max_len, d]."""
         return self.text_encoder(token_ids, lengths)
 
-    def forward(self, regions: Tensor, token_ids: Tensor, lengths: Tensor) -> Tensor:
-        """Scores [Ni, Nc] of every image against every caption."""
+    def forward(
+        self,
+        regions: Tensor,
+        token_ids: Tensor,
+        lengths: Tensor,
+        region_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Scores [Ni, Nc] of every image against every caption; `region_mask` [Ni, R] (True on
+        real regions) when images are padded to a common region count."""
         text = self.encode_text(token_ids, lengths)
-        return self.scorer(self.encode_images(regions), text.words, text.mask)
+        return self.scorer(self.encode_images(regions), text.words, text.mask, region_mask)
 
-    def forward_with_trace(self, regions: Tensor, token_ids: Tensor, lengths: Tensor) -> ScoreTrace:
+    def forward_with_trace(
+        self,
+        regions: Tensor,
+        token_ids: Tensor,
+        lengths: Tensor,
+        region_mask: Tensor | None = None,
+    ) -> ScoreTrace:
         text = self.encode_text(token_ids, lengths)
-        return self.scorer.forward_with_trace(self.encode_images(regions), text.words, text.mask)
+        return self.scorer.forward_with_trace(
+            self.encode_images(regions), text.words, text.mask, region_mask
+        )

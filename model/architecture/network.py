@@ -137,11 +137,12 @@ class RetrievalNetwork(nn.Module):
             return self.heads.text(features, lengths)
         return l2norm(masked_mean(self.words_from_features(features, lengths).words, lengths))
 
-    def pooled_images(self, regions: Tensor) -> Tensor:
-        """[B, R, D] raw region features -> [B, e] unit shortlist vectors."""
+    def pooled_images(self, regions: Tensor, region_counts: Tensor | None = None) -> Tensor:
+        """[B, R, D] raw region features -> [B, e] unit shortlist vectors; `region_counts` [B]:
+        real regions per image when padded to R (the mean skips the padding)."""
         if self.heads is not None:
-            return self.heads.image(regions)
-        return l2norm(self.camp.image_encoder(regions).mean(dim=1))
+            return self.heads.image(regions, region_counts)
+        return l2norm(masked_mean(self.camp.image_encoder(regions), region_counts))
 
     # -- serialisation --------------------------------------------------------------------------
     def to_checkpoint(self, metadata: dict[str, Any]) -> CampCheckpoint:

@@ -14,7 +14,8 @@ computed once per image and every projection of a caption's words T once per cap
 
 What stays per pair is the attention itself, the norms and gates, the pooling MLP's first layer
 and the score MLP. Captions are trimmed to their own length; padding up to a batch's longest
-caption is masked exactly, so scores do not depend on padding or batching (to float rounding).
+caption is masked exactly, and so is padding up to a batch's most regions (a detector's
+variable box counts), so scores do not depend on padding or batching (to float rounding).
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ from model.architecture.scorer import (
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 
 
+_IMAGE_REGION_FIELDS = ("regions", "queries", "keys", "fusion_self", "fusion_for_words")
+_IMAGE_SQUARE_FIELDS = ("word_message_logits", "gram")
+
+
 @dataclass
 class ImagePrecompute:
-    """Per-image tensors of N images with R regions each (rows can be cached per image).
+    """Per-image tensors of N images, padded to the most regions among them (R).
 
-    regions V [N, R, d]; queries V Wqvᵀ and keys V Wkvᵀ [N, R, d]; word_message_logits
-    (V W3ᵀ)(V W4ᵀ)ᵀ/√d [N, R, R]; fusion_self V W_aᵀ (first half of image_fusion) [N, R, d];
-    fusion_for_words V W_bᵀ (second half of text_fusion) [N, R, d].
+    regions V [N, R, d] (zero past each image's count); region_counts [N] int64, real regions
+    per image (the rest are padding, masked exactly); queries V Wqvᵀ and keys V Wkvᵀ [N, R, d];
+    word_message_logits (V W3ᵀ)(V W4ᵀ)ᵀ/√d [N, R, R]; gram V Vᵀ [N, R, R]; fusion_self V W_aᵀ
+    (first half of image_fusion) [N, R, d]; fusion_for_words V W_bᵀ (second half of
+    text_fusion) [N, R, d].
     """
 
     regions: Tensor
@@ -57,11 +64,18 @@ class ImagePrecompute:
     gram: Tensor
     fusion_self: Tensor
     fusion_for_words: Tensor
+    region_counts: Tensor
 
     def __len__(self) -> int:
         return self.regions.shape[0]
 
+    @property
+    def mask(self) -> Tensor:
+        """[N, R] bool, True on real regions."""
+        return length_mask(self.region_counts, self.regions.shape[1])
+
     def select(self, index: Tensor | slice | list[int]) -> ImagePrecompute:
+        """A subset, padded as before (no host synchronisation; `trimmed` narrows it)."""
         return ImagePrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def repeat(self, count: int) -> ImagePrecompute:
@@ -70,24 +84,80 @@ class ImagePrecompute:
             **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
         )
 
+    def trimmed(self, width: int | None = None) -> ImagePrecompute:
+        """Views narrowed to `width` region slots (None: the most regions of these images, read
+        back from the device); `width` must not cut a real region."""
+        width = int(self.region_counts.max()) if width is None else width
+        if width == self.regions.shape[1]:
+            return self
+        changes = {name: getattr(self, name)[:, :width] for name in _IMAGE_REGION_FIELDS}
+        for name in _IMAGE_SQUARE_FIELDS:
+            changes[name] = getattr(self, name)[:, :width, :width]
+        return replace(self, **changes)
+
     def to(self, device=None, dtype=None) -> ImagePrecompute:
-        return ImagePrecompute(
-            **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)}
-        )
+        moved = {
+            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
+            for f in fields(self)
+            if f.name != "region_counts"
+        }
+        return ImagePrecompute(region_counts=self.region_counts.to(device=device), **moved)
 
     @staticmethod
     def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
-        """Bytes of one image's tensors with `regions` regions: five [R, d], two [R, R]."""
-        return (5 * regions * dim + 2 * regions * regions) * element_size
+        """Bytes of one image's tensors with `regions` regions: five [R, d], two [R, R], a count."""
+        return (5 * regions * dim + 2 * regions * regions) * element_size + 8
 
     @staticmethod
     def cat(items: list[ImagePrecompute]) -> ImagePrecompute:
-        regions = {item.regions.shape[1] for item in items}
-        if len(regions) != 1:
-            raise ValueError(f"images with different region counts cannot batch: {regions}")
-        return ImagePrecompute(
-            **{f.name: torch.cat([getattr(i, f.name) for i in items]) for f in fields(items[0])}
-        )
+        """Concatenate, padding every image to the widest one (see `_padded_cat`); images of
+        one width concatenate exactly as before masks existed."""
+        counts = torch.cat([item.region_counts for item in items])
+        padded = _padded_cat(items, _IMAGE_REGION_FIELDS, _IMAGE_SQUARE_FIELDS)
+        return ImagePrecompute(region_counts=counts, **padded)
+
+
+def _padded_cat(items: list, row_fields: tuple[str, ...], square_fields: tuple[str, ...]):
+    """{field: the items' tensors concatenated, each padded with zeros to the widest}.
+
+    `row_fields` are [n, W, d], `square_fields` [n, W, W], W varying by item. Items of one width
+    are one `torch.cat` per tensor. Mixed widths cost one `torch.cat` and one `masked_scatter_`
+    per tensor into a zeroed buffer: the slots each row owns come from the shapes, known on the
+    host, so nothing is read back from the device and no op runs per item.
+    """
+    widths = [getattr(item, row_fields[0]).shape[1] for item in items]
+    width = max(widths)
+    if min(widths) == width:
+        return {
+            name: torch.cat([getattr(item, name) for item in items])
+            for name in (*row_fields, *square_fields)
+        }
+    first = getattr(items[0], row_fields[0])
+    owned = _owned_slots(widths, [len(item) for item in items], width, first.device)
+    rows = owned.shape[0]
+    out: dict[str, Tensor] = {}
+    for name in row_fields:
+        flat = torch.cat([getattr(item, name).reshape(-1) for item in items])
+        padded = flat.new_zeros((rows, width, getattr(items[0], name).shape[-1]))
+        out[name] = padded.masked_scatter_(owned.unsqueeze(-1), flat)
+    square = owned.unsqueeze(-1) & owned.unsqueeze(-2)
+    for name in square_fields:
+        flat = torch.cat([getattr(item, name).reshape(-1) for item in items])
+        out[name] = flat.new_zeros((rows, width, width)).masked_scatter_(square, flat)
+    return out
+
+
+def _owned_slots(widths: list[int], rows: list[int], width: int, device: torch.device) -> Tensor:
+    """[sum(rows), width] bool: True on the region slots each row's own item has.
+
+    Built from shapes on the host and copied once (pinned and non-blocking on CUDA, so the host
+    never waits for the device)."""
+    per_row = torch.repeat_interleave(torch.tensor(widths), torch.tensor(rows))
+    if device.type == "cuda":
+        per_row = per_row.pin_memory().to(device, non_blocking=True)
+    else:
+        per_row = per_row.to(device)
+    return length_mask(per_row, width)
 
 
 _CAPTION_WORD_FIELDS = ("words", "queries", "keys", "fusion_self", "fusion_for_regions")
@@ -156,21 +226,9 @@ class CaptionPrecompute:
 
     @staticmethod
     def cat(items: list[CaptionPrecompute]) -> CaptionPrecompute:
-        """Concatenate, re-padding every caption to the longest one."""
-        width = max(item.words.shape[1] for item in items)
-
-        def pad(x: Tensor, dims: int) -> Tensor:
-            extra = width - x.shape[1]
-            return F.pad(x, (0, extra) * dims if dims == 2 else (0, 0, 0, extra))
-
-        out = {
-            name: torch.cat([pad(getattr(i, name), 1) for i in items])
-            for name in _CAPTION_WORD_FIELDS
-        }
-        for name in _CAPTION_SQUARE_FIELDS:
-            out[name] = torch.cat([pad(getattr(i, name), 2) for i in items])
-        out["lengths"] = torch.cat([i.lengths for i in items])
-        return CaptionPrecompute(**out)
+        """Concatenate, re-padding every caption to the longest one (see `_padded_cat`)."""
+        padded = _padded_cat(items, _CAPTION_WORD_FIELDS, _CAPTION_SQUARE_FIELDS)
+        return CaptionPrecompute(lengths=torch.cat([i.lengths for i in items]), **padded)
 
 
 def _block_shape(ni: int, nc: int, max_pairs: int) -> tuple[int, int]:
@@ -211,9 +269,28 @@ class PrecomputedScorer:
         self.scorer = scorer
 
     # -- per item ------------------------------------------------------------------------------
-    def precompute_images(self, images: Tensor) -> ImagePrecompute:
-        """V [N, R, d] (image encoder output) -> per-image tensors."""
+    def precompute_images(
+        self, images: Tensor, region_counts: Tensor | None = None
+    ) -> ImagePrecompute:
+        """V [N, R, d] (image encoder output) -> per-image tensors.
+
+        `region_counts` [N]: real regions of each image when images are padded to R (padded
+        rows are zeroed here and masked when scoring); None: all R are real.
+        """
         s, d = self.scorer, self.scorer.embed_size
+        if region_counts is None:
+            region_counts = torch.full(
+                (images.shape[0],), images.shape[1], dtype=torch.int64, device=images.device
+            )
+        else:
+            region_counts = region_counts.to(device=images.device, dtype=torch.int64)
+            if region_counts.shape != images.shape[:1]:
+                raise ValueError(
+                    f"need one region count per image: {images.shape[0]} images, counts of "
+                    f"shape {tuple(region_counts.shape)}"
+                )
+            keep = length_mask(region_counts, images.shape[1])
+            images = images * keep.unsqueeze(-1).to(images.dtype)
         message_query = s.word_message_query(images)
         message_key = s.word_message_key(images)
         return ImagePrecompute(
@@ -224,6 +301,7 @@ class PrecomputedScorer:
             gram=images @ images.transpose(-2, -1),
             fusion_self=F.linear(images, s.image_fusion.weight[:, :d]),
             fusion_for_words=F.linear(images, s.text_fusion.weight[:, d:]),
+            region_counts=region_counts,
         )
 
     def precompute_captions(self, text: EncodedText) -> CaptionPrecompute:
@@ -366,15 +444,18 @@ class PrecomputedScorer:
 
         scale = 1.0 / math.sqrt(s.embed_size)
         keep = per_caption(cap.mask)  # [.., L]
+        keep_regions = per_image(img.mask)  # [.., R]
 
-        # Stage 1: cross attention. t2v: words over regions; v2t: regions over real words.
-        attn_t2v = _softmax(torch.einsum(f"{j}ld,{i}rd->{o}lr", cap.queries, img.keys) * scale)
+        # Stage 1: cross attention. t2v: words over real regions; v2t: regions over real words.
+        logits_t2v = torch.einsum(f"{j}ld,{i}rd->{o}lr", cap.queries, img.keys) * scale
+        attn_t2v = _softmax(masked_logits(logits_t2v, keep_regions.unsqueeze(-2)))
         logits_v2t = torch.einsum(f"{i}rd,{j}ld->{o}rl", img.queries, cap.keys) * scale
         attn_v2t = _softmax(masked_logits(logits_v2t, keep.unsqueeze(-2)))
 
         # Stage 2 with the per-item kernels; P = selfattn @ crossattn maps messages to items.
         region_logits = torch.einsum(f"{o}rl,{j}lm->{o}rm", attn_v2t, cap.region_message_logits)
-        selfattn_v = _softmax(region_logits @ attn_v2t.transpose(-2, -1))
+        region_logits = region_logits @ attn_v2t.transpose(-2, -1)
+        selfattn_v = _softmax(masked_logits(region_logits, keep_regions.unsqueeze(-2)))
         word_logits = torch.einsum(f"{o}lr,{i}rs->{o}ls", attn_t2v, img.word_message_logits)
         word_logits = word_logits @ attn_t2v.transpose(-2, -1)
         selfattn_t = _softmax(masked_logits(word_logits, keep.unsqueeze(-2)))
@@ -403,7 +484,7 @@ class PrecomputedScorer:
             fused_v = fused_v.relu_().add_(regions)
             fused_t = fused_t.relu_().add_(words)
 
-        pooled_v, pool_attn_v = s.image_pool(fused_v)
+        pooled_v, pool_attn_v = s.image_pool(fused_v, keep_regions)
         pooled_t, pool_attn_t = s.text_pool(fused_t, keep)
         scores = s.score_mlp(l2norm(pooled_v), l2norm(pooled_t))
         if not explain:

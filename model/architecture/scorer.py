@@ -48,11 +48,12 @@ def masked_logits(logits: Tensor, keep: Tensor) -> Tensor:
 class AttentionMaps:
     """Attention and gate weights for a grid of (image, caption) pairs: what `explain` draws.
 
-    Shapes for Ni images x Nc captions, R regions, L word slots, H pooling heads:
-    attn_t2v [Ni, Nc, L, R] each word over regions; attn_v2t [Ni, Nc, R, L] each region over
-    words (zero on padded words); selfattn_v [Ni, Nc, R, R]; selfattn_t [Ni, Nc, L, L];
-    gate_v [Ni, Nc, R]; gate_t [Ni, Nc, L]; pool_attn_v [Ni, Nc, H, R]; pool_attn_t
-    [Ni, Nc, H, L] (zero on padded words). Rows of padded words are meaningless.
+    Shapes for Ni images x Nc captions, R region slots, L word slots, H pooling heads:
+    attn_t2v [Ni, Nc, L, R] each word over regions (zero on padded regions); attn_v2t
+    [Ni, Nc, R, L] each region over words (zero on padded words); selfattn_v [Ni, Nc, R, R]
+    (zero on padded regions as keys); selfattn_t [Ni, Nc, L, L]; gate_v [Ni, Nc, R]; gate_t
+    [Ni, Nc, L]; pool_attn_v [Ni, Nc, H, R] (zero on padded regions); pool_attn_t [Ni, Nc, H, L]
+    (zero on padded words). Rows of padded words and padded regions are meaningless.
     """
 
     attn_t2v: Tensor
@@ -129,8 +130,11 @@ def attention(
 class CampScorer(nn.Module):
     """One CAMP message-passing step + gated fusion + attention pooling + score MLP.
 
-    `forward(images [Ni, R, d], words [Nc, L, d], word_mask [Nc, L]) -> scores [Ni, Nc]` in
-    (0, 1). Scores do not depend on how far `words` is padded past each caption's length.
+    `forward(images [Ni, R, d], words [Nc, L, d], word_mask [Nc, L], region_mask [Ni, R] | None)
+    -> scores [Ni, Nc]` in (0, 1). Padded regions are masked exactly as padded words are (in
+    every softmax whose axis they lie on, and in the pooling), so scores do not depend on how
+    far `words` or `images` is padded; `region_mask=None` means every region is real and runs
+    exactly the unmasked arithmetic of the authors' code.
     Memory grows as Ni·Nc·(R+L)·d: use `model.architecture.precompute` for large grids.
     """
 
@@ -163,25 +167,44 @@ class CampScorer(nn.Module):
     def from_config(cls, config: CampConfig) -> CampScorer:
         return cls(embed_size=config.embed_size, num_heads=config.num_heads)
 
-    def forward(self, images: Tensor, words: Tensor, word_mask: Tensor) -> Tensor:
-        return self._direct(images, words, word_mask, keep_trace=False).scores
+    def forward(
+        self, images: Tensor, words: Tensor, word_mask: Tensor, region_mask: Tensor | None = None
+    ) -> Tensor:
+        return self._direct(images, words, word_mask, region_mask, keep_trace=False).scores
 
-    def forward_with_trace(self, images: Tensor, words: Tensor, word_mask: Tensor) -> ScoreTrace:
+    def forward_with_trace(
+        self, images: Tensor, words: Tensor, word_mask: Tensor, region_mask: Tensor | None = None
+    ) -> ScoreTrace:
         """Same scores as `forward`, with every intermediate kept."""
-        return self._direct(images, words, word_mask, keep_trace=True)
+        return self._direct(images, words, word_mask, region_mask, keep_trace=True)
 
     def score_mlp(self, pooled_image: Tensor, pooled_text: Tensor) -> Tensor:
         """l2-normalised v*, t* [..., d] -> sigmoid score [...]."""
         joint = torch.cat((pooled_image, pooled_text), dim=-1)
         return torch.sigmoid(self.score_out(F.relu(self.score_hidden(joint)))).squeeze(-1)
 
-    def _direct(self, images: Tensor, words: Tensor, word_mask: Tensor, *, keep_trace: bool):
+    def _direct(
+        self,
+        images: Tensor,
+        words: Tensor,
+        word_mask: Tensor,
+        region_mask: Tensor | None,
+        *,
+        keep_trace: bool,
+    ):
         if images.dim() != 3 or words.dim() != 3 or word_mask.shape != words.shape[:2]:
             raise ValueError(
                 f"expected images [Ni, R, d], words [Nc, L, d], word_mask [Nc, L]; got "
                 f"{tuple(images.shape)}, {tuple(words.shape)}, {tuple(word_mask.shape)}"
             )
+        if region_mask is not None and region_mask.shape != images.shape[:2]:
+            raise ValueError(
+                f"expected region_mask [Ni, R] = {tuple(images.shape[:2])}, got "
+                f"{tuple(region_mask.shape)}"
+            )
         keep_words = word_mask.bool()
+        # Masks the region axis of [Ni, Nc, *, R]; None: every region is real (nothing masked).
+        region_keep = None if region_mask is None else region_mask.bool()[:, None, None, :]
         ni, nc = images.shape[0], words.shape[0]
         image_keys, image_queries = self.image_key(images), self.image_query(images)
         text_keys, text_queries = self.text_key(words), self.text_query(words)
@@ -192,7 +215,9 @@ class CampScorer(nn.Module):
         word_keep = keep_words[None, :, None, :]  # masks the word axis of [Ni, Nc, *, L]
 
         # Stage 1: every word attends over regions; every region over real words.
-        word_messages, attn_t2v = attention(text_queries.unsqueeze(0), image_keys.unsqueeze(1), v)
+        word_messages, attn_t2v = attention(
+            text_queries.unsqueeze(0), image_keys.unsqueeze(1), v, region_keep
+        )
         region_messages, attn_v2t = attention(
             image_queries.unsqueeze(1), text_keys.unsqueeze(0), t, word_keep
         )
@@ -202,7 +227,7 @@ class CampScorer(nn.Module):
         rm_k = self.region_message_key(region_messages)
         wm_q = self.word_message_query(word_messages)
         wm_k = self.word_message_key(word_messages)
-        refined_regions, selfattn_v = attention(rm_q, rm_k, region_messages)
+        refined_regions, selfattn_v = attention(rm_q, rm_k, region_messages, region_keep)
         refined_words, selfattn_t = attention(wm_q, wm_k, word_messages, word_keep)
         refined_regions, refined_words = l2norm(refined_regions), l2norm(refined_words)
 
@@ -217,7 +242,9 @@ class CampScorer(nn.Module):
         fused_words = text_fusion_output + t
 
         # Attention pooling, l2norm, score MLP.
-        pooled_image, pool_attn_v = self.image_pool(fused_regions)
+        pooled_image, pool_attn_v = self.image_pool(
+            fused_regions, None if region_keep is None else region_keep[:, :, 0]
+        )
         pooled_text, pool_attn_t = self.text_pool(fused_words, keep_words.unsqueeze(0))
         image_vec, text_vec = l2norm(pooled_image), l2norm(pooled_text)
         score_input = torch.cat((image_vec, text_vec), dim=-1)

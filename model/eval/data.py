@@ -3,8 +3,11 @@
 Precomputed layout (SCAN/VSE++/CAMP, docs/ARCHITECTURE.md, Data formats): `{split}_ims.npy` [N or
 5N, R, D], `{split}_caps.txt` with 5 consecutive captions per image, optional `{split}_ids.txt`. The
 official loader accepts only 5N rows (one image row per caption); both load here, and a 5N array
-is reduced to its N distinct rows (every 5th). A manifest (`manifest.jsonl`) is turned into that
-layout once with the model's region extractor and cached.
+is reduced to its N distinct rows (every 5th). Features with a varying number of regions (a
+detector's adaptive boxes) are padded to the most regions R, with the real count of each row in
+`{split}_region_counts.npy` [N or 5N] (the padding is masked wherever the regions are used).
+A manifest (`manifest.jsonl`) is turned into that layout once with the model's region extractor
+and cached.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class RetrievalSplit:
     images: np.ndarray  # [N, R, D] float16/32 (possibly a read-only memmap)
     captions: list[str]
     image_ids: list[str]
+    # [N] int64 real regions of each image when `images` is padded to R; None: all R are real
+    region_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.captions) != CAPTIONS_PER_IMAGE * len(self.images):
@@ -36,6 +41,18 @@ class RetrievalSplit:
                 f"split {self.name}: {len(self.images)} images need "
                 f"{CAPTIONS_PER_IMAGE * len(self.images)} captions, found {len(self.captions)}"
             )
+        if self.region_counts is not None:
+            counts = np.asarray(self.region_counts)
+            if counts.shape != (len(self.images),):
+                raise DataError(
+                    f"split {self.name}: {len(self.images)} images need as many region counts, "
+                    f"got shape {counts.shape}"
+                )
+            if len(counts) and (counts.min() < 1 or counts.max() > self.images.shape[1]):
+                raise DataError(
+                    f"split {self.name}: region counts must lie in [1, {self.images.shape[1]}] "
+                    f"(the padded width), got {counts.min()}..{counts.max()}"
+                )
 
     @property
     def num_images(self) -> int:
@@ -54,7 +71,12 @@ class RetrievalSplit:
             images=np.asarray(self.images[picked]),
             captions=caps,
             image_ids=[self.image_ids[i] for i in picked],
+            region_counts=None if self.region_counts is None else self.region_counts[picked],
         )
+
+    def region_counts_of(self, image_indices: np.ndarray | slice) -> np.ndarray | None:
+        """Real regions of these images [n], or None when no image is padded."""
+        return None if self.region_counts is None else self.region_counts[image_indices]
 
 
 def read_lines(path: Path) -> list[str]:
@@ -78,8 +100,10 @@ def load_precomputed(data_dir: str | Path, split: str) -> RetrievalSplit:
     num_images = len(captions) // CAPTIONS_PER_IMAGE
     if images.ndim != 3:
         raise DataError(f"{ims_path} must be [N, R, D], got shape {images.shape}")
+    counts = _region_counts(data_dir / f"{split}_region_counts.npy", images)
     if len(images) == CAPTIONS_PER_IMAGE * num_images and num_images > 0:
         images = images[::CAPTIONS_PER_IMAGE]  # 5N layout: one row per caption
+        counts = None if counts is None else counts[::CAPTIONS_PER_IMAGE]
     elif len(images) != num_images:
         raise DataError(
             f"{ims_path} has {len(images)} rows; {caps_path} needs {num_images} (N) or "
@@ -91,7 +115,33 @@ def load_precomputed(data_dir: str | Path, split: str) -> RetrievalSplit:
         ids = ids[::CAPTIONS_PER_IMAGE]
     if len(ids) != num_images:
         raise DataError(f"{ids_path} has {len(ids)} lines for {num_images} images")
-    return RetrievalSplit(name=split, images=images, captions=captions, image_ids=ids)
+    return RetrievalSplit(
+        name=split, images=images, captions=captions, image_ids=ids, region_counts=counts
+    )
+
+
+def _region_counts(path: Path, images: np.ndarray) -> np.ndarray | None:
+    """`{split}_region_counts.npy`: one integer per row of `{split}_ims.npy`, each in [1, R]; None
+    when the file is absent (every row has all R regions)."""
+    if not path.exists():
+        return None
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable .npy array: {exc}") from exc
+    if counts.ndim != 1 or len(counts) != len(images):
+        raise DataError(
+            f"{path} must hold one region count per row of the features ({len(images)}), got "
+            f"shape {counts.shape}"
+        )
+    if not np.issubdtype(counts.dtype, np.integer):
+        raise DataError(f"{path} must hold integers, got {counts.dtype}")
+    if len(counts) and (counts.min() < 1 or counts.max() > images.shape[1]):
+        raise DataError(
+            f"{path}: region counts must lie in [1, {images.shape[1]}] (the padded width), got "
+            f"{counts.min()}..{counts.max()}"
+        )
+    return counts.astype(np.int64)
 
 
 def manifest_cache_dir(manifest: Path, extractor_name: str, extractor_config: dict) -> Path:

@@ -51,8 +51,9 @@ class EncodedSplit:
         images, pooled_images = [], []
         for start in range(0, split.num_images, ENCODE_BATCH):
             regions = np.asarray(split.images[start : start + ENCODE_BATCH])
-            pooled_images.append(model.pooled_images(regions))
-            images.append(model.precompute_images(regions))
+            counts = split.region_counts_of(slice(start, start + ENCODE_BATCH))
+            pooled_images.append(model.pooled_images(regions, counts))
+            images.append(model.precompute_images(regions, counts))
         self.images: ImagePrecompute = ImagePrecompute.cat(images)
         self.image_vectors = np.concatenate(pooled_images)
         self.image_seconds = time.perf_counter() - started

@@ -28,8 +28,9 @@ def pair_scorer(network: RetrievalNetwork, data: FrozenSplit, pooled: np.ndarray
     """score_pairs(image_index, caption_index) -> final fused scores, in chunks."""
     scorer = PrecomputedScorer(network.camp.scorer)
     with torch.no_grad():
-        encoded = network.camp.image_encoder(data.regions(np.arange(len(data.region_means))))
-        images = scorer.precompute_images(encoded)
+        every = np.arange(len(data.region_means))
+        encoded = network.camp.image_encoder(data.regions(every))
+        images = scorer.precompute_images(encoded, data.region_counts(every))
 
     @torch.no_grad()
     def score_pairs(image_index: np.ndarray, caption_index: np.ndarray) -> np.ndarray:

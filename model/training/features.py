@@ -36,14 +36,25 @@ class FrozenSplit:
         out[order] = rows
         return torch.from_numpy(out)
 
+    def region_counts(self, image_indices: np.ndarray) -> Tensor | None:
+        """[B] int64 real regions of these images (padded splits), or None: all R are real."""
+        counts = self.split.region_counts_of(image_indices)
+        return None if counts is None else torch.from_numpy(np.asarray(counts, dtype=np.int64))
 
-def region_means(images: np.ndarray) -> Tensor:
-    """[N, R, D] (memmap ok) -> [N, D] float32 means, read in chunks."""
+
+def region_means(images: np.ndarray, region_counts: np.ndarray | None = None) -> Tensor:
+    """[N, R, D] (memmap ok) -> [N, D] float32 means, read in chunks; with `region_counts` [N]
+    each mean is over that image's real regions only (the padding is left out)."""
     out = np.empty((len(images), images.shape[2]), dtype=np.float32)
     for start in range(0, len(images), MEAN_CHUNK):
-        out[start : start + MEAN_CHUNK] = np.asarray(
-            images[start : start + MEAN_CHUNK], dtype=np.float32
-        ).mean(axis=1)
+        chunk = np.asarray(images[start : start + MEAN_CHUNK], dtype=np.float32)
+        if region_counts is None:
+            out[start : start + MEAN_CHUNK] = chunk.mean(axis=1)
+            continue
+        counts = np.asarray(region_counts[start : start + MEAN_CHUNK], dtype=np.int64)
+        real = np.arange(chunk.shape[1])[None, :] < counts[:, None]
+        sums = (chunk * real[:, :, None]).sum(axis=1)
+        out[start : start + MEAN_CHUNK] = sums / counts[:, None].astype(np.float32)
     return torch.from_numpy(out)
 
 
@@ -59,7 +70,7 @@ def frozen_split(split: RetrievalSplit, cache_dir: Path) -> FrozenSplit:
     )
     return FrozenSplit(
         split=split,
-        region_means=region_means(split.images),
+        region_means=region_means(split.images, split.region_counts),
         tokens=tokens,
         text_means=token_means(tokens),
     )

@@ -87,7 +87,7 @@ def gru_frozen_split(
     tokens = gru_token_features(network, caption_ids(network, split.captions))
     return FrozenSplit(
         split=split,
-        region_means=region_means(split.images)
+        region_means=region_means(split.images, split.region_counts)
         if split_region_means is None
         else split_region_means,
         tokens=tokens,

@@ -51,7 +51,12 @@ ATTENTION_MODULES = (
 
 
 def batch_logits(
-    camp: CampModel, regions: torch.Tensor, token_ids: torch.Tensor, lengths, chunk_pairs: int
+    camp: CampModel,
+    regions: torch.Tensor,
+    token_ids: torch.Tensor,
+    lengths,
+    chunk_pairs: int,
+    region_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CAMP logits [B, B] of every image of a batch against every caption, differentiable.
 
@@ -60,12 +65,12 @@ def batch_logits(
     per item (the precompute split) and the pairs are scored in checkpointed blocks of at most
     `chunk_pairs`, so memory grows with B (items) plus one block, not with B² pairs. The scores
     are the direct form's (before its sigmoid) to float rounding; with `camp_cosine_skip` they
-    include the skip, as served.
+    include the skip, as served. `region_counts` [B]: real regions per image of a padded split.
     """
     if not isinstance(camp.scorer, CampLogitScorer):
         raise TypeError("batch_logits needs a CampLogitScorer (its score_mlp returns logits)")
     scorer = PrecomputedScorer(camp.scorer)
-    images = scorer.precompute_images(camp.encode_images(regions))
+    images = scorer.precompute_images(camp.encode_images(regions), region_counts)
     captions = scorer.precompute_captions(camp.encode_text(token_ids, lengths))
     return scorer.score_grid_checkpointed(images, captions, chunk_pairs)
 
@@ -97,7 +102,11 @@ def _optimizer(stage: dict, parameters: list[torch.nn.Parameter]) -> torch.optim
 def exhaustive_dev_rsum(network: RetrievalNetwork, split: RetrievalSplit, ids, device) -> dict:
     scorer = PrecomputedScorer(network.camp.scorer)
     regions = torch.from_numpy(np.asarray(split.images, dtype=np.float32)).to(device)
-    images = scorer.precompute_images(network.camp.image_encoder(regions))
+    counts = split.region_counts
+    images = scorer.precompute_images(
+        network.camp.image_encoder(regions),
+        None if counts is None else torch.from_numpy(counts).to(device),
+    )
     padded, lengths = pad_token_ids(ids)
     words = network.camp.text_encoder(padded.to(device), lengths)
     captions = scorer.precompute_captions(words)
@@ -156,14 +165,21 @@ def run_official(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 )
                 for start in range(0, len(order) - batch + 1, batch):
                     rows = order[start : start + batch]
+                    batch_images = np.sort(caption_image[rows])
                     regions = torch.from_numpy(
-                        np.asarray(train.images[np.sort(caption_image[rows])], dtype=np.float32)
+                        np.asarray(train.images[batch_images], dtype=np.float32)
                     )
+                    counts = train.region_counts_of(batch_images)
                     rows = rows[np.argsort(caption_image[rows], kind="stable")]
                     padded, lengths = pad_token_ids([train_ids[r] for r in rows])
                     with autocast:
                         logits = batch_logits(
-                            network.camp, regions.to(device), padded.to(device), lengths, chunk
+                            network.camp,
+                            regions.to(device),
+                            padded.to(device),
+                            lengths,
+                            chunk,
+                            None if counts is None else torch.from_numpy(counts).to(device),
                         )
                     loss = bce_hardest_negative_loss(torch.sigmoid(logits.float()))
                     optimizer.zero_grad(set_to_none=True)
@@ -207,7 +223,7 @@ def _train_heads(
     heads = network.heads.cpu()
     train_pooled_heads(
         heads,
-        region_means(train.images),
+        region_means(train.images, train.region_counts),
         text,
         train.caption_image(),
         PooledTrainingConfig(**{"seed": config.seed, **config.pooled}),

@@ -116,7 +116,9 @@ def _group_scores(
     unique_images, image_slot = np.unique(image_index, return_inverse=True)
     unique_captions, caption_slot = np.unique(caption_index, return_inverse=True)
     encoded_images = network.camp.image_encoder(data.regions(unique_images))
-    images = scorer.precompute_images(encoded_images).select(torch.as_tensor(image_slot))
+    images = scorer.precompute_images(encoded_images, data.region_counts(unique_images)).select(
+        torch.as_tensor(image_slot)
+    )
     features, lengths = data.tokens.batch(unique_captions)
     words = network.words_from_features(features, lengths)
     captions: CaptionPrecompute = scorer.precompute_captions(words).select(
@@ -137,7 +139,9 @@ def in_batch_loss(
     of each (diagonal positive); each image and caption is precomputed once per step."""
     images = rng.choice(len(data.region_means), size=batch, replace=False)
     captions = images * CAPTIONS_PER_IMAGE + rng.integers(0, CAPTIONS_PER_IMAGE, size=batch)
-    encoded = scorer.precompute_images(network.camp.image_encoder(data.regions(images)))
+    encoded = scorer.precompute_images(
+        network.camp.image_encoder(data.regions(images)), data.region_counts(images)
+    )
     features, lengths = data.tokens.batch(captions)
     words = scorer.precompute_captions(network.words_from_features(features, lengths))
     logits = scorer.score_grid(encoded, words)  # [B images, B captions]

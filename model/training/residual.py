@@ -75,7 +75,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
             train_split.captions, min_count=int(config.data.get("min_count", DEFAULT_MIN_COUNT))
         )
         network = RetrievalNetwork(spec, vocabulary=vocabulary)
-        train_means = region_means(train_split.images)
+        train_means = region_means(train_split.images, train_split.region_counts)
         console.print(f"vocabulary: {len(vocabulary)} words (count >= min_count in train)")
     else:
         network = RetrievalNetwork(spec, backbone=None)

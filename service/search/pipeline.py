@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 RETRY_AFTER_TIMEOUT_S = 1
 SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
+PrecomputeT = TypeVar("PrecomputeT", CaptionPrecompute, ImagePrecompute)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,9 @@ def _buffer_bytes(array: np.ndarray) -> int:
         return owner.nbytes
 
 
-def _compacted(item: CaptionPrecompute) -> CaptionPrecompute:
-    """A copy whose tensors own exactly their elements: a selected, trimmed caption is a view
-    of its batch's padded tensors and would otherwise keep the whole batch row alive."""
+def _compacted(item: PrecomputeT) -> PrecomputeT:
+    """A copy whose tensors own exactly their elements: a selected, trimmed item is a view of
+    its batch's padded tensors and would otherwise keep the whole batch row alive."""
     return replace(
         item,
         **{
@@ -349,8 +350,9 @@ class SearchPipeline:
         found: dict[int, ImageTensors] | None = None,
     ) -> dict[int, ImageTensors]:
         """Rerank tensors of the images that exist: LRU hits (or `found`, hits the caller
-        already looked up), then ONE feature fetch + ONE precompute call for the misses (grouped
-        by region count). `stored` may hold region features the caller already fetched."""
+        already looked up), then ONE feature fetch + ONE precompute call for the misses (padded
+        to the most regions among them, with their counts; each cached entry is trimmed back to
+        its own regions). `stored` may hold region features the caller already fetched."""
         if found is None:
             found = self.image_tensors.get_many(ids)
         self.metrics.precompute_cache.labels("image", "hit").inc(len(found))
@@ -360,20 +362,22 @@ class SearchPipeline:
         self.metrics.precompute_cache.labels("image", "miss").inc(len(missing))
         if stored is None or any(i not in stored for i in missing):
             stored = self.corpus.get_region_features(missing)
-        by_regions: dict[int, list[int]] = {}
-        for image_id in missing:
-            if image_id not in stored:
-                continue
-            regions = stored[image_id]
-            by_regions.setdefault(regions.num_regions, []).append(image_id)
+        group = [i for i in missing if i in stored]
         built: dict[int, ImageTensors] = {}
-        with self.metrics.time_stage("precompute"):
-            for group in by_regions.values():
-                batch = np.stack([stored[i].features for i in group])
-                precompute = self.model.precompute_images(batch)
-                for row, image_id in enumerate(group):
-                    # select: a copy (list index), not a view of the batch
-                    built[image_id] = ImageTensors.of(precompute.select([row]), stored[image_id])
+        if group:
+            counts = np.array([stored[i].num_regions for i in group], dtype=np.int64)
+            batch = np.zeros(
+                (len(group), int(counts.max()), stored[group[0]].feature_dim),
+                dtype=stored[group[0]].features.dtype,
+            )
+            for row, image_id in enumerate(group):
+                batch[row, : counts[row]] = stored[image_id].features
+            with self.metrics.time_stage("precompute"):
+                precompute = self.model.precompute_images(batch, counts)
+            for row, image_id in enumerate(group):
+                # Each entry owns exactly its own regions: trimmed, then copied off the batch.
+                own = precompute.select(slice(row, row + 1)).trimmed(int(counts[row]))
+                built[image_id] = ImageTensors.of(_compacted(own), stored[image_id])
         self.image_tensors.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 

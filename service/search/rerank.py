@@ -8,10 +8,12 @@ scoring. `PairReranker` is the micro-batcher's batch function: it lays the jobs'
 end and scores them with as few `RetrievalModel.rerank_pairs` calls as the memory budget
 allows (usually one), so concurrent requests share one model call.
 
-The hot path never waits for the device per item: job sizes, region counts and caption widths
+The hot path never waits for the device per item: job sizes, region widths and caption widths
 come from tensor shapes, the query side is repeated as a view, each chunk is built by one
-`torch.cat` per tensor on the device, and the host synchronises once per model call, when the
-chunk's scores come back (`RetrievalModel.rerank_pairs`).
+concatenation per tensor on the device (images with different region counts, and captions of
+different lengths, padded to the chunk's widest in that same step and masked when scored), and
+the host synchronises once per model call, when the chunk's scores come back
+(`RetrievalModel.rerank_pairs`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class RerankJob:
     """One query side (one item) against K candidates (K items), with their shortlist scores.
 
     `images` and `captions` are per-item tensors (each of length 1): exactly one side has one
-    item unless K == 1, the other has K.
+    item unless K == 1, the other has K. Images may have different region counts (a detector's
+    variable boxes): they are padded to the widest when a chunk is laid out, and masked.
     """
 
     images: tuple[ImagePrecompute, ...]
@@ -73,32 +76,38 @@ class RerankJob:
             )
         if any(len(item) != 1 for item in (*self.images, *self.captions)):
             raise ValueError("a rerank job holds per-item tensors of length 1")
-        if len({image.regions.shape[1] for image in self.images}) != 1:
-            raise ValueError("the images of one rerank job must have the same region count")
 
     @property
     def size(self) -> int:
         return len(self.shortlist_scores)
 
-    @property
-    def region_count(self) -> int:
-        return int(self.images[0].regions.shape[1])
+    def widest_image(self) -> ImagePrecompute:
+        """The image with the most region slots (what a chunk pads the others to)."""
+        return max(self.images, key=lambda image: image.regions.shape[1])
 
-    def pairs(self, start: int, stop: int) -> tuple[ImagePrecompute, CaptionPrecompute]:
-        """Aligned pairs start..stop as batched tensors, repeating the query side."""
-        return _take(self.images, start, stop), _take(self.captions, start, stop)
+    def widest_caption(self) -> CaptionPrecompute:
+        return max(self.captions, key=lambda caption: caption.words.shape[1])
+
+    def pairs(self, start: int, stop: int) -> tuple[list[ImagePrecompute], list[CaptionPrecompute]]:
+        """The pieces of aligned pairs start..stop: the query side as one repeated view, the
+        candidates' side as its per-item tensors (the chunk concatenates all pieces at once)."""
+        return _pieces(self.images, start, stop), _pieces(self.captions, start, stop)
 
     def bytes_per_pair(self) -> int:
-        widest = max(self.captions, key=lambda caption: caption.words.shape[1])
-        return PrecomputedScorer.bytes_per_pair(self.images[0], widest)
+        return PrecomputedScorer.bytes_per_pair(self.widest_image(), self.widest_caption())
 
 
-def _take(side, start: int, stop: int):
-    """The query side repeats as expanded views; the candidates' side is one concatenation.
+def _pieces(side, start: int, stop: int) -> list:
+    """The query side repeats as expanded views; the candidates' side is its items as they are.
     Neither reads anything back from the device."""
     if len(side) == 1:
-        return side[0].repeat(stop - start)
-    return type(side[0]).cat(list(side[start:stop]))
+        return [side[0].repeat(stop - start)]
+    return list(side[start:stop])
+
+
+def _joined(pieces: list):
+    """One batch of pieces: one concatenation per tensor (none for a single piece)."""
+    return pieces[0] if len(pieces) == 1 else type(pieces[0]).cat(pieces)
 
 
 class PairReranker:
@@ -119,15 +128,15 @@ class PairReranker:
     def __call__(self, jobs: Sequence[RerankJob]) -> list[np.ndarray]:
         started = time.perf_counter()
         outputs = [np.empty(job.size, dtype=np.float32) for job in jobs]
-        # Jobs with different region counts (a detector's variable boxes) cannot share a call.
-        by_regions: dict[int, list[int]] = {}
-        for index, job in enumerate(jobs):
-            by_regions.setdefault(job.region_count, []).append(index)
-        for members in by_regions.values():
-            per_pair = max(jobs[i].bytes_per_pair() for i in members)
-            max_pairs = max(1, self.memory_budget_bytes // per_pair)
-            for chunk in _chunks([(i, jobs[i].size) for i in members], max_pairs):
-                self._score_chunk(jobs, chunk, outputs)
+        # Every pair of a call is padded to the call's widest image and caption: reckon each
+        # pair at the widest of all the jobs, so no chunk outgrows the budget.
+        per_pair = PrecomputedScorer.bytes_per_pair(
+            max((job.widest_image() for job in jobs), key=lambda i: i.regions.shape[1]),
+            max((job.widest_caption() for job in jobs), key=lambda c: c.words.shape[1]),
+        )
+        max_pairs = max(1, self.memory_budget_bytes // per_pair)
+        for chunk in _chunks([(i, job.size) for i, job in enumerate(jobs)], max_pairs):
+            self._score_chunk(jobs, chunk, outputs)
         if self._on_call is not None:
             self._on_call(len(jobs), time.perf_counter() - started)
         return outputs
@@ -138,12 +147,17 @@ class PairReranker:
         chunk: list[tuple[int, int, int]],
         outputs: list[np.ndarray],
     ) -> None:
-        parts = [jobs[j].pairs(a, b) for j, a, b in chunk]
-        images = ImagePrecompute.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        captions = CaptionPrecompute.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        image_pieces: list[ImagePrecompute] = []
+        caption_pieces: list[CaptionPrecompute] = []
+        for j, a, b in chunk:
+            images, captions = jobs[j].pairs(a, b)
+            image_pieces += images
+            caption_pieces += captions
         shortlist = np.concatenate([jobs[j].shortlist_scores[a:b] for j, a, b in chunk])
         scores = np.asarray(
-            self.model.rerank_pairs(images, captions, shortlist.astype(np.float32)),
+            self.model.rerank_pairs(
+                _joined(image_pieces), _joined(caption_pieces), shortlist.astype(np.float32)
+            ),
             dtype=np.float32,
         ).reshape(-1)
         if len(scores) != len(shortlist):
