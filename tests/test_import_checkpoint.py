@@ -373,3 +373,22 @@ def test_pair_chunks_shrink_to_the_memory_budget_and_score_the_same(
     assert max(chunked_calls) == 7 and sum(chunked_calls) == 720
     assert chunked["exhaustive"] == whole["exhaustive"]
     np.testing.assert_allclose(chunked_scores["camp"], whole_scores["camp"], atol=1e-6, rtol=0)
+
+
+def test_an_imported_model_evaluates_in_every_mode(imported_tiny, fake_split, tmp_path):
+    """Without heads the shortlist is the mean of CAMP's own encoder outputs; two-stage reranks
+    it by CAMP alone, so with every image in the shortlist t2i is the official ranking."""
+    folder = tmp_path / "precomp"
+    folder.mkdir()
+    np.save(folder / "test_ims.npy", fake_split["image_feats"].numpy())
+    (folder / "test_caps.txt").write_text("\n".join(fake_split["captions_txt"]) + "\n")
+    out = tmp_path / "metrics.json"
+    result = _invoke(
+        "evaluate", "--data", folder, "--split", "test", "--checkpoint", imported_tiny,
+        "--device", "cpu", "--ks", "5,12", "--json", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert {"pooled", "two_stage", "exhaustive", "shortlist_recall"} <= set(metrics)
+    assert metrics["two_stage"]["12"]["t2i"] == metrics["exhaustive"]["t2i"]
+    assert metrics["two_stage"]["5"] == metrics["camp_alone"]["two_stage"]["5"]
