@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
 from model.eval.data import RetrievalSplit
 from model.eval.protocol import (
     TWO_STAGE_K,
@@ -30,7 +30,10 @@ from model.retrieval import RetrievalModel
 MODES = ("pooled", "exhaustive", "two_stage")
 COCO_TESTALL = "testall"
 ENCODE_BATCH = 256
-PAIR_CHUNK = 4096
+PAIR_CHUNK = 4096  # pairs per reranker call, at most
+# Activation memory one call may use: at the paper's size (d = 1024, 36 regions) a pair needs
+# about 2 MiB, so 4,096 pairs would need 8 GiB; the chunk shrinks to fit this instead.
+PAIR_MEMORY_BYTES = 1 << 30
 
 
 class EncodedSplit:
@@ -63,6 +66,9 @@ class EncodedSplit:
         self.captions = captions  # one trimmed CaptionPrecompute per caption
         self.caption_vectors = np.concatenate(pooled_captions)
         self.caption_seconds = time.perf_counter() - started
+        longest = max(self.captions, key=lambda caption: caption.words.shape[1])
+        per_pair = PrecomputedScorer.bytes_per_pair(self.images, longest)
+        self.pair_chunk = max(1, min(PAIR_CHUNK, PAIR_MEMORY_BYTES // per_pair))
 
     def subset(self, images: slice) -> tuple[np.ndarray, slice]:
         """Pooled scores [n, 5n] of a fold and its caption slice."""
@@ -76,8 +82,8 @@ class EncodedSplit:
         product ranks by, "camp": CAMP's logit alone}."""
         final = np.empty(len(image_index), dtype=np.float32)
         camp = np.empty(len(image_index), dtype=np.float32)
-        for start in range(0, len(image_index), PAIR_CHUNK):
-            chunk = slice(start, start + PAIR_CHUNK)
+        for start in range(0, len(image_index), self.pair_chunk):
+            chunk = slice(start, start + self.pair_chunk)
             images = self.images.select(torch.as_tensor(image_index[chunk]))
             captions = CaptionPrecompute.cat([self.captions[c] for c in caption_index[chunk]])
             logits = self.model.camp_logits(images, captions)
@@ -89,8 +95,15 @@ class EncodedSplit:
         return {"final": final, "camp": camp}
 
 
+ScoreSink = Callable[[dict[str, np.ndarray]], None]
+
+
 def _evaluate_fold(
-    encoded: EncodedSplit, images: slice, modes: Sequence[str], ks: Sequence[int]
+    encoded: EncodedSplit,
+    images: slice,
+    modes: Sequence[str],
+    ks: Sequence[int],
+    on_scores: ScoreSink | None = None,
 ) -> dict:
     pooled, captions = encoded.subset(images)
     timings: dict[str, float] = {}
@@ -118,6 +131,8 @@ def _evaluate_fold(
         image_index = np.repeat(np.arange(n), m)
         caption_index = np.tile(np.arange(m), n)
         scores = pairs(image_index, caption_index)
+        if on_scores is not None:
+            on_scores({name: values.reshape(n, m) for name, values in scores.items()})
         result["exhaustive"] = retrieval_metrics(scores["final"].reshape(n, m))
         result.setdefault("camp_alone", {})["exhaustive"] = retrieval_metrics(
             scores["camp"].reshape(n, m)
@@ -134,6 +149,7 @@ def evaluate_model(
     modes: Sequence[str] = MODES,
     ks: Sequence[int] = TWO_STAGE_K,
     on_pairs: Callable[[int], None] | None = None,
+    on_scores: ScoreSink | None = None,
 ) -> dict:
     """The issue's JSON: {"pooled": M, "exhaustive": M, "two_stage": {K: M}, "shortlist_recall":
     {"t2i": {K: %}, "i2t": {...}}, "timings_s": {...}}, plus "camp_alone": {"two_stage": {K: M},
@@ -142,7 +158,9 @@ def evaluate_model(
     level holds the mean of the five 1K folds.
 
     `on_pairs(n)` is called after every chunk of n reranked pairs (exhaustive mode scores
-    millions of pairs on a CPU: the CLI shows progress with it)."""
+    millions of pairs on a CPU: the CLI shows progress with it). `on_scores` receives the
+    exhaustive score matrices of the whole split, images x captions {"final": fused, "camp":
+    CAMP's logits}, once (for COCO testall: of the 5K set), to compare with other code's."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
@@ -153,12 +171,12 @@ def evaluate_model(
     }
     whole = slice(0, split.num_images)
     if split.name != COCO_TESTALL:
-        result = _evaluate_fold(encoded, whole, modes, ks)
+        result = _evaluate_fold(encoded, whole, modes, ks, on_scores)
         result["timings_s"] |= encode_timings
         return result
     folds = [_evaluate_fold(encoded, fold, modes, ks) for fold in fold_slices(split.num_images)]
     result = _average_folds(folds)
-    result["coco_5k"] = _evaluate_fold(encoded, whole, modes, ks)
+    result["coco_5k"] = _evaluate_fold(encoded, whole, modes, ks, on_scores)
     result["timings_s"] = encode_timings | {
         f"folds_{k}": sum(f["timings_s"].get(k, 0.0) for f in folds) for k in folds[0]["timings_s"]
     }

@@ -89,8 +89,13 @@ class Vocabulary:
         if "words" in data:
             return cls(list(data["words"]))
         if "word2idx" in data:
-            return cls.from_word2idx(data["word2idx"])
-        raise VocabularyError(f"unknown vocabulary layout with keys {sorted(data)[:10]}")
+            vocabulary = cls.from_word2idx(data["word2idx"])
+            _check_scan_fields(vocabulary, data)
+            return vocabulary
+        raise VocabularyError(
+            f"unknown vocabulary layout with keys {sorted(data)[:10]}; expected "
+            "{'words': [...]} or SCAN's {'word2idx', 'idx2word', 'idx'}"
+        )
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False))
@@ -100,7 +105,7 @@ class Vocabulary:
         """Our JSON form or SCAN's `{"word2idx": ..., "idx2word": ..., "idx": ...}`."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise VocabularyError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise VocabularyError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -109,7 +114,12 @@ class Vocabulary:
     @classmethod
     def from_word2idx(cls, word2idx: Mapping[str, Any]) -> Vocabulary:
         """From a word -> id map whose ids are exactly 0..n-1."""
-        by_id = sorted((int(i), str(w)) for w, i in word2idx.items())
+        if not isinstance(word2idx, Mapping):
+            raise VocabularyError(f"word2idx must map words to ids, got {type(word2idx).__name__}")
+        try:
+            by_id = sorted((int(i), str(w)) for w, i in word2idx.items())
+        except (TypeError, ValueError) as exc:
+            raise VocabularyError(f"word2idx ids must be integers: {exc}") from exc
         ids = [i for i, _ in by_id]
         if ids != list(range(len(ids))):
             raise VocabularyError("word ids must be exactly 0..n-1 without gaps or duplicates")
@@ -124,8 +134,11 @@ class Vocabulary:
             obj = _VocabularyUnpickler(io.BytesIO(data), encoding="utf-8").load()
         except UnsafePickleError:
             raise
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
-            raise VocabularyError(f"{path} is not a readable vocabulary pickle: {exc}") from exc
+        except Exception as exc:  # a truncated or foreign file fails in many ways inside pickle
+            raise VocabularyError(
+                f"{path} is neither a JSON vocabulary nor a readable vocabulary pickle "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
         if not isinstance(obj, _PickledVocabulary) or "word2idx" not in obj.__dict__:
             raise VocabularyError(f"{path} does not hold a vocab.Vocabulary object")
         return cls.from_word2idx(obj.__dict__["word2idx"])
@@ -133,10 +146,26 @@ class Vocabulary:
 
 def load_vocabulary(path: str | Path) -> Vocabulary:
     """Any supported form, chosen by the file's content (JSON or pickle)."""
-    head = Path(path).read_bytes()[:1]
-    if head in (b"{", b" ", b"\n"):
+    head = Path(path).read_bytes()[:64].lstrip()[:1]
+    if head in (b"{", b"["):
         return Vocabulary.load_json(path)
     return Vocabulary.load_official_pickle(path)
+
+
+def _check_scan_fields(vocabulary: Vocabulary, data: Mapping[str, Any]) -> None:
+    """SCAN's JSON repeats the map as `idx2word` (string keys) and the size as `idx`; a file
+    whose copies disagree is corrupt, and which copy is right cannot be known."""
+    idx2word = data.get("idx2word")
+    if idx2word is not None:
+        if not isinstance(idx2word, Mapping):
+            raise VocabularyError(f"idx2word must be an object, got {type(idx2word).__name__}")
+        expected = {str(i): w for i, w in enumerate(vocabulary.idx2word)}
+        given = {str(i): w for i, w in idx2word.items()}
+        if given != expected:
+            wrong = sorted(set(given.items()) ^ set(expected.items()))[:5]
+            raise VocabularyError(f"idx2word disagrees with word2idx, e.g. at {wrong}")
+    if "idx" in data and data["idx"] != len(vocabulary):
+        raise VocabularyError(f"idx says {data['idx']} words but word2idx holds {len(vocabulary)}")
 
 
 class _PickledVocabulary:

@@ -12,7 +12,8 @@ from model.architecture.precompute import PrecomputedScorer
 from model.eval.protocol import retrieval_metrics, shortlist_recall, two_stage_metrics
 from model.training.features import FrozenSplit
 
-PAIR_CHUNK = 4096
+PAIR_CHUNK = 4096  # pairs per reranker call, at most (fewer where a pair is large)
+PAIR_MEMORY_BYTES = 1 << 30  # activation memory of one call (see model/eval/evaluate_model.py)
 
 
 @torch.no_grad()
@@ -40,11 +41,17 @@ def pair_scorer(network: RetrievalNetwork, data: FrozenSplit, pooled: np.ndarray
             unique, slot = np.unique(cc, return_inverse=True)
             features, lengths = data.tokens.batch(unique)
             captions = scorer.precompute_captions(network.words_from_features(features, lengths))
-            logits = scorer.score_pairs(
-                images.select(torch.as_tensor(ii)), captions.select(torch.as_tensor(slot))
-            )
-            shortlist = torch.from_numpy(pooled[ii, cc])
-            out[start : start + PAIR_CHUNK] = network.fusion(shortlist, logits).numpy()
+            part = max(1, PAIR_MEMORY_BYTES // scorer.bytes_per_pair(images, captions))
+            for at in range(0, len(ii), part):  # large pairs (d = 1024): several calls
+                rows = slice(at, at + part)
+                logits = scorer.score_pairs(
+                    images.select(torch.as_tensor(ii[rows])),
+                    captions.select(torch.as_tensor(slot[rows])),
+                )
+                shortlist = torch.from_numpy(pooled[ii[rows], cc[rows]])
+                out[start + at : start + at + len(logits)] = network.fusion(
+                    shortlist, logits
+                ).numpy()
         return out
 
     return score_pairs

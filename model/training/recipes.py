@@ -10,6 +10,8 @@ encoder over a
   projections frozen, SGD nesterov; (3) everything, SGD; then the shortlist heads (InfoNCE) on
   the frozen model. Deviation: the authors' stage 1 trains a separate attention-only variant
   with cosine scores; here stage 1 trains the full CAMP model.
+* "heads_imported" (CPU): only the shortlist heads, on a frozen imported official CAMP named in
+  `init.checkpoint` (model/training/heads_imported.py); `network` gives only the heads' sizes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from model.vision.extractors import (
     check_extractor_config,
 )
 
-RECIPES = ("residual", "camp_official")
+RECIPES = ("residual", "camp_official", "heads_imported")
+# What a heads_imported preset may set of the network; everything else is the imported model's.
+HEAD_SPEC_KEYS = ("pooled_dim", "pooled_hidden")
+# How the heads_imported recipe orders a reranked shortlist: CAMP's score alone (the authors'
+# ranking), or the fusion weight with the best two-stage rsum on dev.
+FUSION_CHOICES = ("camp_alone", "tune")
 
 
 class TrainConfigError(ValueError):
@@ -48,6 +55,7 @@ class TrainConfig:
     reranker: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)  # heads_imported: {"checkpoint": path}
     notes: str = ""
 
     @classmethod
@@ -69,12 +77,33 @@ class TrainConfig:
             NetworkSpec.from_dict(config.network)
         except ValueError as exc:
             raise TrainConfigError(f"{path}: network: {exc}") from exc
+        if config.recipe == "heads_imported":  # the extractor record is the imported model's
+            config._check_heads_imported(path)
+            return config
         try:  # every checkpoint carries it: the service must be able to rebuild the extractor
             record = ExtractorRecord.from_dict(config.extractor)
             check_extractor_config(record.name, record.config)
         except (ExtractorRecordError, InvalidExtractorConfig, UnknownExtractor) as exc:
             raise TrainConfigError(f"{path}: extractor: {exc}") from exc
         return config
+
+    def _check_heads_imported(self, path: str | Path) -> None:
+        if not self.init.get("checkpoint"):
+            raise TrainConfigError(
+                f"{path}: init.checkpoint must name the imported model (camp-search "
+                "import-checkpoint writes it)"
+            )
+        other = sorted(set(self.network) - set(HEAD_SPEC_KEYS))
+        if other:
+            raise TrainConfigError(
+                f"{path}: network may set only {list(HEAD_SPEC_KEYS)} here (the rest is the "
+                f"imported model's), got {other}"
+            )
+        fusion = self.selection.get("fusion", FUSION_CHOICES[0])
+        if fusion not in FUSION_CHOICES:
+            raise TrainConfigError(
+                f"{path}: selection.fusion must be one of {FUSION_CHOICES}, got {fusion!r}"
+            )
 
     def metadata(self) -> dict[str, Any]:
         return {

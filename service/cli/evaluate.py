@@ -6,10 +6,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from rich.progress import TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from model.checkpoints.checkpoint import CheckpointError
+from model.checkpoints.release import PRECOMPUTED
 from model.eval.data import DataError, load_split
 from model.eval.evaluate_model import MODES, evaluate_model
 from model.retrieval import RetrievalModel
@@ -50,12 +52,20 @@ def run_evaluate(
     modes: Sequence[str],
     device: str,
     ks: str = "10,50,100,200",
+    scores_out: Path | None = None,
 ) -> dict:
     modes = [m.strip() for m in modes if m.strip()]
     if not modes or set(modes) - set(MODES):
         fail(f"modes must be a comma-separated subset of {MODES}")
+    if scores_out is not None and "exhaustive" not in modes:
+        fail("--scores writes the exhaustive score matrix: add exhaustive to --modes")
     try:
         model = RetrievalModel.load(checkpoint, device=device)
+        if model.extractor_name == PRECOMPUTED and not data.is_dir():
+            fail(
+                f"{checkpoint} was imported for precomputed features (--extractor {PRECOMPUTED}) "
+                f"and cannot extract regions from {data}: give a precomputed folder"
+            )
         dataset = load_split(
             data,
             split,
@@ -79,6 +89,7 @@ def run_evaluate(
         TextColumn("{task.completed:,.0f} pairs"),
         TimeElapsedColumn(),
     )
+    matrices: dict[str, np.ndarray] = {}
     with progress_bar(*columns, transient=True) as bar:
         task = bar.add_task("pairs", total=None)
         result = evaluate_model(
@@ -87,6 +98,7 @@ def run_evaluate(
             modes=modes,
             ks=shortlist_sizes,
             on_pairs=lambda count: bar.advance(task, count),
+            on_scores=matrices.update,
         )
     console.print(metrics_table(result, f"{split} ({model.version})"))
     if "shortlist_recall" in result:
@@ -103,4 +115,21 @@ def run_evaluate(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=1))
+    if scores_out is not None:
+        write_score_matrices(scores_out, matrices)
     return result
+
+
+def write_score_matrices(path: Path, matrices: dict[str, np.ndarray]) -> None:
+    """The exhaustive matrices, images x captions, as .npz: `final` (what the product ranks
+    by), `camp_logits`, and `camp_scores` (their sigmoid, the official code's scores)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    camp = matrices["camp"].astype(np.float32)
+    with path.open("wb") as handle:
+        np.savez(
+            handle,
+            final=matrices["final"].astype(np.float32),
+            camp_logits=camp,
+            camp_scores=(1.0 / (1.0 + np.exp(-camp.astype(np.float64)))).astype(np.float32),
+        )
+    console.print(f"score matrices (images x captions) written to {path}")

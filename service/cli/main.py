@@ -137,11 +137,61 @@ def evaluate(
     ),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
     ks: str = typer.Option("10,50,100,200", "--ks", help="two-stage shortlist sizes"),
+    scores: Path | None = typer.Option(
+        None, "--scores", help="write the exhaustive score matrices here (.npz)"
+    ),
 ) -> None:
-    """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split."""
+    """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split.
+
+    A model without shortlist heads (an imported official one) is ranked by CAMP's score
+    alone: `--modes exhaustive` then gives the official evaluation's figures.
+    """
     from service.cli.evaluate import run_evaluate
 
-    run_evaluate(data, split, checkpoint, json_out, modes.split(","), device, ks=ks)
+    run_evaluate(
+        data, split, checkpoint, json_out, modes.split(","), device, ks=ks, scores_out=scores
+    )
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    official: Path = typer.Argument(..., help="the official CAMP checkpoint (*.pth.tar)"),
+    vocab: Path = typer.Option(
+        ..., "--vocab", help="its vocabulary: the official .pkl or SCAN's JSON (word2idx)"
+    ),
+    out: Path = typer.Option(..., "--out", help="where to write our checkpoint (MODEL.pt)"),
+    extractor: str | None = typer.Option(
+        None,
+        help="detectron2, grid or precomputed (evaluation only); default: the one whose "
+        "features fit the weights (2048-d: detectron2)",
+    ),
+    version: str | None = typer.Option(None, help="model version (default: official-<file>)"),
+    min_boxes: int = typer.Option(36, min=1, help="detectron2: fewest boxes per image"),
+    max_boxes: int = typer.Option(36, min=1, help="detectron2: most boxes per image"),
+    detectron2_config: Path | None = typer.Option(
+        None, help="detectron2: its config yaml, recorded (the serving settings may override)"
+    ),
+    detectron2_weights: Path | None = typer.Option(
+        None, help="detectron2: the Visual Genome weights, recorded (settings may override)"
+    ),
+) -> None:
+    """Convert an official CAMP checkpoint and vocabulary into a checkpoint the service loads.
+
+    The result carries the extractor its weights expect; it has no shortlist heads (train them
+    with model/configs/train_heads_imported.json) and ranks by CAMP's score alone.
+    """
+    from service.cli.import_checkpoint import run_import_checkpoint
+
+    run_import_checkpoint(
+        official,
+        vocab,
+        out,
+        extractor=extractor,
+        version=version,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        detectron2_files={"config_file": detectron2_config, "weights": detectron2_weights},
+    )
 
 
 @app.command()

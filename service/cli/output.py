@@ -7,6 +7,7 @@ from typing import NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,8 +36,11 @@ def progress_bar(*columns: ProgressColumn, transient: bool = False) -> Progress:
 
 
 def fail(message: object, code: int = 2) -> NoReturn:
-    """Print `error: message` and exit with `code` (2: the command could not proceed)."""
-    console.print(f"[red]error:[/red] {message}")
+    """Print `error: message` and exit with `code` (2: the command could not proceed).
+
+    The message is printed literally: errors quote keys and shapes in square brackets, which
+    rich would otherwise take for markup and drop."""
+    console.print(f"[red]error:[/red] {escape(str(message))}")
     raise typer.Exit(code)
 
 

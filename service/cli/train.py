@@ -29,11 +29,15 @@ def run_train(config_path: Path, out: Path | None, resume: bool) -> Path:
             from model.training.residual import run_residual
 
             best = run_residual(config, run, resume, console)
+        elif config.recipe == "heads_imported":  # minutes on a CPU: reruns whole
+            from model.training.heads_imported import run_heads_imported
+
+            best = run_heads_imported(config, run, console)
         else:
             from model.training.official import run_official
 
             best = run_official(config, run, resume, console)
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, TrainConfigError) as exc:
         fail(exc)
     console.print(f"best checkpoint: {best}")
     return best
