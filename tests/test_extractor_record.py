@@ -124,6 +124,12 @@ def test_the_service_takes_the_checkpoints_extractor_and_the_settings_files(
         extractor_settings(make_settings(tmp_path, extractor="grid"), model)
 
 
+def test_a_model_of_precomputed_regions_is_refused_by_the_service(tmp_path: Path) -> None:
+    model = saved_model(tmp_path, {"extractor": {"name": "precomputed", "config": {}}})
+    with pytest.raises(ValueError, match="imported with --extractor precomputed"):
+        extractor_settings(make_settings(tmp_path, device="cpu"), model)
+
+
 def test_a_different_extractor_version_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -27,6 +27,7 @@ from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
 from index.device import CPU, faiss_gpu_id
 from index.shortlist import SearchResult
+from model.checkpoints.release import PRECOMPUTED
 from model.vision.extractors import RegionExtractor, create_extractor
 from service.ingest.indexer import Indexer
 from service.runtime.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
@@ -101,6 +102,12 @@ def extractor_settings(settings: Settings, model: RetrievalModel) -> tuple[str, 
     """(name, config) of the extractor to build: the one the checkpoint's metadata records,
     with the device and any detectron2 files the settings give instead. Refuses a
     CAMPSEARCH_EXTRACTOR that differs from the model's: its features would be foreign."""
+    if model.extractor_name == PRECOMPUTED:
+        raise ValueError(
+            "the model was imported with --extractor precomputed: it reads regions made outside "
+            "the service, so it can be evaluated on precomputed folders but cannot ingest or "
+            "search photos; import it with --extractor detectron2 (2048-d) or grid (1280-d)"
+        )
     name = settings.extractor or model.extractor_name
     if name != model.extractor_name:
         raise ValueError(
