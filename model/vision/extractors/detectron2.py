@@ -7,8 +7,10 @@ the original `generate_tsv.py`, box normalisation, feature shape checks) is a pl
 function here with its own tests.
 
 The config and weights follow upstream detectron2's conventions: the box predictor's scores
-are [N, C+1] with the background LAST (the Caffe original put it first; weights converted
-from it must have their classifier rows reordered). A list of photos runs through the
+are [N, C+1] with the background LAST. The Caffe original put it first; detectron2's
+checkpointer moves that row to the end itself when it loads Caffe2-format weights (a `.pkl`
+without `__author__`, `c2_model_loading.py`), and weights in detectron2's own format must
+already have it last. A list of photos runs through the
 backbone, the RPN and the res5 head as one padded batch of `batch_size`.
 """
 
