@@ -198,3 +198,19 @@ def test_asking_for_cuda_without_it_fails_at_construction() -> None:
     with pytest.raises(InvalidExtractorConfig, match="CUDA is not available"):
         GridExtractor(device="cuda")
     assert GridExtractor(device="auto").device.type == "cpu"
+
+
+def test_folded_channels_last_network_gives_the_unfolded_features(
+    grid: GridExtractor, coco_images: dict[str, Image.Image]
+) -> None:
+    """The extractor runs with batch norms folded into the convolutions, channels-last: the
+    same features as the network as trained (eval-mode BN, NCHW), to float rounding, which is
+    why the extractor's version did not change."""
+    reference = efficientnet_lite0("imagenet")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grid.network.modules())
+    batch, _ = grid._prepare(list(coco_images.values()))
+    with torch.inference_mode():
+        folded = grid.network.features(batch)
+        unfolded = reference.features(batch.contiguous())
+    assert folded.abs().max() > 1.0, "features should be far from zero for this to mean much"
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)

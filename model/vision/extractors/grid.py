@@ -35,6 +35,7 @@ from model.vision.efficientnet_lite import (
     INPUT_SIZE,
     INPUT_STD,
     efficientnet_lite0,
+    fold_batch_norms,
 )
 from model.vision.extractors.base import (
     InvalidExtractorConfig,
@@ -136,7 +137,9 @@ class GridExtractor(RegionExtractor):
         self.input_size = input_size
         self.grid = math.ceil(input_size / FEATURE_STRIDE)
         self.pretrained = weights is not None
-        self.network = efficientnet_lite0(weights).to(self.device)
+        # Inference only: batch norms folded into the convolutions, channels-last layout
+        # (features equal to float rounding, hence the same version).
+        self.network = fold_batch_norms(efficientnet_lite0(weights)).to(self.device)
         self._cells = grid_cell_boxes(self.grid, input_size)
         self._mean = torch.tensor(INPUT_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(INPUT_STD, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -163,7 +166,7 @@ class GridExtractor(RegionExtractor):
         fitted = [fit_image(image, self.input_size, self.fit) for image in images]
         pixels = torch.from_numpy(np.stack([f.pixels for f in fitted])).to(self.device)
         batch = (pixels.permute(0, 3, 1, 2).float() - self._mean) / self._std
-        return batch, fitted
+        return batch.contiguous(memory_format=torch.channels_last), fitted
 
     @torch.inference_mode()
     def feature_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
