@@ -69,7 +69,7 @@ class UploadRegions:
         )
         self.max_waiting = max_waiting
         self.batcher: MicroBatcher[Image.Image, RegionFeatures] = MicroBatcher(
-            extractor.extract,
+            self._extract_batch,
             max_batch_size=extractor.batch_size,
             max_wait_s=0.0,
             max_queue_size=max_waiting,
@@ -98,6 +98,10 @@ class UploadRegions:
         with self.metrics.time_stage("extract"):
             regions = await self.batcher.submit(decoded.image)
         return FoundRegions(regions, "extractor")
+
+    def _extract_batch(self, images: list[Image.Image]) -> list[RegionFeatures]:
+        """The batcher's call, on its thread: whichever extractor is current, in one batch."""
+        return self.extractor.extract(list(images))
 
     async def stop(self) -> None:
         """Stop the extraction batcher (photos still waiting get an error)."""
