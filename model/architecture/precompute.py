@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from model.architecture.encoders import EncodedText, length_mask
 from model.architecture.scorer import (
     L2NORM_EPS,
+    MASKED_LOGIT,
     AttentionMaps,
     CampScorer,
     l2norm,
@@ -427,10 +428,10 @@ class PrecomputedScorer:
         is used as its one [n, d] item, so every product with it folds into ONE matrix product
         over all K pairs' rows (K·R x d x L) instead of K small batched ones; only products of
         two per-pair factors stay batched. The attention scale is folded into that side's small
-        matrices, masks are applied only where some slot is padding (looked up on the CPU, where
-        it costs no device synchronisation), intermediates are updated in place, and the
+        matrices, masks are applied in place on fresh products, intermediates are updated in
+        place, and the
         pooling heads are averaged before weighting the fragments (mean_h(W_h F) = (mean_h W_h)
-        F). Same arithmetic as `_score` up to float rounding.
+        F). Same arithmetic as `_score` up to float rounding, and no read back from the device.
         """
         s = self.scorer
         scale = 1.0 / math.sqrt(s.embed_size)
@@ -438,8 +439,7 @@ class PrecomputedScorer:
         img_shared = not cap_shared and _is_shared(img.regions)
         c = _one_item(cap) if cap_shared else cap
         v = _one_item(img) if img_shared else img
-        keep_words = _needed_mask(cap.mask, cap.words.device)  # [K, L] or None
-        keep_regions = _needed_mask(img.mask, img.regions.device)  # [K, R] or None
+        keep_words, keep_regions = cap.mask, img.mask  # [K, L], [K, R]
 
         # Stage 1 in [K, R, L] layout: t2v is a softmax over R (dim -2), v2t over L (dim -1).
         if cap_shared:
@@ -576,14 +576,6 @@ def _one_item(side):
     )
 
 
-def _needed_mask(keep: Tensor, device: torch.device) -> Tensor | None:
-    """`keep`, or None when nothing is masked. Only decided on the CPU (a free look-up); on an
-    accelerator the mask is always applied, so the host never waits for the device."""
-    if device.type == "cpu" and bool(keep.all()):
-        return None
-    return keep
-
-
 def _axis(keep: Tensor | None, axis: int) -> Tensor | None:
     """keep [K, n] as a mask of the last axis ([K, 1, n]) or the one before ([K, n, 1]) of
     [K, *, *] logits."""
@@ -601,9 +593,10 @@ def _cross(rows: Tensor, columns: Tensor) -> Tensor:
 
 
 def _softmax_masked(logits: Tensor, keep: Tensor | None, dim: int) -> Tensor:
-    """Softmax along `dim` over the slots `keep` (shaped to broadcast over logits) leaves."""
+    """Softmax along `dim` over the slots `keep` (shaped to broadcast over logits) leaves;
+    `logits` is a fresh product, masked in place."""
     if keep is not None:
-        logits = masked_logits(logits, keep)
+        logits = logits.masked_fill_(~keep, max(MASKED_LOGIT, torch.finfo(logits.dtype).min))
     return logits.softmax(dim, dtype=wide(logits))
 
 
@@ -613,6 +606,7 @@ def _pool(pool, fragments: Tensor, keep: Tensor | None) -> Tensor:
     hidden = F.linear(fragments, pool.hidden.weight, pool.hidden.bias).relu_()
     logits = F.linear(hidden, pool.heads.weight, pool.heads.bias)  # [K, N, H]
     if keep is not None:
-        logits = masked_logits(logits, keep.unsqueeze(-1))
+        fill = max(MASKED_LOGIT, torch.finfo(logits.dtype).min)
+        logits = logits.masked_fill_(~keep.unsqueeze(-1), fill)
     weights = logits.softmax(-2, dtype=wide(logits)).mean(-1)  # [K, N]
     return (weights.unsqueeze(-2).to(fragments.dtype) @ fragments).squeeze(-2)
