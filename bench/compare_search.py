@@ -133,10 +133,10 @@ async def ingest(server: Server, rows: list[dict]) -> None:
             response.raise_for_status()
 
 
-async def timed(client: httpx.AsyncClient, request) -> tuple[float, int]:
+async def timed(client: httpx.AsyncClient, request) -> tuple[float, httpx.Response]:
     start = time.perf_counter()
     response = await request(client)
-    return 1e3 * (time.perf_counter() - start), response.status_code
+    return 1e3 * (time.perf_counter() - start), response
 
 
 def text_request(text: str):
@@ -157,10 +157,12 @@ def photo_request(photo: bytes, rng: random.Random):
 
 async def sequential(
     servers: list[Server], requests: list, rounds: int, warm: bool
-) -> dict[str, list[float]]:
-    """Latencies (ms) per server: `rounds` rounds, each sending every request to one server
-    after the other (alternating which goes first); optionally one untimed pass first."""
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Latencies (ms) per server, and the medians of the stage timings each server reports
+    (`timings_ms`: where its time went): `rounds` rounds, each sending every request to one
+    server after the other (alternating which goes first); optionally one untimed pass first."""
     latencies: dict[str, list[float]] = {s.name: [] for s in servers}
+    stages: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
     clients = {
         s.name: httpx.AsyncClient(base_url=s.url, timeout=120, headers={"X-API-Key": API_KEY})
         for s in servers
@@ -174,14 +176,20 @@ async def sequential(
             order = servers if round_index % 2 == 0 else servers[::-1]
             for server in order:
                 for request in requests:
-                    ms, status = await timed(clients[server.name], request)
-                    if status != 200:
-                        raise RuntimeError(f"{server.name}: search answered {status}")
+                    ms, response = await timed(clients[server.name], request)
+                    if response.status_code != 200:
+                        raise RuntimeError(f"{server.name}: search answered {response.status_code}")
                     latencies[server.name].append(ms)
+                    for stage, value in response.json().get("timings_ms", {}).items():
+                        stages[server.name].setdefault(stage, []).append(value)
     finally:
         for client in clients.values():
             await client.aclose()
-    return latencies
+    medians = {
+        name: {stage: round(statistics.median(v), 1) for stage, v in by_stage.items()}
+        for name, by_stage in stages.items()
+    }
+    return latencies, medians
 
 
 async def concurrent(server: Server, texts: list[str], clients: int, seconds: float) -> dict:
@@ -237,14 +245,18 @@ async def run(args: argparse.Namespace) -> dict:
             results.setdefault(server.name, {})["ingest_s"] = time.monotonic() - started
             print(f"{server.name}: {len(coco)} photos ingested", flush=True)
 
-        warm = await sequential(servers, [text_request(t) for t in texts], args.rounds, warm=True)
+        warm, warm_stages = await sequential(
+            servers, [text_request(t) for t in texts], args.rounds, warm=True
+        )
         rng = random.Random(0)
-        photo = await sequential(
+        photo, photo_stages = await sequential(
             servers, [photo_request(p, rng) for p in uploads], args.rounds, warm=False
         )
         for server in servers:
             results[server.name]["text_p50_warm_ms"] = p50(warm[server.name])
+            results[server.name]["text_warm_stages_ms"] = warm_stages[server.name]
             results[server.name]["photo_p50_ms"] = p50(photo[server.name])
+            results[server.name]["photo_stages_ms"] = photo_stages[server.name]
         for round_index in range(args.rounds):
             order = servers if round_index % 2 == 0 else servers[::-1]
             for server in order:
@@ -262,9 +274,12 @@ async def run(args: argparse.Namespace) -> dict:
             server.start(CACHES_OFF)
         for server in servers:
             await wait_ready(server.url, server.process)
-        cold = await sequential(servers, [text_request(t) for t in texts], args.rounds, warm=False)
+        cold, cold_stages = await sequential(
+            servers, [text_request(t) for t in texts], args.rounds, warm=False
+        )
         for server in servers:
             results[server.name]["text_p50_caches_off_ms"] = p50(cold[server.name])
+            results[server.name]["text_caches_off_stages_ms"] = cold_stages[server.name]
     finally:
         for server in servers:
             server.stop()
@@ -315,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run(args))
     text, ratios = table(results)
     print(text)
+    for name in ("baseline", "current"):
+        for key in ("text_warm_stages_ms", "text_caches_off_stages_ms", "photo_stages_ms"):
+            print(f"{name} {key}: {results[name].get(key)}")
     figures = {
         "baseline": args.baseline,
         "current": subprocess.run(
