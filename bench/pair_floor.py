@@ -137,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = model.precompute_images(features)
     rows: dict[str, dict] = {}
     for k in sizes:
-        tiles = -(-k // unique)
-        images = type(pool).cat([pool] * tiles).select(slice(0, k)) if tiles > 1 else pool
-        images = images.select(slice(0, k))
+        tiles = -(-k // unique)  # K over 1,000: the same 1,000 images repeated
+        images = (type(pool).cat([pool] * tiles) if tiles > 1 else pool).select(slice(0, k))
         captions = caption.repeat(k)
         ways: dict[str, Callable[[], torch.Tensor]] = {
             "before": lambda s=baseline, i=images, c=captions: s.score_pairs(i, c, trim=False),
