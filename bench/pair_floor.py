@@ -91,13 +91,13 @@ def load_baseline_scorer_class(ref: str) -> type:
         capture_output=True,
         text=True,
     ).stdout
-    folder = Path(tempfile.mkdtemp(prefix="pair_floor_"))
-    path = folder / "baseline_precompute.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("baseline_precompute", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_precompute"] = module
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="pair_floor_") as folder:
+        path = Path(folder) / "baseline_precompute.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("baseline_precompute", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_precompute"] = module
+        spec.loader.exec_module(module)
     return module.PrecomputedScorer
 
 
