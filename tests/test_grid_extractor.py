@@ -3,6 +3,7 @@ pretrained ImageNet weights are in use."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,71 @@ def test_asking_for_cuda_without_it_fails_at_construction() -> None:
     with pytest.raises(InvalidExtractorConfig, match="CUDA is not available"):
         GridExtractor(device="cuda")
     assert GridExtractor(device="auto").device.type == "cpu"
+
+
+def test_folded_channels_last_network_gives_the_unfolded_features(
+    grid: GridExtractor, coco_images: dict[str, Image.Image]
+) -> None:
+    """The extractor runs with batch norms folded into the convolutions, channels-last: the
+    same features as the network as trained (eval-mode BN, NCHW), to float rounding, which is
+    why the extractor's version did not change."""
+    reference = efficientnet_lite0("imagenet")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in grid.network.modules())
+    batch, _ = grid._prepare(list(coco_images.values()))
+    with torch.inference_mode():
+        folded = grid.network.features(batch)
+        unfolded = reference.features(batch.contiguous())
+    assert folded.abs().max() > 1.0, "features should be far from zero for this to mean much"
+    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)
+
+
+def _large_jpeg(image: Image.Image, scale: int, orientation: int | None = None) -> bytes:
+    """The photo enlarged `scale` times as a JPEG (a phone-sized upload), optionally with an
+    EXIF orientation tag."""
+    big = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=92, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_draft_decoding_reduces_large_jpegs_but_keeps_their_size(
+    coco_images: dict[str, Image.Image],
+) -> None:
+    photo = next(iter(coco_images.values()))
+    data = _large_jpeg(photo, 4)
+    full = decode_image(data)
+    reduced = decode_image(data, reduce_to=(224, 224))
+    assert full.size == reduced.size == (photo.width * 4, photo.height * 4)
+    assert min(reduced.image.size) >= 224
+    assert reduced.image.width * reduced.image.height * 16 <= full.image.width * full.image.height
+    turned = decode_image(_large_jpeg(photo, 4, orientation=6), reduce_to=(224, 224))
+    assert turned.size == (photo.height * 4, photo.width * 4)  # upright, full size
+    assert turned.image.size == reduced.image.size[::-1]
+    small = decode_image(_large_jpeg(photo, 1), reduce_to=(224, 224))  # under 2x: full decode
+    assert small.image.size == small.size == photo.size
+
+
+def test_draft_features_have_their_own_version_and_stay_close(
+    grid: GridExtractor, coco_images: dict[str, Image.Image]
+) -> None:
+    """Reduced-size decoding changes the pixels beyond float rounding, so its features carry
+    another version; they stay close to the full decode's and classify the photos alike."""
+    draft = GridExtractor(device="cpu", batch_size=4, draft=True)
+    assert draft.version == grid.version + "-draft"
+    assert draft.decode_size == (224, 224) and grid.decode_size is None
+    uploads = [_large_jpeg(image, 3) for image in coco_images.values()]
+    full = [decode_image(data).image for data in uploads]
+    reduced = [decode_image(data, reduce_to=draft.decode_size).image for data in uploads]
+    assert all(r.size != f.size for r, f in zip(reduced, full, strict=True))
+    full_features = grid.extract(full)
+    draft_features = draft.extract(reduced)
+    for a, b, image in zip(full_features, draft_features, full, strict=True):
+        assert b.image_size == a.image_size == image.size
+        np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-6)
+        x, y = a.features.ravel(), b.features.ravel()
+        assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) > 0.98  # 0.99+ measured
+    named = dict(zip(coco_images, reduced, strict=True))
+    assert photos_whose_top5_has_the_class(draft, named) == list(NAMED_PHOTOS)

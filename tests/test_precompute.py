@@ -165,6 +165,37 @@ def test_aligned_pairs_and_recombined_caches(scorer, batch):
     torch.testing.assert_close(pairs, expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("layout", ["caption_repeated", "image_repeated", "both_per_pair"])
+def test_inference_pairs_equal_direct_in_every_layout(scorer, batch, model, layout):
+    """The inference path folds a repeated side into one matrix product and skips masks where
+    nothing is padded: each layout, with padded regions and captions, equals the direct form."""
+    images, text, _ = batch
+    counts = torch.tensor([36, 5, 20, 1, 33])
+    region_mask = torch.arange(REGIONS)[None, :] < counts[:, None]
+    with torch.no_grad():
+        direct = model.scorer(images, text.words, text.mask, region_mask)  # [5, 10]
+        image_pre = scorer.precompute_images(images, counts)
+        caption_pre = scorer.precompute_captions(text)
+        if layout == "caption_repeated":
+            caption = caption_pre.select([3])
+            got = scorer.score_pairs(image_pre, caption.repeat(len(images)), trim=False)
+            expected = direct[:, 3]
+        elif layout == "image_repeated":
+            got = scorer.score_pairs(image_pre.select([2]).repeat(len(text.lengths)), caption_pre)
+            expected = direct[2]
+        else:
+            order = torch.tensor([4, 0, 9, 1, 6])
+            got = scorer.score_pairs(image_pre, caption_pre.select(order))
+            expected = direct[torch.arange(len(images)), order]
+        grad_path = None
+        with torch.enable_grad():
+            if layout == "caption_repeated":
+                grad_path = scorer.score_pairs(image_pre, caption.repeat(len(images)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+    if grad_path is not None:  # the autograd path (training) gives the same scores
+        torch.testing.assert_close(grad_path.detach(), got, rtol=0, atol=ATOL)
+
+
 def test_float64_matches_direct_tightly(model, batch):
     images, text, _ = batch
     model64 = CampModel.from_config(model.config)

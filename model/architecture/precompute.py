@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from model.architecture.encoders import EncodedText, length_mask
 from model.architecture.scorer import (
     L2NORM_EPS,
+    MASKED_LOGIT,
     AttentionMaps,
     CampScorer,
     l2norm,
@@ -405,7 +406,10 @@ class PrecomputedScorer:
         """
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images cannot pair with {len(captions)} captions")
-        scores, _ = self._score(images, captions.trimmed() if trim else captions, "pairs")
+        captions = captions.trimmed() if trim else captions
+        if not torch.is_grad_enabled():
+            return self._score_pairs_inference(images, captions)
+        scores, _ = self._score(images, captions, "pairs")
         return scores
 
     @staticmethod
@@ -417,6 +421,64 @@ class PrecomputedScorer:
         return elements * max(4, images.regions.element_size())
 
     # -- the per-pair math ---------------------------------------------------------------------
+    def _score_pairs_inference(self, img: ImagePrecompute, cap: CaptionPrecompute) -> Tensor:
+        """`_score`'s aligned pairs without autograd, laid out for large matrix products.
+
+        A side repeated over every pair (the query of a rerank: an expanded view or one item)
+        is used as its one [n, d] item, so every product with it folds into ONE matrix product
+        over all K pairs' rows (K·R x d x L) instead of K small batched ones; only products of
+        two per-pair factors stay batched. The attention scale is folded into that side's small
+        matrices, masks are applied in place on fresh products, intermediates are updated in
+        place, and the
+        pooling heads are averaged before weighting the fragments (mean_h(W_h F) = (mean_h W_h)
+        F). Same arithmetic as `_score` up to float rounding, and no read back from the device.
+        """
+        s = self.scorer
+        scale = 1.0 / math.sqrt(s.embed_size)
+        cap_shared = _is_shared(cap.words)
+        img_shared = not cap_shared and _is_shared(img.regions)
+        c = _one_item(cap) if cap_shared else cap
+        v = _one_item(img) if img_shared else img
+        keep_words, keep_regions = cap.mask, img.mask  # [K, L], [K, R]
+
+        # Stage 1 in [K, R, L] layout: t2v is a softmax over R (dim -2), v2t over L (dim -1).
+        if cap_shared:
+            logits_t2v = _cross(v.keys, c.queries * scale)
+            logits_v2t = _cross(v.queries, c.keys * scale)
+        elif img_shared:
+            logits_t2v = _cross(v.keys * scale, c.queries)
+            logits_v2t = _cross(v.queries * scale, c.keys)
+        else:
+            logits_t2v = _cross(v.keys, c.queries).mul_(scale)
+            logits_v2t = _cross(v.queries, c.keys).mul_(scale)
+        attn_t2v_rl = _softmax_masked(logits_t2v, _axis(keep_regions, -2), dim=-2)
+        attn_v2t = _softmax_masked(logits_v2t, _axis(keep_words, -1), dim=-1)  # [K, R, L]
+        attn_t2v = attn_t2v_rl.transpose(-2, -1)  # [K, L, R] view
+
+        # Stage 2 with the per-item kernels.
+        region_logits = (attn_v2t @ c.region_message_logits) @ attn_v2t.transpose(-2, -1)
+        selfattn_v = _softmax_masked(region_logits, _axis(keep_regions, -1), dim=-1)
+        word_logits = (attn_t2v @ v.word_message_logits) @ attn_t2v_rl
+        selfattn_t = _softmax_masked(word_logits, _axis(keep_words, -1), dim=-1)
+        mix_v = selfattn_v @ attn_v2t  # [K, R, L]
+        mix_t = selfattn_t @ attn_t2v  # [K, L, R]
+
+        region_word_dots = _cross(v.regions, c.words)  # [K, R, L]
+        norm_v = _rownorm(mix_v, mix_v @ c.gram)
+        norm_t = _rownorm(mix_t, mix_t @ v.gram)
+        gate_v = torch.sigmoid(_rowdot(mix_v, region_word_dots) / norm_v)
+        gate_t = torch.sigmoid(_rowdot(mix_t, region_word_dots.transpose(-2, -1)) / norm_t)
+        mix_v.mul_((gate_v / norm_v).unsqueeze(-1))
+        mix_t.mul_((gate_t / norm_t).unsqueeze(-1))
+        fused_v = (mix_v @ c.fusion_for_regions).addcmul_(gate_v.unsqueeze(-1), v.fusion_self)
+        fused_t = (mix_t @ v.fusion_for_words).addcmul_(gate_t.unsqueeze(-1), c.fusion_self)
+        fused_v = fused_v.relu_().add_(v.regions)
+        fused_t = fused_t.relu_().add_(c.words)
+
+        pooled_v = _pool(s.image_pool, fused_v, keep_regions)
+        pooled_t = _pool(s.text_pool, fused_t, keep_words)
+        return s.score_mlp(l2norm(pooled_v), l2norm(pooled_t))
+
     def _score(
         self,
         img: ImagePrecompute,
@@ -500,3 +562,51 @@ class PrecomputedScorer:
             pool_attn_t=pool_attn_t,
         )
         return scores, maps
+
+
+def _is_shared(x: Tensor) -> bool:
+    """True when every row of a side is one item: a single row, or a view expanded from one."""
+    return x.shape[0] == 1 or x.stride(0) == 0
+
+
+def _one_item(side):
+    """The side's first item as 2-D tensors ([n, d], [n, n]) that broadcast over any batch."""
+    return replace(
+        side, **{f.name: getattr(side, f.name)[0] for f in fields(side) if f.name != "lengths"}
+    )
+
+
+def _axis(keep: Tensor | None, axis: int) -> Tensor | None:
+    """keep [K, n] as a mask of the last axis ([K, 1, n]) or the one before ([K, n, 1]) of
+    [K, *, *] logits."""
+    if keep is None:
+        return None
+    return keep.unsqueeze(-2) if axis == -1 else keep.unsqueeze(-1)
+
+
+def _cross(rows: Tensor, columns: Tensor) -> Tensor:
+    """rows [(K,) R, d] x columns [(K,) L, d] -> [K, R, L] = rows @ columnsᵀ, with a 2-D factor
+    on the right whenever one is 2-D, so that the product folds into one matrix product."""
+    if rows.dim() == 2 and columns.dim() == 3:
+        return (columns @ rows.transpose(-2, -1)).transpose(-2, -1)
+    return rows @ columns.transpose(-2, -1)
+
+
+def _softmax_masked(logits: Tensor, keep: Tensor | None, dim: int) -> Tensor:
+    """Softmax along `dim` over the slots `keep` (shaped to broadcast over logits) leaves;
+    `logits` is a fresh product, masked in place."""
+    if keep is not None:
+        logits = logits.masked_fill_(~keep, max(MASKED_LOGIT, torch.finfo(logits.dtype).min))
+    return logits.softmax(dim, dtype=wide(logits))
+
+
+def _pool(pool, fragments: Tensor, keep: Tensor | None) -> Tensor:
+    """`AttentionPool`'s pooled vector [K, d] of fragments [K, N, d] (keep [K, N] or None),
+    with the heads averaged before they weight the fragments."""
+    hidden = F.linear(fragments, pool.hidden.weight, pool.hidden.bias).relu_()
+    logits = F.linear(hidden, pool.heads.weight, pool.heads.bias)  # [K, N, H]
+    if keep is not None:
+        fill = max(MASKED_LOGIT, torch.finfo(logits.dtype).min)
+        logits = logits.masked_fill_(~keep.unsqueeze(-1), fill)
+    weights = logits.softmax(-2, dtype=wide(logits)).mean(-1)  # [K, N]
+    return (weights.unsqueeze(-2).to(fragments.dtype) @ fragments).squeeze(-2)

@@ -88,9 +88,21 @@ class SameConv2d(nn.Conv2d):
         k, s = self.kernel_size[0], self.stride[0]
         top, bottom = _tf_same_padding(x.shape[-2], k, s)
         left, right = _tf_same_padding(x.shape[-1], k, s)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+        if top == bottom and left == right:  # symmetric: the convolution pads, no extra copy
+            padding = (top, left)
+        else:
+            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def fold_batch_norm(self, norm: nn.BatchNorm2d) -> None:
+        """Fold an eval-mode BatchNorm that follows this convolution into its weight and a
+        bias: conv(x)·γ/σ + (β − μγ/σ), with σ = sqrt(var + eps). Same output to float
+        rounding, one pass over the activations fewer."""
+        with torch.no_grad():
+            factor = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            self.weight.mul_(factor.view(-1, 1, 1, 1))
+            bias = norm.bias - norm.running_mean * factor
+        self.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def _batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -164,6 +176,22 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits [B, 1000] (global average pool of `features`, then `_fc`)."""
         return self._fc(self.features(x).mean(dim=(2, 3)))
+
+
+def fold_batch_norms(model: EfficientNetLite0) -> EfficientNetLite0:
+    """The network for inference only, in place: every BatchNorm folded into the convolution
+    before it (and replaced by Identity), weights in channels-last layout. Features equal the
+    unfolded network's to float rounding; the state dict no longer has the BN entries, so fold
+    only after loading weights."""
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        if block.has_expansion:
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv_name, norm_name in pairs:
+        getattr(owner, conv_name).fold_batch_norm(getattr(owner, norm_name))
+        setattr(owner, norm_name, nn.Identity())
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 def pretrained_weights_path() -> Path:

@@ -235,8 +235,15 @@ def _refusal(record: ImageRecord, code: str, reason: str) -> Refusal:
     return Refusal(str(record.path), reason, code=code, id=record.id, split=record.split)
 
 
-def _decode(record: ImageRecord, has_captions: bool, max_bytes: int, max_pixels: int) -> Any:
-    """The decoded PIL image, or a Refusal saying why not."""
+def _decode(
+    record: ImageRecord,
+    has_captions: bool,
+    max_bytes: int,
+    max_pixels: int,
+    reduce_to: tuple[int, int] | None = None,
+) -> Any:
+    """The decoded PIL image (a large JPEG at reduced size when the extractor allows it:
+    `reduce_to`), or a Refusal saying why not."""
     if has_captions and len(record.captions) < CAPTIONS_PER_IMAGE:
         return _refusal(
             record,
@@ -254,7 +261,9 @@ def _decode(record: ImageRecord, has_captions: bool, max_bytes: int, max_pixels:
     except OSError as exc:
         return _refusal(record, "unreadable_file", f"cannot read the file: {exc.strerror or exc}")
     try:
-        return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels).image
+        return decode_image(
+            data, max_bytes=max_bytes, max_pixels=max_pixels, reduce_to=reduce_to
+        ).image
     except ImageInputError as exc:
         return _refusal(record, exc.code, str(exc))
 
@@ -279,7 +288,7 @@ def _extract_shard(
         batch = shard.records[start : start + extractor.batch_size]
         images, batch_records = [], []
         for record in batch:
-            decoded = _decode(record, has_captions, max_bytes, max_pixels)
+            decoded = _decode(record, has_captions, max_bytes, max_pixels, extractor.decode_size)
             if isinstance(decoded, Refusal):
                 refused.append(decoded)
             else:

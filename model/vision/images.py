@@ -80,6 +80,10 @@ class CorruptImage(ImageInputError):
     code = "corrupt_image"
 
 
+# Set in a decoded image's `info` when it was decoded at reduced size: the full (width, height).
+FULL_SIZE_KEY = "campsearch_full_size"
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """An upright 8-bit RGB image and the format its bytes were in ("JPEG", "PNG", ...)."""
@@ -89,12 +93,23 @@ class DecodedImage:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) in pixels, after EXIF orientation."""
-        return self.image.size
+        """(width, height) of the photo in pixels, after EXIF orientation (the full size, also
+        when `image` was decoded at reduced size)."""
+        return full_size(self.image)
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the photo an image was decoded from (see `decode_image`'s
+    `reduce_to`), else its own size."""
+    return tuple(image.info.get(FULL_SIZE_KEY, image.size))
 
 
 def decode_image(
-    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce_to: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode `data` into RGB, applying EXIF orientation; GIF and TIFF give their first frame.
 
@@ -102,6 +117,11 @@ def decode_image(
     converted to 8-bit RGB. Raises an `ImageInputError` subclass: EmptyImage, ImageTooLarge
     (more than `max_bytes`), TooManyPixels (width x height above `max_pixels`, checked before
     any pixel is decoded), UnsupportedImageFormat, CorruptImage.
+
+    `reduce_to` (width, height): a JPEG at least twice as large on both sides is decoded at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), never below that size on either side (an
+    extractor's `decode_size`; square sizes are safe under any EXIF rotation). Other formats
+    and smaller JPEGs decode at full size.
     """
     if not data:
         raise EmptyImage("the image is empty (0 bytes); send the file's contents")
@@ -112,6 +132,10 @@ def decode_image(
         )
     image = _open_lazily(data, max_pixels)
     _check_pixel_count(image.size, max_pixels)
+    stored_size = image.size
+    if reduce_to is not None and image.format == "JPEG":
+        image.draft(image.mode, reduce_to)
+    reduced_size = image.size
     try:
         image.seek(0)
         image.load()
@@ -120,8 +144,11 @@ def decode_image(
     except _DECODE_ERRORS as exc:
         raise _corrupt(image.format, f"its pixels cannot be decoded: {exc}") from exc
     fmt = str(image.format)
-    upright = _apply_exif_orientation(image)
-    return DecodedImage(image=_to_rgb(upright), format=fmt)
+    upright = _to_rgb(_apply_exif_orientation(image))
+    if reduced_size != stored_size:
+        turned = upright.size != reduced_size  # EXIF orientation swapped width and height
+        upright.info[FULL_SIZE_KEY] = stored_size[::-1] if turned else stored_size
+    return DecodedImage(image=upright, format=fmt)
 
 
 def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:

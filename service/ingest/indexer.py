@@ -179,7 +179,11 @@ class Indexer:
         """Validate and decode upload bytes (in a thread); a refusal is `InvalidImage`."""
         try:
             return await asyncio.to_thread(
-                decode_image, data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels
+                decode_image,
+                data,
+                max_bytes=self.max_image_bytes,
+                max_pixels=self.max_image_pixels,
+                reduce_to=self.regions.extractor.decode_size,  # the extractor's own choice
             )
         except ImageInputError as error:
             raise InvalidImage(error, field) from error

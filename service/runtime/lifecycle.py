@@ -34,6 +34,7 @@ from service.runtime.heap import can_trim_heap, fix_mmap_threshold, heap_usage, 
 from service.runtime.metrics import ServiceMetrics
 from service.runtime.settings import MEBIBYTE, Settings
 from service.search.batching import MicroBatcher
+from service.search.encoding import QueryEncoder
 from service.search.pipeline import SearchPipeline
 from service.search.regions import UploadRegions
 from service.search.rerank import PairReranker, RerankJob
@@ -41,7 +42,7 @@ from service.search.shortlist import ShortlistJob, ShortlistSearcher
 from service.search.tensor_rebuild import TensorRebuild, refuse_unbuildable
 
 if TYPE_CHECKING:
-    from model.retrieval import RetrievalModel
+    from model.retrieval import EncodedTexts, RetrievalModel
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,15 @@ class ServiceRuntime:
             name="rerank",
         )
         shortlist = build_shortlist_batcher(settings, corpus, metrics, gpu_id)
+        # Query texts of concurrent searches share one encoder call; it never waits (a lone
+        # search pays nothing), it batches what queued while the last call ran.
+        encoder: MicroBatcher[str, EncodedTexts | ValueError] = MicroBatcher(
+            QueryEncoder(model),
+            max_batch_size=settings.batch_max_size,
+            max_wait_s=0.0,
+            max_queue_size=settings.queue_max_size,
+            name="encode",
+        )
         pipeline = SearchPipeline(
             model,
             corpus,
@@ -255,6 +265,7 @@ class ServiceRuntime:
             caption_cache_bytes=settings.caption_cache_mib * MEBIBYTE,
             search_memory_bytes=settings.search_memory_mib * MEBIBYTE,
             max_regions=extractor.num_regions,
+            encoder=encoder,
         )
         regions = UploadRegions(
             corpus, extractor, cache, metrics=metrics, max_waiting=settings.queue_max_size
@@ -367,15 +378,17 @@ class ServiceRuntime:
         return caches
 
     async def stop_batchers(self) -> None:
-        """Stop the shortlist and rerank batchers (searches still queued get an error)."""
+        """Stop the shortlist, rerank, query-encoding and extraction batchers (searches still
+        queued get an error)."""
         await self.shortlist.stop()
         await self.batcher.stop()
+        await self.pipeline.encoder.stop()
+        await self.regions.stop()
 
     def close(self) -> None:
         """Save and release everything (blocking); the batchers must be stopped first."""
         try:
             self.rebuild.stop()
-            self.regions.close()
             self.corpus.close()
             close_cache = getattr(self.cache, "close", None)
             if close_cache is not None:

@@ -39,6 +39,7 @@ from service.outcomes import NotFound, TimedOut
 from service.runtime.budget import MemoryBudget
 from service.runtime.metrics import ServiceMetrics
 from service.search.batching import MicroBatcher
+from service.search.encoding import QueryEncoder
 from service.search.lru import ByteBoundedLRU
 from service.search.regions import FoundRegions
 from service.search.rerank import RerankJob
@@ -55,7 +56,7 @@ from service.search.shortlist import ShortlistJob
 from service.search.stored_tensors import ImageTensors, caption_tensors, image_tensors
 
 if TYPE_CHECKING:
-    from model.retrieval import PairExplanation, RetrievalModel
+    from model.retrieval import EncodedTexts, PairExplanation, RetrievalModel
 
 RETRY_AFTER_TIMEOUT_S = 1
 SearchMethod = TypeVar("SearchMethod", bound=Callable[..., Any])
@@ -137,13 +138,17 @@ class SearchPipeline:
         caption_cache_bytes: int,
         search_memory_bytes: int = 0,
         max_regions: int = 100,
+        encoder: MicroBatcher[str, EncodedTexts | ValueError] | None = None,
     ) -> None:
         """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
         tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
         ones ~20x less); `search_memory_bytes` bounds what searches in flight hold of them
         (service/runtime/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
-        service takes them from `Settings` and the extractor."""
+        service takes them from `Settings` and the extractor. `encoder` batches the query
+        texts of concurrent searches into shared model calls (None: a batcher of its own that
+        never waits)."""
         self.model = model
+        self.encoder = encoder or MicroBatcher(QueryEncoder(model), max_wait_s=0.0, name="encode")
         self.corpus = corpus
         self.batcher = batcher
         self.shortlist = shortlist
@@ -169,7 +174,9 @@ class SearchPipeline:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("encode", timings):
-            encoded = await asyncio.to_thread(self.model.encode_texts, [text])
+            encoded = await self.encoder.submit(text)
+        if isinstance(encoded, ValueError):
+            raise encoded
         query = encoded.precompute.select([0])
         k = max(request.candidates, request.limit)
         with self.metrics.time_stage("shortlist", timings):

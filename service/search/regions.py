@@ -3,18 +3,20 @@
 Extraction is the most expensive step of the service (tens of ms on a GPU, ~100 ms+ per photo
 on a CPU), so an upload's features are looked up by the SHA-256 of its bytes, first in the
 corpus (the same photo was ingested) and then in the feature cache (the same photo was searched
-or ingested recently, by this or another replica sharing Redis), and only then extracted, on a
-bounded pool of worker threads that never runs on the event loop.
+or ingested recently, by this or another replica sharing Redis), and only then extracted, off
+the event loop. Extractions go through a `MicroBatcher`: photos of concurrent searches and
+ingests that queued while the extractor was busy run as one batched network call (it never
+waits for more, so a lone photo pays nothing), and past `max_waiting` callers get 429.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from index.cache import FeatureCache, cache_keyspace
 from index.codec import decode_arrays, encode_arrays
@@ -24,10 +26,8 @@ from model.types import RegionFeatures
 from model.vision.extractors import RegionExtractor
 from model.vision.images import DecodedImage
 from service.runtime.metrics import ServiceMetrics
-from service.search.batching import QueueFullError
+from service.search.batching import MicroBatcher
 
-# Extractions running at once; more wait in line, and past `max_waiting` callers get 429.
-DEFAULT_EXTRACT_WORKERS = 1
 UPLOAD_KEYSPACE_PREFIX = "upload-"
 SHA256_BYTES = 32
 
@@ -58,7 +58,6 @@ class UploadRegions:
         cache: FeatureCache,
         *,
         metrics: ServiceMetrics,
-        workers: int = DEFAULT_EXTRACT_WORKERS,
         max_waiting: int = 64,
     ) -> None:
         self.corpus = corpus
@@ -69,8 +68,13 @@ class UploadRegions:
             f"{UPLOAD_KEYSPACE_PREFIX}{extractor.name}", extractor.version
         )
         self.max_waiting = max_waiting
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extract")
-        self._in_flight = 0
+        self.batcher: MicroBatcher[Image.Image, RegionFeatures] = MicroBatcher(
+            self._extract_batch,
+            max_batch_size=extractor.batch_size,
+            max_wait_s=0.0,
+            max_queue_size=max_waiting,
+            name="extract",
+        )
 
     async def for_upload(
         self, sha256: str, decoded: DecodedImage, *, look_in_corpus: bool = True
@@ -89,22 +93,19 @@ class UploadRegions:
         return found
 
     async def extract(self, decoded: DecodedImage) -> FoundRegions:
-        """Run the extractor on one image in the worker pool (429 when too many wait)."""
-        if self._in_flight >= self.max_waiting:
-            raise QueueFullError(self._in_flight, retry_after_s=1)
-        self._in_flight += 1
-        try:
-            loop = asyncio.get_running_loop()
-            with self.metrics.time_stage("extract"):
-                (regions,) = await loop.run_in_executor(
-                    self._executor, self.extractor.extract, [decoded.image]
-                )
-        finally:
-            self._in_flight -= 1
+        """Extract one image, batched with whatever else waits for the extractor (raises
+        `QueueFullError`, answered 429, when `max_waiting` photos already wait)."""
+        with self.metrics.time_stage("extract"):
+            regions = await self.batcher.submit(decoded.image)
         return FoundRegions(regions, "extractor")
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def _extract_batch(self, images: list[Image.Image]) -> list[RegionFeatures]:
+        """The batcher's call, on its thread: whichever extractor is current, in one batch."""
+        return self.extractor.extract(list(images))
+
+    async def stop(self) -> None:
+        """Stop the extraction batcher (photos still waiting get an error)."""
+        await self.batcher.stop()
 
     def _known(self, digest: bytes, look_in_corpus: bool) -> FoundRegions | None:
         record = self.corpus.find_image_by_sha256(digest.hex()) if look_in_corpus else None

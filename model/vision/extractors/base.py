@@ -55,6 +55,13 @@ class RegionExtractor(ABC):
         """Changes whenever the features would change (weights, input fitting, sizes)."""
 
     @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """(width, height) a JPEG may be decoded down to (DCT scaling, `decode_image`'s
+        `reduce_to`) without the features losing anything they are defined on; None: decode
+        at full size. Part of the version whenever it is not None."""
+        return None
+
+    @property
     @abstractmethod
     def feature_dim(self) -> int: ...
 

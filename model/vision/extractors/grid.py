@@ -12,6 +12,11 @@ How an image is fitted to the square input is the `fit` setting:
   every cell keeps its region so that all images have the same R (arrays stack), but cells
   lying wholly in the padding get zero-area boxes on the image border (their box is clipped
   to the image), so callers can tell them apart: `region_boxes_area(boxes) == 0`.
+
+`draft=True` lets JPEGs larger than twice the input be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+DCT scaling, Pillow's `Image.draft`), never below the input size, before the same resize: several
+times faster for phone photos. The pixels differ from a full decode beyond float rounding, so
+such features carry their own version (suffix "-draft") and never mix with full-decode ones.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from model.vision.efficientnet_lite import (
     INPUT_SIZE,
     INPUT_STD,
     efficientnet_lite0,
+    fold_batch_norms,
 )
 from model.vision.extractors.base import (
     InvalidExtractorConfig,
@@ -42,6 +48,7 @@ from model.vision.extractors.base import (
     check_config_keys,
     register_extractor,
 )
+from model.vision.images import full_size
 
 FitPolicy = Literal["squash", "pad", "crop"]
 FIT_POLICIES: tuple[str, ...] = get_args(FitPolicy)
@@ -112,7 +119,7 @@ class GridExtractor(RegionExtractor):
     """EfficientNet-Lite0 (ImageNet) feature-map cells as regions: R = (input_size/32)^2
     (49 at 224 px), D = 1280, features float32, boxes normalised to the image."""
 
-    CONFIG_KEYS = ("fit", "input_size", "batch_size", "device", "weights")
+    CONFIG_KEYS = ("fit", "input_size", "batch_size", "device", "weights", "draft")
 
     def __init__(
         self,
@@ -122,9 +129,11 @@ class GridExtractor(RegionExtractor):
         batch_size: int = DEFAULT_BATCH_SIZE,
         device: str | torch.device = DEVICE_AUTO,
         weights: str | Path | None = "imagenet",
+        draft: bool = False,
     ) -> None:
         """weights: "imagenet" (the shipped file), a state-dict path, or None (random
-        initialisation: only for tests that must show the pretrained weights matter)."""
+        initialisation: only for tests that must show the pretrained weights matter); draft:
+        JPEGs may be decoded at reduced size (see the module's docstring)."""
         super().__init__(batch_size=batch_size, device=device)
         if fit not in FIT_POLICIES:
             raise InvalidExtractorConfig(f"fit must be one of {FIT_POLICIES}, got {fit!r}")
@@ -133,10 +142,13 @@ class GridExtractor(RegionExtractor):
                 f"input_size must be a positive multiple of {FEATURE_STRIDE}, got {input_size}"
             )
         self.fit: FitPolicy = fit
+        self.draft = bool(draft)
         self.input_size = input_size
         self.grid = math.ceil(input_size / FEATURE_STRIDE)
         self.pretrained = weights is not None
-        self.network = efficientnet_lite0(weights).to(self.device)
+        # Inference only: batch norms folded into the convolutions, channels-last layout
+        # (features equal to float rounding, hence the same version).
+        self.network = fold_batch_norms(efficientnet_lite0(weights)).to(self.device)
         self._cells = grid_cell_boxes(self.grid, input_size)
         self._mean = torch.tensor(INPUT_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(INPUT_STD, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -149,7 +161,12 @@ class GridExtractor(RegionExtractor):
     @property
     def version(self) -> str:
         weights = "imagenet" if self.pretrained else "random"
-        return f"effnet-lite0-{weights}-{self.fit}{self.input_size}-v{GRID_VERSION}"
+        draft = "-draft" if self.draft else ""
+        return f"effnet-lite0-{weights}-{self.fit}{self.input_size}-v{GRID_VERSION}{draft}"
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        return (self.input_size, self.input_size) if self.draft else None
 
     @property
     def feature_dim(self) -> int:
@@ -163,7 +180,7 @@ class GridExtractor(RegionExtractor):
         fitted = [fit_image(image, self.input_size, self.fit) for image in images]
         pixels = torch.from_numpy(np.stack([f.pixels for f in fitted])).to(self.device)
         batch = (pixels.permute(0, 3, 1, 2).float() - self._mean) / self._std
-        return batch, fitted
+        return batch.contiguous(memory_format=torch.channels_last), fitted
 
     @torch.inference_mode()
     def feature_maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -187,7 +204,7 @@ class GridExtractor(RegionExtractor):
             RegionFeatures(
                 boxes=cell_boxes_in_image(self._cells, f.window),
                 features=np.ascontiguousarray(regions[i]),
-                image_size=image.size,
+                image_size=full_size(image),
                 extractor=self.name,
                 extractor_version=self.version,
             )
