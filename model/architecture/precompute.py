@@ -31,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 from model.architecture.encoders import EncodedText, length_mask
 from model.architecture.scorer import (
     L2NORM_EPS,
-    MASKED_LOGIT,
     AttentionMaps,
     CampScorer,
     l2norm,
@@ -89,20 +88,10 @@ class ImagePrecompute:
         """Views narrowed to `width` region slots (None: the most regions of these images, read
         back from the device); `width` must not cut a real region."""
         width = int(self.region_counts.max()) if width is None else width
-        if width == self.regions.shape[1]:
-            return self
-        changes = {name: getattr(self, name)[:, :width] for name in _IMAGE_REGION_FIELDS}
-        for name in _IMAGE_SQUARE_FIELDS:
-            changes[name] = getattr(self, name)[:, :width, :width]
-        return replace(self, **changes)
+        return _narrowed(self, width, _IMAGE_REGION_FIELDS, _IMAGE_SQUARE_FIELDS)
 
     def to(self, device=None, dtype=None) -> ImagePrecompute:
-        moved = {
-            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
-            for f in fields(self)
-            if f.name != "region_counts"
-        }
-        return ImagePrecompute(region_counts=self.region_counts.to(device=device), **moved)
+        return _moved(self, "region_counts", device, dtype)
 
     @staticmethod
     def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
@@ -161,6 +150,26 @@ def _owned_slots(widths: list[int], rows: list[int], width: int, device: torch.d
     return length_mask(per_row, width)
 
 
+def _narrowed(item, width: int, row_fields: tuple[str, ...], square_fields: tuple[str, ...]):
+    """`item` with its [n, W, d] and [n, W, W] tensors narrowed to `width` slots (views)."""
+    if width == getattr(item, row_fields[0]).shape[1]:
+        return item
+    changes = {name: getattr(item, name)[:, :width] for name in row_fields}
+    changes.update({name: getattr(item, name)[:, :width, :width] for name in square_fields})
+    return replace(item, **changes)
+
+
+def _moved(item, counts_field: str, device, dtype):
+    """`item` on `device` with its tensors cast to `dtype`; the integer counts keep theirs."""
+    moved = {
+        f.name: getattr(item, f.name).to(device=device, dtype=dtype)
+        for f in fields(item)
+        if f.name != counts_field
+    }
+    counts = getattr(item, counts_field).to(device=device)
+    return type(item)(**{counts_field: counts}, **moved)
+
+
 _CAPTION_WORD_FIELDS = ("words", "queries", "keys", "fusion_self", "fusion_for_regions")
 _CAPTION_SQUARE_FIELDS = ("region_message_logits", "gram")
 
@@ -204,21 +213,12 @@ class CaptionPrecompute:
         )
 
     def trimmed(self) -> CaptionPrecompute:
-        width = int(self.lengths.max())
-        if width == self.words.shape[1]:
-            return self
-        changes = {name: getattr(self, name)[:, :width] for name in _CAPTION_WORD_FIELDS}
-        for name in _CAPTION_SQUARE_FIELDS:
-            changes[name] = getattr(self, name)[:, :width, :width]
-        return replace(self, **changes)
+        return _narrowed(
+            self, int(self.lengths.max()), _CAPTION_WORD_FIELDS, _CAPTION_SQUARE_FIELDS
+        )
 
     def to(self, device=None, dtype=None) -> CaptionPrecompute:
-        moved = {
-            f.name: getattr(self, f.name).to(device=device, dtype=dtype)
-            for f in fields(self)
-            if f.name != "lengths"
-        }
-        return CaptionPrecompute(lengths=self.lengths.to(device=device), **moved)
+        return _moved(self, "lengths", device, dtype)
 
     @staticmethod
     def bytes_of_one(words: int, dim: int, element_size: int) -> int:
@@ -429,9 +429,9 @@ class PrecomputedScorer:
         over all K pairs' rows (K·R x d x L) instead of K small batched ones; only products of
         two per-pair factors stay batched. The attention scale is folded into that side's small
         matrices, masks are applied in place on fresh products, intermediates are updated in
-        place, and the
-        pooling heads are averaged before weighting the fragments (mean_h(W_h F) = (mean_h W_h)
-        F). Same arithmetic as `_score` up to float rounding, and no read back from the device.
+        place, and the pooling heads are averaged before weighting the fragments
+        (mean_h(W_h F) = (mean_h W_h) F). Same arithmetic as `_score` up to float rounding, and
+        no read back from the device.
         """
         s = self.scorer
         scale = 1.0 / math.sqrt(s.embed_size)
@@ -596,7 +596,7 @@ def _softmax_masked(logits: Tensor, keep: Tensor | None, dim: int) -> Tensor:
     """Softmax along `dim` over the slots `keep` (shaped to broadcast over logits) leaves;
     `logits` is a fresh product, masked in place."""
     if keep is not None:
-        logits = logits.masked_fill_(~keep, max(MASKED_LOGIT, torch.finfo(logits.dtype).min))
+        logits = masked_logits(logits, keep, inplace=True)
     return logits.softmax(dim, dtype=wide(logits))
 
 
@@ -606,7 +606,6 @@ def _pool(pool, fragments: Tensor, keep: Tensor | None) -> Tensor:
     hidden = F.linear(fragments, pool.hidden.weight, pool.hidden.bias).relu_()
     logits = F.linear(hidden, pool.heads.weight, pool.heads.bias)  # [K, N, H]
     if keep is not None:
-        fill = max(MASKED_LOGIT, torch.finfo(logits.dtype).min)
-        logits = logits.masked_fill_(~keep.unsqueeze(-1), fill)
+        logits = masked_logits(logits, keep.unsqueeze(-1), inplace=True)
     weights = logits.softmax(-2, dtype=wide(logits)).mean(-1)  # [K, N]
     return (weights.unsqueeze(-2).to(fragments.dtype) @ fragments).squeeze(-2)
