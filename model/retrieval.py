@@ -24,6 +24,7 @@ from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, Pr
 from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
 from model.checkpoints.extractor import ExtractorRecord
 from model.devices import DEVICE_AUTO, resolve_device
+from model.types import region_counts_problem
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
@@ -211,17 +212,16 @@ class RetrievalModel:
         """Real regions per image [B] int64 on the device, checked against the padded width."""
         if counts is None:
             return None
-        counts = np.asarray(counts, dtype=np.int64)
+        counts = np.asarray(counts)
         if counts.shape != (len(regions),):
             raise ValueError(
                 f"need one region count per image: {len(regions)} images, counts of shape "
                 f"{counts.shape}"
             )
-        if len(counts) and (counts.min() < 1 or counts.max() > np.shape(regions)[1]):
-            raise ValueError(
-                f"region counts must lie in [1, {np.shape(regions)[1]}] (the padded width), got "
-                f"{counts.min()}..{counts.max()}"
-            )
+        problem = region_counts_problem(counts, np.shape(regions)[1])
+        if problem:
+            raise ValueError(problem)
+        counts = counts.astype(np.int64)
         return self._to_device(torch.from_numpy(counts))
 
     def pooled_images(

@@ -22,6 +22,20 @@ class InvalidRegionFeatures(ValueError):
     """A RegionFeatures was built from arrays of the wrong shape, dtype or range."""
 
 
+def region_counts_problem(counts: np.ndarray, width: int) -> str | None:
+    """Why `counts` [N] cannot be the real region counts of rows padded to `width` regions
+    (integers in [1, width]), or None when they can. Callers add where the counts came from."""
+    counts = np.asarray(counts)
+    if not np.issubdtype(counts.dtype, np.integer):
+        return f"region counts must hold integers, got {counts.dtype}"
+    if counts.size and (counts.min() < 1 or counts.max() > width):
+        return (
+            f"region counts must lie in [1, {width}] (the padded width), got "
+            f"{counts.min()}..{counts.max()}"
+        )
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class RegionFeatures:
     """Regions of one image.

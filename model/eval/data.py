@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.types import region_counts_problem
+
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -48,11 +50,9 @@ class RetrievalSplit:
                     f"split {self.name}: {len(self.images)} images need as many region counts, "
                     f"got shape {counts.shape}"
                 )
-            if len(counts) and (counts.min() < 1 or counts.max() > self.images.shape[1]):
-                raise DataError(
-                    f"split {self.name}: region counts must lie in [1, {self.images.shape[1]}] "
-                    f"(the padded width), got {counts.min()}..{counts.max()}"
-                )
+            problem = region_counts_problem(counts, self.images.shape[1])
+            if problem:
+                raise DataError(f"split {self.name}: {problem}")
 
     @property
     def num_images(self) -> int:
@@ -134,13 +134,9 @@ def _region_counts(path: Path, images: np.ndarray) -> np.ndarray | None:
             f"{path} must hold one region count per row of the features ({len(images)}), got "
             f"shape {counts.shape}"
         )
-    if not np.issubdtype(counts.dtype, np.integer):
-        raise DataError(f"{path} must hold integers, got {counts.dtype}")
-    if len(counts) and (counts.min() < 1 or counts.max() > images.shape[1]):
-        raise DataError(
-            f"{path}: region counts must lie in [1, {images.shape[1]}] (the padded width), got "
-            f"{counts.min()}..{counts.max()}"
-        )
+    problem = region_counts_problem(counts, images.shape[1])
+    if problem:
+        raise DataError(f"{path}: {problem}")
     return counts.astype(np.int64)
 
 
