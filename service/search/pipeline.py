@@ -348,23 +348,16 @@ class SearchPipeline:
         already looked up), then the stored tensors of the misses (cache, then LMDB, one round
         trip), and only for images without them (a model change not rebuilt yet) ONE feature
         fetch + ONE precompute call, padded to the most regions among them."""
-        if found is None:
-            found = self.image_tensors.get_many(ids)
-        self.metrics.precompute_cache.labels("image", "hit").inc(len(found))
-        missing = [i for i in ids if i not in found]
-        if not missing:
-            return found
-        built = {
-            image_id: image_tensors(record, self.model.device)
-            for image_id, record in self.corpus.get_rerank_tensors("images", missing).items()
-        }
-        self.metrics.precompute_cache.labels("image", "stored").inc(len(built))
-        unstored = [i for i in missing if i not in built]
-        if unstored:
-            self.metrics.precompute_cache.labels("image", "miss").inc(len(unstored))
-            built.update(self.computed_image_tensors(self.corpus.get_region_features(unstored)))
-        self.image_tensors.put_many(built)
-        return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+        return self._read_through(
+            "images",
+            ids,
+            self.image_tensors,
+            self.image_tensors.get_many(ids) if found is None else found,
+            decode=image_tensors,
+            compute=lambda unstored: self.computed_image_tensors(
+                self.corpus.get_region_features(unstored)
+            ),
+        )
 
     def computed_image_tensors(self, stored: dict[int, RegionFeatures]) -> dict[int, ImageTensors]:
         """Rerank tensors computed from region features, in ONE precompute call padded to the
@@ -391,22 +384,48 @@ class SearchPipeline:
     def tensors_of_captions(self, ids: Sequence[int]) -> dict[int, CaptionPrecompute]:
         """Rerank tensors of the captions that exist: LRU hits, then stored tensors (one
         round trip); only captions without them are re-encoded, in one call."""
-        found = self.caption_tensors.get_many(ids)
-        self.metrics.precompute_cache.labels("caption", "hit").inc(len(found))
+
+        def encoded(unstored: list[int]) -> dict[int, CaptionPrecompute]:
+            records = self.corpus.get_captions(unstored)
+            return self.computed_caption_tensors({i: records[i].text for i in records})
+
+        return self._read_through(
+            "captions",
+            ids,
+            self.caption_tensors,
+            self.caption_tensors.get_many(ids),
+            decode=caption_tensors,
+            compute=encoded,
+        )
+
+    def _read_through(
+        self,
+        kind: Kind,
+        ids: Sequence[int],
+        lru: ByteBoundedLRU,
+        found: dict[int, Any],
+        *,
+        decode: Callable[[Any, torch.device], Any],
+        compute: Callable[[list[int]], dict[int, Any]],
+    ) -> dict[int, Any]:
+        """`ids`' rerank tensors, in order, of the items that exist: `found` (the LRU's hits),
+        then the stored records of the misses (`decode`d), then `compute` for items without
+        them; whatever was read or computed goes into `lru`."""
+        label = kind.removesuffix("s")  # the metric's "image" / "caption"
+        self.metrics.precompute_cache.labels(label, "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
         if not missing:
             return found
         built = {
-            caption_id: caption_tensors(record, self.model.device)
-            for caption_id, record in self.corpus.get_rerank_tensors("captions", missing).items()
+            item_id: decode(record, self.model.device)
+            for item_id, record in self.corpus.get_rerank_tensors(kind, missing).items()
         }
-        self.metrics.precompute_cache.labels("caption", "stored").inc(len(built))
+        self.metrics.precompute_cache.labels(label, "stored").inc(len(built))
         unstored = [i for i in missing if i not in built]
         if unstored:
-            self.metrics.precompute_cache.labels("caption", "miss").inc(len(unstored))
-            records = self.corpus.get_captions(unstored)
-            built.update(self.computed_caption_tensors({i: records[i].text for i in records}))
-        self.caption_tensors.put_many(built)
+            self.metrics.precompute_cache.labels(label, "miss").inc(len(unstored))
+            built.update(compute(unstored))
+        lru.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 
     def computed_caption_tensors(self, texts: dict[int, str]) -> dict[int, CaptionPrecompute]:
