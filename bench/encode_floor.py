@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,9 @@ from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from timing import gemm_peak, interleaved  # noqa: E402
 
 from model.retrieval import RetrievalModel  # noqa: E402
 from model.vision.efficientnet_lite import INPUT_SIZE, efficientnet_lite0  # noqa: E402
@@ -41,19 +43,6 @@ from model.vision.images import decode_image  # noqa: E402
 
 SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO_ROOT.parent / "shared"))
 CAPTION = "a man riding a wave on top of a surfboard in the ocean"
-GEMM_SIZE = 2048
-
-
-def gemm_peak(repeats: int = 9) -> float:
-    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
-    out = torch.empty(GEMM_SIZE, GEMM_SIZE)
-    torch.matmul(a, b, out=out)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        rates.append(2 * GEMM_SIZE**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
 
 
 def linear_flops(module: nn.Module, tokens: int) -> int:
@@ -80,16 +69,9 @@ def conv_flops(network: nn.Module, batch: torch.Tensor) -> int:
     return total
 
 
-def interleaved(ways: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each way, runs interleaved, after one warm-up each."""
-    for fn in ways.values():
-        fn()
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(repeats):
-        for name, fn in ways.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
+def medians(ways: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each way, runs interleaved."""
+    seconds, _ = interleaved(ways, repeats)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
@@ -101,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
-    peak = gemm_peak()
+    peak = gemm_peak(args.threads)
 
     # Query encoding.
     model = RetrievalModel.load(device="cpu")
@@ -117,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     camp_flops = linear_flops(encoder.projection, tokens) + 2 * tokens * d * d * 6
     text_floor = (body_flops + camp_flops) / (peak * 1e9)
     with torch.inference_mode():
-        text = interleaved(
+        text = medians(
             {
                 "encode_texts": lambda: model.encode_texts([CAPTION]),
                 "minilm_body": lambda: backbone(ids, torch.ones_like(ids)),
@@ -142,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = conv_flops(unfolded, batch)
     image_floor = flops / (peak * 1e9)
     with torch.inference_mode():
-        image = interleaved(
+        image = medians(
             {
                 "fit": lambda: fit_image(photo, INPUT_SIZE, extractor.fit),
                 "network_before": lambda: unfolded.features(batch.contiguous()),

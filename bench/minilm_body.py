@@ -11,12 +11,9 @@ training cache does). Prints ratios and writes JSON:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +21,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from timing import module_at  # noqa: E402
 
 from model.text.minilm import WordpieceTokenizer, load_minilm  # noqa: E402
 
@@ -40,19 +40,7 @@ BATCH_CAPTIONS = [
 
 def hand_written_loader(commit: str):
     """`load_minilm` of the old module, imported from `git show commit:model/minilm.py`."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "show", f"{commit}:model/minilm.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "hand_written_minilm.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("hand_written_minilm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hand_written_minilm"] = module
-    spec.loader.exec_module(module)
-    return module.load_minilm
+    return module_at(commit, "model/minilm.py", "hand_written_minilm").load_minilm
 
 
 def time_calls(encoder, batch, repeats: int) -> list[float]:

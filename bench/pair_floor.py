@@ -18,26 +18,24 @@ so every figure is the median of `--repeats` interleaved runs, and the load aver
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import gemm_peak, interleaved, module_at
+
 from model.retrieval import RetrievalModel
 
-REPO = Path(__file__).resolve().parent.parent
 REGIONS = 49  # 7 x 7 grid of EfficientNet-Lite0 at 224
 CAPTION = "a man riding a wave on top of a surfboard in the ocean"  # ~14 tokens
-GEMM_SIZE = 2048
 DEFAULT_BASELINE = "17d28bd"
 
 
@@ -68,39 +66,6 @@ def elementwise_ops(regions: int, words: int, dim: int, heads: int) -> int:
     return softmaxes + fusion
 
 
-def gemm_peak(threads: int, repeats: int) -> float:
-    """Median GFLOP/s of GEMM_SIZE^3 fp32 matmuls on `threads` threads."""
-    torch.set_num_threads(threads)
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE)
-    b = torch.randn(GEMM_SIZE, GEMM_SIZE)
-    out = torch.empty(GEMM_SIZE, GEMM_SIZE)
-    torch.matmul(a, b, out=out)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        rates.append(2 * GEMM_SIZE**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
-
-
-def load_baseline_scorer_class(ref: str) -> type:
-    """`PrecomputedScorer` from precompute.py at git `ref`, as a separate module."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{ref}:model/architecture/precompute.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    with tempfile.TemporaryDirectory(prefix="pair_floor_") as folder:
-        path = Path(folder) / "baseline_precompute.py"
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location("baseline_precompute", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["baseline_precompute"] = module
-        spec.loader.exec_module(module)
-    return module.PrecomputedScorer
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git ref of 'before'")
@@ -117,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = gemm_peak(args.threads, repeats=9)
     model = RetrievalModel.load(device="cpu")
     scorer = model.scorer
-    baseline = load_baseline_scorer_class(args.baseline)(scorer.scorer)
+    then = module_at(args.baseline, "model/architecture/precompute.py", "precompute_then")
+    baseline = then.PrecomputedScorer(scorer.scorer)
     d = scorer.scorer.embed_size
     heads = scorer.scorer.num_heads
     caption = model.encode_texts([CAPTION]).precompute
@@ -144,17 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             "before": lambda s=baseline, i=images, c=captions: s.score_pairs(i, c, trim=False),
             "after": lambda s=scorer, i=images, c=captions: s.score_pairs(i, c, trim=False),
         }
-        seconds: dict[str, list[float]] = {name: [] for name in ways}
-        scores: dict[str, torch.Tensor] = {}
         repeats = args.repeats if k <= 1000 else max(3, args.repeats // 2)
         with torch.inference_mode():
-            for fn in ways.values():  # warm-up
-                fn()
-            for _ in range(repeats):  # interleaved, so load from other jobs hits both alike
-                for name, fn in ways.items():
-                    start = time.perf_counter()
-                    scores[name] = fn()
-                    seconds[name].append(time.perf_counter() - start)
+            seconds, scores = interleaved(ways, repeats)
         floor_s = per_pair * k / (peak * 1e9)
         row: dict = {"floor_ms": 1e3 * floor_s}
         for name in ways:
