@@ -37,6 +37,22 @@ def redis_server(tmp_path_factory):
     server.kill()
 
 
+@pytest.fixture(scope="module")
+def dense_tiny_camp():
+    """The tiny CAMP config with every parameter drawn from N(0, 0.25²): no bias can hide."""
+    import torch
+
+    from model.architecture.camp import CampModel
+    from model.checkpoints.config import load_config
+
+    torch.manual_seed(0)
+    model = CampModel.from_config(load_config("camp_tiny"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.25)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_retrieval_model(shared_dir):
     """A real RetrievalModel with seeded random weights (vocabulary from coco-mini captions)."""

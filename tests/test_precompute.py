@@ -8,7 +8,6 @@ import torch
 from model.architecture.camp import CampModel
 from model.architecture.encoders import EncodedText
 from model.architecture.precompute import CaptionPrecompute, PrecomputedScorer
-from model.checkpoints.config import load_config
 
 ATOL = 2e-6
 # Lengths count <start>/<end>; 1 and 2 are the shortest a caption can be.
@@ -17,14 +16,8 @@ REGIONS = 36
 
 
 @pytest.fixture(scope="module")
-def model() -> CampModel:
-    """The tiny config with every parameter drawn from N(0, 0.25²): no bias can hide."""
-    torch.manual_seed(0)
-    model = CampModel.from_config(load_config("camp_tiny"))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.25)
-    return model.eval()
+def model(dense_tiny_camp: CampModel) -> CampModel:
+    return dense_tiny_camp
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 from model.architecture.camp import CampModel
 from model.architecture.encoders import length_mask
 from model.architecture.precompute import ImagePrecompute, PrecomputedScorer
-from model.checkpoints.config import load_config
 
 ATOL = 2e-6
 LENGTHS = [12, 3, 30, 7]
@@ -19,14 +18,8 @@ WIDTH = 36
 
 
 @pytest.fixture(scope="module")
-def model() -> CampModel:
-    """The tiny config with every parameter drawn from N(0, 0.25²): no bias can hide."""
-    torch.manual_seed(0)
-    model = CampModel.from_config(load_config("camp_tiny"))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.25)
-    return model.eval()
+def model(dense_tiny_camp: CampModel) -> CampModel:
+    return dense_tiny_camp
 
 
 @pytest.fixture(scope="module")
