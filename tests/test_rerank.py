@@ -104,6 +104,16 @@ def test_the_hot_path_reads_back_from_the_device_once_per_model_call(
         RerankJob(images=(images[1],), captions=tuple(captions), shortlist_scores=shortlist),
     ]
     per_pair = max(job.bytes_per_pair() for job in jobs)
+    reads = _count_host_reads(monkeypatch)
+    counting = _CountingModel(tiny_retrieval_model)
+    PairReranker(counting, memory_budget_bytes=2 * per_pair)(jobs)
+    monkeypatch.undo()
+    assert counting.calls == 5
+    assert reads == {"cpu": 5, "numpy": 5}
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts, by method, of tensor-to-host reads from now until `monkeypatch.undo()`."""
     reads: dict[str, int] = {}
     for name in ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__"):
         original = getattr(torch.Tensor, name)
@@ -113,11 +123,7 @@ def test_the_hot_path_reads_back_from_the_device_once_per_model_call(
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    counting = _CountingModel(tiny_retrieval_model)
-    PairReranker(counting, memory_budget_bytes=2 * per_pair)(jobs)
-    monkeypatch.undo()
-    assert counting.calls == 5
-    assert reads == {"cpu": 5, "numpy": 5}
+    return reads
 
 
 MIXED_COUNTS = [3, 7, 1, 5, 7]
@@ -158,15 +164,7 @@ def test_jobs_of_mixed_region_counts_share_one_call_and_score_each_image_as_alon
         model.rerank_pairs(images[2], caption, shortlist[::-1][k : k + 1].copy())[0]
         for k, caption in enumerate(captions)
     ]
-    reads: dict[str, int] = {}
-    for name in ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            reads[_name] = reads.get(_name, 0) + 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = _count_host_reads(monkeypatch)
     counting = _CountingModel(model)
     scores = PairReranker(counting, memory_budget_bytes=2**40)([text_query, image_query])
     monkeypatch.undo()
