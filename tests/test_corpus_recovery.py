@@ -22,19 +22,32 @@ DIM = 16
 OPTIONS = {"dim": DIM, "extractor": "grid", "extractor_version": "v1", "model_version": "m1"}
 
 
-def _add(corpus: Corpus, n: int, rng: np.random.Generator, captions: int = 2):
+def _tensors(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    return {"regions": rng.standard_normal((rows, 8)).astype(np.float16)}
+
+
+def _add(
+    corpus: Corpus, n: int, rng: np.random.Generator, captions: int = 2, *, tensors: bool = False
+):
+    """Image `n` with its captions; `tensors`: with rerank tensors for it and each caption."""
     return corpus.add_image(
-        f"image-{n}".encode() * 10,
+        f"{'tensors' if tensors else 'image'}-{n}".encode() * 10,
         width=64,
         height=48,
         region_features=rng.standard_normal((49, 24)),
         region_boxes=rng.random((49, 4)),
         pooled=rng.standard_normal(DIM),
         captions=[
-            NewCaption(f"caption {n}.{c}", [1, 4 + c, 2], rng.standard_normal(DIM))
+            NewCaption(
+                f"caption {n}.{c}",
+                [1, 4 + c, 2],
+                rng.standard_normal(DIM),
+                _tensors(rng, 3) if tensors else None,
+            )
             for c in range(captions)
         ],
         extension=".jpg",
+        rerank=_tensors(rng, 49) if tensors else None,
     )
 
 
@@ -187,32 +200,10 @@ def test_auto_factory_and_model_version_change_rebuild(tmp_path, caplog):
     corpus.close()
 
 
-def _tensors(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
-    return {"regions": rng.standard_normal((rows, 8)).astype(np.float16)}
-
-
-def _add_with_tensors(corpus: Corpus, n: int, rng: np.random.Generator):
-    return corpus.add_image(
-        f"tensors-{n}".encode() * 10,
-        width=64,
-        height=48,
-        region_features=rng.standard_normal((49, 24)),
-        region_boxes=rng.random((49, 4)),
-        pooled=rng.standard_normal(DIM),
-        captions=[
-            NewCaption(
-                f"caption {n}.{c}", [1, 4 + c, 2], rng.standard_normal(DIM), _tensors(rng, 3)
-            )
-            for c in range(2)
-        ],
-        rerank=_tensors(rng, 49),
-    )
-
-
 def test_rerank_tensors_are_stored_read_and_deleted_with_their_items(tmp_path):
     rng = np.random.default_rng(5)
     with Corpus.open(tmp_path / "data", **OPTIONS, tensor_version="m1+abc") as corpus:
-        added = [_add_with_tensors(corpus, n, rng) for n in range(3)]
+        added = [_add(corpus, n, rng, tensors=True) for n in range(3)]
         image = added[0].image.id
         caption = added[0].captions[0].id
         stored = corpus.get_rerank_tensors("images", [image, 10_000])
@@ -255,7 +246,7 @@ def test_orphan_rerank_tensors_of_a_crash_before_commit_are_collected(tmp_path):
 def test_a_new_tensor_version_sees_none_and_stores_only_items_that_exist(tmp_path):
     rng = np.random.default_rng(7)
     with Corpus.open(tmp_path / "data", **OPTIONS, tensor_version="m1+old") as corpus:
-        added = [_add_with_tensors(corpus, n, rng) for n in range(3)]
+        added = [_add(corpus, n, rng, tensors=True) for n in range(3)]
     ids = [a.image.id for a in added]
     with Corpus.open(tmp_path / "data", **OPTIONS, tensor_version="m1+new") as corpus:
         assert corpus.get_rerank_tensors("images", ids) == {}  # never another model's
@@ -273,7 +264,7 @@ def test_without_keeping_region_features_only_the_tensors_are_stored(tmp_path):
     rng = np.random.default_rng(8)
     options = {**OPTIONS, "keep_region_features": False}
     with Corpus.open(tmp_path / "data", **options) as corpus:
-        with_tensors = _add_with_tensors(corpus, 0, rng).image.id
+        with_tensors = _add(corpus, 0, rng, tensors=True).image.id
         without = _add(corpus, 1, rng).image.id  # no tensors: its features stay
         assert corpus.get_region_features([with_tensors, without]).keys() == {without}
         assert corpus.ids_with_region_features([with_tensors, without]).tolist() == [without]
@@ -281,7 +272,7 @@ def test_without_keeping_region_features_only_the_tensors_are_stored(tmp_path):
         assert corpus.get_pooled("images", [with_tensors])[with_tensors].shape == (DIM,)
     kept = {**OPTIONS, "tensor_version": "m1+t"}
     with Corpus.open(tmp_path / "other", **kept) as corpus:
-        image = _add_with_tensors(corpus, 0, rng).image.id
+        image = _add(corpus, 0, rng, tensors=True).image.id
         assert corpus.drop_region_features() == 1
         assert corpus.get_region_features([image]) == {}
         assert list(corpus.get_rerank_tensors("images", [image])) == [image]
@@ -296,7 +287,7 @@ def test_rerank_tensors_are_read_through_redis_per_tensor_version(tmp_path, redi
     rng = np.random.default_rng(9)
     cache = RedisFeatureCache(redis_server.url, ttl_s=60)
     corpus = Corpus.open(tmp_path / "data", **OPTIONS, cache=cache, tensor_version="m1+abc")
-    image = _add_with_tensors(corpus, 0, rng).image.id
+    image = _add(corpus, 0, rng, tensors=True).image.id
     stored = corpus.get_rerank_tensors("images", [image])[image]  # miss, written back
     keyspace = cache_keyspace("rerank-images", "m1+abc")
     client = redis_server.client()
