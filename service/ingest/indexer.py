@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
@@ -22,7 +21,6 @@ from PIL import Image
 from index.catalog import CaptionRecord, ImageRecord
 from index.corpus import Corpus, NewCaption, sha256_hex
 from index.errors import NotFoundError
-from model.architecture.precompute import CaptionPrecompute
 from model.types import RegionFeatures
 from model.vision.images import DecodedImage, ImageInputError, decode_image
 from service.outcomes import Conflict, FieldProblem, InvalidImage, InvalidInput, Overloaded
@@ -32,15 +30,13 @@ from service.search.pipeline import SearchPipeline
 from service.search.regions import FoundRegions, UploadRegions
 from service.search.stored_tensors import (
     BOXES_KEY,
-    TensorOverflowError,
     caption_record,
     image_record,
+    record_or_none,
 )
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
-
-logger = logging.getLogger(__name__)
 
 DECODE_RETRY_AFTER_S = 1
 
@@ -275,14 +271,9 @@ class Indexer:
         )
 
     def _image_rerank_record(self, regions: RegionFeatures) -> dict[str, np.ndarray] | None:
-        """The image's rerank tensors as stored (None when they overflow float16: the image is
-        then stored with its features only, and scored from them)."""
+        """The image's rerank tensors as stored (None when they overflow float16)."""
         computed = self.pipeline.computed_image_tensors({0: regions})[0]
-        try:
-            return image_record(computed)
-        except TensorOverflowError:
-            logger.warning("an image's rerank tensors overflow float16; storing its features")
-            return None
+        return record_or_none(image_record, computed, "an image")
 
     async def _encoded(self, captions: Sequence[str]) -> list[NewCaption]:
         """Captions encoded in one call: shortlist vectors, token ids and rerank tensors."""
@@ -290,7 +281,12 @@ class Indexer:
             return []
         encoded = await asyncio.to_thread(self.model.encode_texts, list(captions))
         return [
-            NewCaption(text, ids, vector, _caption_rerank_record(encoded.precompute.select([row])))
+            NewCaption(
+                text,
+                ids,
+                vector,
+                record_or_none(caption_record, encoded.precompute.select([row]), "a caption"),
+            )
             for row, (text, ids, vector) in enumerate(
                 zip(captions, encoded.token_ids, encoded.pooled, strict=True)
             )
@@ -342,13 +338,3 @@ class Indexer:
             regions = 0 if tensors is None else int(tensors[BOXES_KEY].shape[0])
         captions = tuple(self.corpus.captions_of(image_id))
         return StoredImage(record, captions, regions, created)
-
-
-def _caption_rerank_record(precompute: CaptionPrecompute) -> dict[str, np.ndarray] | None:
-    """A caption's rerank tensors as stored; None when they overflow float16 (the caption is
-    then stored without them and re-encoded when a search needs it)."""
-    try:
-        return caption_record(precompute)
-    except TensorOverflowError:
-        logger.warning("a caption's rerank tensors overflow float16; storing it without them")
-        return None

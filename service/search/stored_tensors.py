@@ -9,8 +9,10 @@ Records are plain named numpy arrays (`index.codec`), written through `Corpus` o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ BOXES_KEY = "boxes"
 IMAGE_SIZE_KEY = "image_size"
 
 Record = Mapping[str, np.ndarray]
+Item = TypeVar("Item")
+
+logger = logging.getLogger(__name__)
 
 
 class TensorOverflowError(ValueError):
@@ -88,6 +93,18 @@ def caption_tensors(record: Record, device: torch.device) -> CaptionPrecompute:
         lengths=torch.tensor([length], dtype=torch.int64, device=device),
         **{name: _tensor(record[name], device) for name in _CAPTION_TENSORS},
     )
+
+
+def record_or_none(
+    to_record: Callable[[Item], dict[str, np.ndarray]], item: Item, what: str
+) -> dict[str, np.ndarray] | None:
+    """`to_record(item)`, or None (logged) when its tensors overflow float16: the item is then
+    stored without them and scored from its features or text when a search needs it."""
+    try:
+        return to_record(item)
+    except TensorOverflowError:
+        logger.warning("the rerank tensors of %s overflow float16; stored without them", what)
+        return None
 
 
 def stored_bytes(record: Record) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index.corpus import Corpus, Kind
-from service.search.stored_tensors import TensorOverflowError, caption_record, image_record
+from service.search.stored_tensors import caption_record, image_record, record_or_none
 
 if TYPE_CHECKING:
     from service.search.pipeline import SearchPipeline
@@ -177,10 +177,5 @@ def _records(
     tensors: Mapping[int, Any], to_record: Callable[[Any], dict[str, np.ndarray]]
 ) -> dict[int, dict[str, np.ndarray]]:
     """Stored records of built tensors, leaving out those that overflow float16."""
-    records = {}
-    for item_id, item in tensors.items():
-        try:
-            records[item_id] = to_record(item)
-        except TensorOverflowError:
-            logger.warning("rerank tensors of item %d overflow float16; not stored", item_id)
-    return records
+    records = {i: record_or_none(to_record, item, f"item {i}") for i, item in tensors.items()}
+    return {i: record for i, record in records.items() if record is not None}
