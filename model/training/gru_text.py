@@ -80,6 +80,17 @@ def gru_token_features(network: RetrievalNetwork, ids: list[list[int]]) -> Token
     return TokenFeatures(features=features, offsets=offsets)
 
 
+def frozen_means(
+    network: RetrievalNetwork, split: RetrievalSplit, ids: list[list[int]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(region means, means of the frozen GRU's word states) of a split: what shortlist heads
+    learn from. The word states are dropped once averaged (`ids`: the captions' ids, if the
+    caller has them)."""
+    ids = caption_ids(network, split.captions) if ids is None else ids
+    text = token_means(gru_token_features(network, ids))
+    return region_means(split.images, split.region_counts), text
+
+
 def gru_frozen_split(
     network: RetrievalNetwork, split: RetrievalSplit, split_region_means: Tensor | None = None
 ) -> FrozenSplit:

@@ -23,7 +23,7 @@ from model.checkpoints.checkpoint import CheckpointError, load_checkpoint
 from model.eval.data import DataError, RetrievalSplit, load_precomputed
 from model.training.dev_eval import evaluate_frozen
 from model.training.fusion_tuning import tune_fusion
-from model.training.gru_text import caption_ids, gru_frozen_split
+from model.training.gru_text import frozen_means, gru_frozen_split
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 from model.training.recipes import TrainConfig, TrainConfigError
 from model.training.residual import frozen_subset
@@ -80,21 +80,21 @@ def run_heads_imported(config: TrainConfig, run: RunFolder, console: Console) ->
     root = Path(config.data["root"])
     train = _split(root, config.data.get("train", "train"), network.spec.region_dim)
     camp_before = {k: v.clone() for k, v in network.camp.state_dict().items()}
-    ids = caption_ids(network, train.captions)
-    frozen_train = gru_frozen_split(network, train)
+    region_means, text_means = frozen_means(network, train)
+    captions = len(train.captions)
     console.print(
-        f"frozen CAMP from {base}: {train.num_images} train images, {len(ids)} captions encoded"
+        f"frozen CAMP from {base}: {train.num_images} train images, {captions} captions encoded"
     )
 
     def on_epoch(epoch: int, loss: float, seconds: float) -> None:
-        rate = len(ids) / max(seconds, 1e-9)
+        rate = captions / max(seconds, 1e-9)
         run.log(event="epoch", stage="heads", epoch=epoch, loss=loss, captions_per_s=rate)
         console.print(f"heads epoch {epoch}: loss {loss:.4f} ({rate:.0f} captions/s)")
 
     train_pooled_heads(
         network.heads,
-        frozen_train.region_means,
-        frozen_train.text_means,
+        region_means,
+        text_means,
         train.caption_image(),
         PooledTrainingConfig(**{"seed": config.seed, **config.pooled}),
         on_epoch=on_epoch,

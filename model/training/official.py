@@ -28,8 +28,7 @@ from model.checkpoints.checkpoint import load_checkpoint
 from model.eval.data import RetrievalSplit, load_precomputed
 from model.eval.protocol import retrieval_metrics
 from model.text.vocab import Vocabulary
-from model.training.features import region_means, token_means
-from model.training.gru_text import gru_token_features
+from model.training.gru_text import frozen_means
 from model.training.losses import bce_hardest_negative_loss
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 from model.training.recipes import TrainConfig
@@ -219,11 +218,11 @@ def _train_heads(
     network: RetrievalNetwork, train: RetrievalSplit, ids, config: TrainConfig, device
 ) -> None:
     """Shortlist heads on the frozen CAMP text encoder's word means and the region means."""
-    text = token_means(gru_token_features(network, ids))
+    regions, text = frozen_means(network, train, ids)
     heads = network.heads.cpu()
     train_pooled_heads(
         heads,
-        region_means(train.images, train.region_counts),
+        regions,
         text,
         train.caption_image(),
         PooledTrainingConfig(**{"seed": config.seed, **config.pooled}),
