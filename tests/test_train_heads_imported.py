@@ -13,6 +13,7 @@ import torch
 from shared_paths import PARITY_DIR
 from typer.testing import CliRunner
 
+import model.eval.evaluate_model as evaluate_module
 from model.checkpoints.checkpoint import load_checkpoint
 from model.eval.data import load_precomputed
 from model.eval.evaluate_model import evaluate_model
@@ -229,7 +230,7 @@ def test_dev_pair_scores_do_not_depend_on_the_memory_budget(setup, monkeypatch):
     pooled = dev_eval.pooled_scores(network, data)
     images, captions = np.divmod(np.arange(pooled.size), pooled.shape[1])
     whole = dev_eval.pair_scorer(network, data, pooled)(images, captions)
-    monkeypatch.setattr(dev_eval, "PAIR_MEMORY_BYTES", 1)  # one pair per call
+    monkeypatch.setattr(evaluate_module, "PAIR_MEMORY_BYTES", 1)  # one pair per call
     single = dev_eval.pair_scorer(network, data, pooled)(images, captions)
     np.testing.assert_allclose(single, whole, atol=1e-6, rtol=0)
     scorer = PrecomputedScorer(network.camp.scorer)

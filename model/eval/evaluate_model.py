@@ -36,6 +36,13 @@ PAIR_CHUNK = 4096  # pairs per reranker call, at most
 PAIR_MEMORY_BYTES = 1 << 30
 
 
+def pairs_per_call(images: ImagePrecompute, captions: CaptionPrecompute) -> int:
+    """Pairs of these images and captions one reranker call may score: at most PAIR_CHUNK,
+    fewer where a pair's activations are large (PAIR_MEMORY_BYTES)."""
+    per_pair = PrecomputedScorer.bytes_per_pair(images, captions)
+    return max(1, min(PAIR_CHUNK, PAIR_MEMORY_BYTES // per_pair))
+
+
 class EncodedSplit:
     """A split encoded once: shortlist vectors and rerank precomputes of every image/caption."""
 
@@ -67,8 +74,7 @@ class EncodedSplit:
         self.caption_vectors = np.concatenate(pooled_captions)
         self.caption_seconds = time.perf_counter() - started
         longest = max(self.captions, key=lambda caption: caption.words.shape[1])
-        per_pair = PrecomputedScorer.bytes_per_pair(self.images, longest)
-        self.pair_chunk = max(1, min(PAIR_CHUNK, PAIR_MEMORY_BYTES // per_pair))
+        self.pair_chunk = pairs_per_call(self.images, longest)
 
     def subset(self, images: slice) -> tuple[np.ndarray, slice]:
         """Pooled scores [n, 5n] of a fold and its caption slice."""

@@ -9,11 +9,9 @@ import torch
 
 from model.architecture.network import RetrievalNetwork
 from model.architecture.precompute import PrecomputedScorer
+from model.eval.evaluate_model import PAIR_CHUNK, pairs_per_call
 from model.eval.protocol import retrieval_metrics, shortlist_recall, two_stage_metrics
 from model.training.features import FrozenSplit
-
-PAIR_CHUNK = 4096  # pairs per reranker call, at most (fewer where a pair is large)
-PAIR_MEMORY_BYTES = 1 << 30  # activation memory of one call (see model/eval/evaluate_model.py)
 
 
 @torch.no_grad()
@@ -41,7 +39,7 @@ def pair_scorer(network: RetrievalNetwork, data: FrozenSplit, pooled: np.ndarray
             unique, slot = np.unique(cc, return_inverse=True)
             features, lengths = data.tokens.batch(unique)
             captions = scorer.precompute_captions(network.words_from_features(features, lengths))
-            part = max(1, PAIR_MEMORY_BYTES // scorer.bytes_per_pair(images, captions))
+            part = pairs_per_call(images, captions)
             for at in range(0, len(ii), part):  # large pairs (d = 1024): several calls
                 rows = slice(at, at + part)
                 logits = scorer.score_pairs(
