@@ -182,6 +182,8 @@ class ImramScorer(nn.Module):
         raw = F.leaky_relu(torch.bmm(context, query.transpose(1, 2)), ATTENTION_LEAKY_SLOPE)
         if query_mask is not None:  # padded query slots must not enter the norm over queries
             raw = raw.masked_fill(~query_mask.unsqueeze(1), 0.0)
+        if context_mask is not None:  # padded context rows: a constant (not a 0/0 gradient);
+            raw = raw.masked_fill(~context_mask.unsqueeze(2), 1.0)  # the softmax skips them
         normalised = l2norm(raw, dim=2)
         logits = self.options.lambda_softmax * normalised.transpose(1, 2)
         if context_mask is not None:
@@ -363,9 +365,7 @@ def _grid_pairs(
         return x.unsqueeze(0).expand(num_captions, *x.shape).reshape(-1, *x.shape[1:])
 
     def per_caption(x: Tensor) -> Tensor:
-        return x.unsqueeze(1).expand(x.shape[0], num_images, *x.shape[1:]).reshape(
-            -1, *x.shape[1:]
-        )
+        return x.unsqueeze(1).expand(x.shape[0], num_images, *x.shape[1:]).reshape(-1, *x.shape[1:])
 
     return (
         per_image(regions),
