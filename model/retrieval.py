@@ -102,7 +102,7 @@ class RetrievalModel:
         self.reranker = network.spec.reranker_kind
         # The pair scorer over per-item tensors of the checkpoint's scorer (CAMP's is a
         # `PrecomputedScorer`); every method below goes through it or through `self.reranker`.
-        self.scorer: PrecomputedScorer = self.reranker.precomputed(network.camp.scorer)
+        self.scorer: PrecomputedScorer = network.pair_scorer()
         spec = network.spec
         self._tokenizer = spec.text_kind.tokenizer(
             spec, network.vocabulary, max_words=network.camp_config().max_words

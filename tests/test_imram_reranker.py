@@ -108,6 +108,24 @@ def test_precomputed_pairs_equal_the_direct_form_with_padded_regions(mode):
     torch.testing.assert_close(one_image, direct[2], atol=ATOL, rtol=0)
 
 
+def test_the_checkpointed_training_grid_has_the_gradients_of_the_direct_form():
+    regions, counts, token_ids, lengths = _inputs()
+    gradients = []
+    for chunked in (False, True):
+        model = _tiny_imram().train()
+        scorer = ImramPrecomputedScorer(model.scorer)
+        images = scorer.precompute_images(model.encode_images(regions), counts)
+        captions = scorer.precompute_captions(model.encode_text(token_ids, lengths))
+        if chunked:
+            scores = scorer.score_grid_checkpointed(images, captions, max_pairs=2)
+        else:
+            scores = model.scorer(images.regions, captions.words, captions.mask, images.mask)
+        (scores * torch.arange(scores.numel()).view_as(scores)).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, direct in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], direct, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_explanations_are_the_first_steps_attention_over_real_regions():
     model = _tiny_imram()
     regions, counts, token_ids, lengths = _inputs()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from model.architecture.encoders import EncodedText, length_mask
 from model.architecture.imram import ImramScorer
@@ -189,10 +190,34 @@ class ImramPrecomputedScorer:
             block = captions.select(slice(j, j + caption_block))
             for i in range(0, ni, image_block):
                 rows = images.select(slice(i, i + image_block))
-                out[i : i + image_block, j : j + caption_block] = self.scorer(
-                    rows.regions, block.words, block.mask, rows.mask
-                )
+                out[i : i + image_block, j : j + caption_block] = self._grid_block(rows, block)
         return out
+
+    def score_grid_checkpointed(
+        self, images: ImramImagePrecompute, captions: ImramCaptionPrecompute, max_pairs: int
+    ) -> Tensor:
+        """Scores [Ni, Nc] for training: differentiable, each block of at most `max_pairs` pairs
+        under activation checkpointing (its activations recomputed during the backward), so
+        the gradients are those of one unchunked grid, to float rounding."""
+        ni, nc = len(images), len(captions)
+        image_block, caption_block = _block_shape(ni, nc, max(1, max_pairs))
+        rows = []
+        for i in range(0, ni, image_block):
+            image_rows = images.select(slice(i, i + image_block))
+            row = [
+                checkpoint(
+                    self._grid_block,
+                    image_rows,
+                    captions.select(slice(j, j + caption_block)),
+                    use_reentrant=False,
+                )
+                for j in range(0, nc, caption_block)
+            ]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _grid_block(self, images: ImramImagePrecompute, captions: ImramCaptionPrecompute) -> Tensor:
+        return self.scorer(images.regions, captions.words, captions.mask, images.mask)
 
     def score_text_against_images(
         self,

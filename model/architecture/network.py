@@ -124,6 +124,11 @@ class RetrievalNetwork(nn.Module):
             name=f"retrieval-{spec.text_encoder}",
         )
 
+    def pair_scorer(self):
+        """The reranker's pair scorer over per-item tensors, on these weights (no copy): CAMP's
+        `PrecomputedScorer`, or the registered scorer's (model/architecture/rerankers.py)."""
+        return self.spec.reranker_kind.precomputed(self.camp.scorer)
+
     @property
     def pooled_dim(self) -> int:
         return self.heads.embed_dim if self.heads is not None else self.spec.embed_size
