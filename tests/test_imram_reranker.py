@@ -334,3 +334,54 @@ def test_the_encoder_output_feeds_the_precompute_unchanged():
             network.text_features(ids, lengths), lengths
         )
     torch.testing.assert_close(text.words.norm(dim=-1), torch.ones(1, 4))
+
+
+def test_evaluate_ranks_a_precomputed_split_by_the_imported_imram_scores(tmp_path):
+    """`camp-search evaluate` on an imported official IMRAM checkpoint: the exhaustive matrix
+    is IMRAM's (float64 sums as the authors return them) and the metrics rank by it."""
+    from model.eval.protocol import retrieval_metrics
+
+    vocab, out = tmp_path / "vocab.json", tmp_path / "imram.pt"
+    _vocabulary_json(vocab, 40)
+    runner = CliRunner()
+    checkpoint = str(IMRAM_DIR / "imram_dense_checkpoint.pth.tar")
+    imported = runner.invoke(
+        cli, ["import-checkpoint", checkpoint, "--vocab", str(vocab), "--out", str(out)]
+    )
+    assert imported.exit_code == 0, imported.output
+    inputs = torch.load(IMRAM_DIR / "imram_dense_inputs.pt")
+    # Two images, five captions each: the 7 captions of batch A and 3 of batch B, as text.
+    rows = [
+        row[1 : int(n) - 1].tolist()
+        for batch in ("A", "B")
+        for row, n in zip(inputs[f"{batch}_captions"], inputs[f"{batch}_lengths"], strict=True)
+    ][:10]
+    folder = tmp_path / "precomp"
+    folder.mkdir()
+    np.save(folder / "test_ims.npy", inputs["A_images"][:2].numpy())
+    (folder / "test_caps.txt").write_text(
+        "\n".join(" ".join(f"w{i}" for i in row) for row in rows) + "\n"
+    )
+    metrics_path, scores_path = tmp_path / "metrics.json", tmp_path / "scores.npz"
+    result = runner.invoke(
+        cli,
+        [
+            *("evaluate", "--data", str(folder), "--split", "test", "--checkpoint", str(out)),
+            *("--modes", "exhaustive", "--device", "cpu"),
+            *("--json", str(metrics_path), "--scores", str(scores_path)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "IMRAM alone" in result.output
+    # The direct form of the parity-checked model on the same inputs.
+    model = load_checkpoint(out).build_model()
+    padded = torch.zeros(10, max(len(r) for r in rows) + 2, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        padded[index, : len(row) + 2] = torch.tensor([1, *row, 2])
+    lengths = torch.tensor([len(r) + 2 for r in rows])
+    with torch.no_grad():
+        direct = model(inputs["A_images"][:2], padded, lengths).numpy()
+    matrices = np.load(scores_path)
+    np.testing.assert_allclose(matrices["camp_scores"], direct, atol=ATOL, rtol=0)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["exhaustive"] == retrieval_metrics(direct.astype(np.float32))
