@@ -122,8 +122,11 @@ def test_the_checkpointed_training_grid_has_the_gradients_of_the_direct_form():
             scores = model.scorer(images.regions, captions.words, captions.mask, images.mask)
         (scores * torch.arange(scores.numel()).view_as(scores)).sum().backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    # The blocks regroup the memory layers (per-item projections), so rounding differs:
+    # per tensor within 1e-5 of its largest entry (seen: 1e-6).
     for name, direct in gradients[0].items():
-        torch.testing.assert_close(gradients[1][name], direct, atol=1e-6, rtol=1e-5, msg=name)
+        error = (gradients[1][name] - direct).abs().max().item()
+        assert error <= 1e-5 * direct.abs().max().item() + 1e-6, (name, error)
 
 
 def test_explanations_are_the_first_steps_attention_over_real_regions():
@@ -159,7 +162,14 @@ def test_stored_records_round_trip_as_imram_tensors():
         captions = scorer.precompute_captions(model.encode_text(token_ids, lengths))
         image = images.select([1]).trimmed(5)
         record = image_record(ImageTensors(image, np.zeros((5, 4), np.float32), (64, 48)))
-        assert set(record) == {"regions", "boxes", "image_size"}
+        assert set(record) == {
+            "regions",
+            "text_context",
+            "image_first_query",
+            "boxes",
+            "image_size",
+        }
+        assert record["text_context"].shape == (5, 64)  # [R, 2d]
         back = image_tensors(record, torch.device("cpu"), ImramImagePrecompute).precompute
         caption = captions.select([0])
         caption_back = caption_tensors(

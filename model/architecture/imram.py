@@ -29,6 +29,13 @@ Where the official code departs from the paper, this module follows the code:
   the released training scripts pass `--no_IMRAM_norm`, so it is off by default.
 * The official loop runs over captions one at a time; here every (image, caption) pair is
   scored in one batch per step, with padded words and regions masked exactly.
+
+The memory update's layers read [q; c*], so they split: W [q; c*] + b = (W_q q + b) + W_c c*,
+and W_c c* = α (C W_cᵀ) because the attended context is c* = α C. `MemoryProjections` holds,
+per item, C W_cᵀ of the context and W_q q⁰ + b of the first query: the reranker computes them
+once per image and caption (model/architecture/imram_precompute.py), and a pair's update then
+costs a small [Q, C] x [C, 2d] product instead of a [Q, 2d] x [2d, 2d] one (steps after the
+first still project the updated query).
 """
 
 from __future__ import annotations
@@ -111,6 +118,16 @@ class ImramTextEncoder(GRUTextEncoder):
     def forward(self, token_ids: Tensor, lengths: Tensor) -> EncodedText:
         text = super().forward(token_ids, lengths)
         return EncodedText(words=l2norm(text.words), lengths=text.lengths)
+
+
+@dataclass
+class MemoryProjections:
+    """One direction's memory-update layers applied ahead, for P pairs: first_query [P, Q, 2d]
+    = W_q q⁰ + b of the encoder's fragments, context [P, C, 2d] = C W_cᵀ of the context (the
+    candidate layer's d outputs, then the gate layer's)."""
+
+    first_query: Tensor
+    context: Tensor
 
 
 @dataclass
@@ -202,6 +219,45 @@ class ImramScorer(nn.Module):
             new_query = l2norm(new_query)
         return {"gate": gate, "candidate": candidate, "new_query": new_query}
 
+    def memory_weights(self, direction: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The candidate and gate layers of `direction` stacked ([2d, 2d]) and split by what
+        they read: (W_query [2d, d] on q, W_context [2d, d] on c*, bias [2d])."""
+        candidate, gate = self._memory_layers(direction)
+        weight = torch.cat((candidate.weight, gate.weight))
+        d = self.embed_size
+        return weight[:, :d], weight[:, d:], torch.cat((candidate.bias, gate.bias))
+
+    def query_projection(self, direction: str, query: Tensor) -> Tensor:
+        """W_q q + b [.., 2d]: the memory update's query half (with both biases)."""
+        weight, _, bias = self.memory_weights(direction)
+        return F.linear(query, weight, bias)
+
+    def context_projection(self, direction: str, context: Tensor) -> Tensor:
+        """C W_cᵀ [.., 2d]: the memory update's context half, before the attention mixes it."""
+        return F.linear(context, self.memory_weights(direction)[1])
+
+    def projected_memory_update(
+        self,
+        direction: str,
+        query: Tensor,
+        weights: Tensor,
+        projections: MemoryProjections,
+        *,
+        first_step: bool,
+    ) -> Tensor:
+        """`memory_update`'s new query from the split layers: (W_q q + b) + α (C W_cᵀ), with
+        α the attention [P, Q, C]; the first step reads W_q q⁰ + b from `projections`."""
+        query_half = (
+            projections.first_query if first_step else self.query_projection(direction, query)
+        )
+        joint = query_half + torch.bmm(weights.to(projections.context.dtype), projections.context)
+        candidate, gate = joint.chunk(2, dim=-1)
+        gate = torch.sigmoid(gate)
+        new_query = query * gate + torch.tanh(candidate) * (1 - gate)
+        if self.options.memory_norm:
+            new_query = l2norm(new_query)
+        return new_query
+
     def _memory_layers(self, direction: str) -> tuple[nn.Linear, nn.Linear]:
         if direction == "text":
             return self.text_memory_candidate, self.text_memory_gate
@@ -218,8 +274,11 @@ class ImramScorer(nn.Module):
         word_mask: Tensor,
         *,
         keep_trace: bool,
+        projections: MemoryProjections | None = None,
     ) -> tuple[Tensor, ImramStepTrace | None]:
-        """K steps of one direction over P pairs: step similarities [K, P] float64."""
+        """K steps of one direction over P pairs: step similarities [K, P] float64.
+        `projections`: the memory layers applied ahead per item (same scores to float
+        rounding, far fewer FLOPs); the trace always runs the layers as coded."""
         if direction == "text":
             fragments, fragment_mask, context, context_mask = words, word_mask, regions, region_mask
         else:
@@ -254,7 +313,12 @@ class ImramScorer(nn.Module):
                 )
                 query = update["new_query"]
             elif step < last:  # the official code also updates after the last step, unread
-                query = self.memory_update(direction, query, attended)["new_query"]
+                if projections is None:
+                    query = self.memory_update(direction, query, attended)["new_query"]
+                else:
+                    query = self.projected_memory_update(
+                        direction, query, weights, projections, first_step=step == 0
+                    )
         step_similarities = torch.stack(similarities)
         if not keep_trace:
             return step_similarities, None
@@ -263,23 +327,41 @@ class ImramScorer(nn.Module):
 
     # -- public forms -------------------------------------------------------------------------
     def step_similarities(
-        self, regions: Tensor, region_mask: Tensor | None, words: Tensor, word_mask: Tensor
+        self,
+        regions: Tensor,
+        region_mask: Tensor | None,
+        words: Tensor,
+        word_mask: Tensor,
+        projections: Mapping[str, MemoryProjections] | None = None,
     ) -> dict[str, Tensor]:
         """Per direction of the mode, F_k for P aligned pairs: {direction: [K, P] float64}."""
         _check_pairs(regions, region_mask, words, word_mask)
+        projections = projections or {}
         return {
             direction: self._run_direction(
-                direction, regions, region_mask, words, word_mask, keep_trace=False
+                direction,
+                regions,
+                region_mask,
+                words,
+                word_mask,
+                keep_trace=False,
+                projections=projections.get(direction),
             )[0]
             for direction in self.options.directions
         }
 
     def score_pairs(
-        self, regions: Tensor, region_mask: Tensor | None, words: Tensor, word_mask: Tensor
+        self,
+        regions: Tensor,
+        region_mask: Tensor | None,
+        words: Tensor,
+        word_mask: Tensor,
+        projections: Mapping[str, MemoryProjections] | None = None,
     ) -> Tensor:
         """Scores [P] float64 of P aligned pairs: regions [P, R, d] (l2-normalised encoder
-        output), region_mask [P, R] bool or None, words [P, L, d], word_mask [P, L] bool."""
-        steps = self.step_similarities(regions, region_mask, words, word_mask)
+        output), region_mask [P, R] bool or None, words [P, L, d], word_mask [P, L] bool;
+        `projections` {direction: MemoryProjections} of these pairs, when precomputed."""
+        steps = self.step_similarities(regions, region_mask, words, word_mask, projections)
         return _sum_steps(steps)
 
     def trace_pairs(
@@ -479,5 +561,6 @@ __all__ = [
     "ImramStepTrace",
     "ImramTextEncoder",
     "ImramTrace",
+    "MemoryProjections",
     "cosine_rows",
 ]

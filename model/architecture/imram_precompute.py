@@ -2,22 +2,25 @@
 `PrecomputedScorer` gives CAMP (model/architecture/precompute.py), for IMRAM.
 
 IMRAM's attention is a function of both items at every step, so what is computed once per item
-is the encoders' output: an image's unit region vectors [R, d], a caption's unit word vectors
-[L, d] and its length. Everything else is per pair (`ImramScorer.score_pairs`). Padding up to a
-batch's most regions or longest caption is masked exactly, so scores do not depend on how the
-pairs are batched (to float rounding).
+is the encoders' output (an image's unit region vectors [R, d], a caption's unit word vectors
+[L, d] and its length) and the memory update's layers applied ahead (`MemoryProjections`,
+model/architecture/imram.py): of the regions as Text-IMRAM's context (R W_cᵀ) and as
+Image-IMRAM's first query (W_q R + b), of the words likewise. A direction the mode does not
+run keeps zero-width tensors. Everything else is per pair (`ImramScorer.score_pairs`). Padding
+up to a batch's most regions or longest caption is masked exactly, so scores do not depend on
+how the pairs are batched (to float rounding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from model.architecture.encoders import EncodedText, length_mask
-from model.architecture.imram import ImramScorer
+from model.architecture.imram import ImramScorer, MemoryProjections
 from model.architecture.precompute import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     _block_shape,
@@ -27,13 +30,19 @@ from model.architecture.precompute import (
     _padded_cat,
 )
 
+_IMAGE_FIELDS = ("regions", "text_context", "image_first_query")
+_CAPTION_FIELDS = ("words", "image_context", "text_first_query")
+
 
 @dataclass
 class ImramImagePrecompute:
-    """N images: regions [N, R, d] (unit vectors, zero past each image's count) and
-    region_counts [N] int64."""
+    """N images: regions [N, R, d] (unit vectors, zero past each image's count); text_context
+    [N, R, 2d] the regions through Text-IMRAM's memory layers' context half; image_first_query
+    [N, R, 2d] through Image-IMRAM's query half (with its bias); region_counts [N] int64."""
 
     regions: Tensor
+    text_context: Tensor
+    image_first_query: Tensor
     region_counts: Tensor
 
     def __len__(self) -> int:
@@ -55,27 +64,31 @@ class ImramImagePrecompute:
 
     def trimmed(self, width: int | None = None) -> ImramImagePrecompute:
         width = int(self.region_counts.max()) if width is None else width
-        return _narrowed(self, width, ("regions",), ())
+        return _narrowed(self, width, _IMAGE_FIELDS, ())
 
     def to(self, device=None, dtype=None) -> ImramImagePrecompute:
         return _moved(self, "region_counts", device, dtype)
 
     @staticmethod
     def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
-        """One [R, d] tensor and a count."""
-        return regions * dim * element_size + 8
+        """At most one [R, d] and two [R, 2d] tensors (full IMRAM), and a count."""
+        return 5 * regions * dim * element_size + 8
 
     @staticmethod
     def cat(items: list[ImramImagePrecompute]) -> ImramImagePrecompute:
         counts = torch.cat([item.region_counts for item in items])
-        return ImramImagePrecompute(region_counts=counts, **_padded_cat(items, ("regions",), ()))
+        return ImramImagePrecompute(region_counts=counts, **_padded_cat(items, _IMAGE_FIELDS, ()))
 
 
 @dataclass
 class ImramCaptionPrecompute:
-    """N captions: words [N, L, d] (unit vectors, zero past each length) and lengths [N]."""
+    """N captions: words [N, L, d] (unit vectors, zero past each length); image_context
+    [N, L, 2d] and text_first_query [N, L, 2d] as for images, the other way round; lengths [N].
+    """
 
     words: Tensor
+    image_context: Tensor
+    text_first_query: Tensor
     lengths: Tensor
 
     def __len__(self) -> int:
@@ -98,19 +111,19 @@ class ImramCaptionPrecompute:
         )
 
     def trimmed(self) -> ImramCaptionPrecompute:
-        return _narrowed(self, int(self.lengths.max()), ("words",), ())
+        return _narrowed(self, int(self.lengths.max()), _CAPTION_FIELDS, ())
 
     def to(self, device=None, dtype=None) -> ImramCaptionPrecompute:
         return _moved(self, "lengths", device, dtype)
 
     @staticmethod
     def bytes_of_one(words: int, dim: int, element_size: int) -> int:
-        return words * dim * element_size + 8
+        return 5 * words * dim * element_size + 8
 
     @staticmethod
     def cat(items: list[ImramCaptionPrecompute]) -> ImramCaptionPrecompute:
         lengths = torch.cat([item.lengths for item in items])
-        return ImramCaptionPrecompute(lengths=lengths, **_padded_cat(items, ("words",), ()))
+        return ImramCaptionPrecompute(lengths=lengths, **_padded_cat(items, _CAPTION_FIELDS, ()))
 
 
 @dataclass
@@ -155,13 +168,30 @@ class ImramPrecomputedScorer:
                 )
             keep = length_mask(region_counts, images.shape[1])
             images = images * keep.unsqueeze(-1).to(images.dtype)
-        return ImramImagePrecompute(regions=images, region_counts=region_counts)
+        return ImramImagePrecompute(
+            regions=images,
+            text_context=self._projected(images, "text", self.scorer.context_projection),
+            image_first_query=self._projected(images, "image", self.scorer.query_projection),
+            region_counts=region_counts,
+        )
 
     def precompute_captions(self, text: EncodedText) -> ImramCaptionPrecompute:
         """Unit word vectors of N captions -> per-caption tensors, trimmed to the longest."""
         width = int(text.lengths.max())
         words = text.words[:, :width] * text.mask[:, :width].unsqueeze(-1).to(text.words.dtype)
-        return ImramCaptionPrecompute(words=words, lengths=text.lengths.to(torch.int64))
+        return ImramCaptionPrecompute(
+            words=words,
+            image_context=self._projected(words, "image", self.scorer.context_projection),
+            text_first_query=self._projected(words, "text", self.scorer.query_projection),
+            lengths=text.lengths.to(torch.int64),
+        )
+
+    def _projected(self, fragments: Tensor, direction: str, projection) -> Tensor:
+        """`projection(direction, fragments)` [N, W, 2d], or [N, W, 0] when the mode does not
+        run `direction` (nothing to compute or store)."""
+        if direction not in self.scorer.options.directions:
+            return fragments.new_zeros(*fragments.shape[:2], 0)
+        return projection(direction, fragments)
 
     # -- scoring -------------------------------------------------------------------------------
     def score_pairs(
@@ -172,7 +202,13 @@ class ImramPrecomputedScorer:
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images cannot pair with {len(captions)} captions")
         captions = captions.trimmed() if trim else captions
-        return self.scorer.score_pairs(images.regions, images.mask, captions.words, captions.mask)
+        projections = {
+            "text": MemoryProjections(captions.text_first_query, images.text_context),
+            "image": MemoryProjections(images.image_first_query, captions.image_context),
+        }
+        return self.scorer.score_pairs(
+            images.regions, images.mask, captions.words, captions.mask, projections
+        )
 
     def score_grid(
         self,
@@ -217,7 +253,23 @@ class ImramPrecomputedScorer:
         return torch.cat(rows, dim=0)
 
     def _grid_block(self, images: ImramImagePrecompute, captions: ImramCaptionPrecompute) -> Tensor:
-        return self.scorer(images.regions, captions.words, captions.mask, images.mask)
+        """[Ni, Nc]: every pair, caption-major, through `score_pairs`."""
+        ni, nc = len(images), len(captions)
+        pair_images = replace(
+            images,
+            **{
+                f.name: _repeat_block(getattr(images, f.name), nc, outer=True)
+                for f in fields(images)
+            },
+        )
+        pair_captions = replace(
+            captions,
+            **{
+                f.name: _repeat_block(getattr(captions, f.name), ni, outer=False)
+                for f in fields(captions)
+            },
+        )
+        return self.score_pairs(pair_images, pair_captions, trim=False).view(nc, ni).t()
 
     def score_text_against_images(
         self,
@@ -268,7 +320,7 @@ class ImramPrecomputedScorer:
         direction and step a handful of [R, L] attention tensors and of [Q, 2d] MDU tensors."""
         r, d = images.regions.shape[1], images.regions.shape[2]
         length = captions.words.shape[1]
-        elements = 8 * r * length + 10 * (r + length) * d
+        elements = 8 * r * length + 14 * (r + length) * d
         return elements * max(4, images.regions.element_size())
 
 
@@ -285,6 +337,15 @@ class _PairMaps:
             region_weights=self.region_weights.unsqueeze(axis),
             word_weights=self.word_weights.unsqueeze(axis),
         )
+
+
+def _repeat_block(x: Tensor, count: int, *, outer: bool) -> Tensor:
+    """Rows laid out for `count` x len(x) caption-major pairs: the whole block `count` times
+    (outer: images) or each row `count` times in a run (captions)."""
+    rows = count * x.shape[0]
+    if outer:
+        return x.unsqueeze(0).expand(count, *x.shape).reshape(rows, *x.shape[1:])
+    return x.unsqueeze(1).expand(x.shape[0], count, *x.shape[1:]).reshape(rows, *x.shape[1:])
 
 
 def _uniform(mask: Tensor) -> Tensor:
