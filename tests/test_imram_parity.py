@@ -26,6 +26,7 @@ from shared_paths import PARITY_DIR
 
 from model.architecture.imram import ImramModel, ImramOptions, ImramStepTrace
 from model.checkpoints.checkpoint import (
+    IMRAM_MAX_WORDS,
     CheckpointError,
     import_official_checkpoint,
     load_checkpoint,
@@ -95,6 +96,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, atol: float, what: str) -> Non
 def test_the_import_records_the_scorer_and_the_options_of_the_run(parity):
     checkpoint = parity.checkpoint
     assert checkpoint.scorer == "imram"
+    assert checkpoint.config.max_words == IMRAM_MAX_WORDS  # the official code cuts no caption
     assert checkpoint.scorer_options == {
         "iteration_steps": 3,
         "lambda_softmax": 9.0,

@@ -217,6 +217,7 @@ def test_the_cli_imports_an_official_imram_checkpoint_that_scores_as_the_authors
     assert raw["scorer"]["name"] == "imram" and raw["scorer"]["options"]["mode"] == "full"
     model = RetrievalModel.load(out, device="cpu")
     assert isinstance(model.scorer, ImramPrecomputedScorer)
+    assert model.max_caption_tokens == 130  # the official code cuts no caption; we cut at 128
     inputs = torch.load(IMRAM_DIR / "imram_dense_inputs.pt")
     outputs = torch.load(IMRAM_DIR / "imram_dense_outputs.pt")
     ids = [

@@ -121,6 +121,8 @@ class RetrievalNetwork(nn.Module):
             embed_size=spec.embed_size,
             img_dim=spec.region_dim,
             num_heads=spec.num_heads,
+            max_words=spec.reranker_kind.max_words,
+            pad_width=spec.reranker_kind.max_words + 3,
             name=f"retrieval-{spec.text_encoder}",
         )
 

@@ -29,7 +29,8 @@ from model.architecture.imram_precompute import (
     ImramPrecomputedScorer,
 )
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
-from model.checkpoints.config import CampConfig, ConfigError
+from model.checkpoints.checkpoint import IMRAM_MAX_WORDS
+from model.checkpoints.config import OFFICIAL_MAX_WORDS, CampConfig, ConfigError
 
 if TYPE_CHECKING:
     from model.architecture.network import NetworkSpec
@@ -57,7 +58,8 @@ class RerankerKind:
     `repeat`, `trimmed`, `to`, `bytes_of_one`; fields `regions`/`words` + counts, which the
     stored tensors keep);
     explanation: maps from `score_*_against_*(explain=True)` -> `ExplanationTensors`;
-    display_score: pair scores -> the scorer's own score shown in an explanation.
+    display_score: pair scores -> the scorer's own score shown in an explanation;
+    max_words: the most words of a caption the scorer reads (the tokenizer cuts the rest).
     """
 
     name: str
@@ -69,6 +71,7 @@ class RerankerKind:
     explanation: Callable[[Any], ExplanationTensors]
     display_score: Callable[[Tensor], Tensor]
     check_options: Callable[[Mapping[str, Any]], None]
+    max_words: int = OFFICIAL_MAX_WORDS
 
     def build_model(self, config: CampConfig, options: Mapping[str, Any] | None = None):
         return self.build(config, dict(options or {}))
@@ -191,6 +194,7 @@ IMRAM = register_reranker(
         explanation=_imram_explanation,
         display_score=lambda scores: scores,  # a sum of cosines, already a similarity
         check_options=_check_imram_options,
+        max_words=IMRAM_MAX_WORDS,
     )
 )
 

@@ -95,6 +95,9 @@ SUPPORTED_OFFICIAL_IMRAM_OPTIONS = {
     "no_txtnorm": False,
 }
 OFFICIAL_IMRAM_MODES = {"full_IMRAM": "full", "text_IMRAM": "text", "image_IMRAM": "image"}
+# The official IMRAM code keeps every word of a caption (CAMP's cuts at 47); the service still
+# bounds what one caption costs, far above the longest Flickr30K or COCO caption.
+IMRAM_MAX_WORDS = 128
 CAMP_SCORER = "camp"
 
 
@@ -436,6 +439,8 @@ def _imram_config_from_weights(
             embed_size=int(embed_size),
             img_dim=int(img_dim),
             num_gru_layers=max(1, num_layers),
+            max_words=IMRAM_MAX_WORDS,
+            pad_width=IMRAM_MAX_WORDS + 3,
             name=str(opt.get("data_name", "imram_official")),
         )
     except ConfigError as exc:
