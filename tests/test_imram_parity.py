@@ -231,9 +231,9 @@ def _official_names(ours: dict, official: dict) -> dict[str, str]:
     return pairs
 
 
-def test_the_departures_from_the_paper_matter_here():
-    """The normalisation axis and the memory norm each move the scores far beyond the
-    tolerance, so the tests above would catch either being changed."""
+def test_the_memory_norm_option_matters_here():
+    """Switching the query l2norm after each update (`no_IMRAM_norm` off) moves the scores far
+    beyond the tolerance, so the tests above would catch the option being read wrongly."""
     parity = Parity("dense")
     images, captions, lengths = parity.batch("A")
     want = parity.outputs["A_scores_full"]
