@@ -6,6 +6,7 @@ ranked, explained results."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -396,3 +397,63 @@ def test_evaluate_ranks_a_precomputed_split_by_the_imported_imram_scores(tmp_pat
     np.testing.assert_allclose(matrices["camp_scores"], direct, atol=ATOL, rtol=0)
     metrics = json.loads(metrics_path.read_text())
     assert metrics["exhaustive"] == retrieval_metrics(direct.astype(np.float32))
+
+
+def test_the_heads_recipe_trains_shortlist_heads_for_an_imported_imram(tmp_path):
+    """The heads_imported preset on an imported IMRAM: the heads train, IMRAM stays as
+    released and keeps its scorer record, and the result searches two-stage with IMRAM."""
+    from model.eval.data import load_precomputed
+    from model.eval.evaluate_model import evaluate_model
+    from model.eval.protocol import retrieval_metrics
+
+    fake = torch.load(PARITY_DIR / "camp_tiny_eval_fake_5N_rows.pt", weights_only=False)
+    vocab, imported = tmp_path / "vocab.json", tmp_path / "imram.pt"
+    Vocabulary(fake["vocab_words"]).save_json(vocab)
+    runner = CliRunner()
+    checkpoint = str(IMRAM_DIR / "imram_dense_checkpoint.pth.tar")
+    result = runner.invoke(
+        cli,
+        [
+            *("import-checkpoint", checkpoint, "--vocab", str(vocab), "--out", str(imported)),
+            *("--extractor", "precomputed"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = tmp_path / "precomp"
+    data.mkdir()
+    images = fake["image_feats"].numpy()  # 12 images of 36 x 64-d regions
+    np.save(data / "train_ims.npy", np.repeat(images, 5, axis=0))
+    np.save(data / "dev_ims.npy", images)
+    for split in ("train", "dev"):
+        (data / f"{split}_caps.txt").write_text("\n".join(fake["captions_txt"]) + "\n")
+    preset = Path(__file__).resolve().parents[1] / "model" / "configs"
+    config = json.loads((preset / "train_heads_imported.json").read_text())
+    config["init"] = {"checkpoint": str(imported)}
+    config["data"] = {**config["data"], "root": str(data)}
+    config["network"] = {"pooled_dim": 8, "pooled_hidden": 16}
+    config["pooled"] = {"epochs": 3, "batch_size": 16, "lr": 0.01}
+    config["selection"] = {**config["selection"], "dev_images": 12, "k": 10}
+    config["out"] = str(tmp_path / "run")
+    (tmp_path / "heads.json").write_text(json.dumps(config))
+    result = runner.invoke(cli, ["train", "--config", str(tmp_path / "heads.json")])
+    assert result.exit_code == 0, result.output
+
+    before, after = load_checkpoint(imported), load_checkpoint(tmp_path / "run" / "best.pt")
+    assert (after.scorer, after.scorer_options) == (before.scorer, before.scorer_options)
+    assert after.state_dict.keys() == before.state_dict.keys()
+    for key, value in before.state_dict.items():
+        assert torch.equal(after.state_dict[key], value), key
+    model = RetrievalModel.load(tmp_path / "run" / "best.pt", device="cpu")
+    assert model.network.heads is not None and isinstance(model.scorer, ImramPrecomputedScorer)
+    dev = load_precomputed(data, "dev")
+    metrics = evaluate_model(model, dev, modes=["pooled", "two_stage", "exhaustive"], ks=[5, 12])
+    # Ranked by IMRAM alone: every pair scored gives the metrics of IMRAM's direct scores.
+    captions = [model.tokenize([text])[0][0] for text in fake["captions_txt"]]
+    padded = torch.zeros(len(captions), max(map(len, captions)), dtype=torch.int64)
+    for row, ids in enumerate(captions):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    lengths = torch.tensor([len(ids) for ids in captions])
+    with torch.no_grad():
+        direct = before.build_model()(torch.from_numpy(images), padded, lengths).numpy()
+    assert metrics["exhaustive"] == retrieval_metrics(direct.astype(np.float32))
+    assert metrics["two_stage"]["12"]["t2i"] == metrics["exhaustive"]["t2i"]
