@@ -457,3 +457,67 @@ def test_the_heads_recipe_trains_shortlist_heads_for_an_imported_imram(tmp_path)
         direct = before.build_model()(torch.from_numpy(images), padded, lengths).numpy()
     assert metrics["exhaustive"] == retrieval_metrics(direct.astype(np.float32))
     assert metrics["two_stage"]["12"]["t2i"] == metrics["exhaustive"]["t2i"]
+
+
+def _tiny_imram_service_model() -> RetrievalModel:
+    """A small IMRAM `RetrievalModel` (random weights) whose fused score counts IMRAM's."""
+    torch.manual_seed(0)
+    texts = ["a dog runs on the grass", "two people", "a man rides a red bicycle", "a child"]
+    spec = NetworkSpec(
+        text_encoder="gru", embed_size=16, region_dim=12, word_dim=8, pooled_dim=8,
+        pooled_hidden=16, scorer="imram",
+    )  # fmt: skip
+    network = RetrievalNetwork(spec, vocabulary=Vocabulary.build(texts, min_count=1))
+    network.fusion.camp_weight.data.fill_(1.0)
+    model = RetrievalModel(
+        network, version="imram-tiny", extractor_name="grid", extractor_config={},
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return model
+
+
+def test_the_micro_batched_reranker_scores_imram_jobs_of_mixed_widths_as_each_pair_alone():
+    from service.search.rerank import PairReranker, RerankJob
+
+    model = _tiny_imram_service_model()
+    rng = np.random.default_rng(3)
+    images = [
+        model.precompute_images(rng.random((1, count, 12), dtype=np.float32))
+        for count in (3, 7, 1, 5)
+    ]
+    captions = [
+        model.encode_texts([text]).precompute
+        for text in ("a dog runs on the grass", "two people", "a man rides a red bicycle")
+    ]
+    text_job = RerankJob(
+        images=tuple(images),
+        captions=(captions[2],),
+        shortlist_scores=np.linspace(0.1, 0.4, 4, dtype=np.float32),
+    )
+    image_job = RerankJob(
+        images=(images[1],),
+        captions=tuple(captions),
+        shortlist_scores=np.float32([0.3, 0.2, 0.1]),
+    )
+    alone_text = [
+        model.rerank_pairs(image, captions[2], text_job.shortlist_scores[k : k + 1])[0]
+        for k, image in enumerate(images)
+    ]
+    alone_image = [
+        model.rerank_pairs(images[1], caption, image_job.shortlist_scores[k : k + 1])[0]
+        for k, caption in enumerate(captions)
+    ]
+    per_pair = max(text_job.bytes_per_pair(), image_job.bytes_per_pair())
+    for budget in (2**40, 2 * per_pair, per_pair):  # one call, pairs of two, one pair a call
+        scores = PairReranker(model, memory_budget_bytes=budget)([text_job, image_job])
+        np.testing.assert_allclose(scores[0], alone_text, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(scores[1], alone_image, rtol=0, atol=1e-5)
+    assert np.ptp(alone_text) > 1e-3, "scores should differ for this check to mean something"
+    # Explanations of padded images cover only their own regions, one batched call for all.
+    explanations = model.explain_pairs(ImramImagePrecompute.cat(images), captions[0])
+    assert [len(e.word_region[0]) for e in explanations] == [3, 7, 1, 5]
+    assert [len(e.region_pooling) for e in explanations] == [3, 7, 1, 5]
+    for explanation, image in zip(explanations, images, strict=True):
+        alone = model.explain_pair(image, captions[0])
+        np.testing.assert_allclose(explanation.word_region, alone.word_region, atol=1e-6)
+        assert explanation.camp_score == pytest.approx(alone.camp_score, abs=1e-5)
