@@ -289,3 +289,29 @@ def test_camp_checkpoints_without_a_scorer_record_still_read_as_camp(tmp_path):
     loaded = load_checkpoint(path)
     assert loaded.scorer == "camp" and loaded.scorer_options == {}
     assert type(loaded.build_model()).__name__ == "CampModel"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("extra", "unexpected keys"),
+        ("missing", "missing keys"),
+        ("misshapen", "mismatched shapes"),
+        ("no_mode", "model_mode"),
+    ],
+)
+def test_a_damaged_imram_checkpoint_is_refused_naming_what_is_wrong(tmp_path, damage, message):
+    payload = torch.load(IMRAM_DIR / "imram_dense_checkpoint.pth.tar")
+    state, opt = dict(payload["model"]), dict(payload["opt"])
+    if damage == "extra":
+        state["module.fc_global.weight"] = torch.zeros(32, 64)
+    elif damage == "missing":
+        del state["module.gate_i2t.bias"]
+    elif damage == "misshapen":
+        state["module.gate_t2i.weight"] = torch.zeros(32, 65)
+    else:
+        del opt["model_mode"]
+    path = tmp_path / "damaged.pth.tar"
+    torch.save({**payload, "model": state, "opt": opt}, path)
+    with pytest.raises(CheckpointError, match=message):
+        import_official_checkpoint(path)
