@@ -58,8 +58,9 @@ class PairExplanation:
 
     word_region [L][R]: how much each word attends to each region (rows sum to 1), over the
     image's real regions only (a padded image's padding is left out);
-    region_pooling [R] and word_pooling [L]: CAMP's attention pooling, averaged over heads;
-    camp_score: CAMP's own score in (0, 1).
+    region_pooling [R] and word_pooling [L]: how much each fragment counts in the score (CAMP:
+    its attention pooling, averaged over heads; IMRAM: uniform, as it averages them);
+    camp_score: the reranker's own score (CAMP: in (0, 1); IMRAM: its summed similarities).
     """
 
     word_region: list[list[float]]
@@ -98,7 +99,10 @@ class RetrievalModel:
         self.pooled_dim = network.pooled_dim
         self.device = device
         self.metadata = dict(metadata or {})
-        self.scorer = PrecomputedScorer(network.camp.scorer)
+        self.reranker = network.spec.reranker_kind
+        # The pair scorer over per-item tensors of the checkpoint's scorer (CAMP's is a
+        # `PrecomputedScorer`); every method below goes through it or through `self.reranker`.
+        self.scorer: PrecomputedScorer = network.pair_scorer()
         spec = network.spec
         self._tokenizer = spec.text_kind.tokenizer(
             spec, network.vocabulary, max_words=network.camp_config().max_words
@@ -251,11 +255,13 @@ class RetrievalModel:
     # -- memory ----------------------------------------------------------------------------------
     def image_tensor_bytes(self, regions: int) -> int:
         """Bytes of one image's rerank tensors (`precompute_images`) with `regions` regions."""
-        return ImagePrecompute.bytes_of_one(regions, self._embed_size, self._element_size)
+        return self.reranker.image_precompute.bytes_of_one(
+            regions, self._embed_size, self._element_size
+        )
 
     def caption_tensor_bytes(self) -> int:
         """Bytes of one caption's rerank tensors at the longest caption the model reads."""
-        return CaptionPrecompute.bytes_of_one(
+        return self.reranker.caption_precompute.bytes_of_one(
             self.max_caption_tokens, self._embed_size, self._element_size
         )
 
@@ -347,10 +353,11 @@ class RetrievalModel:
                 f"explain one caption x K images or one image x K captions: got {len(images)} "
                 f"images, {len(captions)} captions"
             )
-        word_region = maps.attn_t2v.float().cpu()
-        region_pooling = maps.pool_attn_v.float().mean(-2).cpu()
-        word_pooling = maps.pool_attn_t.float().mean(-2).cpu()
-        scores = torch.sigmoid(logits.float()).cpu()
+        word_region, region_weights, word_weights = self.reranker.explanation(maps)
+        word_region = word_region.float().cpu()
+        region_pooling = region_weights.float().cpu()
+        word_pooling = word_weights.float().cpu()
+        scores = self.reranker.display_score(logits).float().cpu()
         lengths = captions.lengths.tolist()
         regions = images.region_counts.tolist()
         explanations = []

@@ -1,4 +1,5 @@
-"""The trainable retrieval network: CAMP (encoders + scorer) + shortlist heads + score fusion.
+"""The trainable retrieval network: the reranker (encoders + scorer: CAMP, or another scorer of
+the registry in model/architecture/rerankers.py) + shortlist heads + score fusion.
 
 One `nn.Module` so training sees one parameter set; `RetrievalModel` (model/retrieval.py) is the
 inference facade over it. Serialised as one `CampCheckpoint`: the CAMP part in `state_dict` (our
@@ -6,21 +7,22 @@ key names, so GRU models also rebuild with `CampCheckpoint.build_model`), the he
 in `extras`, the architecture in `extras["retrieval"]`, provenance in `metadata`.
 
 The text side is named in the spec (`text_encoder`: "gru", "minilm") and everything that
-depends on it comes from its entry in the text-encoder registry (model/text/registry.py).
+depends on it comes from its entry in the text-encoder registry (model/text/registry.py); the
+second-stage scorer likewise (`scorer`: "camp", "imram", with its `scorer_options`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from model.architecture.camp import CampModel
-from model.architecture.encoders import EncodedText, ImageEncoder
-from model.architecture.fusion import CampLogitScorer, ScoreFusion
+from model.architecture.encoders import EncodedText
+from model.architecture.fusion import ScoreFusion
 from model.architecture.pooled import PooledHeads, masked_mean
+from model.architecture.rerankers import RerankerKind, reranker_kind
 from model.architecture.scorer import l2norm
 from model.checkpoints.checkpoint import CampCheckpoint, CheckpointError
 from model.checkpoints.config import CampConfig, ConfigError, config_from_dict
@@ -44,9 +46,17 @@ class NetworkSpec:
     word_dim: int = 300  # gru only
     max_wordpieces: int = DEFAULT_MAX_WORDPIECES  # minilm only
     camp_cosine_skip: bool = False  # add cos(v*, t*) to CAMP's logit (model/architecture/fusion.py)
+    scorer: str = "camp"  # the second stage, by its name in model/architecture/rerankers.py
+    scorer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         text_encoder_kind(self.text_encoder)  # refuses a name nothing is registered under
+        self.reranker_kind.check_options(self.scorer_options)
+
+    @property
+    def reranker_kind(self) -> RerankerKind:
+        """The registry entry of this spec's second-stage scorer."""
+        return reranker_kind(self.scorer)
 
     @property
     def text_kind(self) -> TextEncoderKind:
@@ -68,7 +78,9 @@ class NetworkSpec:
 
 
 class RetrievalNetwork(nn.Module):
-    """`camp` (image_encoder, text_encoder, scorer returning logits), `heads`, `fusion`.
+    """`camp` (the reranker: image_encoder, text_encoder, scorer; CAMP's returns logits; the
+    attribute keeps its name so that CAMP state dicts and callers stay as they are), `heads`,
+    `fusion`.
 
     `heads` may be None (e.g. an imported official checkpoint): the shortlist then falls back to
     l2-normalised means of CAMP's own encoder outputs.
@@ -85,14 +97,8 @@ class RetrievalNetwork(nn.Module):
         super().__init__()
         self.spec = spec
         self.vocabulary = vocabulary
-        d = spec.embed_size
-        self.camp = CampModel(
-            image_encoder=ImageEncoder(img_dim=spec.region_dim, embed_size=d),
-            text_encoder=spec.text_kind.build(spec, vocabulary, backbone),
-            scorer=CampLogitScorer(
-                embed_size=d, num_heads=spec.num_heads, cosine_skip=spec.camp_cosine_skip
-            ),
-            config=self.camp_config(),
+        self.camp = spec.reranker_kind.build_for_network(
+            spec, vocabulary, backbone, self.camp_config()
         )
         self.heads = (
             PooledHeads(
@@ -115,8 +121,15 @@ class RetrievalNetwork(nn.Module):
             embed_size=spec.embed_size,
             img_dim=spec.region_dim,
             num_heads=spec.num_heads,
+            max_words=spec.reranker_kind.max_words,
+            pad_width=spec.reranker_kind.max_words + 3,
             name=f"retrieval-{spec.text_encoder}",
         )
+
+    def pair_scorer(self):
+        """The reranker's pair scorer over per-item tensors, on these weights (no copy): CAMP's
+        `PrecomputedScorer`, or the registered scorer's (model/architecture/rerankers.py)."""
+        return self.spec.reranker_kind.precomputed(self.camp.scorer)
 
     @property
     def pooled_dim(self) -> int:
@@ -160,6 +173,8 @@ class RetrievalNetwork(nn.Module):
             vocabulary=self.vocabulary,
             extras=extras,
             metadata=dict(metadata),
+            scorer=self.spec.scorer,
+            scorer_options=dict(self.spec.scorer_options),
         )
 
     @classmethod
@@ -171,15 +186,20 @@ class RetrievalNetwork(nn.Module):
         `backbone_loader()` supplies the MiniLM body for minilm networks (default: its package).
         """
         retrieval = checkpoint.extras.get("retrieval")
-        if retrieval is None:  # a plain CAMP checkpoint (e.g. the official release)
+        if retrieval is None:  # a plain checkpoint (e.g. an official CAMP or IMRAM release)
             config = checkpoint.config
-            spec = NetworkSpec(
-                text_encoder="gru",
-                embed_size=config.embed_size,
-                region_dim=config.img_dim,
-                num_heads=config.num_heads,
-                word_dim=config.word_dim,
-            )
+            try:
+                spec = NetworkSpec(
+                    text_encoder="gru",
+                    embed_size=config.embed_size,
+                    region_dim=config.img_dim,
+                    num_heads=config.num_heads,
+                    word_dim=config.word_dim,
+                    scorer=checkpoint.scorer,
+                    scorer_options=dict(checkpoint.scorer_options),
+                )
+            except ConfigError as exc:
+                raise CheckpointError(f"the checkpoint's scorer record: {exc}") from exc
         else:
             if retrieval.get("spec_version") != SPEC_VERSION:
                 raise CheckpointError(
@@ -190,6 +210,11 @@ class RetrievalNetwork(nn.Module):
                 spec = NetworkSpec.from_dict(retrieval["spec"])
             except ConfigError as exc:
                 raise CheckpointError(f"the checkpoint's retrieval spec: {exc}") from exc
+            if spec.scorer != checkpoint.scorer:
+                raise CheckpointError(
+                    f"the checkpoint records scorer {checkpoint.scorer!r} but its retrieval "
+                    f"spec says {spec.scorer!r}"
+                )
         kind = spec.text_kind
         backbone = kind.load_backbone(backbone_loader)
         if kind.uses_vocabulary and checkpoint.vocabulary is None:

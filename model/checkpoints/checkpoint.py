@@ -1,18 +1,25 @@
-"""Checkpoints: our single-file format, and import of the official CAMP release.
+"""Checkpoints: our single-file format, and import of the official CAMP and IMRAM releases.
 
 Our format is one `torch.save`d dict that loads with `torch.load(..., weights_only=True)`:
-`{"format_version", "config", "vocabulary", "state_dict", "extras", "metadata"}`. `extras`
-holds tensors or dicts of tensors for later additions (pooled shortlist heads, a score-fusion
-weight) without a format change.
+`{"format_version", "config", "vocabulary", "state_dict", "extras", "metadata", "scorer"}`.
+`extras` holds tensors or dicts of tensors for later additions (pooled shortlist heads, a
+score-fusion weight) without a format change. `scorer` = `{"name", "options"}` says which
+second-stage scorer the weights belong to (model/architecture/rerankers.py); files written
+before it existed hold CAMP, so a missing record reads as `{"name": "camp", "options": {}}`.
 
 The official release is `{'model': [img_enc_sd, txt_enc_sd, sim_sd], 'opt': EasyDict, ...}` with
 `module.` prefixes (nn.DataParallel). `opt` is an `easydict.EasyDict`; it is read through
 torch's weights-only unpickler with an inert stand-in for that one class, so no pickled code
 runs and easydict need not be installed.
+
+The official IMRAM release (`train_gpus.save_checkpoint`) is `{'model': state_dict, 'opt':
+argparse.Namespace, 'epoch', 'best_rsum'}`: one flat `DataParallel(SCAN)` state dict. Its
+`Namespace` is rebuilt by the same weights-only unpickler (the class only holds attributes).
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -21,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.architecture.camp import CampModel
 from model.checkpoints.config import CampConfig, ConfigError
@@ -68,6 +75,32 @@ SUPPORTED_OFFICIAL_OPTIONS = {
 }
 
 
+# official IMRAM module path (without `module.`) -> ours (model/architecture/imram.py).
+OFFICIAL_IMRAM_MODULES = {
+    "img_enc.fc_local": "image_encoder.fc",
+    "txt_enc.embed": "text_encoder.embed",
+    "txt_enc.rnn": "text_encoder.rnn",
+    "linear_t2i": "scorer.text_memory_candidate",
+    "gate_t2i": "scorer.text_memory_gate",
+    "linear_i2t": "scorer.image_memory_candidate",
+    "gate_i2t": "scorer.image_memory_gate",
+}
+# Options of the official IMRAM code this implementation reproduces (opts.py defaults apart
+# from bi_gru, which the released scripts set); others are refused.
+SUPPORTED_OFFICIAL_IMRAM_OPTIONS = {
+    "raw_feature_norm": "clipped_l2norm",
+    "precomp_enc_type": "basic",
+    "bi_gru": True,
+    "no_imgnorm": False,
+    "no_txtnorm": False,
+}
+OFFICIAL_IMRAM_MODES = {"full_IMRAM": "full", "text_IMRAM": "text", "image_IMRAM": "image"}
+# The official IMRAM code keeps every word of a caption (CAMP's cuts at 47); the service still
+# bounds what one caption costs, far above the longest Flickr30K or COCO caption.
+IMRAM_MAX_WORDS = 128
+CAMP_SCORER = "camp"
+
+
 class CheckpointError(ValueError):
     """A file is not a checkpoint this code can load; the message says what is wrong."""
 
@@ -81,10 +114,18 @@ class CampCheckpoint:
     vocabulary: Vocabulary | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    scorer: str = CAMP_SCORER
+    scorer_options: dict[str, Any] = field(default_factory=dict)
 
-    def build_model(self, device: torch.device | str | None = None) -> CampModel:
-        """A `CampModel` in eval mode with these weights (strict: every key must match)."""
-        model = CampModel.from_config(self.config)
+    def build_model(self, device: torch.device | str | None = None) -> nn.Module:
+        """The scorer's whole model (`CampModel`, `ImramModel`, ...) in eval mode with these
+        weights (strict: every key must match)."""
+        from model.architecture.rerankers import reranker_kind
+
+        try:
+            model = reranker_kind(self.scorer).build_model(self.config, self.scorer_options)
+        except (KeyError, ConfigError) as exc:
+            raise CheckpointError(f"the checkpoint's scorer record: {exc}") from exc
         _check_state_dict(model, self.state_dict, source="checkpoint")
         model.load_state_dict(self.state_dict)
         return model.to(device).eval() if device is not None else model.eval()
@@ -98,6 +139,7 @@ class CampCheckpoint:
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
             "extras": self.extras,
             "metadata": self.metadata,
+            "scorer": {"name": self.scorer, "options": dict(self.scorer_options)},
         }
         return _atomic_torch_save(payload, Path(path))
 
@@ -140,12 +182,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"this code reads {FORMAT_VERSION}"
         )
     vocabulary = payload.get("vocabulary")
+    scorer = payload.get("scorer") or {"name": CAMP_SCORER, "options": {}}
     return CampCheckpoint(
         config=CampConfig.from_dict(payload["config"]),
         state_dict=dict(payload["state_dict"]),
         vocabulary=Vocabulary.from_dict(vocabulary) if vocabulary is not None else None,
         extras=dict(payload.get("extras") or {}),
         metadata=dict(payload.get("metadata") or {}),
+        scorer=str(scorer.get("name", CAMP_SCORER)),
+        scorer_options=dict(scorer.get("options") or {}),
     )
 
 
@@ -167,6 +212,8 @@ _EasyDictStandIn.__qualname__ = "EasyDict"
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     return value
@@ -174,7 +221,7 @@ def _plain(value: Any) -> Any:
 
 def _load_official_payload(path: Path, map_location: str | torch.device) -> Any:
     try:
-        with torch.serialization.safe_globals([_EasyDictStandIn]):
+        with torch.serialization.safe_globals([_EasyDictStandIn, argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
@@ -268,6 +315,8 @@ def import_official_checkpoint(
     """
     path = Path(path)
     payload = _load_official_payload(path, map_location)
+    if _is_official_imram(payload):
+        return _import_official_imram(payload, path, vocabulary)
     state = _official_state_dict(payload, path)
     opt = _plain(payload.get("opt") or {})
     config = _config_from_official(state, opt, path)
@@ -283,6 +332,121 @@ def import_official_checkpoint(
     return CampCheckpoint(config=config, state_dict=state, vocabulary=vocabulary, metadata=metadata)
 
 
+def _is_official_imram(payload: Any) -> bool:
+    """An IMRAM release holds one flat state dict whose keys name IMRAM's memory layers."""
+    state = payload.get("model") if isinstance(payload, dict) else None
+    return isinstance(state, Mapping) and any(
+        str(key).removeprefix("module.").startswith(("linear_t2i.", "gate_t2i.")) for key in state
+    )
+
+
+def _import_official_imram(
+    payload: dict[str, Any], path: Path, vocabulary: Vocabulary | None
+) -> CampCheckpoint:
+    """An official IMRAM `*.pth.tar` as our checkpoint with scorer "imram" and its options."""
+    from model.architecture.imram import ImramModel
+
+    ours: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in payload["model"].items():
+        module, _, param = str(key).removeprefix("module.").rpartition(".")
+        if module in OFFICIAL_IMRAM_MODULES:
+            ours[f"{OFFICIAL_IMRAM_MODULES[module]}.{param}"] = tensor
+        else:
+            unexpected.append(str(key))
+    if unexpected:
+        raise CheckpointError(f"{path} is not an IMRAM checkpoint: unexpected keys {unexpected}")
+    opt = _plain(payload.get("opt") or {})
+    options = _imram_options_from_official(opt, path)
+    config = _imram_config_from_weights(ours, opt, path)
+    if vocabulary is not None and len(vocabulary) != config.vocab_size:
+        raise CheckpointError(
+            f"vocabulary has {len(vocabulary)} words but the checkpoint embeds {config.vocab_size}"
+        )
+    _check_state_dict(ImramModel.from_config(config, options), ours, source=str(path))
+    metadata = {k: payload[k] for k in ("epoch", "best_rsum", "Eiters") if k in payload} | {
+        "source": "official",
+        "opt": {k: v for k, v in opt.items() if _is_simple(v)},
+    }
+    return CampCheckpoint(
+        config=config,
+        state_dict=ours,
+        vocabulary=vocabulary,
+        metadata=metadata,
+        scorer="imram",
+        scorer_options=options.to_dict(),
+    )
+
+
+def _imram_options_from_official(opt: Mapping[str, Any], path: Path):
+    """`ImramOptions` from the official `opt`; a missing option takes opts.py's default, except
+    `model_mode` (its default "vse" scores nothing in the released code)."""
+    from model.architecture.imram import ImramOptions
+
+    wrong = {
+        k: opt[k] for k, v in SUPPORTED_OFFICIAL_IMRAM_OPTIONS.items() if k in opt and opt[k] != v
+    }
+    if wrong:
+        raise CheckpointError(
+            f"{path} was trained with options this implementation does not reproduce: {wrong} "
+            f"(supported: {SUPPORTED_OFFICIAL_IMRAM_OPTIONS})"
+        )
+    mode = opt.get("model_mode")
+    if mode not in OFFICIAL_IMRAM_MODES:
+        raise CheckpointError(
+            f"{path}: opt.model_mode is {mode!r}; an IMRAM checkpoint needs one of "
+            f"{sorted(OFFICIAL_IMRAM_MODES)}"
+        )
+    try:
+        return ImramOptions(
+            iteration_steps=int(opt.get("iteration_step", 3)),
+            lambda_softmax=float(opt.get("lambda_softmax", 9.0)),
+            mode=OFFICIAL_IMRAM_MODES[mode],
+            memory_norm=not bool(opt.get("no_IMRAM_norm", False)),
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def _imram_config_from_weights(
+    state: Mapping[str, Tensor], opt: Mapping[str, Any], path: Path
+) -> CampConfig:
+    try:
+        vocab_size, word_dim = state["text_encoder.embed.weight"].shape
+        embed_size, img_dim = state["image_encoder.fc.weight"].shape
+    except KeyError as exc:
+        raise CheckpointError(f"{path} is not an IMRAM checkpoint: missing key {exc}") from exc
+    num_layers = sum(
+        1
+        for k in state
+        if k.startswith("text_encoder.rnn.weight_ih_l") and not k.endswith("_reverse")
+    )
+    for option, value in (
+        ("vocab_size", vocab_size),
+        ("word_dim", word_dim),
+        ("embed_size", embed_size),
+        ("img_dim", img_dim),
+        ("num_layers", num_layers),
+    ):
+        if option in opt and int(opt[option]) != int(value):
+            raise CheckpointError(
+                f"{path}: opt.{option}={opt[option]} disagrees with the weights ({value})"
+            )
+    try:
+        return CampConfig(
+            vocab_size=int(vocab_size),
+            word_dim=int(word_dim),
+            embed_size=int(embed_size),
+            img_dim=int(img_dim),
+            num_gru_layers=max(1, num_layers),
+            max_words=IMRAM_MAX_WORDS,
+            pad_width=IMRAM_MAX_WORDS + 3,
+            name=str(opt.get("data_name", "imram_official")),
+        )
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
 def _is_simple(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_is_simple(v) for v in value.values())
@@ -291,7 +455,7 @@ def _is_simple(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
-def _check_state_dict(model: CampModel, state: Mapping[str, Tensor], source: str) -> None:
+def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -308,7 +472,8 @@ def _check_state_dict(model: CampModel, state: Mapping[str, Tensor], source: str
             problems.append(f"unexpected keys {unexpected}")
         if mismatched:
             problems.append(f"mismatched shapes {mismatched}")
-        raise CheckpointError(f"{source} does not fit the CAMP model: " + "; ".join(problems))
+        name = type(model).__name__
+        raise CheckpointError(f"{source} does not fit the {name}: " + "; ".join(problems))
 
 
 def _atomic_torch_save(payload: dict[str, Any], path: Path) -> Path:

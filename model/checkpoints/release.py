@@ -1,4 +1,5 @@
-"""An official CAMP release (weights + vocabulary file) turned into one servable checkpoint.
+"""An official CAMP or IMRAM release (weights + vocabulary file) turned into one servable
+checkpoint.
 
 `import_official_checkpoint` (checkpoint.py) maps the weights; this adds what the service needs
 and the release does not say: the vocabulary from its own file, and which region extractor

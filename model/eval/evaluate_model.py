@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
+from model.architecture.rerankers import bytes_per_pair
 from model.eval.data import RetrievalSplit
 from model.eval.protocol import (
     TWO_STAGE_K,
@@ -39,7 +40,7 @@ PAIR_MEMORY_BYTES = 1 << 30
 def pairs_per_call(images: ImagePrecompute, captions: CaptionPrecompute) -> int:
     """Pairs of these images and captions one reranker call may score: at most PAIR_CHUNK,
     fewer where a pair's activations are large (PAIR_MEMORY_BYTES)."""
-    per_pair = PrecomputedScorer.bytes_per_pair(images, captions)
+    per_pair = bytes_per_pair(images, captions)
     return max(1, min(PAIR_CHUNK, PAIR_MEMORY_BYTES // per_pair))
 
 
@@ -61,7 +62,7 @@ class EncodedSplit:
             counts = split.region_counts_of(slice(start, start + ENCODE_BATCH))
             pooled_images.append(model.pooled_images(regions, counts))
             images.append(model.precompute_images(regions, counts))
-        self.images: ImagePrecompute = ImagePrecompute.cat(images)
+        self.images: ImagePrecompute = model.reranker.image_precompute.cat(images)
         self.image_vectors = np.concatenate(pooled_images)
         self.image_seconds = time.perf_counter() - started
         started = time.perf_counter()
@@ -91,7 +92,9 @@ class EncodedSplit:
         for start in range(0, len(image_index), self.pair_chunk):
             chunk = slice(start, start + self.pair_chunk)
             images = self.images.select(torch.as_tensor(image_index[chunk]))
-            captions = CaptionPrecompute.cat([self.captions[c] for c in caption_index[chunk]])
+            captions = self.model.reranker.caption_precompute.cat(
+                [self.captions[c] for c in caption_index[chunk]]
+            )
             logits = self.model.camp_logits(images, captions)
             fused = self.model.fuse(torch.as_tensor(shortlist[chunk], dtype=torch.float32), logits)
             camp[chunk] = logits.float().cpu().numpy()

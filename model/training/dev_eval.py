@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from model.architecture.network import RetrievalNetwork
-from model.architecture.precompute import PrecomputedScorer
 from model.eval.evaluate_model import PAIR_CHUNK, pairs_per_call
 from model.eval.protocol import retrieval_metrics, shortlist_recall, two_stage_metrics
 from model.training.features import FrozenSplit
@@ -24,7 +23,7 @@ def pooled_scores(network: RetrievalNetwork, data: FrozenSplit) -> np.ndarray:
 
 def pair_scorer(network: RetrievalNetwork, data: FrozenSplit, pooled: np.ndarray):
     """score_pairs(image_index, caption_index) -> final fused scores, in chunks."""
-    scorer = PrecomputedScorer(network.camp.scorer)
+    scorer = network.pair_scorer()
     with torch.no_grad():
         every = np.arange(len(data.region_means))
         encoded = network.camp.image_encoder(data.regions(every))

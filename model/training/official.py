@@ -99,7 +99,7 @@ def _optimizer(stage: dict, parameters: list[torch.nn.Parameter]) -> torch.optim
 
 @torch.no_grad()
 def exhaustive_dev_rsum(network: RetrievalNetwork, split: RetrievalSplit, ids, device) -> dict:
-    scorer = PrecomputedScorer(network.camp.scorer)
+    scorer = network.pair_scorer()
     regions = torch.from_numpy(np.asarray(split.images, dtype=np.float32)).to(device)
     counts = split.region_counts
     images = scorer.precompute_images(

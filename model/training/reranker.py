@@ -194,7 +194,7 @@ def train_reranker(
             network.fusion.shortlist_weight.fill_(0.0)
             network.fusion.camp_weight.fill_(1.0)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    scorer = PrecomputedScorer(network.camp.scorer)
+    scorer = network.pair_scorer()
     caption_image = data.caption_image
     group = config.negatives + 1
     b = config.queries_per_direction

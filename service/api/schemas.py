@@ -54,7 +54,9 @@ class SearchOptions(BaseModel):
         description="Shortlist size K that the reranker scores (at most "
         "CAMPSEARCH_MAX_CANDIDATES); raised to `limit` when smaller.",
     )
-    rerank: bool = Field(True, description="Rerank the shortlist with the CAMP scorer.")
+    rerank: bool = Field(
+        True, description="Rerank the shortlist with the model's second-stage scorer (CAMP, IMRAM)."
+    )
     min_score: float | None = Field(
         None, allow_inf_nan=False, description="Drop hits whose final score is below this."
     )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.progress import TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -28,7 +29,9 @@ def _row(table: Table, name: str, metrics: dict) -> None:
     )
 
 
-def metrics_table(result: dict, title: str) -> Table:
+def metrics_table(result: dict, title: str, reranker: str = "CAMP") -> Table:
+    """The metrics as a table; `reranker` names the second-stage scorer in the rows that rank
+    by its score alone (`camp_alone` in the result, whichever scorer it is)."""
     table = Table("mode", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum", title=title)
     if "pooled" in result:
         _row(table, "pooled", result["pooled"])
@@ -38,9 +41,9 @@ def metrics_table(result: dict, title: str) -> Table:
         _row(table, "exhaustive", result["exhaustive"])
     camp_alone = result.get("camp_alone", {})
     for k, metrics in camp_alone.get("two_stage", {}).items():
-        _row(table, f"CAMP alone, top {k}", metrics)
+        _row(table, f"{reranker} alone, top {k}", metrics)
     if "exhaustive" in camp_alone:
-        _row(table, "CAMP alone, every pair", camp_alone["exhaustive"])
+        _row(table, f"{reranker} alone, every pair", camp_alone["exhaustive"])
     return table
 
 
@@ -85,7 +88,7 @@ def run_evaluate(
     except ValueError:
         fail(f"--ks must be comma-separated integers, got {ks!r}")
     columns = (
-        TextColumn("scoring pairs with CAMP"),
+        TextColumn(f"scoring pairs with {reranker_label(model)}"),
         TextColumn("{task.completed:,.0f} pairs"),
         TimeElapsedColumn(),
     )
@@ -100,7 +103,7 @@ def run_evaluate(
             on_pairs=lambda count: bar.advance(task, count),
             on_scores=matrices.update,
         )
-    console.print(metrics_table(result, f"{split} ({model.version})"))
+    console.print(metrics_table(result, f"{split} ({model.version})", reranker_label(model)))
     if "shortlist_recall" in result:
         recall = result["shortlist_recall"]
         console.print(
@@ -116,20 +119,31 @@ def run_evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=1))
     if scores_out is not None:
-        write_score_matrices(scores_out, matrices)
+        write_score_matrices(scores_out, matrices, model.reranker.display_score)
     return result
 
 
-def write_score_matrices(path: Path, matrices: dict[str, np.ndarray]) -> None:
+def reranker_label(model: RetrievalModel) -> str:
+    """The checkpoint's second-stage scorer as the tables name it ("CAMP", "IMRAM")."""
+    return model.network.spec.scorer.upper()
+
+
+def write_score_matrices(
+    path: Path,
+    matrices: dict[str, np.ndarray],
+    display_score: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
+) -> None:
     """The exhaustive matrices, images x captions, as .npz: `final` (what the product ranks
-    by), `camp_logits`, and `camp_scores` (their sigmoid, the official code's scores)."""
+    by), `camp_logits` (the reranker's raw pair scores), and `camp_scores` (its own scores as
+    the official code returns them: CAMP's sigmoid of the logits, IMRAM's sums as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     camp = matrices["camp"].astype(np.float32)
+    scores = display_score(torch.from_numpy(camp.astype(np.float64))).numpy()
     with path.open("wb") as handle:
         np.savez(
             handle,
             final=matrices["final"].astype(np.float32),
             camp_logits=camp,
-            camp_scores=(1.0 / (1.0 + np.exp(-camp.astype(np.float64)))).astype(np.float32),
+            camp_scores=scores.astype(np.float32),
         )
     console.print(f"score matrices (images x captions) written to {path}")

@@ -1,4 +1,5 @@
-"""`camp-search import-checkpoint`: an official CAMP release -> one servable checkpoint."""
+"""`camp-search import-checkpoint`: an official CAMP or IMRAM release -> one servable
+checkpoint."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def run_import_checkpoint(
     console.print(
         f"imported {official.name}: vocabulary {config.vocab_size} words, d={config.embed_size}, "
         f"{config.img_dim}-d regions from the {extractor_meta['name']!r} extractor "
-        f"{extractor_meta['config']}; no shortlist heads (ranked by CAMP alone)"
+        f"{extractor_meta['config']}; scorer {checkpoint.scorer!r} "
+        f"{checkpoint.scorer_options or ''}; no shortlist heads (ranked by "
+        f"{checkpoint.scorer.upper()} alone)"
     )
     console.print(f"wrote {path} (version {meta['version']})")
     return path

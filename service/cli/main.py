@@ -143,8 +143,9 @@ def evaluate(
 ) -> None:
     """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split.
 
-    A model without shortlist heads (an imported official one) is ranked by CAMP's score
-    alone: `--modes exhaustive` then gives the official evaluation's figures.
+    A model without shortlist heads (an imported official one) is ranked by its reranker's
+    score alone (CAMP's or IMRAM's): `--modes exhaustive` then gives the official evaluation's
+    figures.
     """
     from service.cli.evaluate import run_evaluate
 
@@ -155,7 +156,7 @@ def evaluate(
 
 @app.command("import-checkpoint")
 def import_checkpoint(
-    official: Path = typer.Argument(..., help="the official CAMP checkpoint (*.pth.tar)"),
+    official: Path = typer.Argument(..., help="the official CAMP or IMRAM checkpoint (*.pth.tar)"),
     vocab: Path = typer.Option(
         ..., "--vocab", help="its vocabulary: the official .pkl or SCAN's JSON (word2idx)"
     ),
@@ -175,10 +176,13 @@ def import_checkpoint(
         None, help="detectron2: the Visual Genome weights, recorded (settings may override)"
     ),
 ) -> None:
-    """Convert an official CAMP checkpoint and vocabulary into a checkpoint the service loads.
+    """Convert an official CAMP or IMRAM checkpoint and vocabulary into a checkpoint the
+    service loads.
 
-    The result carries the extractor its weights expect; it has no shortlist heads (train them
-    with model/configs/train_heads_imported.json) and ranks by CAMP's score alone.
+    The layout tells which model the file holds; the result records its scorer ("camp",
+    "imram" with the run's IMRAM options) and the extractor its weights expect. It has no
+    shortlist heads (train them with model/configs/train_heads_imported.json) and ranks by
+    its scorer alone.
     """
     from service.cli.import_checkpoint import run_import_checkpoint
 

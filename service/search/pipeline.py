@@ -353,7 +353,9 @@ class SearchPipeline:
             ids,
             self.image_tensors,
             self.image_tensors.get_many(ids) if found is None else found,
-            decode=image_tensors,
+            decode=lambda record, device: image_tensors(
+                record, device, self.model.reranker.image_precompute
+            ),
             compute=lambda unstored: self.computed_image_tensors(
                 self.corpus.get_region_features(unstored)
             ),
@@ -394,7 +396,9 @@ class SearchPipeline:
             ids,
             self.caption_tensors,
             self.caption_tensors.get_many(ids),
-            decode=caption_tensors,
+            decode=lambda record, device: caption_tensors(
+                record, device, self.model.reranker.caption_precompute
+            ),
             compute=encoded,
         )
 
@@ -491,7 +495,7 @@ class SearchPipeline:
         ids = list(tensors)
         if not ids:
             return {}
-        images = ImagePrecompute.cat([tensors[i].precompute for i in ids])
+        images = self.model.reranker.image_precompute.cat([tensors[i].precompute for i in ids])
         pairs = self.model.explain_pairs(images, query)
         return {
             i: _explanation(pair, words, tensors[i]) for i, pair in zip(ids, pairs, strict=True)
@@ -507,7 +511,8 @@ class SearchPipeline:
             return {}
         words = self.model.tokenize([texts[i] for i in ids])[1]
         pairs = self.model.explain_pairs(
-            image.precompute, CaptionPrecompute.cat([captions[i] for i in ids])
+            image.precompute,
+            self.model.reranker.caption_precompute.cat([captions[i] for i in ids]),
         )
         return {
             i: _explanation(pair, tokens, image)

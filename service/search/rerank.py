@@ -30,8 +30,8 @@ from model.architecture.precompute import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     CaptionPrecompute,
     ImagePrecompute,
-    PrecomputedScorer,
 )
+from model.architecture.rerankers import bytes_per_pair
 
 if TYPE_CHECKING:
     from model.retrieval import RetrievalModel
@@ -94,7 +94,7 @@ class RerankJob:
         return _pieces(self.images, start, stop), _pieces(self.captions, start, stop)
 
     def bytes_per_pair(self) -> int:
-        return PrecomputedScorer.bytes_per_pair(self.widest_image(), self.widest_caption())
+        return bytes_per_pair(self.widest_image(), self.widest_caption())
 
 
 def _pieces(side, start: int, stop: int) -> list:
@@ -130,7 +130,7 @@ class PairReranker:
         outputs = [np.empty(job.size, dtype=np.float32) for job in jobs]
         # Every pair of a call is padded to the call's widest image and caption: reckon each
         # pair at the widest of all the jobs, so no chunk outgrows the budget.
-        per_pair = PrecomputedScorer.bytes_per_pair(
+        per_pair = bytes_per_pair(
             max((job.widest_image() for job in jobs), key=lambda i: i.regions.shape[1]),
             max((job.widest_caption() for job in jobs), key=lambda c: c.words.shape[1]),
         )

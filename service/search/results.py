@@ -24,7 +24,9 @@ class Explanation:
 
     `boxes[r]` is region r as normalised (x0, y0, x1, y1); `word_region[w][r]` is how much
     word `words[w]` attends to region r (rows sum to 1); `region_pooling[r]` and
-    `word_pooling[w]` are the weights CAMP's attention pooling gave each region and word.
+    `word_pooling[w]` are the weights the reranker's score gave each region and word (CAMP's
+    attention pooling; uniform for IMRAM, which averages); `camp_score` is the reranker's own
+    score of the pair (CAMP's sigmoid; IMRAM's summed step similarities).
     """
 
     words: list[str]

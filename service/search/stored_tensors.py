@@ -1,9 +1,10 @@
 """The reranker's per-item tensors as stored records: computed once at ingest (or by a rebuild
 after a model change), kept in float16 beside the region features, read back by searches.
 
-An image's record is its `ImagePrecompute` row trimmed to its own regions, plus the geometry
+An image's record is its per-item tensors (`ImagePrecompute` for CAMP, or the type of the
+model's scorer, model/architecture/rerankers.py) trimmed to its own regions, plus the geometry
 its explanation draws (boxes, image size), so a search needs no region features at all; a
-caption's is its `CaptionPrecompute` row trimmed to its own words. Shapes carry the counts.
+caption's is its per-caption tensors trimmed to its own words. Shapes carry the counts.
 Records are plain named numpy arrays (`index.codec`), written through `Corpus` only.
 """
 
@@ -24,8 +25,8 @@ from model.types import RegionFeatures
 # tests/test_stored_tensors.py shows real shortlists rank the same (scores within 2e-3).
 STORED_DTYPE = np.float16
 _STORED_MAX = float(np.finfo(STORED_DTYPE).max)
-_IMAGE_TENSORS = tuple(f.name for f in fields(ImagePrecompute) if f.name != "region_counts")
-_CAPTION_TENSORS = tuple(f.name for f in fields(CaptionPrecompute) if f.name != "lengths")
+_IMAGE_COUNTS = "region_counts"
+_CAPTION_COUNTS = "lengths"
 BOXES_KEY = "boxes"
 IMAGE_SIZE_KEY = "image_size"
 
@@ -61,18 +62,21 @@ def image_record(tensors: ImageTensors) -> dict[str, np.ndarray]:
     if len(precompute) != 1:
         raise ValueError(f"store one image at a time, got {len(precompute)}")
     own = precompute.trimmed(int(precompute.region_counts[0]))
-    record = {name: _half(getattr(own, name)[0]) for name in _IMAGE_TENSORS}
+    record = {name: _half(getattr(own, name)[0]) for name in _stored(type(own), _IMAGE_COUNTS)}
     record[BOXES_KEY] = np.asarray(tensors.boxes, dtype=np.float32)
     record[IMAGE_SIZE_KEY] = np.asarray(tensors.image_size, dtype=np.int32)
     return record
 
 
-def image_tensors(record: Record, device: torch.device) -> ImageTensors:
-    """An image's tensors from its stored record, float32 on `device`."""
+def image_tensors(
+    record: Record, device: torch.device, precompute_type: type = ImagePrecompute
+) -> ImageTensors:
+    """An image's tensors (of `precompute_type`, the model's scorer's) from its stored record,
+    float32 on `device`."""
     regions = int(record["regions"].shape[0])
-    precompute = ImagePrecompute(
+    precompute = precompute_type(
         region_counts=torch.tensor([regions], dtype=torch.int64, device=device),
-        **{name: _tensor(record[name], device) for name in _IMAGE_TENSORS},
+        **{name: _tensor(record[name], device) for name in _stored(precompute_type, _IMAGE_COUNTS)},
     )
     width, height = (int(v) for v in record[IMAGE_SIZE_KEY])
     return ImageTensors(precompute, np.array(record[BOXES_KEY]), (width, height))
@@ -83,16 +87,26 @@ def caption_record(precompute: CaptionPrecompute) -> dict[str, np.ndarray]:
     if len(precompute) != 1:
         raise ValueError(f"store one caption at a time, got {len(precompute)}")
     own = precompute.trimmed()
-    return {name: _half(getattr(own, name)[0]) for name in _CAPTION_TENSORS}
+    return {name: _half(getattr(own, name)[0]) for name in _stored(type(own), _CAPTION_COUNTS)}
 
 
-def caption_tensors(record: Record, device: torch.device) -> CaptionPrecompute:
-    """A caption's tensors from its stored record, float32 on `device`."""
+def caption_tensors(
+    record: Record, device: torch.device, precompute_type: type = CaptionPrecompute
+) -> CaptionPrecompute:
+    """A caption's tensors (of `precompute_type`) from its stored record, float32 on `device`."""
     length = int(record["words"].shape[0])
-    return CaptionPrecompute(
+    return precompute_type(
         lengths=torch.tensor([length], dtype=torch.int64, device=device),
-        **{name: _tensor(record[name], device) for name in _CAPTION_TENSORS},
+        **{
+            name: _tensor(record[name], device)
+            for name in _stored(precompute_type, _CAPTION_COUNTS)
+        },
     )
+
+
+def _stored(precompute_type: type, counts_field: str) -> tuple[str, ...]:
+    """The tensors a record keeps: every field but the counts (the shapes carry those)."""
+    return tuple(f.name for f in fields(precompute_type) if f.name != counts_field)
 
 
 def record_or_none(
