@@ -91,7 +91,9 @@ def build_cache(settings: Settings) -> FeatureCache:
     """Redis when `CAMPSEARCH_REDIS_URL` is set (a dead Redis only makes it unhealthy), else
     an in-process LRU of `CAMPSEARCH_FEATURE_CACHE_MIB`."""
     if settings.redis_url:
-        cache = RedisFeatureCache(settings.redis_url, ttl_s=settings.cache_ttl_s)
+        cache = RedisFeatureCache(
+            settings.redis_url, ttl_s=settings.cache_ttl_s, cluster=settings.redis_cluster
+        )
         if not cache.check():
             logger.warning("Redis is not answering; serving from the durable store meanwhile")
         return cache
