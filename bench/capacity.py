@@ -267,10 +267,16 @@ def plan(shortlist: dict[str, Any], database: dict[str, float] | None, cache: di
                 f"  PostgreSQL records {gib(total):>12} ({gib(without_regions)} with "
                 "CAMPSEARCH_KEEP_REGION_FEATURES=false)"
             )
-        per_photo_cache = cache["regions (photo)"] + cache["rerank tensors (photo)"]
-        everything = photos * per_photo_cache + captions * cache[caption_record]
+        # What searches read per candidate: the rerank tensors (region features only when a
+        # photo's tensors are missing, e.g. during a rebuild).
+        tensors = photos * cache["rerank tensors (photo)"] + captions * cache[caption_record]
+        everything = tensors + photos * cache["regions (photo)"]
+        entry["redis_bytes_rerank_tensors"] = tensors
         entry["redis_bytes_all"] = everything
-        print(f"  Redis, every record cached {gib(everything):>12}; 5% hot: {gib(everything / 20)}")
+        print(
+            f"  Redis, every rerank tensor {gib(tensors):>12}; 5% of them {gib(tensors / 20)}; "
+            f"with region features {gib(everything)}"
+        )
         out[str(photos)] = entry
     return out
 
@@ -282,7 +288,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400, help="rows per record size")
     parser.add_argument("--redis-server", default=shutil.which("redis-server"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--plan-from", type=Path, default=None, help="print the plan from an earlier --json"
+    )
     args = parser.parse_args()
+    if args.plan_from:
+        measured = json.loads(args.plan_from.read_text())["measured"]
+        plan(measured["shortlist"], measured["postgres"], measured["redis"])
+        return
     sizes = sorted(int(size) for size in args.sizes.split(","))
     print(f"faiss {faiss.__version__}, dim {DIM}, sizes {sizes}, k {K}")
     print("shortlist (measured):")
