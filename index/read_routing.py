@@ -9,12 +9,11 @@ the primary's `pg_current_wal_lsn()` every `check_interval_s` and remembers when
 position; then it reads the replica's `pg_last_wal_replay_lsn()`:
 
 * replayed at least the primary's position just read: the replica misses nothing, lag 0 s;
-* otherwise it holds everything the primary had at the latest remembered sample that it has
-  replayed, so it misses at most the writes since that sample: lag = now - that sample's
-  time (an upper bound, exact to within `check_interval_s`, on this process's one clock);
-* no remembered sample it has replayed: when the samples span more than the bound, it is at
-  least that far behind (reported as such); before that (just after start), lag unknown,
-  treated as beyond the bound.
+* otherwise it holds everything the primary had at the latest sample that it has replayed,
+  so it misses at most the writes since that sample: lag = now - that sample's time (an
+  upper bound, exact to within `check_interval_s`, on this process's one clock);
+* no sample it has replayed yet (just after start, the replica behind): lag unknown, treated
+  as beyond the bound.
 
 Byte lag is the primary's position minus the replayed one. Reads use the replica while it
 answers and its lag is within `max_lag_s`; a read that must see a write (read-your-writes)
@@ -133,9 +132,13 @@ class ReadRouter:
         )
         # (monotonic time, primary WAL position) of recent probes, oldest first.
         self._primary_samples: deque[tuple[float, int]] = deque()
+        # The latest of those samples the replica is known to have replayed (kept when the
+        # samples move on, so a replica stuck for long reads as ever further behind).
+        self._replayed: tuple[float, int] | None = None
         self._primary = PrimaryHealth(up=True)
         self._replica = ReplicaHealth(up=False, error="not probed yet")
         self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # one probe at a time (the prober's, or a caller's)
         self._stop = threading.Event()
         self._probe_connections: dict[str, psycopg.Connection] = {}
         self._probed = threading.Event()
@@ -312,20 +315,26 @@ class ReadRouter:
     def probe(self) -> None:
         """Measure the primary's position and the replica's replay now (the prober calls
         this every `check_interval_s`; tests call it to skip the wait)."""
-        primary = self._probe_primary()
-        replica = self._probe_replica(primary) if self.replica_url else None
-        with self._lock:
-            was_down = not self._primary.up
-            self._primary = primary
-            if replica is not None:
-                if replica.up and not self._replica.up:
-                    logger.warning("read replica is back (lag %s s)", replica.lag_s)
-                    if self._replica_pool is not None:
-                        self._replica_pool.check()  # drop connections the outage broke
-                self._replica = replica
-        if was_down and primary.up:
+        with self._probe_lock:
+            primary = self._probe_primary()
+            replica = self._probe_replica(primary) if self.replica_url else None
+            self._record(primary, replica)
+
+    def _record(self, primary: PrimaryHealth, replica: ReplicaHealth | None) -> None:
+        primary_back = primary.up and not self._primary.up
+        replica_back = replica is not None and replica.up and not self._replica.up
+        # Before reads go back to a server, drop the pooled connections its outage broke, so
+        # that no caller meets one.
+        if replica_back and self._replica_pool is not None:
+            logger.warning("read replica is back")
+            self._replica_pool.check()
+        if primary_back:
             logger.warning("primary database is back")
             self._primary_pool.check()
+        with self._lock:
+            self._primary = primary
+            if replica is not None:
+                self._replica = replica
 
     def _probe_primary(self) -> PrimaryHealth:
         now = time.monotonic()
@@ -362,12 +371,11 @@ class ReadRouter:
         if lag_bytes == 0:
             lag_s: float | None = 0.0
         else:
-            replayed = [at for at, position in self._primary_samples if position <= replay]
-            oldest = now - self._primary_samples[0][0] if self._primary_samples else 0.0
-            if replayed:
-                lag_s = now - replayed[-1]
-            elif oldest > self.max_lag_s:
-                lag_s = oldest  # behind every remembered sample: at least this far behind
+            replayed = [sample for sample in self._primary_samples if sample[1] <= replay]
+            if replayed and (self._replayed is None or replayed[-1][0] > self._replayed[0]):
+                self._replayed = replayed[-1]
+            if self._replayed is not None and self._replayed[1] <= replay:
+                lag_s = now - self._replayed[0]
             else:
                 lag_s = None
         return ReplicaHealth(
@@ -443,9 +451,10 @@ class ReadRouter:
     def close(self) -> None:
         self._stop.set()
         self._prober.join(timeout=10)
-        for conn in self._probe_connections.values():
-            conn.close()
-        self._probe_connections.clear()
+        with self._probe_lock:
+            for conn in self._probe_connections.values():
+                conn.close()
+            self._probe_connections.clear()
         self._primary_pool.close()
         if self._replica_pool is not None:
             self._replica_pool.close()
