@@ -189,6 +189,16 @@ def test_api_scales_and_shares_postgres():
     assert nginx_env["CAMPSEARCH_RESOLVER"] == "127.0.0.11"
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_the_shared_photos_volume_starts_out_owned_by_the_api_user(dockerfile):
+    """Docker fills an empty named volume from the image's folder, owner included: the
+    folder compose mounts `campsearch-images` on must exist in the image and be the API user's,
+    or the non-root API could not store photos there."""
+    text = dockerfile.read_text()
+    assert re.search(r"mkdir -p [^\n]*/data/images", text)
+    assert re.search(r"chown campsearch:campsearch [^\n]*/data/images", text)
+
+
 def test_nginx_skips_replicas_that_are_down_or_not_ready():
     """Static half of tests/test_nginx_replicas.py: the upstream is a variable (resolved per
     request), a 503 or a refused connection moves on to the next replica, and only
