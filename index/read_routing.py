@@ -55,6 +55,15 @@ DEFAULT_POOL_MAX_SIZE = 8
 # How long a failed pool reconnection keeps retrying with back-off before giving up: short, so
 # that a server that comes back is connected to by the next request, not after a long back-off.
 POOL_RECONNECT_TIMEOUT_S = 2.0
+# libpq socket options: a server that vanishes without closing its connections (a host down, a
+# partition) fails the query waiting on it within seconds instead of TCP's many minutes.
+SOCKET_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 5_000,  # ms
+}
 
 T = TypeVar("T")
 ReadsFrom = Literal["replica", "primary"]
@@ -159,7 +168,7 @@ class ReadRouter:
             # A round trip per checkout: a connection broken by a server restart is dropped
             # here instead of failing the caller's query.
             check=ConnectionPool.check_connection,
-            kwargs={"connect_timeout": self.connect_timeout_s},
+            kwargs={"connect_timeout": self.connect_timeout_s, **SOCKET_OPTIONS},
         )
         pool.open(wait=False)
         return pool
@@ -391,7 +400,9 @@ class ReadRouter:
         """One query on the prober's own connection to `role` (reopened when broken)."""
         conn = self._probe_connections.get(role)
         if conn is None or conn.closed or conn.broken:
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=self.connect_timeout_s)
+            conn = psycopg.connect(
+                url, autocommit=True, connect_timeout=self.connect_timeout_s, **SOCKET_OPTIONS
+            )
             self._probe_connections[role] = conn
         try:
             row = conn.execute(query).fetchone()
