@@ -19,11 +19,16 @@ $(VENV)/.installed: pyproject.toml $(TORCH_REQUIREMENTS)
 
 setup: $(VENV)/.installed
 
-# Real services the tests start themselves: Redis, and for the web UI Chromium and nginx;
-# Debian's own Python 3.11 with venv stands in for the images' Python (tests/test_docker_images.py).
+# Real services the tests start themselves: Redis (redis-cli forms the test Redis Cluster),
+# PostgreSQL 15's server binaries (the tests start their own primary and streaming replica on free
+# ports; a server on 5432 is neither needed nor used), and for the web UI Chromium and
+# nginx; Debian's own Python 3.11 with venv stands in for the images' Python
+# (tests/test_docker_images.py).
 system-deps:
 	@test -x /usr/bin/python3.11 && /usr/bin/python3.11 -c "import ensurepip" 2>/dev/null || { apt-get update -qq && apt-get install -y -qq python3.11-venv; }
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v redis-cli >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-tools; }
+	@test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && apt-get install -y -qq postgresql-15; }
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx; }
 

@@ -7,6 +7,12 @@ new version therefore never reads stale values; old keys simply expire (TTL).
 
 Values are `index.codec` records, the same bytes the durable store holds.
 
+With `cluster=True` (CAMPSEARCH_REDIS_CLUSTER=true) the URL names one node of a Redis Cluster
+and a cluster-aware client (`redis.cluster.RedisCluster`) finds the rest. The keys are the same,
+without hash tags, so a batch's keys spread over every node; MGET becomes `mget_nonatomic`
+(one MGET per hash slot, pipelined per node), DEL is split by slot the same way, and the
+write-back pipeline is sent node by node (bench/redis_cluster.py measures what that costs).
+
 A cache is an optimisation, never a dependency: every failure (refused connection, timeout,
 OOM) is counted, turns the cache unhealthy and returns "miss" so the caller reads the durable
 store. While unhealthy, Redis is not touched for `retry_after_s`; the next call after that
@@ -27,6 +33,8 @@ from typing import Protocol
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from index.codec import decode_arrays
@@ -40,6 +48,9 @@ DEFAULT_SOCKET_TIMEOUT_S = 0.25  # a cache slower than this is worse than the du
 DEFAULT_RETRY_AFTER_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_LOCAL_MAX_BYTES = 512 * 1024 * 1024
+# What a failed cache call may raise: a server's errors, and a cluster client's own (no node
+# reachable, slots not covered).
+CACHE_ERRORS = (redis.RedisError, RedisClusterException)
 KEYSPACE_PART = re.compile(r"^[A-Za-z0-9_.@+-]{1,100}$")
 
 
@@ -96,8 +107,8 @@ class FeatureCache(Protocol):
 class RedisFeatureCache:
     """Redis as the feature cache: one MGET per batch, write-back in one pipeline with a TTL.
 
-    Thread-safe (redis-py's ConnectionPool). Works with a single Redis or a replica behind a
-    proxy; Redis Cluster would need a cluster client (keys are already namespaced per id).
+    Thread-safe (redis-py's connection pools). Works with a single Redis, a replica behind a
+    proxy, or (`cluster=True`) a Redis Cluster.
     """
 
     def __init__(
@@ -109,21 +120,27 @@ class RedisFeatureCache:
         retry_after_s: float = DEFAULT_RETRY_AFTER_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         prefix: str = KEY_PREFIX,
+        cluster: bool = False,
     ) -> None:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.retry_after_s = retry_after_s
+        self.cluster = cluster
+        self._url = url
         # No client-side retries: a failed call falls back to the store at once and the
         # back-off below decides when Redis is tried again.
-        self._pool = redis.ConnectionPool.from_url(
-            url,
-            socket_connect_timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            max_connections=max_connections,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = redis.Redis(connection_pool=self._pool)
-        self._address = _redacted(url)
+        self._options = {
+            "socket_connect_timeout": socket_timeout_s,
+            "socket_timeout": socket_timeout_s,
+            "max_connections": max_connections,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self._pool: redis.ConnectionPool | None = None
+        self._cluster_client: RedisCluster | None = None
+        if not cluster:
+            self._pool = redis.ConnectionPool.from_url(url, **self._options)
+            self._single_client = redis.Redis(connection_pool=self._pool)
+        self._address = _redacted(url) + (" (cluster)" if cluster else "")
         self._lock = threading.Lock()
         self._healthy = True
         self._last_error = ""
@@ -134,14 +151,32 @@ class RedisFeatureCache:
     def healthy(self) -> bool:
         return self._healthy
 
+    @property
+    def _client(self) -> redis.Redis | RedisCluster:
+        """The client; a cluster client is made on first use, since making one asks a node
+        for the slot map (raising when none answers)."""
+        if not self.cluster:
+            return self._single_client
+        with self._lock:
+            if self._cluster_client is None:
+                self._cluster_client = RedisCluster.from_url(self._url, **self._options)
+            return self._cluster_client
+
+    def _mget(self, keys: list[str]) -> list[bytes | None]:
+        client = self._client
+        if isinstance(client, RedisCluster):
+            return client.mget_nonatomic(keys)
+        return client.mget(keys)
+
     def get_many(self, keyspace: str, ids: Sequence[int]) -> dict[int, bytes]:
-        """Cached values of `ids` (ONE MGET); absent ids are misses. Never raises on I/O."""
+        """Cached values of `ids` (ONE MGET, one per slot in a cluster); absent ids are
+        misses. Never raises on I/O."""
         ids = [int(i) for i in ids]
         if not ids or not self._may_try():
             return {}
         try:
-            values = self._client.mget([cache_key(keyspace, i, self.prefix) for i in ids])
-        except redis.RedisError as error:
+            values = self._mget([cache_key(keyspace, i, self.prefix) for i in ids])
+        except CACHE_ERRORS as error:
             self._fail(error)
             return {}
         self._succeed()
@@ -160,7 +195,7 @@ class RedisFeatureCache:
                 for item_id, value in values.items():
                     pipe.set(cache_key(keyspace, item_id, self.prefix), value, ex=self.ttl_s)
                 pipe.execute()
-        except redis.RedisError as error:
+        except CACHE_ERRORS as error:
             self._fail(error)
             return
         self._succeed()
@@ -172,7 +207,7 @@ class RedisFeatureCache:
             return
         try:
             self._client.delete(*keys)
-        except redis.RedisError as error:
+        except CACHE_ERRORS as error:
             self._fail(error)
             return
         self._succeed()
@@ -181,7 +216,7 @@ class RedisFeatureCache:
         """PING now, ignoring the back-off (for readiness probes); updates `healthy`."""
         try:
             self._client.ping()
-        except redis.RedisError as error:
+        except CACHE_ERRORS as error:
             self._fail(error)
             return False
         self._succeed()
@@ -192,7 +227,12 @@ class RedisFeatureCache:
         return CacheStatus("redis", self._healthy, detail, self.stats)
 
     def close(self) -> None:
-        self._pool.disconnect()
+        if self._pool is not None:
+            self._pool.disconnect()
+        with self._lock:
+            if self._cluster_client is not None:
+                self._cluster_client.close()
+                self._cluster_client = None
 
     def _may_try(self) -> bool:
         if self._healthy or time.monotonic() >= self._retry_at:
@@ -214,8 +254,14 @@ class RedisFeatureCache:
             self._healthy = False
             self._last_error = f"{type(error).__name__}: {error}"
             self._retry_at = time.monotonic() + self.retry_after_s
-        # Drop sockets to the dead server so the next try opens fresh ones.
-        self._pool.disconnect(inuse_connections=False)
+        # Drop sockets to the dead server so the next try opens fresh ones; a cluster client
+        # is made anew (it re-reads the slot map from whichever node answers).
+        if self._pool is not None:
+            self._pool.disconnect(inuse_connections=False)
+        with self._lock:
+            stale, self._cluster_client = self._cluster_client, None
+        if stale is not None:
+            stale.close()
 
     def _succeed(self) -> None:
         if not self._healthy:

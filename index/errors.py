@@ -42,6 +42,18 @@ class InvalidRecordError(StorageError, ValueError):
     """A stored record cannot be encoded or decoded (unsupported dtype, bad header)."""
 
 
+class DatabaseUnavailableError(StorageError):
+    """The database a call needs cannot be reached (the primary is down or restarting).
+
+    Nothing was written. The service answers 503 with Retry-After `retry_after_s`: the client
+    retries once the operator (or the orchestrator) has the primary back.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotFoundError(StorageError, KeyError):
     """An id that the caller expected to exist does not (e.g. a caption for a missing image)."""
 

@@ -31,6 +31,7 @@ COMPOSE_ONLY = {
     "CAMPSEARCH_MODELS_DIR",
     "CAMPSEARCH_REDIS_MAXMEMORY",
     "CAMPSEARCH_METRICS_ALLOW",
+    "CAMPSEARCH_POSTGRES_PASSWORD",
 }
 # Compose replaces these sequences on merge instead of appending to them.
 REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
@@ -141,9 +142,12 @@ def test_compose_services_are_wired_for_production():
     assert "--maxmemory ${CAMPSEARCH_REDIS_MAXMEMORY" in redis_command
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     api = services["api"]
-    assert api["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert api["depends_on"] == {
+        "redis": {"condition": "service_healthy"},
+        "postgres": {"condition": "service_healthy"},
+    }
     assert "ports" not in api  # reachable through nginx only
-    assert "campsearch-data:/data" in api["volumes"]
+    assert "campsearch-images:/data/images" in api["volumes"]
     assert services["nginx"]["depends_on"] == {"api": {"condition": "service_healthy"}}
     assert services["nginx"]["volumes"][0].endswith(
         ":/etc/nginx/templates/default.conf.template:ro"
@@ -154,6 +158,62 @@ def test_compose_services_are_wired_for_production():
     assert nginx_env["NGINX_ENVSUBST_FILTER"] == "CAMPSEARCH_"
     template = (REPO_ROOT / "docker" / "nginx.conf").read_text()
     assert set(re.findall(r"\$\{(CAMPSEARCH_\w+)\}", template)) == set(NGINX_TEMPLATE_VARIABLES)
+
+
+def test_api_scales_and_shares_postgres():
+    """`docker compose up --scale api=N`: nothing in the api service may be unique to one
+    container; every replica uses the one PostgreSQL, which keeps its data in a volume and
+    reports healthy only when it accepts connections."""
+    compose = load_compose(COMPOSE)
+    services = compose["services"]
+    api = services["api"]
+    assert "container_name" not in api and "ports" not in api and "hostname" not in api
+    assert "ipv4_address" not in str(api["networks"])
+    # No named volume mounted at the data dir itself: its lock would stop replica 2.
+    assert not any(volume.split(":")[1] == "/data" for volume in api["volumes"])
+    database_url = api["environment"]["CAMPSEARCH_DATABASE_URL"]
+    assert database_url.startswith("postgresql://campsearch:${CAMPSEARCH_POSTGRES_PASSWORD:?")
+    assert database_url.endswith("@postgres:5432/campsearch")
+    assert api["environment"]["CAMPSEARCH_DATABASE_READ_URL"] == "${CAMPSEARCH_DATABASE_READ_URL:-}"
+    postgres = services["postgres"]
+    assert re.fullmatch(r"postgres:15\.\d+-bookworm", postgres["image"])
+    assert postgres["volumes"] == ["campsearch-postgres:/var/lib/postgresql/data"]
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${CAMPSEARCH_POSTGRES_PASSWORD:?"
+    )
+    assert {"campsearch-postgres", "campsearch-images"} <= set(compose["volumes"])
+    # nginx finds the replicas through Docker's DNS by the service name, at request time.
+    nginx_env = services["nginx"]["environment"]
+    assert nginx_env["CAMPSEARCH_API_UPSTREAM"] == "api:8000"
+    assert nginx_env["CAMPSEARCH_RESOLVER"] == "127.0.0.11"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_the_shared_photos_volume_starts_out_owned_by_the_api_user(dockerfile):
+    """Docker fills an empty named volume from the image's folder, owner included: the
+    folder compose mounts `campsearch-images` on must exist in the image and be the API user's,
+    or the non-root API could not store photos there."""
+    text = dockerfile.read_text()
+    assert re.search(r"mkdir -p [^\n]*/data/images", text)
+    assert re.search(r"chown campsearch:campsearch [^\n]*/data/images", text)
+
+
+def test_nginx_skips_replicas_that_are_down_or_not_ready():
+    """Static half of tests/test_nginx_replicas.py: the upstream is a variable (resolved per
+    request), a 503 or a refused connection moves on to the next replica, and only
+    searches (POSTs that change nothing) are resent after being sent."""
+    text = (REPO_ROOT / "docker" / "nginx.conf").read_text()
+    template = re.sub(r"^\s*#.*$", "", text, flags=re.MULTILINE)  # directives only
+    assert "resolver ${CAMPSEARCH_RESOLVER} valid=5s" in template
+    assert 'set $campsearch_api "${CAMPSEARCH_API_UPSTREAM}";' in template
+    passes = re.findall(r"proxy_pass ([^;]+);", template)
+    assert passes and set(passes) == {"http://$campsearch_api"}
+    assert "upstream " not in template.replace("proxy_next_upstream", "")
+    rules = re.findall(r"proxy_next_upstream ([^;]+);", template)
+    assert rules == ["error timeout http_503", "error timeout http_503 non_idempotent"]
+    search = re.search(r"location /v1/search/ \{(.*?)\}", template, flags=re.DOTALL)
+    assert search and "non_idempotent" in search.group(1)
 
 
 def setting_names() -> set[str]:

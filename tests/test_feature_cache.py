@@ -1,5 +1,6 @@
-"""The Redis cache against a real redis-server: hits, misses, write-back, namespacing, and a
-Redis killed and restarted in the middle of a run."""
+"""The Redis cache against a real redis-server and a real 3-node Redis Cluster (each Redis
+test runs against both): hits, misses, write-back, namespacing, and a Redis killed and
+restarted in the middle of a run."""
 
 from __future__ import annotations
 
@@ -41,9 +42,30 @@ def store(tmp_path):
         yield feature_store
 
 
+@pytest.fixture(params=["single", "cluster"])
+def redis_server(request, tmp_path_factory):
+    """One redis-server, or a Redis Cluster of three (the same key behaviours must hold)."""
+    from redis_server import RedisClusterServers, RedisServer
+
+    workdir = tmp_path_factory.mktemp("redis")
+    if request.param == "cluster":
+        server = RedisClusterServers(workdir).start()
+    else:
+        server = RedisServer(workdir).start()
+    yield server
+    server.kill()
+
+
 @pytest.fixture
 def cache(redis_server):
-    redis_cache = RedisFeatureCache(redis_server.url, ttl_s=60, retry_after_s=RETRY_AFTER_S)
+    from redis_server import RedisClusterServers
+
+    redis_cache = RedisFeatureCache(
+        redis_server.url,
+        ttl_s=60,
+        retry_after_s=RETRY_AFTER_S,
+        cluster=isinstance(redis_server, RedisClusterServers),
+    )
     yield redis_cache
     redis_cache.close()
 
@@ -85,7 +107,7 @@ def test_keys_are_namespaced_by_extractor_and_version(store, cache, redis_server
     v1.get_many([1])
     other = cache.get_many(cache_keyspace("grid", "v2"), [1])
     assert other == {}
-    assert redis_server.client().keys("campsearch:*") == [b"campsearch:grid:v1:1"]
+    assert redis_server.keys("campsearch:*") == [b"campsearch:grid:v1:1"]
     with pytest.raises(ValueError):
         cache_keyspace("grid:evil", "v1")
 
@@ -124,13 +146,39 @@ def test_redis_killed_then_restarted(store, cache, redis_server):
     assert redis_server.client().exists(cache_key(KEYSPACE, 1)) == 1
 
 
-def test_unreachable_redis_from_the_start(store):
+@pytest.mark.parametrize("cluster", [False, True], ids=["single", "cluster"])
+def test_unreachable_redis_from_the_start(store, cluster):
     from redis_server import free_port
 
-    cache = RedisFeatureCache(f"redis://127.0.0.1:{free_port()}/0", retry_after_s=RETRY_AFTER_S)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    cache = RedisFeatureCache(url, retry_after_s=RETRY_AFTER_S, cluster=cluster)
     cached = CachedFeatureStore(store, cache, namespace=NAMESPACE, keyspace=KEYSPACE)
     _assert_same(cached.get_many([1, 2]), [1, 2])
     assert not cache.healthy and cache.status().backend == "redis"
+    assert not cache.check()
+
+
+def test_a_cluster_batch_spans_every_node(store, tmp_path):
+    """Ten ids land on all three nodes (no hash tags: the keys are the single-Redis keys), and
+    one get_many still answers every one of them."""
+    from redis_server import RedisClusterServers
+
+    with RedisClusterServers(tmp_path / "cluster") as servers:
+        cache = RedisFeatureCache(servers.url, ttl_s=60, cluster=True)
+        try:
+            cached = CachedFeatureStore(store, cache, namespace=NAMESPACE, keyspace=KEYSPACE)
+            ids = list(range(1, 11))
+            _assert_same(cached.get_many(ids), ids)
+            nodes = {servers.node_of(cache_key(KEYSPACE, i)) for i in ids}
+            assert nodes == {0, 1, 2}
+            hits_before = cache.stats.hits
+            _assert_same(cached.get_many(ids), ids)
+            assert cache.stats.hits == hits_before + 10
+            cache.delete_many(KEYSPACE, ids)
+            assert servers.keys("campsearch:*") == []
+            assert "(cluster)" in cache.status().detail
+        finally:
+            cache.close()
 
 
 def test_local_cache_lru_budget_and_ttl(store):

@@ -341,3 +341,31 @@ def test_the_budget_is_shared_across_replicas_through_redis(
                 response = client.get("/v1/info")  # a fresh (address) budget, per replica
                 assert response.status_code == 200, response.text
         assert "Redis does not answer" in caplog.text
+
+
+def test_the_budget_is_shared_across_replicas_through_a_redis_cluster(
+    tmp_path, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    """The same shared budget with CAMPSEARCH_REDIS_CLUSTER=true over a real 3-node cluster:
+    each counter's INCR + EXPIRE transaction lands on the node that owns its key."""
+    from redis_server import RedisClusterServers
+
+    with RedisClusterServers(tmp_path / "cluster") as cluster:
+        options = dict(
+            rate_limit_requests=4,
+            rate_limit_window_s=WINDOW_S,
+            redis_url=cluster.url,
+            redis_cluster=True,
+        )
+        first = secured_app(tmp_path / "a", tiny_retrieval_model, small_grid_extractor, **options)
+        second = secured_app(tmp_path / "b", tiny_retrieval_model, small_grid_extractor, **options)
+        keyed = {"X-API-Key": TEST_API_KEY}
+        with running_client(first) as one, running_client(second) as two:
+            for client in (one, two, one, two):
+                assert client.get("/v1/info", headers=keyed).status_code == 200
+            assert_429(one.get("/v1/info", headers=keyed))
+            assert_429(two.get("/v1/info", headers=keyed))
+            (name,) = cluster.keys("campsearch:ratelimit:*")
+            with cluster.client() as client:
+                assert int(client.get(name)) == 6
+                assert 0 < client.ttl(name) <= WINDOW_S + 1

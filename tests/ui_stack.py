@@ -47,6 +47,7 @@ NGINX_TEMPLATE_VARIABLES = (
     "CAMPSEARCH_API_UPSTREAM",
     "CAMPSEARCH_STATIC_ROOT",
     "CAMPSEARCH_METRICS_ALLOW",
+    "CAMPSEARCH_RESOLVER",
 )
 
 
@@ -95,18 +96,29 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
 class ApiServer:
     """`camp-search serve` in a subprocess with its own data dir and the shipped default model."""
 
-    def __init__(self, workdir: Path, *, api_key: str = API_KEY) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        api_key: str = API_KEY,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        """`settings`: more CAMPSEARCH_* variables for this server (e.g. a bad checkpoint)."""
         self.workdir = workdir
         self.api_key = api_key
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
+        self.settings = dict(settings or {})
         self.log_path = workdir / "api.log"
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
-    def start(self) -> ApiServer:
+    def start(self, *, wait_ready: bool = True) -> ApiServer:
         env = {key: value for key, value in os.environ.items() if not key.startswith("CAMPSEARCH_")}
         env.update(
             CAMPSEARCH_DATA_DIR=str(self.workdir / "data"),
@@ -114,13 +126,15 @@ class ApiServer:
             HF_HUB_OFFLINE="1",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.settings)
         command = [camp_search_command(), "serve"]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        command += ["--host", self.host, "--port", str(self.port), "--log-level", "warning"]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
             )
-        self.wait_ready()
+        if wait_ready:
+            self.wait_ready()
         return self
 
     def wait_ready(self) -> None:
@@ -198,6 +212,9 @@ http {{
     include {mime_types};
     default_type application/octet-stream;
     access_log {prefix}/access.log;
+    # Which replica answered each request, after which others failed (tests/test_nginx_replicas.py).
+    log_format upstreams '$request_method $request_uri $status [$upstream_addr] [$upstream_status]';
+    access_log {prefix}/upstreams.log upstreams;
     sendfile on;
     keepalive_timeout 65;
     include {prefix}/conf.d/default.conf;
@@ -220,7 +237,15 @@ def render_nginx_template(template: str, values: Mapping[str, str]) -> str:
 class NginxServer:
     """Debian nginx in the foreground (`daemon off`) with the repository's docker/nginx.conf."""
 
-    def __init__(self, prefix: Path, upstream: str, *, metrics_allow: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        prefix: Path,
+        upstream: str,
+        *,
+        metrics_allow: str = "127.0.0.1",
+        resolver: str = "127.0.0.1",
+    ) -> None:
+        """`upstream` is an address:port, or a name:port that `resolver` (host[:port]) answers."""
         self.prefix = prefix
         self.port = free_port()
         # nginx's workers must be able to read the UI files: give them a copy in the prefix.
@@ -231,6 +256,7 @@ class NginxServer:
             "CAMPSEARCH_API_UPSTREAM": upstream,
             "CAMPSEARCH_STATIC_ROOT": str(static_root),
             "CAMPSEARCH_METRICS_ALLOW": metrics_allow,
+            "CAMPSEARCH_RESOLVER": resolver,
         }
         self.process: subprocess.Popen | None = None
 

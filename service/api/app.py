@@ -54,6 +54,7 @@ def create_app(
         window_s=settings.rate_limit_window_s,
         limits={REQUESTS: settings.rate_limit_requests, WRITES: settings.rate_limit_writes},
         redis_url=settings.redis_url,
+        redis_cluster=settings.redis_cluster,
     )
 
     @asynccontextmanager

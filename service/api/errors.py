@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index.errors import NotFoundError, StorageFullError
+from index.errors import DatabaseUnavailableError, NotFoundError, StorageFullError
 from model.vision.images import (
     ImageInputError,
     ImageTooLarge,
@@ -104,6 +104,10 @@ def problem_of(error: Exception) -> ProblemError | None:
             )
         case StorageFullError():
             return ProblemError(507, "Insufficient storage", STORAGE_FULL_DETAIL)
+        case DatabaseUnavailableError():
+            return ProblemError(
+                503, "Database unavailable", str(error), headers=_retry(error.retry_after_s)
+            )
         case NotFoundError():
             return ProblemError(404, "Not found", str(error).strip("'\""))
     return None
@@ -141,6 +145,8 @@ async def _on_known_error(request: Request, error: Exception) -> JSONResponse:
         return await _on_unexpected(request, error)
     if isinstance(error, StorageFullError):
         logger.error("storage is full: %s", error)
+    elif isinstance(error, DatabaseUnavailableError):
+        logger.warning("database unavailable: %s", error)
     return problem_response(
         problem.status,
         problem.title,
@@ -184,7 +190,15 @@ async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every failure through problem+json."""
-    for known in (ProblemError, ServiceError, QueueFullError, StorageFullError, NotFoundError):
+    known_errors = (
+        ProblemError,
+        ServiceError,
+        QueueFullError,
+        StorageFullError,
+        DatabaseUnavailableError,
+        NotFoundError,
+    )
+    for known in known_errors:
         app.add_exception_handler(known, _on_known_error)
     app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]

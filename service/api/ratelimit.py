@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from pydantic import SecretStr
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.auth import key_matches
@@ -85,14 +85,18 @@ class RateLimiter:
         window_s: int,
         limits: Mapping[str, int],
         redis_url: str | None = None,
+        redis_cluster: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`redis_cluster`: `redis_url` names a node of a Redis Cluster. A counter's INCR and
+        EXPIRE touch one key, so one slot: the transaction works there as on one Redis."""
         self.window_s = window_s
         self.limits = {bucket: limit for bucket, limit in limits.items() if limit > 0}
         self.clock = clock
         self.local = LocalCounters()
+        client_class = aioredis.RedisCluster if redis_cluster else aioredis.Redis
         self._redis = (
-            aioredis.Redis.from_url(
+            client_class.from_url(
                 redis_url,
                 socket_timeout=REDIS_TIMEOUT_S,
                 socket_connect_timeout=REDIS_TIMEOUT_S,
@@ -131,7 +135,7 @@ class RateLimiter:
                 pipe.expire(name, self.window_s + 1)
                 count, _ = await pipe.execute()
             return int(count)
-        except (RedisError, OSError) as error:
+        except (RedisError, RedisClusterException, OSError) as error:
             self._redis_down_until = now + REDIS_RETRY_AFTER_S
             if now - self._last_log >= LOG_EVERY_S:
                 self._last_log = now

@@ -176,7 +176,10 @@ class ComponentState(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str = Field(description="'ready', 'degraded' (still serving) or 'starting'.")
+    status: str = Field(
+        description="'ready', 'degraded' (still serving), 'starting', 'failed', or "
+        "'unavailable' (no database to read from)."
+    )
     components: list[ComponentState]
 
 

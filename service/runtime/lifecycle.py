@@ -26,6 +26,7 @@ import torch
 from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
 from index.device import CPU, faiss_gpu_id
+from index.read_routing import ReadRouter
 from index.shortlist import SearchResult
 from model.checkpoints.release import PRECOMPUTED
 from model.vision.extractors import RegionExtractor, create_extractor
@@ -90,12 +91,27 @@ def build_cache(settings: Settings) -> FeatureCache:
     """Redis when `CAMPSEARCH_REDIS_URL` is set (a dead Redis only makes it unhealthy), else
     an in-process LRU of `CAMPSEARCH_FEATURE_CACHE_MIB`."""
     if settings.redis_url:
-        cache = RedisFeatureCache(settings.redis_url, ttl_s=settings.cache_ttl_s)
+        cache = RedisFeatureCache(
+            settings.redis_url, ttl_s=settings.cache_ttl_s, cluster=settings.redis_cluster
+        )
         if not cache.check():
             logger.warning("Redis is not answering; serving from the durable store meanwhile")
         return cache
     return LocalFeatureCache(
         max_bytes=settings.feature_cache_mib * MEBIBYTE, ttl_s=settings.cache_ttl_s
+    )
+
+
+def build_read_router(settings: Settings) -> ReadRouter | None:
+    """Connections to the PostgreSQL primary and, with `CAMPSEARCH_DATABASE_READ_URL`, to a
+    streaming replica that serves reads while it is within `CAMPSEARCH_DATABASE_MAX_LAG_S`;
+    None for the embedded stores (no `CAMPSEARCH_DATABASE_URL`)."""
+    if not settings.database_url:
+        return None
+    return ReadRouter(
+        settings.database_url,
+        settings.database_read_url,
+        max_lag_s=settings.database_max_lag_s,
     )
 
 
@@ -197,6 +213,8 @@ class ServiceRuntime:
     lock: DataDirLock
     rebuild: TensorRebuild
     saved_sequence: int = -1
+    # The PostgreSQL primary and read replica; None with the embedded stores.
+    read_router: ReadRouter | None = None
 
     @classmethod
     def build(
@@ -212,6 +230,7 @@ class ServiceRuntime:
         `model` / `extractor` may be passed in already loaded (tests, benchmarks).
         """
         lock = DataDirLock(settings.data_dir).acquire()
+        read_router: ReadRouter | None = None
         try:
             if model is None:
                 from model.retrieval import RetrievalModel
@@ -223,6 +242,7 @@ class ServiceRuntime:
                 )
             extractor = extractor or build_extractor(settings, model)
             cache = build_cache(settings)
+            read_router = build_read_router(settings)
             gpu_id = faiss_gpu_id(settings.device)
             corpus = open_corpus(settings, model, extractor, cache, gpu_id)
             if not settings.keep_region_features:
@@ -232,6 +252,8 @@ class ServiceRuntime:
                     corpus.close()
                     raise
         except BaseException:
+            if read_router is not None:
+                read_router.close()
             lock.release()
             raise
         reranker = PairReranker(
@@ -300,6 +322,7 @@ class ServiceRuntime:
             metrics=metrics,
             lock=lock,
             rebuild=rebuild,
+            read_router=read_router,
         )
         runtime.saved_sequence = corpus.sequence
         return runtime
@@ -393,6 +416,8 @@ class ServiceRuntime:
             close_cache = getattr(self.cache, "close", None)
             if close_cache is not None:
                 close_cache()
+            if self.read_router is not None:
+                self.read_router.close()
         finally:
             self.lock.release()
 

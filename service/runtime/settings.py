@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from index.cache import DEFAULT_LOCAL_MAX_BYTES, DEFAULT_TTL_S
+from index.read_routing import DEFAULT_MAX_LAG_S
 from index.shortlist import DEFAULT_EF_SEARCH, DEFAULT_NPROBE
 from model.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -59,7 +60,27 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="redis://host:port/db; without it an in-process cache serves."
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="CAMPSEARCH_REDIS_URL names one node of a Redis Cluster: use a "
+        "cluster-aware client (it discovers the other nodes; same keys).",
+    )
     cache_ttl_s: int = Field(default=DEFAULT_TTL_S, ge=1)
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql://user:password@host:5432/db, the PostgreSQL primary (every "
+        "write); unset: the embedded SQLite + LMDB stores in CAMPSEARCH_DATA_DIR.",
+    )
+    database_read_url: str | None = Field(
+        default=None,
+        description="A streaming replica of CAMPSEARCH_DATABASE_URL for reads; while it is "
+        "down or further behind than CAMPSEARCH_DATABASE_MAX_LAG_S, reads go to the primary.",
+    )
+    database_max_lag_s: float = Field(
+        default=DEFAULT_MAX_LAG_S,
+        gt=0,
+        description="Seconds of writes a read replica may miss and still serve reads.",
+    )
     index_factory: str = Field(
         default="auto", description="A FAISS factory string, or 'auto' to pick by corpus size."
     )
@@ -180,6 +201,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"refusing to bind {self.host!r} without API keys: set CAMPSEARCH_API_KEYS, "
                 "or CAMPSEARCH_ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _read_replica_needs_a_primary(self) -> Settings:
+        if self.database_read_url and not self.database_url:
+            raise ValueError(
+                "CAMPSEARCH_DATABASE_READ_URL is a replica of CAMPSEARCH_DATABASE_URL: set both"
             )
         return self
 

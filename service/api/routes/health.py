@@ -27,7 +27,10 @@ async def healthz(state: StateDep) -> JSONResponse:
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(state: StateDep) -> JSONResponse:
     """503 until the model and indexes are loaded. A dead Redis keeps 200 with status
-    "degraded": search still works, reading features from the durable store."""
+    "degraded": search still works, reading features from the durable store. With PostgreSQL,
+    the "database" component says where reads go (replica or primary) and how far the replica
+    is behind; a dead primary with a serving replica is "degraded" (reads work, writes 503),
+    no database to read from at all is 503 (a proxy stops sending here)."""
     runtime = state.runtime
     if runtime is None:
         detail = state.error or "loading the model and indexes"
@@ -51,7 +54,17 @@ async def readyz(state: StateDep) -> JSONResponse:
         ),
         _rebuild_state(runtime.rebuild),
     ]
-    body = Readiness(status="ready" if cache_ok else "degraded", components=components)
+    database_ok, database_degraded = True, False
+    if runtime.read_router is not None:
+        router = runtime.read_router
+        database_ok = router.can_read
+        database_degraded = not router.status()["primary"]["up"]
+        components.append(ComponentState(name="database", ok=database_ok, detail=router.summary()))
+    if not database_ok:
+        body = Readiness(status="unavailable", components=components)
+        return JSONResponse(body.model_dump(), status_code=503)
+    ready = cache_ok and not database_degraded
+    body = Readiness(status="ready" if ready else "degraded", components=components)
     return JSONResponse(body.model_dump())
 
 
