@@ -24,20 +24,23 @@ from model.training.reranker import (
     warm_start_from_heads,
 )
 
-TRAIN_IMAGES = 64
+TRAIN_IMAGES, DEV_IMAGES = 64, 20
+RERANKER_LR = 5e-4
 INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor on fewer pixels
 
 
 @pytest.fixture(scope="module")
 def gru_slice(shared_dir, tmp_path_factory):
-    """Real photos and captions: the first 64 train images of Flickr8K, grid-extracted, and the
-    vocabulary of their captions (every scorer reads the same GRU words)."""
+    """Real photos and captions: the first 64 train and 20 dev images of Flickr8K, grid-extracted
+    under root/precomp; the train split and the vocabulary of its captions (every scorer reads
+    the same GRU words); and root."""
     from model.vision.extract import extract_dataset
     from model.vision.extractors import create_extractor
 
     source = shared_dir / "data" / "flickr8k" / "manifest.jsonl"
     rows = [json.loads(line) for line in source.read_text().splitlines()]
     picked = [r for r in rows if r["split"] == "train"][:TRAIN_IMAGES]
+    picked += [r for r in rows if r["split"] == "dev"][:DEV_IMAGES]
     root = tmp_path_factory.mktemp("registry-slice")
     manifest = root / "manifest.jsonl"
     manifest.write_text(
@@ -47,7 +50,7 @@ def gru_slice(shared_dir, tmp_path_factory):
         manifest, root / "precomp", create_extractor("grid", {"input_size": INPUT_SIZE})
     )
     split = load_precomputed(root / "precomp", "train")
-    return split, Vocabulary.build(split.captions, min_count=1)
+    return split, Vocabulary.build(split.captions, min_count=1), root
 
 
 def _network(scorer: str, vocabulary: Vocabulary) -> RetrievalNetwork:
@@ -71,9 +74,11 @@ def _network(scorer: str, vocabulary: Vocabulary) -> RetrievalNetwork:
 
 @pytest.mark.parametrize("scorer", registered_rerankers())
 def test_residual_start_is_the_shortlist_ranking(gru_slice, scorer):
-    split, vocabulary = gru_slice
+    split, vocabulary, _ = gru_slice
     network = _network(scorer, vocabulary)
     data = gru_frozen_split(network, split)
+    with torch.no_grad():  # a fusion that mixes in the scorer: the start must undo it
+        network.fusion.camp_weight.fill_(1.0)
     init_residual(network)
     pair_scorer = network.pair_scorer()
     images = torch.arange(8)
@@ -87,7 +92,11 @@ def test_residual_start_is_the_shortlist_ranking(gru_slice, scorer):
         scores = pair_scorer.score_grid(encoded, words)
         pooled = torch.randn_like(scores)
         final = network.fusion(pooled, scores)
-    assert scores.abs().max() > 0 or reranker_kind(scorer).zero_output is not None
+    if reranker_kind(scorer).zero_output is not None:  # silenced by its own layer
+        assert network.fusion.camp_weight.item() == 1.0 and scores.abs().max() == 0
+    else:  # its scores stay as they are; the fusion leaves them out
+        assert network.fusion.camp_weight.item() == 0.0 and scores.abs().max() > 0
+    assert network.fusion.shortlist_weight.item() == pytest.approx(network.heads.logit_scale.item())
     torch.testing.assert_close(final, network.fusion.shortlist_weight * pooled, rtol=0, atol=0)
 
 
@@ -95,7 +104,7 @@ def test_residual_start_is_the_shortlist_ranking(gru_slice, scorer):
 def test_a_few_steps_lower_the_loss_and_train_every_scorer_parameter(gru_slice, scorer):
     """Scorer alone (fusion fixed at 0 / 1), all B×B pairs of a batch: the loss falls, and every
     parameter the registry calls trainable moved; the frozen GRU did not."""
-    split, vocabulary = gru_slice
+    split, vocabulary, _ = gru_slice
     network = _network(scorer, vocabulary)
     data = gru_frozen_split(network, split)
     config = RerankerTrainingConfig(
@@ -118,7 +127,7 @@ def test_a_few_steps_lower_the_loss_and_train_every_scorer_parameter(gru_slice, 
 
 
 def test_a_scorer_without_warm_start_is_refused_naming_it(gru_slice):
-    _, vocabulary = gru_slice
+    _, vocabulary, _ = gru_slice
     network = _network("imram", vocabulary)
     with pytest.raises(ValueError, match="'imram' scorer has no warm start"):
         warm_start_from_heads(network)
@@ -141,3 +150,57 @@ def test_a_preset_asking_a_warm_start_the_scorer_lacks_is_refused_on_load(tmp_pa
     preset["reranker"]["warm_start"] = False
     path.write_text(json.dumps(preset))
     assert TrainConfig.load(path).network["scorer"] == "imram"
+
+
+def test_train_command_runs_the_residual_recipe_with_imram(gru_slice, tmp_path):
+    """The whole recipe (pooled stage, residual start, reranker stage, dev selection) with the
+    scorer named in the preset; the checkpoint it keeps holds that scorer."""
+    from typer.testing import CliRunner
+
+    from model.retrieval import RetrievalModel
+    from service.cli.main import app
+
+    _, _, root = gru_slice
+    config = {
+        "recipe": "residual",
+        "version": "slice-imram",
+        "data": {"root": str(root / "precomp"), "min_count": 1},
+        "extractor": {"name": "grid", "config": {"fit": "squash", "input_size": INPUT_SIZE}},
+        "network": {
+            "text_encoder": "gru",
+            "embed_size": 16,
+            "word_dim": 50,
+            "pooled_dim": 16,
+            "pooled_hidden": 32,
+            "scorer": "imram",
+            "scorer_options": {"iteration_steps": 2},
+        },
+        "pooled": {"epochs": 2, "batch_size": 32},
+        "reranker": {
+            "epochs": 1,
+            "steps": 3,
+            "queries_per_direction": 4,
+            "negatives": 3,
+            "pool": 10,
+            "lr": RERANKER_LR,
+            "residual": True,
+            "warm_start": False,
+        },
+        "selection": {"dev_images": DEV_IMAGES, "k": 10},
+        "out": str(tmp_path / "run"),
+    }
+    path = tmp_path / "imram.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    events = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled", "reranker"]
+    steps = [e for e in events if e["event"] == "step" and e["stage"] == "reranker"]
+    # Logged after the first step: the residual start put IMRAM's fusion weight at 0, and one
+    # AdamW step (size lr, as its first step always is) moved it off 0.
+    assert 0.0 < abs(steps[0]["fusion"][1]) <= 1.001 * RERANKER_LR
+    model = RetrievalModel.load(tmp_path / "run" / "best.pt", device="cpu")
+    assert model.network.spec.scorer == "imram"
+    assert model.network.spec.scorer_options == {"iteration_steps": 2}
