@@ -126,6 +126,16 @@ def test_a_few_steps_lower_the_loss_and_train_every_scorer_parameter(gru_slice, 
         assert torch.equal(parameter, old)
 
 
+def test_a_residual_start_at_fusion_weight_0_needs_the_fusion_trained(gru_slice):
+    """Otherwise the scorer gets no gradient at all: refused, not trained silently."""
+    _, vocabulary, _ = gru_slice
+    network = _network("imram", vocabulary)
+    init_residual(network)
+    config = RerankerTrainingConfig(residual=True, train_fusion=False, negatives_from="batch")
+    with pytest.raises(ValueError, match="would get no gradient"):
+        train_reranker(network, None, None, config)
+
+
 def test_a_scorer_without_warm_start_is_refused_naming_it(gru_slice):
     _, vocabulary, _ = gru_slice
     network = _network("imram", vocabulary)

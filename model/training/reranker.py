@@ -179,6 +179,12 @@ def train_reranker(
         raise ValueError("in-batch negatives train with the listwise loss")
     if config.negatives_from == "shortlist" and mined is None:
         raise ValueError("shortlist negatives need the mined shortlists")
+    if config.residual and not config.train_fusion and network.fusion.camp_weight.item() == 0:
+        raise ValueError(
+            "the fusion weight of the scorer is 0 (a residual start without an output layer to "
+            "zero) and the fusion is not trained: the scorer would get no gradient; set "
+            "train_fusion to true"
+        )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     optimizer = optimizer or reranker_optimizer(network, config)
