@@ -59,7 +59,14 @@ class RerankerKind:
     stored tensors keep);
     explanation: maps from `score_*_against_*(explain=True)` -> `ExplanationTensors`;
     display_score: pair scores -> the scorer's own score shown in an explanation;
-    max_words: the most words of a caption the scorer reads (the tokenizer cuts the rest).
+    max_words: the most words of a caption the scorer reads (the tokenizer cuts the rest);
+    trainable_parameters: the model -> what the reranker stage trains (default: every
+    parameter that requires a gradient; a frozen text encoder's do not);
+    zero_output: scorer -> None, makes every pair score exactly 0 with gradients still flowing
+    (the residual start: the ranking begins as the shortlist's); None when the scorer has no
+    such layer, and the residual start then sets the fusion's scorer weight to 0 instead;
+    warm_start: network -> None, starts the scorer from the shortlist heads' linear maps;
+    None when the scorer has no such start (a preset asking for one is refused).
     """
 
     name: str
@@ -72,6 +79,11 @@ class RerankerKind:
     display_score: Callable[[Tensor], Tensor]
     check_options: Callable[[Mapping[str, Any]], None]
     max_words: int = OFFICIAL_MAX_WORDS
+    trainable_parameters: Callable[[nn.Module], list[nn.Parameter]] = lambda model: [
+        p for p in model.parameters() if p.requires_grad
+    ]
+    zero_output: Callable[[nn.Module], None] | None = None
+    warm_start: Callable[[Any], None] | None = None
 
     def build_model(self, config: CampConfig, options: Mapping[str, Any] | None = None):
         return self.build(config, dict(options or {}))
@@ -141,6 +153,45 @@ def _camp_for_network(
     )
 
 
+def _camp_zero_output(scorer: CampLogitScorer) -> None:
+    """Score MLP's output layer and the cosine skip to zero: every logit is 0, and the output
+    layer still gets gradients (its input, the hidden ReLU layer, is not zero)."""
+    with torch.no_grad():
+        scorer.score_out.weight.zero_()
+        scorer.score_out.bias.zero_()
+        if scorer.cosine_scale is not None:
+            scorer.cosine_scale.zero_()
+
+
+# Fusion layers start this much smaller than PyTorch's default (exactly zero would freeze
+# them: ReLU has no gradient at 0), so a warm-started CAMP begins near the heads' ranking.
+WARM_START_FUSION_SCALE = 0.05
+
+
+def _camp_warm_start(network: Any) -> None:
+    """CAMP's encoders <- the heads' linear maps; fusion small; score = cosine skip only.
+
+    At the start v*, t* are attention-pooled (near-uniform) encoder outputs, so the cosine
+    skip reproduces the linear part of the pooled score and training refines it with the
+    cross-modal messages instead of learning an image-text alignment from scratch.
+    """
+    spec, heads, camp = network.spec, network.heads, network.camp
+    if heads is None or spec.embed_size != spec.pooled_dim or not spec.camp_cosine_skip:
+        raise ValueError(
+            "warm start needs shortlist heads, embed_size == pooled_dim and camp_cosine_skip=True"
+        )
+    if not hasattr(camp.text_encoder, "projection"):
+        raise ValueError("warm start is implemented for the minilm text encoder")
+    with torch.no_grad():
+        camp.image_encoder.fc.load_state_dict(heads.image.linear.state_dict())
+        camp.text_encoder.projection.load_state_dict(heads.text.linear.state_dict())
+        camp.scorer.image_fusion.weight.mul_(WARM_START_FUSION_SCALE)
+        camp.scorer.text_fusion.weight.mul_(WARM_START_FUSION_SCALE)
+        camp.scorer.score_out.weight.zero_()
+        camp.scorer.score_out.bias.zero_()
+        camp.scorer.cosine_scale.fill_(float(heads.logit_scale))
+
+
 def _camp_explanation(maps: Any) -> ExplanationTensors:
     """CAMP's word->region cross attention and its attention pooling, heads averaged."""
     return maps.attn_t2v, maps.pool_attn_v.float().mean(-2), maps.pool_attn_t.float().mean(-2)
@@ -181,6 +232,8 @@ CAMP = register_reranker(
         explanation=_camp_explanation,
         display_score=torch.sigmoid,  # the network's CAMP returns logits
         check_options=_no_options,
+        zero_output=_camp_zero_output,
+        warm_start=_camp_warm_start,
     )
 )
 IMRAM = register_reranker(

@@ -74,9 +74,14 @@ class TrainConfig:
         if config.recipe not in RECIPES:
             raise TrainConfigError(f"{path}: recipe must be one of {RECIPES}, got {config.recipe}")
         try:  # a typo in the network section is refused here, before any data is read
-            NetworkSpec.from_dict(config.network)
+            spec = NetworkSpec.from_dict(config.network)
         except ValueError as exc:
             raise TrainConfigError(f"{path}: network: {exc}") from exc
+        if config.reranker.get("warm_start") and spec.reranker_kind.warm_start is None:
+            raise TrainConfigError(
+                f"{path}: reranker.warm_start: the {spec.scorer!r} scorer has no warm start "
+                "from the shortlist heads; set it to false"
+            )
         if config.recipe == "heads_imported":  # the extractor record is the imported model's
             config._check_heads_imported(path)
             return config

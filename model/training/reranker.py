@@ -1,15 +1,19 @@
-"""Stage 2: CAMP as a residual reranker over the frozen shortlist, trained on mined shortlists.
+"""Stage 2: the scorer (CAMP, or another of the registry) as a residual reranker over the frozen
+shortlist, trained on mined shortlists.
 
-final = shortlist_weight · pooled_score + camp_weight · camp_logit. The score MLP's output layer
-starts at zero, so training starts from exactly the shortlist's ranking and CAMP only has to
-learn a correction. Each step takes B caption queries (t2i) and B image queries (i2t); every
-query gets its positive plus `negatives` candidates drawn from its own pooled top-`pool` (what
-the reranker sees at serving time), and the loss is a listwise softmax cross-entropy over each
-group (the positive in slot 0). `loss="bce_hardest"` instead uses the authors' BCE on the
-group's hardest negative (docs/ARCHITECTURE.md, Training). `negatives_from="batch"` trains on
-CAMP's own shape
-instead: B distinct images with one caption each, every B×B pair scored, a symmetric listwise
-loss with the diagonal positive (much faster to learn from scratch: bench/train_step.py).
+final = shortlist_weight · pooled_score + camp_weight · scorer_score. The residual start
+(`init_residual`) silences the scorer as its registry entry says (CAMP: the score MLP's output
+layer at zero; a scorer without such a layer: fusion weight 0), so training starts from exactly
+the shortlist's ranking and the scorer only has to learn a correction. What is trained and
+whether a warm start from the heads exists also come from the registry entry
+(model/architecture/rerankers.py), so no scorer is a special case here. Each step takes B
+caption queries (t2i) and B image queries (i2t); every query gets its positive plus
+`negatives` candidates drawn from its own pooled top-`pool` (what the reranker sees at serving
+time), and the loss is a listwise softmax cross-entropy over each group (the positive in slot
+0). `loss="bce_hardest"` instead uses the authors' BCE on the group's hardest negative
+(docs/ARCHITECTURE.md, Training). `negatives_from="batch"` trains on CAMP's own shape instead:
+B distinct images with one caption each, every B×B pair scored, a symmetric listwise loss with
+the diagonal positive (much faster to learn from scratch: bench/train_step.py).
 """
 
 from __future__ import annotations
@@ -58,50 +62,39 @@ class RerankerTrainingConfig:
 def reranker_optimizer(
     network: RetrievalNetwork, config: RerankerTrainingConfig
 ) -> torch.optim.Optimizer:
-    parameters = list(network.camp.parameters())
+    """AdamW over what the scorer's registry entry says is trainable (+ the fusion weights)."""
+    parameters = list(network.spec.reranker_kind.trainable_parameters(network.camp))
     if config.train_fusion and config.residual:
         parameters += list(network.fusion.parameters())
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-# Fusion layers start this much smaller than PyTorch's default (exactly zero would freeze
-# them: ReLU has no gradient at 0), so a warm-started CAMP begins near the heads' ranking.
-WARM_START_FUSION_SCALE = 0.05
-
-
 def warm_start_from_heads(network: RetrievalNetwork) -> None:
-    """CAMP's encoders <- the heads' linear maps; fusion small; score = cosine skip only.
-
-    At the start v*, t* are attention-pooled (near-uniform) encoder outputs, so the cosine
-    skip reproduces the linear part of the pooled score and training refines it with the
-    cross-modal messages instead of learning an image-text alignment from scratch.
-    """
-    spec, heads, camp = network.spec, network.heads, network.camp
-    if heads is None or spec.embed_size != spec.pooled_dim or not spec.camp_cosine_skip:
+    """Start the scorer from the shortlist heads, as its registry entry says (CAMP: encoders
+    from the heads' linear maps, score = cosine skip); a scorer without one is refused."""
+    kind = network.spec.reranker_kind
+    if kind.warm_start is None:
         raise ValueError(
-            "warm start needs shortlist heads, embed_size == pooled_dim and camp_cosine_skip=True"
+            f"the {kind.name!r} scorer has no warm start from the shortlist heads; set "
+            "reranker.warm_start to false"
         )
-    if not hasattr(camp.text_encoder, "projection"):
-        raise ValueError("warm start is implemented for the minilm text encoder")
-    with torch.no_grad():
-        camp.image_encoder.fc.load_state_dict(heads.image.linear.state_dict())
-        camp.text_encoder.projection.load_state_dict(heads.text.linear.state_dict())
-        camp.scorer.image_fusion.weight.mul_(WARM_START_FUSION_SCALE)
-        camp.scorer.text_fusion.weight.mul_(WARM_START_FUSION_SCALE)
-        camp.scorer.score_out.weight.zero_()
-        camp.scorer.score_out.bias.zero_()
-        camp.scorer.cosine_scale.fill_(float(heads.logit_scale))
+    kind.warm_start(network)
 
 
 def init_residual(network: RetrievalNetwork) -> None:
-    """Start as the shortlist: shortlist weight = InfoNCE scale, CAMP output layer zero."""
+    """Start as the shortlist: shortlist weight = InfoNCE scale and the scorer's part zero.
+
+    The scorer's part is zeroed by its registry entry's `zero_output` (CAMP: the output layer,
+    fusion weight 1); a scorer without one keeps its scores and gets fusion weight 0 instead,
+    which the first step moves (its gradient is the scorer's scores), so the scorer then
+    learns too.
+    """
+    zero_output = network.spec.reranker_kind.zero_output
     with torch.no_grad():
         network.fusion.shortlist_weight.fill_(float(network.heads.logit_scale))
-        network.fusion.camp_weight.fill_(1.0)
-        network.camp.scorer.score_out.weight.zero_()
-        network.camp.scorer.score_out.bias.zero_()
-        if network.camp.scorer.cosine_scale is not None:
-            network.camp.scorer.cosine_scale.zero_()
+        network.fusion.camp_weight.fill_(1.0 if zero_output is not None else 0.0)
+    if zero_output is not None:
+        zero_output(network.camp.scorer)
 
 
 def _group_scores(
@@ -186,6 +179,12 @@ def train_reranker(
         raise ValueError("in-batch negatives train with the listwise loss")
     if config.negatives_from == "shortlist" and mined is None:
         raise ValueError("shortlist negatives need the mined shortlists")
+    if config.residual and not config.train_fusion and network.fusion.camp_weight.item() == 0:
+        raise ValueError(
+            "the fusion weight of the scorer is 0 (a residual start without an output layer to "
+            "zero) and the fusion is not trained: the scorer would get no gradient; set "
+            "train_fusion to true"
+        )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     optimizer = optimizer or reranker_optimizer(network, config)

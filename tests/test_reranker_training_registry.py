@@ -1,0 +1,216 @@
+"""The reranker stage trains every registered scorer the same way: no CAMP-only layers are set up
+by the recipe; the registry entry says what is trainable, how the residual start silences the
+scorer and whether a warm start from the heads exists."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.architecture.network import NetworkSpec, RetrievalNetwork
+from model.architecture.rerankers import registered_rerankers, reranker_kind
+from model.eval.data import load_precomputed
+from model.text.vocab import Vocabulary
+from model.training.gru_text import gru_frozen_split
+from model.training.recipes import TrainConfig, TrainConfigError
+from model.training.reranker import (
+    RerankerTrainingConfig,
+    init_residual,
+    reranker_optimizer,
+    train_reranker,
+    warm_start_from_heads,
+)
+
+TRAIN_IMAGES, DEV_IMAGES = 64, 20
+RERANKER_LR = 5e-4
+INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor on fewer pixels
+
+
+@pytest.fixture(scope="module")
+def gru_slice(shared_dir, tmp_path_factory):
+    """Real photos and captions: the first 64 train and 20 dev images of Flickr8K, grid-extracted
+    under root/precomp; the train split and the vocabulary of its captions (every scorer reads
+    the same GRU words); and root."""
+    from model.vision.extract import extract_dataset
+    from model.vision.extractors import create_extractor
+
+    source = shared_dir / "data" / "flickr8k" / "manifest.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    picked = [r for r in rows if r["split"] == "train"][:TRAIN_IMAGES]
+    picked += [r for r in rows if r["split"] == "dev"][:DEV_IMAGES]
+    root = tmp_path_factory.mktemp("registry-slice")
+    manifest = root / "manifest.jsonl"
+    manifest.write_text(
+        "".join(json.dumps({**r, "image": str(source.parent / r["image"])}) + "\n" for r in picked)
+    )
+    extract_dataset(
+        manifest, root / "precomp", create_extractor("grid", {"input_size": INPUT_SIZE})
+    )
+    split = load_precomputed(root / "precomp", "train")
+    return split, Vocabulary.build(split.captions, min_count=1), root
+
+
+def _network(scorer: str, vocabulary: Vocabulary) -> RetrievalNetwork:
+    torch.manual_seed(0)
+    spec = NetworkSpec(
+        text_encoder="gru",
+        embed_size=32,
+        word_dim=50,
+        pooled_dim=64,
+        pooled_hidden=128,
+        camp_cosine_skip=scorer == "camp",
+        scorer=scorer,
+    )
+    network = RetrievalNetwork(spec, vocabulary=vocabulary)
+    for parameter in network.camp.text_encoder.parameters():  # the recipe freezes the GRU
+        parameter.requires_grad_(False)
+    for parameter in network.heads.parameters():
+        parameter.requires_grad_(False)
+    return network
+
+
+@pytest.mark.parametrize("scorer", registered_rerankers())
+def test_residual_start_is_the_shortlist_ranking(gru_slice, scorer):
+    split, vocabulary, _ = gru_slice
+    network = _network(scorer, vocabulary)
+    data = gru_frozen_split(network, split)
+    with torch.no_grad():  # a fusion that mixes in the scorer: the start must undo it
+        network.fusion.camp_weight.fill_(1.0)
+    init_residual(network)
+    pair_scorer = network.pair_scorer()
+    images = torch.arange(8)
+    with torch.no_grad():
+        encoded = pair_scorer.precompute_images(
+            network.camp.image_encoder(data.regions(images.numpy())),
+            data.region_counts(images.numpy()),
+        )
+        features, lengths = data.tokens.batch(np.arange(12))
+        words = pair_scorer.precompute_captions(network.words_from_features(features, lengths))
+        scores = pair_scorer.score_grid(encoded, words)
+        pooled = torch.randn_like(scores)
+        final = network.fusion(pooled, scores)
+    if reranker_kind(scorer).zero_output is not None:  # silenced by its own layer
+        assert network.fusion.camp_weight.item() == 1.0 and scores.abs().max() == 0
+    else:  # its scores stay as they are; the fusion leaves them out
+        assert network.fusion.camp_weight.item() == 0.0 and scores.abs().max() > 0
+    assert network.fusion.shortlist_weight.item() == pytest.approx(network.heads.logit_scale.item())
+    torch.testing.assert_close(final, network.fusion.shortlist_weight * pooled, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scorer", registered_rerankers())
+def test_a_few_steps_lower_the_loss_and_train_every_scorer_parameter(gru_slice, scorer):
+    """Scorer alone (fusion fixed at 0 / 1), all B×B pairs of a batch: the loss falls, and every
+    parameter the registry calls trainable moved; the frozen GRU did not."""
+    split, vocabulary, _ = gru_slice
+    network = _network(scorer, vocabulary)
+    data = gru_frozen_split(network, split)
+    config = RerankerTrainingConfig(
+        steps=40, queries_per_direction=8, lr=3e-3, residual=False, negatives_from="batch"
+    )
+    trainable = reranker_kind(scorer).trainable_parameters(network.camp)
+    before = [p.detach().clone() for p in trainable]
+    frozen_before = [p.detach().clone() for p in network.camp.text_encoder.parameters()]
+    optimizer = reranker_optimizer(network, config)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in trainable
+    }
+    losses = train_reranker(network, data, None, config, optimizer=optimizer)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
+    names = {id(p): n for n, p in network.camp.named_parameters()}
+    moved = zip(trainable, before, strict=True)
+    assert not [names[id(p)] for p, old in moved if torch.equal(p, old)]
+    for parameter, old in zip(network.camp.text_encoder.parameters(), frozen_before, strict=True):
+        assert torch.equal(parameter, old)
+
+
+def test_a_residual_start_at_fusion_weight_0_needs_the_fusion_trained(gru_slice):
+    """Otherwise the scorer gets no gradient at all: refused, not trained silently."""
+    _, vocabulary, _ = gru_slice
+    network = _network("imram", vocabulary)
+    init_residual(network)
+    config = RerankerTrainingConfig(residual=True, train_fusion=False, negatives_from="batch")
+    with pytest.raises(ValueError, match="would get no gradient"):
+        train_reranker(network, None, None, config)
+
+
+def test_a_scorer_without_warm_start_is_refused_naming_it(gru_slice):
+    _, vocabulary, _ = gru_slice
+    network = _network("imram", vocabulary)
+    with pytest.raises(ValueError, match="'imram' scorer has no warm start"):
+        warm_start_from_heads(network)
+
+
+def test_a_preset_asking_a_warm_start_the_scorer_lacks_is_refused_on_load(tmp_path):
+    preset = {
+        "recipe": "residual",
+        "version": "x",
+        "data": {"root": "nowhere"},
+        "extractor": {"name": "grid", "config": {"fit": "squash", "input_size": INPUT_SIZE}},
+        "network": {"text_encoder": "gru", "scorer": "imram"},
+        "reranker": {"warm_start": True},
+        "out": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(preset))
+    with pytest.raises(TrainConfigError, match=r"reranker\.warm_start: the 'imram' scorer"):
+        TrainConfig.load(path)
+    preset["reranker"]["warm_start"] = False
+    path.write_text(json.dumps(preset))
+    assert TrainConfig.load(path).network["scorer"] == "imram"
+
+
+def test_train_command_runs_the_residual_recipe_with_imram(gru_slice, tmp_path):
+    """The whole recipe (pooled stage, residual start, reranker stage, dev selection) with the
+    scorer named in the preset; the checkpoint it keeps holds that scorer."""
+    from typer.testing import CliRunner
+
+    from model.retrieval import RetrievalModel
+    from service.cli.main import app
+
+    _, _, root = gru_slice
+    config = {
+        "recipe": "residual",
+        "version": "slice-imram",
+        "data": {"root": str(root / "precomp"), "min_count": 1},
+        "extractor": {"name": "grid", "config": {"fit": "squash", "input_size": INPUT_SIZE}},
+        "network": {
+            "text_encoder": "gru",
+            "embed_size": 16,
+            "word_dim": 50,
+            "pooled_dim": 16,
+            "pooled_hidden": 32,
+            "scorer": "imram",
+            "scorer_options": {"iteration_steps": 2},
+        },
+        "pooled": {"epochs": 2, "batch_size": 32},
+        "reranker": {
+            "epochs": 1,
+            "steps": 3,
+            "queries_per_direction": 4,
+            "negatives": 3,
+            "pool": 10,
+            "lr": RERANKER_LR,
+            "residual": True,
+            "warm_start": False,
+        },
+        "selection": {"dev_images": DEV_IMAGES, "k": 10},
+        "out": str(tmp_path / "run"),
+    }
+    path = tmp_path / "imram.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    events = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled", "reranker"]
+    steps = [e for e in events if e["event"] == "step" and e["stage"] == "reranker"]
+    # Logged after the first step: the residual start put IMRAM's fusion weight at 0, and one
+    # AdamW step (size lr, as its first step always is) moved it off 0.
+    assert 0.0 < abs(steps[0]["fusion"][1]) <= 1.001 * RERANKER_LR
+    model = RetrievalModel.load(tmp_path / "run" / "best.pt", device="cpu")
+    assert model.network.spec.scorer == "imram"
+    assert model.network.spec.scorer_options == {"iteration_steps": 2}
