@@ -38,7 +38,7 @@ from model.types import RegionFeatures
 from service.outcomes import NotFound, TimedOut
 from service.runtime.budget import MemoryBudget
 from service.runtime.metrics import ServiceMetrics
-from service.search.batching import MicroBatcher
+from service.search.batching import MicroBatcher, OnTheWay
 from service.search.encoding import QueryEncoder
 from service.search.lru import ByteBoundedLRU
 from service.search.regions import FoundRegions
@@ -139,6 +139,7 @@ class SearchPipeline:
         search_memory_bytes: int = 0,
         max_regions: int = 100,
         encoder: MicroBatcher[str, EncodedTexts | ValueError] | None = None,
+        rerank_on_the_way: OnTheWay | None = None,
     ) -> None:
         """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
         tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
@@ -146,8 +147,10 @@ class SearchPipeline:
         (service/runtime/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
         service takes them from `Settings` and the extractor. `encoder` batches the query
         texts of concurrent searches into shared model calls (None: a batcher of its own that
-        never waits)."""
+        never waits). `rerank_on_the_way` counts the searches that will submit to `batcher` (its
+        `expected`: it waits for company only while some are on their way)."""
         self.model = model
+        self.rerank_on_the_way = rerank_on_the_way or OnTheWay()
         self.encoder = encoder or MicroBatcher(QueryEncoder(model), max_wait_s=0.0, name="encode")
         self.corpus = corpus
         self.batcher = batcher
@@ -171,6 +174,15 @@ class SearchPipeline:
 
     @_within_request_timeout
     async def images_for_text(self, text: str, request: SearchParams) -> ImageMatches:
+        if not request.rerank:
+            return await self._images_for_text(text, request, lambda: None)
+        with self.rerank_on_the_way.one() as arrived:
+            return await self._images_for_text(text, request, arrived)
+
+    async def _images_for_text(
+        self, text: str, request: SearchParams, arrived: Callable[[], None]
+    ) -> ImageMatches:
+        """The search; `arrived` is called when it no longer heads for the reranker."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("encode", timings):
@@ -194,6 +206,7 @@ class SearchPipeline:
                 request.rerank,
                 timings,
                 lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
+                arrived,
             )
             chosen = _best(shortlist, final, request.limit, request.min_score)
 
@@ -272,6 +285,20 @@ class SearchPipeline:
         started: float,
     ) -> CaptionMatches:
         """The search of one image (its shortlist vector [1, e] and rerank tensors)."""
+        if not options.rerank:
+            return await self._captions_of(pooled, image, options, timings, started, lambda: None)
+        with self.rerank_on_the_way.one() as arrived:
+            return await self._captions_of(pooled, image, options, timings, started, arrived)
+
+    async def _captions_of(
+        self,
+        pooled: np.ndarray,
+        image: ImageTensors,
+        options: SearchParams,
+        timings: dict[str, float],
+        started: float,
+        arrived: Callable[[], None],
+    ) -> CaptionMatches:
         k = max(options.candidates, options.limit)
         with self.metrics.time_stage("shortlist", timings):
             scores, ids = await self._search("captions", pooled, k)
@@ -288,6 +315,7 @@ class SearchPipeline:
                 options.rerank,
                 timings,
                 lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
+                arrived,
             )
             chosen = _best(shortlist, final, options.limit, options.min_score)
 
@@ -467,10 +495,13 @@ class SearchPipeline:
         rerank: bool,
         timings: dict[str, float],
         pairs: Callable[[], tuple[tuple[ImagePrecompute, ...], tuple[CaptionPrecompute, ...]]],
+        arrived: Callable[[], None],
     ) -> np.ndarray:
         """The reranker's fused scores of the shortlist (`pairs`: the query's per-item tensors
         on one side, the K candidates' on the other, references and not copies), or the
-        shortlist's own scores when reranking is off or nothing is left."""
+        shortlist's own scores when reranking is off or nothing is left. `arrived` is called
+        first: from here on this search is no longer on its way to the reranker."""
+        arrived()
         shortlist_scores = np.asarray([c.score for c in shortlist], dtype=np.float32)
         if not (rerank and shortlist):
             return shortlist_scores
