@@ -53,7 +53,11 @@ from service.search.results import (
     Timings,
 )
 from service.search.shortlist import ShortlistJob
-from service.search.stored_tensors import ImageTensors, caption_tensors, image_tensors
+from service.search.stored_tensors import (
+    ImageTensors,
+    caption_tensors_many,
+    image_tensors_many,
+)
 
 if TYPE_CHECKING:
     from model.retrieval import EncodedTexts, PairExplanation, RetrievalModel
@@ -381,7 +385,8 @@ class SearchPipeline:
             ids,
             self.image_tensors,
             self.image_tensors.get_many(ids) if found is None else found,
-            decode=image_tensors,
+            decode=image_tensors_many,
+            own=lambda item: replace(item, precompute=_compacted(item.precompute)),
             compute=lambda unstored: self.computed_image_tensors(
                 self.corpus.get_region_features(unstored)
             ),
@@ -422,7 +427,8 @@ class SearchPipeline:
             ids,
             self.caption_tensors,
             self.caption_tensors.get_many(ids),
-            decode=caption_tensors,
+            decode=caption_tensors_many,
+            own=_compacted,
             compute=encoded,
         )
 
@@ -433,27 +439,30 @@ class SearchPipeline:
         lru: ByteBoundedLRU,
         found: dict[int, Any],
         *,
-        decode: Callable[[Any, torch.device], Any],
+        decode: Callable[[dict[int, Any], torch.device], dict[int, Any]],
+        own: Callable[[Any], Any],
         compute: Callable[[list[int]], dict[int, Any]],
     ) -> dict[int, Any]:
         """`ids`' rerank tensors, in order, of the items that exist: `found` (the LRU's hits),
-        then the stored records of the misses (`decode`d), then `compute` for items without
-        them; whatever was read or computed goes into `lru`."""
+        then the stored records of the misses (`decode`d all at once: their tensors are rows
+        of shared batches), then `compute` for items without them. What was read or computed
+        goes into `lru` when it keeps anything, decoded items as copies that `own` their
+        memory (a row would pin its whole batch); with the LRU off nothing is copied."""
         label = kind.removesuffix("s")  # the metric's "image" / "caption"
         self.metrics.precompute_cache.labels(label, "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
         if not missing:
             return found
-        built = {
-            item_id: decode(record, self.model.device)
-            for item_id, record in self.corpus.get_rerank_tensors(kind, missing).items()
-        }
+        built = decode(self.corpus.get_rerank_tensors(kind, missing), self.model.device)
         self.metrics.precompute_cache.labels(label, "stored").inc(len(built))
+        if lru.max_bytes > 0:
+            built = {item_id: own(item) for item_id, item in built.items()}
         unstored = [i for i in missing if i not in built]
         if unstored:
             self.metrics.precompute_cache.labels(label, "miss").inc(len(unstored))
             built.update(compute(unstored))
-        lru.put_many(built)
+        if lru.max_bytes > 0:
+            lru.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 
     def computed_caption_tensors(self, texts: dict[int, str]) -> dict[int, CaptionPrecompute]:
