@@ -211,6 +211,8 @@ class ServiceRuntime:
 
         `model` / `extractor` may be passed in already loaded (tests, benchmarks).
         """
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # process-wide, every thread's calls
         lock = DataDirLock(settings.data_dir).acquire()
         try:
             if model is None:
