@@ -9,10 +9,11 @@ default model on the CPU and 100 candidates, as a text search has them:
   encoding (`RetrievalModel.encode_texts`) on 1 torch thread against torch's default (one per
   core), what `CAMPSEARCH_TORCH_THREADS` chooses between;
 * FAISS threads: one query against a flat index of `--vectors` shortlist vectors, after an idle
-  gap of 20 ms (as between two searches), on one OpenMP thread against every core's;
-* stored tensors: 100 stored float16 image records turned into float32 tensors, one
-  conversion per tensor per record (before) against one stack and one conversion per tensor
-  (`image_tensors_many`).
+  gap of 20 ms (as between two searches), on one OpenMP thread against every core's, in
+  alternating blocks of 10 searches;
+* stored tensors: 100 stored float16 image records turned into float32 tensors, one numpy
+  conversion per tensor per record (before) against one stack and one torch conversion per
+  tensor (`image_tensors_many`), on 1 torch thread (the service's default) and on one per core.
 
 Prints each pair with its ratio and the load average (the machine may be shared), and writes
 them as JSON with --json.
@@ -32,15 +33,18 @@ import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Run as a script, this folder comes first on sys.path, and bench/service.py would shadow the
+# `service` package: the folder goes last (for bench/timing.py).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-from timing import interleaved
+from timing import interleaved  # noqa: E402
 
-from index.codec import decode_arrays, encode_arrays
-from model.architecture.precompute import ImagePrecompute
-from model.retrieval import RetrievalModel
-from service.search.rerank import PairReranker, RerankJob
-from service.search.stored_tensors import (
+from index.codec import decode_arrays, encode_arrays  # noqa: E402
+from model.architecture.precompute import ImagePrecompute  # noqa: E402
+from model.retrieval import RetrievalModel  # noqa: E402
+from service.search.rerank import PairReranker, RerankJob  # noqa: E402
+from service.search.stored_tensors import (  # noqa: E402
     ImageTensors,
     caption_record,
     caption_tensors,
@@ -56,6 +60,7 @@ QUERIES = (
     "a plate of food on a wooden table",
 )
 IDLE_GAP_S = 0.02
+SEARCH_BLOCK = 10
 
 
 def medians_ms(seconds: dict[str, list[float]]) -> dict[str, float]:
@@ -108,9 +113,9 @@ def faiss_threads(vectors: int, repeats: int) -> dict:
 
     ways = {"search, 1 thread": after_a_gap(1), f"search, {cores} threads": after_a_gap(cores)}
     times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(repeats):  # the gap is not timed: each way returns its own search time
-        for name, way in ways.items():
-            times[name].append(way())
+    for _ in range(max(1, repeats // SEARCH_BLOCK)):  # ways alternate by blocks of searches,
+        for name, way in ways.items():  # as a service keeps its setting between searches
+            times[name] += [way() for _ in range(SEARCH_BLOCK)]  # the gap is not timed
     faiss.omp_set_num_threads(cores)
     return medians_ms(times)
 
@@ -129,13 +134,24 @@ def stored_decoding(records: dict[int, dict[str, np.ndarray]], repeats: int) -> 
             for item_id, record in records.items()
         }
 
+    cores = torch.get_num_threads()
+
+    def one_pass(threads: int):
+        def run():
+            torch.set_num_threads(threads)
+            return image_tensors_many(records, device)
+
+        return run
+
     seconds, _ = interleaved(
         {
             "per record and tensor": one_by_one,
-            "one pass per tensor": lambda: image_tensors_many(records, device),
+            "one pass per tensor, 1 torch thread": one_pass(1),
+            f"one pass per tensor, {cores} torch threads": one_pass(cores),
         },
         repeats,
     )
+    torch.set_num_threads(cores)
     return medians_ms(seconds)
 
 
@@ -172,11 +188,13 @@ def main() -> None:
         "stored_decoding_ms": stored_decoding(records, args.repeats),
     }
     for section, ways in figures.items():
-        (name_a, a), (name_b, b) = list(ways.items())[:2]
-        print(f"{section}: {name_a} {a:.2f} ms, {name_b} {b:.2f} ms ({b / a:.2f}x)")
-        if len(ways) == 4:
-            (name_c, c), (name_d, d) = list(ways.items())[2:]
-            print(f"{section}: {name_c} {c:.2f} ms, {name_d} {d:.2f} ms ({d / c:.2f}x)")
+        (first, reference), *others = ways.items()
+        if section == "torch_threads_ms":  # two pairs: rerank, encode
+            pairs = [list(ways.items())[:2], list(ways.items())[2:]]
+        else:
+            pairs = [[(first, reference), other] for other in others]
+        for (name_a, a), (name_b, b) in pairs:
+            print(f"{section}: {name_a} {a:.2f} ms, {name_b} {b:.2f} ms ({b / a:.2f}x)")
     figures["load_average_before_after"] = [list(load_before), list(os.getloadavg())]
     figures["settings"] = {"repeats": args.repeats, "vectors": args.vectors}
     print("load average before / after:", figures["load_average_before_after"])
