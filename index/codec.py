@@ -19,6 +19,7 @@ A 49x1280 float16 region record plus its float32 boxes is 125,440 + 784 bytes of
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 
@@ -91,7 +92,7 @@ def decode_arrays(buffer: bytes | memoryview) -> dict[str, np.ndarray]:
             shape = struct.unpack_from(f"<{ndim}I", view, offset)
             offset += 4 * ndim
             dtype = _DTYPE_BY_CODE[code]
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            size = math.prod(shape) * dtype.itemsize  # Python ints: no overflow, no numpy call
             if offset + size > len(view):
                 raise InvalidRecordError(f"record truncated inside array {name!r}")
             array = np.frombuffer(view, dtype=dtype, count=size // dtype.itemsize, offset=offset)

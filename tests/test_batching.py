@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.search.batching import MicroBatcher, QueueFullError
+from service.search.batching import MicroBatcher, OnTheWay, QueueFullError
 
 
 def test_concurrent_jobs_share_one_call_and_get_their_own_results() -> None:
@@ -140,3 +140,65 @@ def test_without_a_wait_jobs_queued_meanwhile_share_the_next_call() -> None:
 
     assert asyncio.run(scenario()) == list(range(6))
     assert calls == [[0], [1, 2, 3, 4, 5]]  # no wait, yet one call for the five
+
+
+def _calls_of_two_jobs_50ms_apart(on_the_way: OnTheWay, second_on_its_way: bool) -> list[list[int]]:
+    """The batches of a job submitted at once and one 50 ms later (counted on its way meanwhile
+    when `second_on_its_way`), through a batcher that may wait up to 5 s for company."""
+    calls: list[list[int]] = []
+
+    def record(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        return list(jobs)
+
+    async def second(batcher: MicroBatcher[int, int]) -> int:
+        if not second_on_its_way:
+            await asyncio.sleep(0.05)
+            return await batcher.submit(2)
+        with on_the_way.one() as arrived:
+            await asyncio.sleep(0.05)  # e.g. encoding its query
+            arrived()
+            return await batcher.submit(2)
+
+    async def scenario() -> list[int]:
+        batcher = MicroBatcher(
+            record, max_batch_size=8, max_wait_s=5.0, expected=lambda: on_the_way.count
+        )
+        await batcher.start()
+        try:
+            task = asyncio.create_task(second(batcher))
+            await asyncio.sleep(0)  # the second caller is on its way before the first submits
+            return list(await asyncio.wait_for(asyncio.gather(batcher.submit(1), task), 4.0))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == [1, 2]
+    return calls
+
+
+def test_a_lone_job_does_not_wait_for_company() -> None:
+    on_the_way = OnTheWay()
+    assert _calls_of_two_jobs_50ms_apart(on_the_way, second_on_its_way=False) == [[1], [2]]
+    assert on_the_way.count == 0
+
+
+def test_a_job_waits_for_one_on_its_way_and_no_longer() -> None:
+    """Both in one call, and the call starts once nobody else is coming (well before 5 s:
+    `wait_for` gives the scenario 4 s)."""
+    on_the_way = OnTheWay()
+    assert _calls_of_two_jobs_50ms_apart(on_the_way, second_on_its_way=True) == [[1, 2]]
+    assert on_the_way.count == 0
+
+
+def test_on_the_way_counts_until_arrival_or_exit() -> None:
+    on_the_way = OnTheWay()
+    with pytest.raises(RuntimeError), on_the_way.one() as arrived:
+        assert on_the_way.count == 1
+        arrived()
+        arrived()  # once only
+        assert on_the_way.count == 0
+        raise RuntimeError("failed after arriving")
+    assert on_the_way.count == 0
+    with pytest.raises(RuntimeError), on_the_way.one():
+        raise RuntimeError("failed on the way")
+    assert on_the_way.count == 0

@@ -236,3 +236,34 @@ def test_explanations_of_all_hits_come_from_one_batched_call_and_match_each_alon
         assert explained.camp_score == pytest.approx(alone.camp_score, abs=1e-6)
     with pytest.raises(ValueError, match="one caption x K images"):
         model.explain_pairs(ImagePrecompute.cat(images[:2]), CaptionPrecompute.cat(captions[:2]))
+
+
+def test_pairs_of_very_different_widths_are_scored_in_groups_like_one_call(
+    tiny_retrieval_model, items
+) -> None:
+    """One image x 23 captions: 20 of a few words and 3 of about twenty. The short ones are not
+    padded to the long ones' width: two calls (narrow, wide), each pair scored as in one call."""
+    model = tiny_retrieval_model
+    images, _ = items
+    long_text = " ".join([CAPTIONS[2], CAPTIONS[4]])
+    texts = [CAPTIONS[1]] * 20 + [long_text, CAPTIONS[2] + " " + CAPTIONS[0], long_text]
+    captions = [model.encode_texts([text]).precompute for text in texts]
+    widths = sorted({caption.words.shape[1] for caption in captions})
+    assert widths[-1] > 2 * widths[0]  # the check has teeth: widths of different doublings
+    order = np.random.default_rng(3).permutation(len(texts))  # long ones anywhere in the job
+    captions = [captions[i] for i in order]
+    shortlist = np.linspace(0.5, 0.1, len(texts), dtype=np.float32)
+    job = RerankJob(images=(images[0],), captions=tuple(captions), shortlist_scores=shortlist)
+    expected = model.rerank_pairs(
+        images[0].select([0] * len(captions)), CaptionPrecompute.cat(captions), shortlist
+    )
+    counting = _CountingModel(model)
+    scores = PairReranker(counting, memory_budget_bytes=2**40)([job])
+    np.testing.assert_allclose(scores[0], expected, atol=1e-5)
+    assert counting.calls == 2
+    small = RerankJob(  # few pairs: one call whatever their widths
+        images=(images[0],), captions=tuple(captions[:5]), shortlist_scores=shortlist[:5]
+    )
+    counting.calls = 0
+    PairReranker(counting, memory_budget_bytes=2**40)([small])
+    assert counting.calls == 1

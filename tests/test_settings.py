@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from service_support import png_bytes, running_client
@@ -47,6 +50,16 @@ def test_public_bind_without_keys_is_refused_unless_explicit() -> None:
     assert Settings(_env_file=None, host="0.0.0.0", api_keys=["k" * 16]).writes_need_key
 
 
+def _torch_threads_of_a_new_thread() -> int:
+    """torch's thread count as a thread started now sees it (a thread that already ran torch
+    keeps the count it started with)."""
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
 def test_cache_budgets_reach_the_caches_and_metrics(
     monkeypatch: pytest.MonkeyPatch, tmp_path, tiny_retrieval_model, small_grid_extractor
 ) -> None:
@@ -57,8 +70,13 @@ def test_cache_budgets_reach_the_caches_and_metrics(
     settings = Settings(_env_file=None)
     assert (settings.image_cache_mib, settings.caption_cache_mib) == (3, 2)
     assert settings.feature_cache_mib == 5
+    assert settings.torch_threads == 1
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the runtime sets its own: 1 by default
     app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
     with running_client(app) as client:
+        assert _torch_threads_of_a_new_thread() == 1  # as every batcher thread starts
+        torch.set_num_threads(threads_before)
         runtime = app.state.service.runtime
         assert runtime.pipeline.image_tensors.max_bytes == 3 * MEBIBYTE
         assert runtime.pipeline.caption_tensors.max_bytes == 2 * MEBIBYTE

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+
+import faiss
 import numpy as np
 import pytest
 
 from index.errors import CorruptIndexError, DimensionError, IndexMismatchError
-from index.shortlist import FLAT, ShortlistIndex, choose_factory, l2_normalised
+from index.shortlist import (
+    FLAT,
+    SMALL_SEARCH_ROWS,
+    ShortlistIndex,
+    choose_factory,
+    l2_normalised,
+    search_threads,
+)
 
 DIM = 32
 
@@ -138,3 +148,29 @@ def test_choose_factory_by_corpus_size():
     assert choose_factory(50_000_000, 256) == "IVF32768_HNSW32,PQ32"
     for size in (60_000, 3_000_000, 20_000_000):
         ShortlistIndex(256, choose_factory(size, 256))  # every choice is a valid factory
+
+
+def test_small_searches_run_on_one_openmp_thread_of_the_caller_only():
+    """A search of a few queries uses one OpenMP thread on the searching thread (waking a
+    second costs more than it saves), a large batch all of them; other threads keep theirs,
+    and the results are exact either way."""
+    data = _clustered(3000)
+    ids = np.arange(3000, dtype=np.int64)
+    index = ShortlistIndex(DIM)
+    index.add(ids, data)
+    everyone = faiss.omp_get_max_threads()
+    seen: dict[int, tuple[int, np.ndarray]] = {}
+
+    def search(rows: int) -> None:
+        queries = _clustered(rows, seed=rows)
+        found = index.search(queries, 10)[1]
+        np.testing.assert_array_equal(found, _exact(data, ids, queries, 10))
+        seen[rows] = (faiss.omp_get_max_threads(), found)
+
+    for rows in (1, SMALL_SEARCH_ROWS - 1, SMALL_SEARCH_ROWS):
+        worker = threading.Thread(target=search, args=(rows,))
+        worker.start()
+        worker.join()
+    assert seen[1][0] == seen[SMALL_SEARCH_ROWS - 1][0] == search_threads(1) == 1
+    assert seen[SMALL_SEARCH_ROWS][0] == search_threads(SMALL_SEARCH_ROWS) == everyone
+    assert faiss.omp_get_max_threads() == everyone  # this thread's setting is untouched

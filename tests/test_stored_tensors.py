@@ -26,8 +26,10 @@ from service.search.stored_tensors import (
     TensorOverflowError,
     caption_record,
     caption_tensors,
+    caption_tensors_many,
     image_record,
     image_tensors,
+    image_tensors_many,
 )
 
 STORED_MAX_SCORE_DIFF = 0.002
@@ -120,3 +122,46 @@ def test_a_tensor_that_overflows_float16_is_refused(model, jobs) -> None:
     )
     with pytest.raises(TensorOverflowError):
         caption_record(huge)
+
+
+def test_records_decoded_together_equal_each_decoded_alone(model, jobs) -> None:
+    """A search decodes its records in one pass per tensor and shape: the same values, in the
+    records' order, for images of several region counts and captions of several lengths."""
+    rng = np.random.default_rng(1)
+    images = []
+    for regions in (49, 12, 49, 30, 12):
+        features = rng.standard_normal((1, 49, model.region_dim)).astype(np.float16)
+        image = model.precompute_images(features, np.array([regions])).trimmed(regions)
+        images.append(ImageTensors(image, rng.random((regions, 4)).astype(np.float32), (64, 48)))
+    image_records = {
+        7 - n: decode_arrays(encode_arrays(image_record(i))) for n, i in enumerate(images)
+    }
+    together = image_tensors_many(image_records, model.device)
+    assert list(together) == list(image_records)
+    for item_id, record in image_records.items():
+        decoded = together[item_id]
+        np.testing.assert_array_equal(decoded.boxes, record["boxes"])
+        assert decoded.image_size == (64, 48)
+        assert decoded.precompute.region_counts.tolist() == [record["regions"].shape[0]]
+        _assert_record_values(decoded.precompute, record)
+    texts = ["a dog", "two dogs run on the grass", "a cat", "a red bus on a street"]
+    encoded = model.encode_texts(texts).precompute
+    caption_records = {
+        n: decode_arrays(encode_arrays(caption_record(encoded.select([n]))))
+        for n in range(len(texts))
+    }
+    together_captions = caption_tensors_many(caption_records, model.device)
+    assert list(together_captions) == list(caption_records)
+    for item_id, record in caption_records.items():
+        assert together_captions[item_id].lengths.tolist() == [record["words"].shape[0]]
+        _assert_record_values(together_captions[item_id], record)
+
+
+def _assert_record_values(decoded, record) -> None:
+    """Every stored array of `record`, widened to float32, is the decoded item's tensor [1, ...]."""
+    for name, array in record.items():
+        if name in ("boxes", "image_size"):
+            continue
+        tensor = getattr(decoded, name)
+        assert tensor.dtype == torch.float32 and tensor.shape == (1, *array.shape)
+        np.testing.assert_array_equal(tensor[0].cpu().numpy(), array.astype(np.float32))

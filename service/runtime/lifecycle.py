@@ -34,7 +34,7 @@ from service.ingest.indexer import Indexer
 from service.runtime.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
 from service.runtime.metrics import ServiceMetrics
 from service.runtime.settings import MEBIBYTE, Settings
-from service.search.batching import MicroBatcher
+from service.search.batching import MicroBatcher, OnTheWay
 from service.search.encoding import QueryEncoder
 from service.search.pipeline import SearchPipeline
 from service.search.regions import UploadRegions
@@ -229,6 +229,8 @@ class ServiceRuntime:
 
         `model` / `extractor` may be passed in already loaded (tests, benchmarks).
         """
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # process-wide, every thread's calls
         lock = DataDirLock(settings.data_dir).acquire()
         read_router: ReadRouter | None = None
         try:
@@ -259,12 +261,16 @@ class ServiceRuntime:
         reranker = PairReranker(
             model, on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs)
         )
+        # The reranker waits up to batch_max_wait_ms for company only while other searches are
+        # on their way to it (encoding, shortlist, tensors): a lone search never waits.
+        on_the_way = OnTheWay()
         batcher: MicroBatcher[RerankJob, np.ndarray] = MicroBatcher(
             reranker,
             max_batch_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000.0,
             max_queue_size=settings.queue_max_size,
             name="rerank",
+            expected=lambda: on_the_way.count,
         )
         shortlist = build_shortlist_batcher(settings, corpus, metrics, gpu_id)
         # Query texts of concurrent searches share one encoder call; it never waits (a lone
@@ -288,6 +294,7 @@ class ServiceRuntime:
             search_memory_bytes=settings.search_memory_mib * MEBIBYTE,
             max_regions=extractor.num_regions,
             encoder=encoder,
+            rerank_on_the_way=on_the_way,
         )
         regions = UploadRegions(
             corpus, extractor, cache, metrics=metrics, max_waiting=settings.queue_max_size

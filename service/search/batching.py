@@ -3,9 +3,11 @@
 The reranker is fastest when it scores many (query, candidates) jobs in one call, and it must
 never run on the event loop. `MicroBatcher` collects jobs for up to `max_wait_s` (then also
 takes those already waiting; with 0 it never waits, batching only what queued meanwhile) or
-until `max_batch_size` are waiting, runs the batch function on one worker thread, and hands every
-caller its own result. When `max_queue_size` jobs are already waiting, `submit` raises
-`QueueFullError` at once, so the API can answer 429 instead of slowing down without bound.
+until `max_batch_size` are waiting; given `expected` (how many callers are on their way, e.g.
+searches still encoding) it waits only while some are, so a lone search never waits. It runs
+the batch function on one worker thread and hands every caller its own result. When
+`max_queue_size` jobs are already waiting, `submit` raises `QueueFullError` at once, so the API
+can answer 429 instead of slowing down without bound.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -28,6 +30,33 @@ class QueueFullError(RuntimeError):
     def __init__(self, queued: int, retry_after_s: int) -> None:
         super().__init__(f"{queued} requests are already waiting for the model; retry later")
         self.retry_after_s = retry_after_s
+
+
+class OnTheWay:
+    """How many callers will submit to a batcher soon (searches in the stages before it).
+
+    Used on the event loop only (the searches and the batcher's runner), so a plain counter."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[Callable[[], None]]:
+        """Count one caller until it calls the yielded `arrived` (just before it submits) or
+        leaves the block (it failed, or will not submit)."""
+        here = True
+
+        def arrived() -> None:
+            nonlocal here
+            if here:
+                here = False
+                self.count -= 1
+
+        self.count += 1
+        try:
+            yield arrived
+        finally:
+            arrived()
 
 
 @dataclass
@@ -47,13 +76,16 @@ class MicroBatcher(Generic[JobT, ResultT]):
         max_wait_s: float = 0.005,
         max_queue_size: int = 256,
         name: str = "model",
+        expected: Callable[[], int] | None = None,
     ) -> None:
+        """`expected`: callers on their way (None: always wait up to `max_wait_s`)."""
         if max_batch_size < 1 or max_queue_size < 1 or max_wait_s < 0:
             raise ValueError("batch size and queue size must be >= 1 and the wait >= 0")
         self._batch_fn = batch_fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
+        self._expected = expected
         self._queue: asyncio.Queue[_Pending[JobT, ResultT]] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-batcher")
         self._runner: asyncio.Task[None] | None = None
@@ -108,6 +140,8 @@ class MicroBatcher(Generic[JobT, ResultT]):
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 timeout = deadline - loop.time()
+                if self._expected is not None and self._expected() <= 0:
+                    timeout = 0.0  # no one else is on the way: waiting cannot gather company
                 try:
                     if timeout <= 0:  # the wait is over: take only what is already queued
                         batch.append(self._queue.get_nowait())

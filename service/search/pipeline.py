@@ -38,7 +38,7 @@ from model.types import RegionFeatures
 from service.outcomes import NotFound, TimedOut
 from service.runtime.budget import MemoryBudget
 from service.runtime.metrics import ServiceMetrics
-from service.search.batching import MicroBatcher
+from service.search.batching import MicroBatcher, OnTheWay
 from service.search.encoding import QueryEncoder
 from service.search.lru import ByteBoundedLRU
 from service.search.regions import FoundRegions
@@ -53,7 +53,11 @@ from service.search.results import (
     Timings,
 )
 from service.search.shortlist import ShortlistJob
-from service.search.stored_tensors import ImageTensors, caption_tensors, image_tensors
+from service.search.stored_tensors import (
+    ImageTensors,
+    caption_tensors_many,
+    image_tensors_many,
+)
 
 if TYPE_CHECKING:
     from model.retrieval import EncodedTexts, PairExplanation, RetrievalModel
@@ -139,6 +143,7 @@ class SearchPipeline:
         search_memory_bytes: int = 0,
         max_regions: int = 100,
         encoder: MicroBatcher[str, EncodedTexts | ValueError] | None = None,
+        rerank_on_the_way: OnTheWay | None = None,
     ) -> None:
         """`image_cache_bytes` / `caption_cache_bytes` bound the in-process LRUs of rerank
         tensors (per-image ones cost ~1 MB at d=1024 and ~5 ms to build on a CPU; per-caption
@@ -146,8 +151,10 @@ class SearchPipeline:
         (service/runtime/budget.py; 0: unbounded), reckoned at `max_regions` regions an image. The
         service takes them from `Settings` and the extractor. `encoder` batches the query
         texts of concurrent searches into shared model calls (None: a batcher of its own that
-        never waits)."""
+        never waits). `rerank_on_the_way` counts the searches that will submit to `batcher` (its
+        `expected`: it waits for company only while some are on their way)."""
         self.model = model
+        self.rerank_on_the_way = rerank_on_the_way or OnTheWay()
         self.encoder = encoder or MicroBatcher(QueryEncoder(model), max_wait_s=0.0, name="encode")
         self.corpus = corpus
         self.batcher = batcher
@@ -171,6 +178,15 @@ class SearchPipeline:
 
     @_within_request_timeout
     async def images_for_text(self, text: str, request: SearchParams) -> ImageMatches:
+        if not request.rerank:
+            return await self._images_for_text(text, request, lambda: None)
+        with self.rerank_on_the_way.one() as arrived:
+            return await self._images_for_text(text, request, arrived)
+
+    async def _images_for_text(
+        self, text: str, request: SearchParams, arrived: Callable[[], None]
+    ) -> ImageMatches:
+        """The search; `arrived` is called when it no longer heads for the reranker."""
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with self.metrics.time_stage("encode", timings):
@@ -194,6 +210,7 @@ class SearchPipeline:
                 request.rerank,
                 timings,
                 lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
+                arrived,
             )
             chosen = _best(shortlist, final, request.limit, request.min_score)
 
@@ -272,6 +289,20 @@ class SearchPipeline:
         started: float,
     ) -> CaptionMatches:
         """The search of one image (its shortlist vector [1, e] and rerank tensors)."""
+        if not options.rerank:
+            return await self._captions_of(pooled, image, options, timings, started, lambda: None)
+        with self.rerank_on_the_way.one() as arrived:
+            return await self._captions_of(pooled, image, options, timings, started, arrived)
+
+    async def _captions_of(
+        self,
+        pooled: np.ndarray,
+        image: ImageTensors,
+        options: SearchParams,
+        timings: dict[str, float],
+        started: float,
+        arrived: Callable[[], None],
+    ) -> CaptionMatches:
         k = max(options.candidates, options.limit)
         with self.metrics.time_stage("shortlist", timings):
             scores, ids = await self._search("captions", pooled, k)
@@ -288,6 +319,7 @@ class SearchPipeline:
                 options.rerank,
                 timings,
                 lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
+                arrived,
             )
             chosen = _best(shortlist, final, options.limit, options.min_score)
 
@@ -353,9 +385,10 @@ class SearchPipeline:
             ids,
             self.image_tensors,
             self.image_tensors.get_many(ids) if found is None else found,
-            decode=lambda record, device: image_tensors(
-                record, device, self.model.reranker.image_precompute
+            decode=lambda records, device: image_tensors_many(
+                records, device, self.model.reranker.image_precompute
             ),
+            own=lambda item: replace(item, precompute=_compacted(item.precompute)),
             compute=lambda unstored: self.computed_image_tensors(
                 self.corpus.get_region_features(unstored)
             ),
@@ -396,9 +429,10 @@ class SearchPipeline:
             ids,
             self.caption_tensors,
             self.caption_tensors.get_many(ids),
-            decode=lambda record, device: caption_tensors(
-                record, device, self.model.reranker.caption_precompute
+            decode=lambda records, device: caption_tensors_many(
+                records, device, self.model.reranker.caption_precompute
             ),
+            own=_compacted,
             compute=encoded,
         )
 
@@ -409,27 +443,30 @@ class SearchPipeline:
         lru: ByteBoundedLRU,
         found: dict[int, Any],
         *,
-        decode: Callable[[Any, torch.device], Any],
+        decode: Callable[[dict[int, Any], torch.device], dict[int, Any]],
+        own: Callable[[Any], Any],
         compute: Callable[[list[int]], dict[int, Any]],
     ) -> dict[int, Any]:
         """`ids`' rerank tensors, in order, of the items that exist: `found` (the LRU's hits),
-        then the stored records of the misses (`decode`d), then `compute` for items without
-        them; whatever was read or computed goes into `lru`."""
+        then the stored records of the misses (`decode`d all at once: their tensors are rows
+        of shared batches), then `compute` for items without them. What was read or computed
+        goes into `lru` when it keeps anything, decoded items as copies that `own` their
+        memory (a row would pin its whole batch); with the LRU off nothing is copied."""
         label = kind.removesuffix("s")  # the metric's "image" / "caption"
         self.metrics.precompute_cache.labels(label, "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
         if not missing:
             return found
-        built = {
-            item_id: decode(record, self.model.device)
-            for item_id, record in self.corpus.get_rerank_tensors(kind, missing).items()
-        }
+        built = decode(self.corpus.get_rerank_tensors(kind, missing), self.model.device)
         self.metrics.precompute_cache.labels(label, "stored").inc(len(built))
+        if lru.max_bytes > 0:
+            built = {item_id: own(item) for item_id, item in built.items()}
         unstored = [i for i in missing if i not in built]
         if unstored:
             self.metrics.precompute_cache.labels(label, "miss").inc(len(unstored))
             built.update(compute(unstored))
-        lru.put_many(built)
+        if lru.max_bytes > 0:
+            lru.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
 
     def computed_caption_tensors(self, texts: dict[int, str]) -> dict[int, CaptionPrecompute]:
@@ -471,10 +508,13 @@ class SearchPipeline:
         rerank: bool,
         timings: dict[str, float],
         pairs: Callable[[], tuple[tuple[ImagePrecompute, ...], tuple[CaptionPrecompute, ...]]],
+        arrived: Callable[[], None],
     ) -> np.ndarray:
         """The reranker's fused scores of the shortlist (`pairs`: the query's per-item tensors
         on one side, the K candidates' on the other, references and not copies), or the
-        shortlist's own scores when reranking is off or nothing is left."""
+        shortlist's own scores when reranking is off or nothing is left. `arrived` is called
+        first: from here on this search is no longer on its way to the reranker."""
+        arrived()
         shortlist_scores = np.asarray([c.score for c in shortlist], dtype=np.float32)
         if not (rerank and shortlist):
             return shortlist_scores
