@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -11,7 +12,12 @@ from pydantic import ValidationError
 from service_support import png_bytes, running_client
 
 from service.api.app import create_app
-from service.runtime.settings import MEBIBYTE, Settings
+from service.runtime.settings import (
+    CONCURRENT_MODEL_STAGES,
+    MEBIBYTE,
+    Settings,
+    default_torch_threads,
+)
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -70,9 +76,15 @@ def test_cache_budgets_reach_the_caches_and_metrics(
     settings = Settings(_env_file=None)
     assert (settings.image_cache_mib, settings.caption_cache_mib) == (3, 2)
     assert settings.feature_cache_mib == 5
-    assert settings.torch_threads == 1
+    assert settings.torch_threads is None
+    assert settings.threads_per_torch_call == default_torch_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    assert default_torch_threads() == 8 // CONCURRENT_MODEL_STAGES  # the stages share the cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert default_torch_threads() == 1
+    assert Settings(_env_file=None, torch_threads=0).threads_per_torch_call is None
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(2)  # the runtime sets its own: 1 by default
+    torch.set_num_threads(2)  # the runtime sets its own: 1 on two cores
     app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
     with running_client(app) as client:
         assert _torch_threads_of_a_new_thread() == 1  # as every batcher thread starts

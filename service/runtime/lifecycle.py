@@ -229,8 +229,8 @@ class ServiceRuntime:
 
         `model` / `extractor` may be passed in already loaded (tests, benchmarks).
         """
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)  # process-wide, every thread's calls
+        if settings.threads_per_torch_call:
+            torch.set_num_threads(settings.threads_per_torch_call)  # every thread started after
         lock = DataDirLock(settings.data_dir).acquire()
         read_router: ReadRouter | None = None
         try:

@@ -9,6 +9,7 @@ constant, imported here, so each number is defined once.
 from __future__ import annotations
 
 import ipaddress
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,6 +23,16 @@ from index.shortlist import DEFAULT_EF_SEARCH, DEFAULT_NPROBE
 from model.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 MEBIBYTE = 1024 * 1024
+
+
+# The model stages that may run torch at the same time, each on its own thread.
+CONCURRENT_MODEL_STAGES = 3
+
+
+def default_torch_threads() -> int:
+    """Threads per torch call when `CAMPSEARCH_TORCH_THREADS` is unset: the usable cores (the
+    process's CPU affinity, as a container limits it) shared by the concurrent model stages."""
+    return max(1, len(os.sched_getaffinity(0)) // CONCURRENT_MODEL_STAGES)
 
 
 class Settings(BaseSettings):
@@ -50,15 +61,16 @@ class Settings(BaseSettings):
         description="detectron2 only: the detector's weights; unset: the checkpoint's.",
     )
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'")
-    torch_threads: int = Field(
-        default=1,
+    torch_threads: int | None = Field(
+        default=None,
         ge=0,
         description=(
-            "Threads each torch call may use on the CPU (torch.set_num_threads); 0: torch's "
-            "default, one per core. The service already runs its model stages (query encoding, "
-            "reranking, extraction) on their own threads at once, so 1 avoids oversubscribing "
-            "the cores: on a busy 2-core host one rerank of 100 pairs took 52 ms on 1 thread "
-            "and 293 ms on 2 (README, speed)."
+            "Threads each torch call may use on the CPU (torch.set_num_threads); unset: a third "
+            "of the usable cores, at least 1 (`default_torch_threads`); 0: torch's default, one "
+            "per core. The service runs its model stages (query encoding, reranking, "
+            "extraction) on their own threads at once, so one team per core oversubscribes: on "
+            "a busy 2-core host one rerank of 100 pairs took 52 ms on 1 thread and 293 ms on 2 "
+            "(README, speed)."
         ),
     )
     rerank_precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -222,6 +234,13 @@ class Settings(BaseSettings):
                 "CAMPSEARCH_DATABASE_READ_URL is a replica of CAMPSEARCH_DATABASE_URL: set both"
             )
         return self
+
+    @property
+    def threads_per_torch_call(self) -> int | None:
+        """What `torch.set_num_threads` gets at start; None leaves torch's default."""
+        if self.torch_threads is None:
+            return default_torch_threads()
+        return self.torch_threads or None
 
     @property
     def writes_need_key(self) -> bool:
