@@ -21,6 +21,7 @@ import torch
 from model.architecture.encoders import pad_token_ids
 from model.architecture.network import RetrievalNetwork
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.calibration import ScoreCalibration
 from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
 from model.checkpoints.extractor import ExtractorRecord
 from model.devices import DEVICE_AUTO, resolve_device
@@ -98,6 +99,8 @@ class RetrievalModel:
         self.pooled_dim = network.pooled_dim
         self.device = device
         self.metadata = dict(metadata or {})
+        # P(match) maps fitted on dev (`camp-search calibrate`); None: an uncalibrated model
+        self.calibration = ScoreCalibration.from_metadata(self.metadata)
         self.scorer = PrecomputedScorer(network.camp.scorer)
         spec = network.spec
         self._tokenizer = spec.text_kind.tokenizer(
