@@ -92,3 +92,22 @@ def fit_calibration(
                 "cross_fitted": reliability(crossed, these.labels),
             }
     return ScoreCalibration(maps=maps, fitted_on=fitted_on, candidates=candidates), report
+
+
+def check_calibration(
+    pairs: dict[Direction, CalibrationPairs], calibration: ScoreCalibration
+) -> dict:
+    """The reliability of stored maps on other pairs (e.g. another domain), fitting nothing:
+    the same report layout as `fit_calibration`, with the stored map and "held_out" curves."""
+    report: dict = {}
+    for direction in DIRECTIONS:
+        these = pairs[direction]
+        for mode in CALIBRATION_MODES:
+            stored = calibration.maps[(direction, mode)]
+            report.setdefault(direction, {})[mode] = {
+                "slope": stored.slope,
+                "intercept": stored.intercept,
+                "match_rate": float(these.labels.mean()),
+                "held_out": reliability(stored(these.raw[mode]), these.labels),
+            }
+    return report

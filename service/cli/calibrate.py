@@ -10,7 +10,7 @@ from rich.table import Table
 
 from model.calibration import CALIBRATION_MODES, DIRECTIONS, METADATA_KEY, CalibrationError
 from model.checkpoints.checkpoint import CheckpointError, load_checkpoint
-from model.eval.calibrate import calibration_pairs, fit_calibration
+from model.eval.calibrate import calibration_pairs, check_calibration, fit_calibration
 from model.eval.data import DataError, load_split
 from model.retrieval import DEFAULT_CHECKPOINT, RetrievalModel
 from service.cli.output import console, fail
@@ -45,6 +45,7 @@ def run_calibrate(
     candidates: int,
     device: str,
     json_out: Path | None,
+    check: bool = False,
 ) -> dict:
     source = checkpoint or DEFAULT_CHECKPOINT
     target = out or source
@@ -69,6 +70,8 @@ def run_calibrate(
         f"top {candidates} per query"
     )
     pairs = calibration_pairs(model, dataset, candidates)
+    if check:
+        return _check(model, pairs, json_out)
     fitted_on = f"{data.name or data} {split} ({dataset.num_images} images), top {candidates}"
     try:
         calibration, report = fit_calibration(pairs, fitted_on, candidates)
@@ -88,6 +91,20 @@ def run_calibrate(
     stored.metadata[METADATA_KEY] = calibration.to_metadata({"ece": ece})
     stored.save(target)
     console.print(f"calibration stored in {target}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _check(model: RetrievalModel, pairs: dict, json_out: Path | None) -> dict:
+    """Print (and write) the reliability of the model's stored maps on these pairs."""
+    if model.calibration is None:
+        fail("this checkpoint has no calibration to check: run `camp-search calibrate` first")
+    report = check_calibration(pairs, model.calibration)
+    for direction in DIRECTIONS:
+        for mode in CALIBRATION_MODES:
+            console.print(reliability_table(report, direction, mode, "held_out"))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1))

@@ -166,12 +166,18 @@ def calibrate(
     candidates: int = typer.Option(100, min=2, help="shortlist size per query (the service's)"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
     json_out: Path | None = typer.Option(None, "--json", help="write the reliability report here"),
+    check: bool = typer.Option(
+        False, "--check", help="only measure the stored maps on this split (e.g. coco-mini)"
+    ),
 ) -> None:
     """Fit match probabilities (Platt maps per direction and mode) on a dev split and store them
-    in the checkpoint, so a search's `score` and `min_score` mean P(match) reranked or not."""
+    in the checkpoint, so a search's `score` and `min_score` mean P(match) reranked or not.
+
+    With --check nothing is fitted or stored: the reliability of the checkpoint's own maps on
+    the split is printed (how they transfer to another domain)."""
     from service.cli.calibrate import run_calibrate
 
-    run_calibrate(data, split, checkpoint, out, candidates, device, json_out)
+    run_calibrate(data, split, checkpoint, out, candidates, device, json_out, check=check)
 
 
 @app.command("import-checkpoint")
