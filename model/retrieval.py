@@ -21,6 +21,7 @@ import torch
 from model.architecture.encoders import pad_token_ids
 from model.architecture.network import RetrievalNetwork
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, PrecomputedScorer
+from model.calibration import ScoreCalibration
 from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
 from model.checkpoints.extractor import ExtractorRecord
 from model.devices import DEVICE_AUTO, resolve_device
@@ -103,6 +104,8 @@ class RetrievalModel:
         # The pair scorer over per-item tensors of the checkpoint's scorer (CAMP's is a
         # `PrecomputedScorer`); every method below goes through it or through `self.reranker`.
         self.scorer: PrecomputedScorer = network.pair_scorer()
+        # P(match) maps fitted on dev (`camp-search calibrate`); None: an uncalibrated model
+        self.calibration = ScoreCalibration.from_metadata(self.metadata)
         spec = network.spec
         self._tokenizer = spec.text_kind.tokenizer(
             spec, network.vocabulary, max_words=network.camp_config().max_words

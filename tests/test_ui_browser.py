@@ -44,6 +44,35 @@ def test_explanation_overlay_draws_and_escape_closes_it(page, ui_stack_api, shot
     ui_flows.check_explanation(page, photos[HORSES], shots)
 
 
+def test_match_cutoff_filters_on_the_probability_and_says_no_good_match(page, ui_stack_api, shots):
+    server, photos = ui_stack_api
+    query = photos[HORSES].held_out_caption
+    ui_flows.text_search(page, query, limit=12)
+    shown = page.eval_on_selector_all("#image-results .score", "s => s.map(n => n.textContent)")
+    assert shown and all(text.endswith("% match") for text in shown), shown
+    assert page.inner_text("#text-min-score-value") == "off"
+    for cutoff in ("0.5", "0.95"):
+        ui_flows.set_range(page, "#text-min-score", cutoff)
+        assert page.inner_text("#text-min-score-value") == f"≥ {round(float(cutoff) * 100)}%"
+        expected = httpx.post(
+            f"{server.url}/v1/search/images",
+            json={"text": query, "limit": 12, "explain": True, "min_score": float(cutoff)},
+        ).json()
+        with page.expect_response(lambda r: "/v1/search/images" in r.url) as answer:
+            page.press("#text-query", "Enter")
+        assert answer.value.request.post_data_json["min_score"] == float(cutoff)
+        page.wait_for_function(
+            "() => document.getElementById('text-form').getAttribute('aria-busy') === 'false'"
+        )
+        ids = page.eval_on_selector_all("#image-results li", "c => c.map(x => +x.dataset.imageId)")
+        assert ids == [hit["id"] for hit in expected["results"]]
+        assert all(hit["score"] >= float(cutoff) for hit in expected["results"])
+        if not ids:  # nothing good enough: the page says so instead of showing wrong photos
+            assert expected["no_match"] is True
+            assert "no good match" in page.inner_text("#text-empty")
+    page.screenshot(path=str(shots / "match_cutoff.png"), full_page=True)
+
+
 def test_photo_upload_shows_its_captions(page, ui_stack_api, shots):
     server, photos = ui_stack_api
     ui_flows.check_photo_search(page, server.url, photos[HORSES], shots)

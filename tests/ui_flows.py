@@ -57,6 +57,16 @@ def text_search(page, query: str, *, limit: int) -> list[int]:
     ]
 
 
+def set_range(page, selector: str, value: str) -> None:
+    """Move a range input (a slider) to `value` as a user's drag would: value, then `input`."""
+    page.eval_on_selector(
+        selector,
+        "(slider, value) => { slider.value = value; "
+        "slider.dispatchEvent(new Event('input', { bubbles: true })); }",
+        value,
+    )
+
+
 def check_text_search(page, api_url: str, photo: IngestedPhoto, shots: Path) -> None:
     """A held-out caption finds its photo: the grid shows the API's ranking and the photo loads."""
     query = photo.held_out_caption

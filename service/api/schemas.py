@@ -58,7 +58,11 @@ class SearchOptions(BaseModel):
         True, description="Rerank the shortlist with the model's second-stage scorer (CAMP, IMRAM)."
     )
     min_score: float | None = Field(
-        None, allow_inf_nan=False, description="Drop hits whose final score is below this."
+        None,
+        allow_inf_nan=False,
+        description="Drop hits whose `score` is below this: a match probability in [0, 1] for "
+        "a calibrated model (the same scale reranked or not; see /v1/info `scores`). When no "
+        "candidate reaches it the answer is empty with `no_match` true and a `message`.",
     )
     explain: bool = Field(
         False, description="Attach region boxes and word-region attention to every hit."
@@ -101,7 +105,14 @@ class CaptionCreate(BaseModel):
 
 class ImageHit(BaseModel):
     id: int
-    score: float = Field(description="Final score (reranked, or the shortlist score).")
+    score: float = Field(
+        description="P(match) in [0, 1] when the model is calibrated (`score_kind`), the same "
+        "scale reranked or not; else the raw final score."
+    )
+    raw_score: float = Field(
+        description="The raw final score (fused when reranked, else the "
+        "shortlist score) that `score` is calibrated from."
+    )
     shortlist_score: float
     shortlist_rank: int = Field(description="0-based rank in the FAISS shortlist.")
     url: str = Field(description="Where the photo's bytes are served.")
@@ -109,27 +120,45 @@ class ImageHit(BaseModel):
     explanation: Explanation | None = None
 
 
-class ImageSearchResponse(BaseModel):
+class ScoreVerdict(BaseModel):
+    """What the hits' scores mean, and whether anything reached `min_score`."""
+
+    score_kind: Literal["match_probability", "raw"] = Field(
+        description="match_probability: calibrated on dev, the same scale in both modes; raw: "
+        "the model has no calibration, scores are on each mode's own scale."
+    )
+    no_match: bool = Field(
+        False, description="True when `min_score` was given and no candidate reached it."
+    )
+    message: str | None = Field(None, description="Why the result is empty, in words.")
+
+
+def _flatten_verdict(found: dict) -> dict:
+    """The core's `verdict` as top-level fields of a search response."""
+    return found | found.pop("verdict")
+
+
+class ImageSearchResponse(ScoreVerdict):
     results: list[ImageHit]
     timings_ms: Timings
 
     @classmethod
     def of(cls, matches: ImageMatches) -> ImageSearchResponse:
         """The answer to a text search, each hit with the URL of its photo."""
-        found = asdict(matches)
+        found = _flatten_verdict(asdict(matches))
         for hit in found["results"]:
             hit["url"] = image_file_url(hit["id"])
         return cls.model_validate(found)
 
 
-class CaptionSearchResponse(BaseModel):
+class CaptionSearchResponse(ScoreVerdict):
     results: list[CaptionHit]
     timings_ms: Timings
 
     @classmethod
     def of(cls, matches: CaptionMatches) -> CaptionSearchResponse:
         """The answer to a photo search."""
-        return cls.model_validate(asdict(matches))
+        return cls.model_validate(_flatten_verdict(asdict(matches)))
 
 
 # --- resources ----------------------------------------------------------------------------
@@ -198,6 +227,16 @@ class StageInfo(BaseModel):
     )
 
 
+class ScoreInfo(BaseModel):
+    """What a search's `score` means with the loaded model."""
+
+    kind: Literal["match_probability", "raw"]
+    calibrated_on: str | None = Field(
+        None, description="The split the match probabilities were fitted on (dev)."
+    )
+    detail: str
+
+
 class ServiceInfo(BaseModel):
     model_version: str
     extractor: str
@@ -213,3 +252,4 @@ class ServiceInfo(BaseModel):
     stages: dict[str, StageInfo] = Field(
         description="text_encoder, extractor, shortlist, reranker: device and precision"
     )
+    scores: ScoreInfo

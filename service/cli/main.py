@@ -154,6 +154,33 @@ def evaluate(
     )
 
 
+@app.command()
+def calibrate(
+    data: Path = typer.Option(..., "--data", help="precomputed folder or manifest.jsonl"),
+    split: str = typer.Option("dev", "--split", help="split to fit on (dev; never a test split)"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="our checkpoint (default: the shipped model)"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="write the calibrated checkpoint here (default: in place)"
+    ),
+    candidates: int = typer.Option(100, min=2, help="shortlist size per query (the service's)"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the reliability report here"),
+    check: bool = typer.Option(
+        False, "--check", help="only measure the stored maps on this split (e.g. coco-mini)"
+    ),
+) -> None:
+    """Fit match probabilities (Platt maps per direction and mode) on a dev split and store them
+    in the checkpoint, so a search's `score` and `min_score` mean P(match) reranked or not.
+
+    With --check nothing is fitted or stored: the reliability of the checkpoint's own maps on
+    the split is printed (how they transfer to another domain)."""
+    from service.cli.calibrate import run_calibrate
+
+    run_calibrate(data, split, checkpoint, out, candidates, device, json_out, check=check)
+
+
 @app.command("import-checkpoint")
 def import_checkpoint(
     official: Path = typer.Argument(..., help="the official CAMP or IMRAM checkpoint (*.pth.tar)"),

@@ -44,6 +44,8 @@ from service.search.lru import ByteBoundedLRU
 from service.search.regions import FoundRegions
 from service.search.rerank import RerankJob
 from service.search.results import (
+    SCORE_PROBABILITY,
+    SCORE_RAW,
     CaptionHit,
     CaptionMatches,
     Explanation,
@@ -51,6 +53,7 @@ from service.search.results import (
     ImageMatches,
     SearchParams,
     Timings,
+    Verdict,
 )
 from service.search.shortlist import ShortlistJob
 from service.search.stored_tensors import (
@@ -60,6 +63,7 @@ from service.search.stored_tensors import (
 )
 
 if TYPE_CHECKING:
+    from model.calibration import Direction
     from model.retrieval import EncodedTexts, PairExplanation, RetrievalModel
 
 RETRY_AFTER_TIMEOUT_S = 1
@@ -212,15 +216,15 @@ class SearchPipeline:
                 lambda: (tuple(tensors[c.id].precompute for c in shortlist), (query,)),
                 arrived,
             )
-            chosen = _best(shortlist, final, request.limit, request.min_score)
+            chosen, verdict = self._best(shortlist, final, "t2i", request)
 
-            records = await asyncio.to_thread(self._image_records, [c.id for c, _ in chosen])
+            records = await asyncio.to_thread(self._image_records, [c.id for c, *_ in chosen])
             explanations: dict[int, Explanation] = {}
             if request.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     if not request.rerank:
-                        tensors = await self._hold_image_tensors([c.id for c, _ in chosen], held)
-                    chosen_tensors = {c.id: tensors[c.id] for c, _ in chosen if c.id in tensors}
+                        tensors = await self._hold_image_tensors([c.id for c, *_ in chosen], held)
+                    chosen_tensors = {c.id: tensors[c.id] for c, *_ in chosen if c.id in tensors}
                     explanations = await asyncio.to_thread(
                         self._explain_images, chosen_tensors, query, encoded.tokens[0]
                     )
@@ -228,15 +232,16 @@ class SearchPipeline:
             ImageMatch(
                 id=c.id,
                 score=score,
+                raw_score=raw,
                 shortlist_score=c.score,
                 shortlist_rank=c.rank,
                 captions=records[c.id],
                 explanation=explanations.get(c.id),
             )
-            for c, score in chosen
+            for c, score, raw in chosen
             if c.id in records
         ]
-        return ImageMatches(results=results, timings_ms=_timings(timings, started))
+        return ImageMatches(results=results, timings_ms=_timings(timings, started), verdict=verdict)
 
     # --- image -> captions ------------------------------------------------------------------
 
@@ -321,17 +326,17 @@ class SearchPipeline:
                 lambda: ((image.precompute,), tuple(captions[c.id] for c in shortlist)),
                 arrived,
             )
-            chosen = _best(shortlist, final, options.limit, options.min_score)
+            chosen, verdict = self._best(shortlist, final, "i2t", options)
 
-            records = await asyncio.to_thread(self.corpus.get_captions, [c.id for c, _ in chosen])
+            records = await asyncio.to_thread(self.corpus.get_captions, [c.id for c, *_ in chosen])
             explanations: dict[int, Explanation] = {}
             if options.explain and chosen:
                 with self.metrics.time_stage("explain", timings):
                     explanations = await asyncio.to_thread(
                         self._explain_captions,
                         image,
-                        {c.id: captions[c.id] for c, _ in chosen if c.id in records},
-                        {c.id: records[c.id].text for c, _ in chosen if c.id in records},
+                        {c.id: captions[c.id] for c, *_ in chosen if c.id in records},
+                        {c.id: records[c.id].text for c, *_ in chosen if c.id in records},
                     )
         results = [
             CaptionHit(
@@ -339,14 +344,17 @@ class SearchPipeline:
                 text=records[c.id].text,
                 image_id=records[c.id].image_id,
                 score=score,
+                raw_score=raw,
                 shortlist_score=c.score,
                 shortlist_rank=c.rank,
                 explanation=explanations.get(c.id),
             )
-            for c, score in chosen
+            for c, score, raw in chosen
             if c.id in records
         ]
-        return CaptionMatches(results=results, timings_ms=_timings(timings, started))
+        return CaptionMatches(
+            results=results, timings_ms=_timings(timings, started), verdict=verdict
+        )
 
     # --- per-item tensors (cached) ------------------------------------------------------------
 
@@ -523,6 +531,37 @@ class SearchPipeline:
         with self.metrics.time_stage("rerank", timings):
             return await self.batcher.submit(job)
 
+    def _best(
+        self,
+        candidates: list[_Candidate],
+        final: np.ndarray,
+        direction: Direction,
+        params: SearchParams,
+    ) -> tuple[list[tuple[_Candidate, float, float]], Verdict]:
+        """(candidate, score, raw score) best first (ties keep shortlist order), at or above
+        `min_score`, at most `limit`, and what the scores mean. The score is the calibrated
+        P(match) of the raw final score when the model has a calibration, else the raw score;
+        the order is the raw score's (a calibration map is monotone, so the same order)."""
+        calibration = self.model.calibration
+        if calibration is None:
+            scores, kind = np.asarray(final, dtype=np.float32), SCORE_RAW
+        else:
+            scores = calibration.probability(direction, params.rerank, final)
+            kind = SCORE_PROBABILITY
+        order = np.argsort(-final, kind="stable")
+        ranked = [(candidates[i], float(scores[i]), float(final[i])) for i in order]
+        if params.min_score is None or not ranked:
+            return ranked[: params.limit], Verdict(score_kind=kind)
+        passed = [hit for hit in ranked if hit[1] >= params.min_score]
+        if passed:
+            return passed[: params.limit], Verdict(score_kind=kind)
+        what = "P(match)" if kind == SCORE_PROBABILITY else "score"
+        message = (
+            f"no good match: the best of {len(ranked)} candidates has {what} "
+            f"{ranked[0][1]:.3g}, below min_score {params.min_score:g}"
+        )
+        return [], Verdict(score_kind=kind, no_match=True, message=message)
+
     def _image_records(self, ids: Sequence[int]) -> dict[int, list[str]]:
         """{image id: its caption texts} for the ids that still exist (one catalog query)."""
         captions = self.corpus.captions_of_images(ids)
@@ -573,17 +612,6 @@ def _shortlist(scores: np.ndarray, ids: np.ndarray) -> list[_Candidate]:
         for rank, (s, i) in enumerate(zip(scores, ids, strict=True))
         if i >= 0
     ]
-
-
-def _best(
-    candidates: list[_Candidate], final: np.ndarray, limit: int, min_score: float | None
-) -> list[tuple[_Candidate, float]]:
-    """Best first (ties keep shortlist order), at or above `min_score`, at most `limit`."""
-    order = np.argsort(-final, kind="stable")
-    chosen = [(candidates[i], float(final[i])) for i in order]
-    if min_score is not None:
-        chosen = [(c, s) for c, s in chosen if s >= min_score]
-    return chosen[:limit]
 
 
 def _explanation(pair: PairExplanation, words: list[str], image: ImageTensors) -> Explanation:

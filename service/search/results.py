@@ -9,7 +9,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SearchParams:
     """How to search: return at most `limit` hits from a shortlist of `candidates` (raised to
-    `limit`), reranked by CAMP when `rerank`, at or above `min_score`, explained when `explain`."""
+    `limit`), reranked by CAMP when `rerank`, at or above `min_score`, explained when `explain`.
+
+    `min_score` is on the scale of the hits' `score`: the calibrated match probability when the
+    model has a calibration (the same scale reranked or not), else the raw score."""
 
     limit: int
     candidates: int
@@ -51,10 +54,12 @@ class Timings:
 
 @dataclass(frozen=True)
 class ImageMatch:
-    """An image found for a text: its final and shortlist scores and its caption texts."""
+    """An image found for a text: its score (P(match) when calibrated), the raw final score it
+    came from (fused when reranked, else the shortlist's), the shortlist score and its captions."""
 
     id: int
     score: float
+    raw_score: float
     shortlist_score: float
     shortlist_rank: int
     captions: list[str]
@@ -67,18 +72,38 @@ class CaptionHit:  # served as it is: the API's schema of a caption found (no de
     text: str
     image_id: int | None
     score: float
+    raw_score: float
     shortlist_score: float
     shortlist_rank: int
     explanation: Explanation | None = None
+
+
+SCORE_PROBABILITY = "match_probability"
+SCORE_RAW = "raw"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the scores of one search mean, and whether anything good enough was found.
+
+    `score_kind`: "match_probability" (calibrated, the same scale reranked or not) or "raw" (a
+    model without calibration: the mode's own scale); `no_match`: `min_score` was given, there
+    were candidates, and none reached it; `message` says so in words."""
+
+    score_kind: str
+    no_match: bool = False
+    message: str | None = None
 
 
 @dataclass(frozen=True)
 class ImageMatches:
     results: list[ImageMatch]
     timings_ms: Timings
+    verdict: Verdict
 
 
 @dataclass(frozen=True)
 class CaptionMatches:
     results: list[CaptionHit]
     timings_ms: Timings
+    verdict: Verdict

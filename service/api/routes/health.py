@@ -7,9 +7,17 @@ import asyncio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from model.calibration import ScoreCalibration
 from service.api.deps import RuntimeDep, StateDep
 from service.api.errors import ProblemError
-from service.api.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
+from service.api.schemas import (
+    ComponentState,
+    CorpusSizes,
+    Readiness,
+    ScoreInfo,
+    ServiceInfo,
+    StageInfo,
+)
 from service.runtime.metrics import PROMETHEUS_CONTENT_TYPE
 from service.search.tensor_rebuild import TensorRebuild
 
@@ -123,4 +131,23 @@ async def info(runtime: RuntimeDep) -> ServiceInfo:
             "max_upload_bytes": settings.max_upload_bytes,
         },
         stages={stage: StageInfo(**where) for stage, where in runtime.stages().items()},
+        scores=_score_info(runtime.model.calibration),
+    )
+
+
+def _score_info(calibration: ScoreCalibration | None) -> ScoreInfo:
+    """What `score` and `min_score` mean with this model: calibrated or the documented
+    fallback (raw scores, each mode on its own scale)."""
+    if calibration is None:
+        return ScoreInfo(
+            kind="raw",
+            detail="this model has no calibration (`camp-search calibrate`): scores are raw, "
+            "the shortlist's cosine without rerank and the fused score with it, so a "
+            "min_score does not mean the same in both modes",
+        )
+    return ScoreInfo(
+        kind="match_probability",
+        calibrated_on=calibration.fitted_on,
+        detail="score is P(match) in [0, 1], fitted on dev per direction and mode (Platt); "
+        "min_score means the same reranked or not",
     )

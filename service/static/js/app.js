@@ -57,9 +57,43 @@ function searchOptions(prefix) {
     rerank: $(`${prefix}-rerank`).checked,
     explain: $(`${prefix}-explain`).checked,
   };
-  const minScore = document.getElementById(`${prefix}-min-score`);
-  if (minScore && numberField(minScore) !== null) options.min_score = numberField(minScore);
+  const cutoff = cutoffValue(prefix);
+  if (cutoff !== null) options.min_score = cutoff;
   return options;
+}
+
+// --- scores: a match probability when the model is calibrated --------------------------------
+
+/** What the scores of the last answer mean: "match_probability" or "raw" (see /v1/info). */
+let scoreKind = "match_probability";
+
+/** The cut-off slider's value, or null when it is at 0 ("off": every candidate is shown). */
+function cutoffValue(prefix) {
+  const slider = document.getElementById(`${prefix}-min-score`);
+  const value = slider ? Number(slider.value) : 0;
+  return value > 0 ? value : null;
+}
+
+function showCutoff(prefix) {
+  const value = cutoffValue(prefix);
+  const label = value === null ? "off" : scoreKind === "raw" ? `≥ ${value.toFixed(2)}` : `≥ ${Math.round(value * 100)}%`;
+  $(`${prefix}-min-score-value`).textContent = label;
+}
+
+for (const prefix of ["text", "photo"]) {
+  $(`${prefix}-min-score`).addEventListener("input", () => showCutoff(prefix));
+}
+
+/** A hit's score as people read it: "87% match" for a probability, else the raw number. */
+function formatHitScore(score, kind = scoreKind) {
+  if (kind !== "match_probability" || typeof score !== "number") return formatScore(score);
+  const percent = score * 100;
+  return `${percent < 1 ? percent.toFixed(1) : Math.round(percent)}% match`;
+}
+
+/** The empty-result text: the API's "no good match" message when the cut-off removed all. */
+function emptyText(response, fallback) {
+  return response.no_match && response.message ? `${response.message}. Lower the match cut-off to see weaker matches.` : fallback;
 }
 
 // --- tabs ---------------------------------------------------------------------------------
@@ -107,7 +141,8 @@ let detailOpener = null;
 
 function scoreRows(hit) {
   const rows = [
-    ["Score", formatScore(hit.score)],
+    [scoreKind === "match_probability" ? "Match probability" : "Score", formatHitScore(hit.score)],
+    ["Raw score", formatScore(hit.raw_score)],
     ["Shortlist score", formatScore(hit.shortlist_score)],
     ["Shortlist rank", Number.isInteger(hit.shortlist_rank) ? String(hit.shortlist_rank + 1) : "–"],
   ];
@@ -175,14 +210,14 @@ function imageCard(hit, rank, query) {
     {
       type: "button",
       class: "card-button",
-      "aria-label": `Result ${rank}: score ${formatScore(hit.score)}${caption ? `, ${caption}` : ""}. Show why it matched.`,
+      "aria-label": `Result ${rank}: score ${formatHitScore(hit.score)}${caption ? `, ${caption}` : ""}. Show why it matched.`,
     },
     el("img", { src, alt: caption || `Photo ${hit.id}`, loading: "lazy", decoding: "async" }),
     el(
       "span",
       { class: "card-meta" },
       el("span", { class: "rank", text: `#${rank}` }),
-      el("span", { class: "score", text: formatScore(hit.score) }),
+      el("span", { class: "score", text: formatHitScore(hit.score) }),
     ),
     caption ? el("span", { class: "card-caption", text: caption }) : null,
   );
@@ -215,6 +250,7 @@ async function runTextSearch() {
   announce("Searching…");
   try {
     const response = await api.searchImages({ text, ...searchOptions("text") });
+    scoreKind = response.score_kind ?? scoreKind;
     const hits = response.results ?? [];
     clear(imageResults).append(...hits.map((hit, i) => imageCard(hit, i + 1, lastTextQuery)));
     showTimings($("text-timings"), response.timings_ms);
@@ -223,7 +259,7 @@ async function runTextSearch() {
       el("p", {
         text: hits.length
           ? ""
-          : "No photo matched. Try other words, lower the minimum score, or add photos first.",
+          : emptyText(response, "No photo matched. Try other words, lower the match cut-off, or add photos first."),
       }),
     );
     show(empty, hits.length === 0);
@@ -313,7 +349,7 @@ function captionItem(hit, rank) {
     { class: "caption-hit", "data-caption-id": hit.id },
     el("span", { class: "rank", text: `#${rank}` }),
     el("span", { class: "caption-text", text: hit.text }),
-    el("span", { class: "score", text: formatScore(hit.score) }),
+    el("span", { class: "score", text: formatHitScore(hit.score) }),
     button,
   );
 }
@@ -330,11 +366,12 @@ async function runPhotoSearch() {
   announce("Finding captions…");
   try {
     const response = await api.searchCaptions(chosenPhoto, searchOptions("photo"));
+    scoreKind = response.score_kind ?? scoreKind;
     const hits = response.results ?? [];
     clear(captionResults).append(...hits.map((hit, i) => captionItem(hit, i + 1)));
     showTimings($("photo-timings"), response.timings_ms);
     const empty = $("photo-empty");
-    clear(empty).append(el("p", { text: hits.length ? "" : "No caption matched this photo." }));
+    clear(empty).append(el("p", { text: hits.length ? "" : emptyText(response, "No caption matched this photo.") }));
     show(empty, hits.length === 0);
     announce(hits.length ? `${plural(hits.length, "caption")} found.` : "No caption matched.");
   } catch (error) {
@@ -448,6 +485,11 @@ function counted(count, noun) {
 async function refreshInfo() {
   const about = await api.info();
   if (!about) return;
+  scoreKind = about.scores?.kind ?? scoreKind;
+  for (const prefix of ["text", "photo"]) {
+    showCutoff(prefix);
+    $(`${prefix}-min-score`).title = about.scores?.detail ?? "";
+  }
   $("corpus-info").textContent =
     `${counted(about.corpus?.images, "photo")}, ${counted(about.corpus?.captions, "caption")} · ` +
     `model ${about.model_version ?? "?"} · ${about.extractor ?? "?"} regions · ${about.device ?? "?"}`;
