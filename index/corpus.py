@@ -14,6 +14,13 @@ Ingest order (`add_image`, `add_caption`):
      version and catalog sequence it matches).
 Deletes commit the catalog first (the acknowledgement), then update indexes, store, cache, file.
 
+PostgreSQL mode (`database_url`, see `index.postgres`): steps 3 and 4 are ONE database
+transaction that also appends change rows; its commit is the acknowledgement. Several
+processes ("replicas") share the database and an images folder; each keeps its own FAISS
+indexes in memory, built from the database at open (no index files) and kept current by a
+`ChangeFollower` (LISTEN/NOTIFY plus a catch-up by change sequence). A replica's own writes
+reach its indexes at once, as in the embedded mode.
+
 Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
   * store entries (region features, pooled vectors, rerank tensors of any version) and image
     files whose id / path has no catalog row are orphans of a crash before step 4 (or after a
@@ -27,12 +34,14 @@ Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,10 +57,18 @@ from index.errors import (
     DimensionError,
     IndexMismatchError,
     NotFoundError,
+    StorageError,
     full_disk_as_storage_full,
 )
 from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
 from index.locks import ReadWriteLock
+from index.postgres import (
+    Change,
+    DuplicateImageError,
+    PostgresCatalog,
+    PostgresDatabase,
+    PostgresFeatureStore,
+)
 from index.shortlist import (
     DEFAULT_EF_SEARCH,
     DEFAULT_NPROBE,
@@ -74,6 +91,9 @@ AUTO_FACTORY = "auto"
 REBUILD_BATCH = 10_000
 EXTENSION_PATTERN = re.compile(r"^(\.[a-z0-9]{1,5})?$")
 POOLED_KEY = "vector"
+# PostgreSQL mode: an image file no catalog row references is removed at open only once it is
+# this old, since another replica may have written it for a transaction still in flight.
+SHARED_ORPHAN_FILE_AGE_S = 3600.0
 
 Kind = Literal["images", "captions"]
 
@@ -164,6 +184,7 @@ class Corpus:
         map_size: int = DEFAULT_MAP_SIZE,
         tensor_version: str | None = None,
         keep_region_features: bool = True,
+        database_url: str | None = None,
     ) -> None:
         """Prefer `Corpus.open`, which also runs the recovery rule.
 
@@ -171,6 +192,8 @@ class Corpus:
         `tensor_version`: the identity of the rerank tensors (the checkpoint's; default the
         model version). `keep_region_features=False`: an image stored with its rerank tensors
         keeps no region features (less disk; a new model can then not rebuild its tensors).
+        `database_url`: a postgresql:// URL to keep the catalog and features in (shared by
+        replicas); `data_dir` then only holds the images folder (shared too).
         """
         self.data_dir = Path(data_dir)
         self.dim = dim
@@ -186,8 +209,16 @@ class Corpus:
             "ef_search": ef_search,
             "device": FaissGpu(gpu_id) if gpu_id is not None else None,
         }
-        self.catalog = Catalog(self.data_dir / CATALOG_FILE)
-        self.store = FeatureStore(self.data_dir / STORE_DIR, map_size=map_size)
+        self.database: PostgresDatabase | None = None
+        self.catalog: Catalog | PostgresCatalog
+        self.store: FeatureStore | PostgresFeatureStore
+        if database_url:
+            self.database = PostgresDatabase(database_url)
+            self.catalog = PostgresCatalog(self.database)
+            self.store = PostgresFeatureStore(self.database)
+        else:
+            self.catalog = Catalog(self.data_dir / CATALOG_FILE)
+            self.store = FeatureStore(self.data_dir / STORE_DIR, map_size=map_size)
         self.cache = cache if cache is not None else LocalFeatureCache()
         self.regions = CachedFeatureStore(
             self.store,
@@ -209,6 +240,11 @@ class Corpus:
         self._visibility = ReadWriteLock()
         self._dirty = False
         self.recovery = RecoveryReport()
+        # PostgreSQL mode: the change sequence this replica's indexes reflect (every change up
+        # to it applied), and the follower that moves it.
+        self._applied = threading.Condition()
+        self.applied_sequence = 0
+        self.follower: Any = None
 
     @classmethod
     def open(cls, data_dir: Path, **options: Any) -> Corpus:
@@ -218,8 +254,22 @@ class Corpus:
         corpus size (`choose_factory`) when the index is (re)built.
         """
         corpus = cls(data_dir, **options)
-        corpus._recover()
+        try:
+            corpus._recover()
+            if corpus.database is not None:
+                from index.follower import ChangeFollower
+
+                corpus.follower = ChangeFollower(corpus)
+                corpus.follower.start()
+        except BaseException:
+            corpus._release_storage()
+            raise
         return corpus
+
+    @property
+    def shared(self) -> bool:
+        """Whether the stores are a database shared with other replicas (PostgreSQL mode)."""
+        return self.database is not None
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -259,6 +309,8 @@ class Corpus:
             existing = self.catalog.find_image_by_sha256(sha256)
             if existing is not None:
                 return AddedImage(existing, tuple(self.catalog.captions_of(existing.id)), False)
+            if self.shared:
+                self._note_shared_file(sha256, extension)
             stored_path = self._write_image_file(sha256, image_bytes, extension)
             (image_id,) = self.catalog.allocate_ids("images", 1)
             caption_ids = self.catalog.allocate_ids("captions", len(captions))
@@ -286,6 +338,20 @@ class Corpus:
                 )
                 for cid, caption in zip(caption_ids, captions, strict=True)
             )
+            if self.shared:
+                try:
+                    self._shared_catalog().insert([image], caption_records, features=puts)
+                except DuplicateImageError:  # another replica committed these bytes first
+                    existing = self.catalog.find_image_by_sha256(sha256)
+                    if existing is None:
+                        raise
+                    captions_of = tuple(self.catalog.captions_of(existing.id))
+                    return AddedImage(existing, captions_of, False)
+                with self._visibility.write():
+                    self.indexes["images"].add([image_id], image_vector[None])
+                    if captions:
+                        self.indexes["captions"].add(caption_ids, np.stack(caption_vectors))
+                return AddedImage(image, caption_records, True)
             try:
                 self.store.write(puts)
                 with self._visibility.write():
@@ -356,15 +422,26 @@ class Corpus:
                 )
                 for cid, caption in zip(caption_ids, captions, strict=True)
             )
-            self.store.write(
-                {
-                    pooled_namespace("captions", self.model_version): {
-                        cid: {POOLED_KEY: vector}
-                        for cid, vector in zip(caption_ids, vectors, strict=True)
-                    },
-                    **self._caption_rerank_puts(caption_ids, captions),
-                }
-            )
+            puts = {
+                pooled_namespace("captions", self.model_version): {
+                    cid: {POOLED_KEY: vector}
+                    for cid, vector in zip(caption_ids, vectors, strict=True)
+                },
+                **self._caption_rerank_puts(caption_ids, captions),
+            }
+            if self.shared:
+                # One transaction (features, rows, changes); a caption of an image another
+                # replica just deleted fails its foreign key: nothing is stored.
+                try:
+                    self._shared_catalog().insert(captions=records, features=puts)
+                except StorageError as error:
+                    if image_id is not None and self.catalog.get_image(image_id) is None:
+                        raise NotFoundError(f"image {image_id} does not exist") from error
+                    raise
+                with self._visibility.write():
+                    self.indexes["captions"].add(caption_ids, np.stack(vectors))
+                return records
+            self.store.write(puts)
             try:
                 with self._visibility.write():
                     self.catalog.insert(captions=records)  # the acknowledgement
@@ -392,7 +469,7 @@ class Corpus:
                 self.indexes["images"].remove([image_id])
                 self.indexes["captions"].remove(caption_ids)
             self._forget_files_and_features([image.stored_path], {image_id}, set(caption_ids))
-            self._dirty = True
+            self._dirty = not self.shared
             return True
 
     def delete_caption(self, caption_id: int) -> bool:
@@ -402,7 +479,7 @@ class Corpus:
                     return False
                 self.indexes["captions"].remove([caption_id])
             self._forget_files_and_features([], set(), {caption_id})
-            self._dirty = True
+            self._dirty = not self.shared
             return True
 
     # --- reads ------------------------------------------------------------------------------
@@ -435,8 +512,58 @@ class Corpus:
 
     @property
     def sequence(self) -> int:
-        """The catalog's change sequence: it moves with every committed write."""
+        """The catalog's change sequence: it moves with every committed write. In PostgreSQL
+        mode, the change sequence this replica has applied (in memory: no query)."""
+        if self.shared:
+            return self.applied_sequence
         return self.catalog.sequence
+
+    @property
+    def written_sequence(self) -> int:
+        """PostgreSQL mode: the change sequence of this process's last committed write (a
+        search that waits for it sees that write); 0 embedded."""
+        return self._shared_catalog().written_sequence if self.shared else 0
+
+    def wait_for_sequence(self, sequence: int, timeout_s: float) -> bool:
+        """Wait until the indexes reflect every change up to `sequence` (read-your-writes
+        across replicas); False when `timeout_s` passed first. Always True embedded."""
+        if not self.shared:
+            return True
+        with self._applied:
+            if self.applied_sequence < sequence and self.follower is not None:
+                self.follower.wake()
+            return self._applied.wait_for(
+                lambda: self.applied_sequence >= sequence, timeout=timeout_s
+            )
+
+    def apply_changes(self, changes: Sequence[Change], through: int) -> None:
+        """Apply other replicas' committed changes (in sequence order) to the indexes and
+        caches, then record that every change up to `through` is applied. Idempotent: this
+        replica's own writes, already applied, come back here too."""
+        with self._write_lock:
+            for kind in ("images", "captions"):
+                added = [c.item_id for c in changes if c.kind == kind and c.op == "add"]
+                deleted = [c.item_id for c in changes if c.kind == kind and c.op == "delete"]
+                # An add later deleted in the same batch: the store has no vector for it.
+                index = self.indexes[kind]
+                fresh = [i for i in dict.fromkeys(added) if i not in index]
+                vectors = self.get_pooled(kind, fresh) if fresh else {}
+                with self._visibility.write():
+                    if vectors:
+                        index.add(list(vectors), np.stack(list(vectors.values())))
+                    if deleted:
+                        index.remove(deleted)
+                if deleted:
+                    if kind == "images":
+                        self.regions.invalidate(deleted)
+                    self.rerank[kind].invalidate(deleted)
+            self._mark_applied(through)
+
+    def _mark_applied(self, sequence: int) -> None:
+        with self._applied:
+            if sequence > self.applied_sequence:
+                self.applied_sequence = sequence
+                self._applied.notify_all()
 
     def index_summaries(self) -> dict[Kind, IndexSummary]:
         """Each shortlist index's factory, size, training state and device (in memory)."""
@@ -514,8 +641,13 @@ class Corpus:
             ids = [int(i) for i in records]
             present = self.catalog.get_images(ids) if kind == "images" else self.get_captions(ids)
             kept = {i: records[i] for i in ids if i in present}
-            if kept:
-                self.store.write({rerank_namespace(kind, self.tensor_version): kept})
+            if not kept:
+                return 0
+            namespace = rerank_namespace(kind, self.tensor_version)
+            if isinstance(self.store, PostgresFeatureStore):
+                # Another replica may delete meanwhile: the write locks the rows it keeps.
+                return self.store.write_owned(kind, namespace, kept)
+            self.store.write({namespace: kept})
             return len(kept)
 
     def ids_without_rerank_tensors(self, kind: Kind) -> np.ndarray:
@@ -550,7 +682,18 @@ class Corpus:
 
     def status(self) -> dict[str, Any]:
         """Counts, index kinds and cache health (for /readyz and logs)."""
+        database = (
+            {}
+            if self.database is None
+            else {
+                "database": {
+                    "url": self.database.display_url,
+                    "applied_sequence": self.applied_sequence,
+                }
+            }
+        )
         return {
+            **database,
             "images": self.catalog.count_images(),
             "captions": self.catalog.count_captions(),
             "indexes": {
@@ -568,17 +711,27 @@ class Corpus:
     # --- lifecycle --------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write both indexes atomically, recording the catalog sequence they match."""
+        """Write both indexes atomically, recording the catalog sequence they match (PostgreSQL
+        mode keeps no index files: a replica builds its indexes from the database)."""
+        if self.shared:
+            return
         with self._write_lock:
             self._save_indexes()
 
     def close(self) -> None:
-        """Save the indexes if they changed and release the files."""
+        """Save the indexes if they changed and release the files (and the database)."""
+        if self.follower is not None:
+            self.follower.stop()
         with self._write_lock:
-            if self._dirty:
+            if self._dirty and not self.shared:
                 self._save_indexes()
-            self.store.close()
-            self.catalog.close()
+            self._release_storage()
+
+    def _release_storage(self) -> None:
+        self.store.close()
+        self.catalog.close()
+        if self.database is not None:
+            self.database.close()
 
     def __enter__(self) -> Corpus:
         return self
@@ -589,6 +742,9 @@ class Corpus:
     # --- recovery ---------------------------------------------------------------------------
 
     def _recover(self) -> None:
+        if self.shared:
+            self._build_from_database()
+            return
         with self._write_lock:
             self._collect_orphans()
             repaired = False
@@ -596,6 +752,66 @@ class Corpus:
                 repaired |= self._load_or_rebuild(kind)
             if repaired:
                 self._save_indexes()
+
+    def _build_from_database(self) -> None:
+        """PostgreSQL mode: build both indexes from the pooled vectors in one snapshot per
+        kind, and start applying changes after the older snapshot's sequence (changes between
+        the two snapshots come back to the follower, which applies them idempotently)."""
+        assert isinstance(self.store, PostgresFeatureStore)
+        with self._write_lock:
+            snapshots = []
+            for kind in ("images", "captions"):
+                factory = self._factories[kind]
+                if factory == AUTO_FACTORY:  # by the current size; the snapshot may differ a bit
+                    count = (
+                        self.catalog.count_images()
+                        if kind == "images"
+                        else self.catalog.count_captions()
+                    )
+                    factory = choose_factory(count, self.dim)
+                index = ShortlistIndex(self.dim, factory, **self._index_options)
+                snapshot = 0
+                for batch_snapshot, ids, vectors in self._pooled_batches(kind):
+                    snapshot = batch_snapshot
+                    if ids:
+                        index.add(ids, vectors)
+                self.indexes[kind] = index
+                snapshots.append(snapshot)
+            self._collect_shared_orphan_files()
+            self._mark_applied(min(snapshots))
+
+    def _pooled_batches(self, kind: Kind) -> Iterator[tuple[int, list[int], np.ndarray]]:
+        assert isinstance(self.store, PostgresFeatureStore)
+        yield from self.store.iter_pooled(
+            pooled_namespace(kind, self.model_version), kind, REBUILD_BATCH
+        )
+
+    def _collect_shared_orphan_files(self) -> None:
+        """Image files no catalog row references and older than SHARED_ORPHAN_FILE_AGE_S (a
+        younger one may belong to another replica's transaction in flight)."""
+        images_dir = self.data_dir / IMAGES_DIR
+        if not images_dir.is_dir():
+            return
+        cutoff = time.time() - SHARED_ORPHAN_FILE_AGE_S
+        candidates = [
+            path
+            for path in images_dir.rglob("*")
+            if path.is_file() and path.stat().st_mtime < cutoff
+        ]
+        if not candidates:
+            return
+        referenced = {
+            record.stored_path
+            for record in self.catalog.get_images(self.catalog.image_ids().tolist()).values()
+        }
+        for path in candidates:
+            if path.relative_to(self.data_dir).as_posix() not in referenced:
+                path.unlink(missing_ok=True)
+                self.recovery.orphan_files += 1
+        if self.recovery.orphan_files:
+            logger.warning(
+                "removed %d orphan image files (never acknowledged)", self.recovery.orphan_files
+            )
 
     def _collect_orphans(self) -> None:
         """Delete features and files that no catalog row owns (never acknowledged)."""
@@ -717,6 +933,17 @@ class Corpus:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _shared_catalog(self) -> PostgresCatalog:
+        assert isinstance(self.catalog, PostgresCatalog)
+        return self.catalog
+
+    def _note_shared_file(self, sha256: str, extension: str) -> None:
+        """Refresh the age of a shared file about to be referenced again, so no replica's
+        orphan sweep (which spares young files) removes it under this write."""
+        path = self.data_dir / f"{IMAGES_DIR}/{sha256[:2]}/{sha256}{extension}"
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
     def _index_path(self, kind: Kind) -> Path:
         return self.data_dir / INDEX_DIR / f"{kind}.faiss"
 
@@ -766,7 +993,8 @@ class Corpus:
         """Remove what no catalog row owns any more. Best effort when `quiet` (the next open
         collects anything left)."""
         deletes: dict[str, list[int]] = {}
-        for namespace in self.store.namespaces():
+        # PostgreSQL mode: features went with the catalog rows, in the same transaction.
+        for namespace in [] if self.shared else self.store.namespaces():
             if namespace.startswith(_IMAGE_PREFIXES) and image_ids:
                 deletes[namespace] = sorted(image_ids)
             elif namespace.startswith(_CAPTION_PREFIXES) and caption_ids:

@@ -5,8 +5,11 @@
 runtime is built, then "ready" (or "failed" with the reason), so `/healthz` answers at once and
 `/readyz` says 503 until search can work.
 
-One process owns a data directory: `DataDirLock` (an advisory `flock`) refuses a second server
-or a local bulk ingest on the same folder, whose in-memory indexes would silently diverge.
+Embedded mode: one process owns a data directory: `DataDirLock` (an advisory `flock`) refuses
+a second server or a local bulk ingest on the same folder, whose in-memory indexes would
+silently diverge.
+PostgreSQL mode (CAMPSEARCH_DATABASE_URL) takes no lock: replicas share the database and
+follow its changes (`index.follower`).
 """
 
 from __future__ import annotations
@@ -160,6 +163,7 @@ def open_corpus(
         cache=cache,
         tensor_version=model.tensor_version,
         keep_region_features=settings.keep_region_features,
+        database_url=settings.database,
     )
 
 
@@ -194,7 +198,7 @@ class ServiceRuntime:
     regions: UploadRegions
     indexer: Indexer
     metrics: ServiceMetrics
-    lock: DataDirLock
+    lock: DataDirLock | None  # None in PostgreSQL mode: replicas share the database
     rebuild: TensorRebuild
     saved_sequence: int = -1
 
@@ -211,7 +215,8 @@ class ServiceRuntime:
 
         `model` / `extractor` may be passed in already loaded (tests, benchmarks).
         """
-        lock = DataDirLock(settings.data_dir).acquire()
+        # PostgreSQL mode: many replicas share the data (images folder + database); no lock.
+        lock = None if settings.database else DataDirLock(settings.data_dir).acquire()
         try:
             if model is None:
                 from model.retrieval import RetrievalModel
@@ -232,7 +237,8 @@ class ServiceRuntime:
                     corpus.close()
                     raise
         except BaseException:
-            lock.release()
+            if lock is not None:
+                lock.release()
             raise
         reranker = PairReranker(
             model, on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs)
@@ -394,7 +400,8 @@ class ServiceRuntime:
             if close_cache is not None:
                 close_cache()
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
 
 @dataclass

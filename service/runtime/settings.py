@@ -60,6 +60,18 @@ class Settings(BaseSettings):
         default=None, description="redis://host:port/db; without it an in-process cache serves."
     )
     cache_ttl_s: int = Field(default=DEFAULT_TTL_S, ge=1)
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host/db: keep the catalog and stored features "
+        "in PostgreSQL, shared by several API replicas (each follows the database's changes); "
+        "CAMPSEARCH_DATA_DIR then only holds the images folder, which every replica mounts. "
+        "Unset: the embedded stores (SQLite + LMDB + FAISS files), one process per data dir.",
+    )
+    database_read_url: SecretStr | None = Field(
+        default=None,
+        description="A read replica of CAMPSEARCH_DATABASE_URL for metadata and feature reads "
+        "(passed to the read router; unset: reads go to the primary).",
+    )
     index_factory: str = Field(
         default="auto", description="A FAISS factory string, or 'auto' to pick by corpus size."
     )
@@ -182,6 +194,20 @@ class Settings(BaseSettings):
                 "or CAMPSEARCH_ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes"
             )
         return self
+
+    @field_validator("database_url", "database_read_url")
+    @classmethod
+    def _is_postgresql(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("must be a postgresql:// URL")
+        return url
+
+    @property
+    def database(self) -> str | None:
+        """The PostgreSQL URL (with its password), or None in the embedded mode."""
+        return self.database_url.get_secret_value() if self.database_url else None
 
     @property
     def writes_need_key(self) -> bool:

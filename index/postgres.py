@@ -1,0 +1,657 @@
+"""PostgreSQL as the shared truth: catalog, stored features and the change log of a corpus that
+several API replicas serve at once (``CAMPSEARCH_DATABASE_URL=postgresql://...``).
+
+Tables (schema versioned by `MIGRATIONS`, run at start under an advisory lock so replicas
+starting together do not race):
+  * ``images`` / ``captions``: the same columns as the SQLite catalog; ids come from the
+    sequences ``image_ids`` / ``caption_ids`` (never reused);
+  * ``features (namespace, item_id, payload bytea)``: `index.codec` records, the same bytes
+    LMDB and Redis hold, so one encoder serves all three;
+  * ``changes (seq, kind, item_id, op)``: every committed add/delete, in commit order.
+
+ONE transaction per write: features, catalog rows and change rows, then ``NOTIFY``; the
+commit is the acknowledgement (no feature orphans can exist, unlike the embedded two-step).
+
+The change-sequence rule: a writer takes ``pg_advisory_xact_lock(CHANGES_LOCK)`` right before
+it draws sequence numbers for its change rows and keeps it until it commits. Sequence numbers
+are therefore drawn in commit order, and a committed change is visible before the next writer
+can draw a number (PostgreSQL makes a commit visible before it releases its locks). A follower
+that has read every change up to N can never later find a committed change below N: reading
+``WHERE seq > applied`` never skips one. (Without the lock, writer A could draw 5, writer B
+draw 6 and commit first; a follower reading 6 would then skip 5 for ever.) Numbers of rolled
+back transactions are gaps, which ``seq > applied`` does not mind.
+
+Reads go through `PostgresDatabase.read_connection` (one seam, `_read_pool`, that a read
+router may replace); writes through `write_transaction`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from index.catalog import CaptionRecord, ImageRecord
+from index.codec import decode_arrays, encode_arrays
+from index.errors import CatalogSchemaError, StorageError, StorageFullError
+
+logger = logging.getLogger(__name__)
+
+Table = Literal["images", "captions"]
+Op = Literal["add", "delete"]
+Arrays = Mapping[str, np.ndarray]
+
+NOTIFY_CHANNEL = "campsearch_changes"
+MIGRATION_LOCK = 0x43414D50_0001  # "CAMP" + 1: schema migrations, one replica at a time
+CHANGES_LOCK = 0x43414D50_0002  # "CAMP" + 2: change sequence numbers drawn in commit order
+POOL_MAX_SIZE = 8
+CONNECT_TIMEOUT_S = 5.0
+POOL_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 2
+
+# Which catalog table owns the records of a namespace, by prefix (as in index.corpus).
+IMAGE_PREFIXES = ("regions:", "pooled:images:", "rerank:images:")
+CAPTION_PREFIXES = ("pooled:captions:", "rerank:captions:")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the catalog, stored features, id sequences and the change log.
+    """
+    CREATE TABLE images (
+        id BIGINT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        stored_path TEXT NOT NULL,
+        width INTEGER NOT NULL CHECK (width > 0),
+        height INTEGER NOT NULL CHECK (height > 0),
+        created DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE captions (
+        id BIGINT PRIMARY KEY,
+        image_id BIGINT REFERENCES images(id) ON DELETE CASCADE,
+        text TEXT NOT NULL,
+        token_ids INTEGER[] NOT NULL,
+        created DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX captions_by_image ON captions(image_id);
+    CREATE SEQUENCE image_ids;
+    CREATE SEQUENCE caption_ids;
+    CREATE TABLE features (
+        namespace TEXT NOT NULL,
+        item_id BIGINT NOT NULL,
+        payload BYTEA NOT NULL,
+        PRIMARY KEY (namespace, item_id)
+    );
+    -- float16 features do not compress: store them out of line without trying.
+    ALTER TABLE features ALTER COLUMN payload SET STORAGE EXTERNAL;
+    CREATE SEQUENCE change_seq;
+    CREATE TABLE changes (
+        seq BIGINT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('images', 'captions')),
+        item_id BIGINT NOT NULL,
+        op TEXT NOT NULL CHECK (op IN ('add', 'delete')),
+        at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    """,
+)
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached (down, restarting, pool exhausted); nothing was written
+    (or, for a commit cut off mid-way, the outcome is unknown and a retry is safe: the same
+    image bytes dedupe by sha256). The service answers 503 with Retry-After."""
+
+    retry_after_s = RETRY_AFTER_S
+
+
+class DuplicateImageError(StorageError):
+    """Another writer committed an image with the same sha256 first."""
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    kind: Table
+    item_id: int
+    op: Op
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for logs and status pages."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+@contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """psycopg's failures as the storage errors the service maps to HTTP statuses."""
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as error:
+        if "sha256" in str(error):
+            raise DuplicateImageError(str(error)) from error
+        raise StorageError(f"database {redacted_url(url)}: {error}") from error
+    except psycopg.errors.DiskFull as error:
+        raise StorageFullError(f"database {redacted_url(url)}: disk full ({error})") from error
+    except (psycopg.OperationalError, PoolTimeout) as error:
+        raise DatabaseUnavailableError(
+            f"database {redacted_url(url)} is unavailable: {error}"
+        ) from error
+    except psycopg.Error as error:
+        raise StorageError(f"database {redacted_url(url)}: {error}") from error
+
+
+class PostgresDatabase:
+    """A connection pool, the schema, and the write/read seams of one database."""
+
+    def __init__(self, url: str, *, max_size: int = POOL_MAX_SIZE) -> None:
+        self.url = url
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            timeout=POOL_TIMEOUT_S,
+            kwargs={"connect_timeout": int(CONNECT_TIMEOUT_S)},
+            check=ConnectionPool.check_connection,
+            open=False,
+            name="campsearch",
+        )
+        with database_errors(url):
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+        # The seam for reads of metadata and features: a read router may swap this pool for
+        # one that reaches a replica; writes always use `_pool`.
+        self._read_pool = self._pool
+        self.migrate()
+
+    @property
+    def display_url(self) -> str:
+        return redacted_url(self.url)
+
+    def migrate(self) -> int:
+        """Run the migrations this database lacks (under an advisory lock); the version."""
+        with self.write_transaction() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version VALUES (0)")
+                version = 0
+            else:
+                version = int(row[0])
+            if version > len(MIGRATIONS):
+                raise CatalogSchemaError(
+                    f"database {self.display_url} has schema version {version}, this "
+                    f"camp-search knows up to {len(MIGRATIONS)}: upgrade camp-search"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                conn.execute(script)
+                conn.execute("UPDATE schema_version SET version = %s", (number,))
+                version = number
+        return version
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[psycopg.Connection]:
+        """One transaction on the primary: committed when the block ends, rolled back on error."""
+        with database_errors(self.url), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def read_connection(self) -> Iterator[psycopg.Connection]:
+        """A connection for reads of metadata and features (the read seam)."""
+        with database_errors(self.url), self._read_pool.connection() as conn:
+            yield conn
+
+    def check(self) -> bool:
+        """Whether the database answers now."""
+        try:
+            with self.read_connection() as conn:
+                conn.execute("SELECT 1")
+            return True
+        except StorageError:
+            return False
+
+    def connect(self, **options: Any) -> psycopg.Connection:
+        """A dedicated connection (the follower's LISTEN); autocommit."""
+        with database_errors(self.url):
+            return psycopg.connect(
+                self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S), **options
+            )
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def record_changes(conn: psycopg.Connection, changes: Sequence[tuple[Table, int, Op]]) -> int:
+    """Append change rows in commit order (see the module docstring) and NOTIFY; returns the
+    last sequence number. Call it LAST in the transaction: it serialises writers until commit."""
+    if not changes:
+        return 0
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+    rows = conn.execute(
+        "INSERT INTO changes (seq, kind, item_id, op) "
+        "SELECT nextval('change_seq'), c.kind, c.item_id, c.op "
+        "FROM unnest(%s::text[], %s::bigint[], %s::text[]) WITH ORDINALITY "
+        "AS c(kind, item_id, op, n) ORDER BY c.n RETURNING seq",
+        (
+            [kind for kind, _, _ in changes],
+            [int(item_id) for _, item_id, _ in changes],
+            [op for _, _, op in changes],
+        ),
+    ).fetchall()
+    last = max(int(row[0]) for row in rows)
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(last)))
+    return last
+
+
+def write_features(
+    conn: psycopg.Connection, puts: Mapping[str, Mapping[int, bytes]], *, replace: bool
+) -> None:
+    """Insert encoded records; `replace` overwrites existing ones (else they are kept)."""
+    conflict = (
+        "DO UPDATE SET payload = EXCLUDED.payload" if replace else "DO NOTHING"
+    )  # a rebuild replaces; a copy (migrate) keeps what is there
+    with conn.cursor() as cursor:
+        for namespace, items in puts.items():
+            if not items:
+                continue
+            cursor.executemany(
+                "INSERT INTO features (namespace, item_id, payload) VALUES (%s, %s, %s) "
+                f"ON CONFLICT (namespace, item_id) {conflict}",
+                [(namespace, int(i), value) for i, value in items.items()],
+            )
+
+
+def _encoded(puts: Mapping[str, Mapping[int, Arrays]] | None) -> dict[str, dict[int, bytes]]:
+    return {
+        namespace: {int(i): encode_arrays(arrays) for i, arrays in items.items()}
+        for namespace, items in (puts or {}).items()
+    }
+
+
+class PostgresCatalog:
+    """The catalog API of `index.catalog.Catalog` over PostgreSQL, whose writes also carry the
+    features and the change rows in the same transaction."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self.database = database
+        self.written_sequence = 0  # the last change this process committed
+
+    @property
+    def path(self) -> str:
+        return self.database.display_url
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def allocate_ids(self, table: Table, count: int) -> list[int]:
+        """`count` fresh ids of `table` (a sequence: never handed out again)."""
+        if count <= 0:
+            return []
+        sequence = "image_ids" if table == "images" else "caption_ids"
+        with self.database.write_transaction() as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT nextval({}) FROM generate_series(1, %s)").format(
+                    sql.Literal(sequence)
+                ),
+                (count,),
+            ).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def insert(
+        self,
+        images: Sequence[ImageRecord] = (),
+        captions: Sequence[CaptionRecord] = (),
+        *,
+        features: Mapping[str, Mapping[int, Arrays]] | None = None,
+    ) -> int:
+        """Features, catalog rows and change rows in ONE transaction: the acknowledgement.
+        Returns the change sequence of the write. Raises DuplicateImageError when another
+        writer committed the same sha256 first."""
+        encoded = _encoded(features)
+        with self.database.write_transaction() as conn:
+            write_features(conn, encoded, replace=True)
+            insert_catalog_rows(conn, images, captions)
+            sequence = record_changes(
+                conn,
+                [("images", r.id, "add") for r in images]
+                + [("captions", r.id, "add") for r in captions],
+            )
+        self.written_sequence = max(self.written_sequence, sequence)
+        return sequence
+
+    def delete_image(self, image_id: int) -> list[int] | None:
+        """Delete an image, its captions and all their features in one transaction; the ids
+        of its captions, or None when it did not exist."""
+        with self.database.write_transaction() as conn:
+            row = conn.execute("SELECT 1 FROM images WHERE id = %s FOR UPDATE", (image_id,))
+            if row.fetchone() is None:
+                return None
+            caption_ids = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM captions WHERE image_id = %s ORDER BY id", (image_id,)
+                )
+            ]
+            conn.execute("DELETE FROM images WHERE id = %s", (image_id,))
+            _delete_features(conn, [image_id], caption_ids)
+            sequence = record_changes(
+                conn,
+                [("images", image_id, "delete")]
+                + [("captions", cid, "delete") for cid in caption_ids],
+            )
+        self.written_sequence = max(self.written_sequence, sequence)
+        return caption_ids
+
+    def delete_caption(self, caption_id: int) -> bool:
+        with self.database.write_transaction() as conn:
+            deleted = conn.execute("DELETE FROM captions WHERE id = %s", (caption_id,)).rowcount
+            if not deleted:
+                return False
+            _delete_features(conn, [], [caption_id])
+            sequence = record_changes(conn, [("captions", caption_id, "delete")])
+        self.written_sequence = max(self.written_sequence, sequence)
+        return True
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get_image(self, image_id: int) -> ImageRecord | None:
+        return self.get_images([image_id]).get(int(image_id))
+
+    def get_images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return {}
+        rows = self._fetch(
+            "SELECT id, sha256, stored_path, width, height, created FROM images WHERE id = ANY(%s)",
+            (wanted,),
+        )
+        return {int(row[0]): ImageRecord(*row) for row in rows}
+
+    def find_image_by_sha256(self, sha256: str) -> ImageRecord | None:
+        rows = self._fetch(
+            "SELECT id, sha256, stored_path, width, height, created FROM images WHERE sha256 = %s",
+            (sha256,),
+        )
+        return ImageRecord(*rows[0]) if rows else None
+
+    def get_caption(self, caption_id: int) -> CaptionRecord | None:
+        return self.get_captions([caption_id]).get(int(caption_id))
+
+    def get_captions(self, ids: Iterable[int]) -> dict[int, CaptionRecord]:
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return {}
+        rows = self._fetch(
+            "SELECT id, image_id, text, token_ids, created FROM captions WHERE id = ANY(%s)",
+            (wanted,),
+        )
+        return {int(row[0]): _caption(row) for row in rows}
+
+    def captions_of(self, image_id: int) -> list[CaptionRecord]:
+        rows = self._fetch(
+            "SELECT id, image_id, text, token_ids, created FROM captions "
+            "WHERE image_id = %s ORDER BY id",
+            (image_id,),
+        )
+        return [_caption(row) for row in rows]
+
+    def captions_of_images(self, image_ids: Iterable[int]) -> dict[int, list[CaptionRecord]]:
+        wanted = [int(i) for i in image_ids]
+        if not wanted:
+            return {}
+        rows = self._fetch(
+            "SELECT images.id, captions.id, captions.image_id, captions.text, "
+            "captions.token_ids, captions.created FROM images "
+            "LEFT JOIN captions ON captions.image_id = images.id "
+            "WHERE images.id = ANY(%s) ORDER BY images.id, captions.id",
+            (wanted,),
+        )
+        found: dict[int, list[CaptionRecord]] = {}
+        for image_id, *caption in rows:
+            captions = found.setdefault(int(image_id), [])
+            if caption[0] is not None:
+                captions.append(_caption(tuple(caption)))
+        return found
+
+    def image_ids(self) -> np.ndarray:
+        return self._ids("SELECT id FROM images ORDER BY id")
+
+    def caption_ids(self) -> np.ndarray:
+        return self._ids("SELECT id FROM captions ORDER BY id")
+
+    def count_images(self) -> int:
+        return int(self._fetch("SELECT count(*) FROM images")[0][0])
+
+    def count_captions(self) -> int:
+        return int(self._fetch("SELECT count(*) FROM captions")[0][0])
+
+    @property
+    def sequence(self) -> int:
+        """The last committed change sequence in the database."""
+        return int(self._fetch("SELECT coalesce(max(seq), 0) FROM changes")[0][0])
+
+    def changes_after(self, seq: int, limit: int) -> list[Change]:
+        """Committed changes with a sequence above `seq`, in order (at most `limit`)."""
+        rows = self._fetch(
+            "SELECT seq, kind, item_id, op FROM changes WHERE seq > %s ORDER BY seq LIMIT %s",
+            (seq, limit),
+        )
+        return [Change(int(s), kind, int(item_id), op) for s, kind, item_id, op in rows]
+
+    def close(self) -> None:
+        """The database (shared with the feature store) is closed by its owner."""
+
+    def _fetch(self, query: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self.database.read_connection() as conn:
+            return conn.execute(query, params).fetchall()
+
+    def _ids(self, query: str) -> np.ndarray:
+        return np.asarray([row[0] for row in self._fetch(query)], dtype=np.int64)
+
+
+def insert_catalog_rows(
+    conn: psycopg.Connection,
+    images: Sequence[ImageRecord],
+    captions: Sequence[CaptionRecord],
+    *,
+    skip_present: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Insert catalog rows; with `skip_present` rows whose id exists are kept (a resumed copy).
+    Returns the ids inserted."""
+    conflict = " ON CONFLICT (id) DO NOTHING" if skip_present else ""
+    inserted_images: list[int] = []
+    inserted_captions: list[int] = []
+    if images:
+        inserted_images = [
+            int(row[0])
+            for row in conn.execute(
+                "INSERT INTO images (id, sha256, stored_path, width, height, created) "
+                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], "
+                f"%s::int[], %s::float8[]){conflict} RETURNING id",
+                (
+                    [r.id for r in images],
+                    [r.sha256 for r in images],
+                    [r.stored_path for r in images],
+                    [r.width for r in images],
+                    [r.height for r in images],
+                    [r.created for r in images],
+                ),
+            )
+        ]
+    if captions:
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO captions (id, image_id, text, token_ids, created) "
+                f"VALUES (%s, %s, %s, %s, %s){conflict} RETURNING id",
+                [(r.id, r.image_id, r.text, list(r.token_ids), r.created) for r in captions],
+                returning=True,
+            )
+            while True:
+                row = cursor.fetchone()
+                if row is not None:
+                    inserted_captions.append(int(row[0]))
+                if not cursor.nextset():
+                    break
+    return inserted_images, inserted_captions
+
+
+def _delete_features(
+    conn: psycopg.Connection, image_ids: list[int], caption_ids: list[int]
+) -> None:
+    """Every stored record of these items, whatever the namespace (same transaction)."""
+    for prefixes, ids in ((IMAGE_PREFIXES, image_ids), (CAPTION_PREFIXES, caption_ids)):
+        if ids:
+            conn.execute(
+                "DELETE FROM features WHERE item_id = ANY(%s) AND ("
+                + " OR ".join("starts_with(namespace, %s)" for _ in prefixes)
+                + ")",
+                (ids, *prefixes),
+            )
+
+
+class PostgresFeatureStore:
+    """The `index.feature_store.FeatureStore` API over the ``features`` table."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self.database = database
+        self.path = database.display_url
+
+    def put_many(self, namespace: str, items: Mapping[int, Arrays]) -> None:
+        self.write({namespace: items})
+
+    def write(
+        self,
+        puts: Mapping[str, Mapping[int, Arrays]] | None = None,
+        deletes: Mapping[str, Iterable[int]] | None = None,
+    ) -> None:
+        """Puts (replacing) and deletes across namespaces in ONE transaction."""
+        self.write_encoded(_encoded(puts), deletes)
+
+    def write_encoded(
+        self,
+        puts: Mapping[str, Mapping[int, bytes]] | None = None,
+        deletes: Mapping[str, Iterable[int]] | None = None,
+    ) -> None:
+        with self.database.write_transaction() as conn:
+            write_features(conn, puts or {}, replace=True)
+            for namespace, ids in (deletes or {}).items():
+                conn.execute(
+                    "DELETE FROM features WHERE namespace = %s AND item_id = ANY(%s)",
+                    (namespace, [int(i) for i in ids]),
+                )
+
+    def write_owned(self, table: Table, namespace: str, items: Mapping[int, Arrays]) -> int:
+        """Store records of items that still exist in `table`, locking their catalog rows so
+        a concurrent delete (another replica's) waits: nothing is left that no row owns.
+        Returns how many were stored."""
+        encoded = {int(i): encode_arrays(arrays) for i, arrays in items.items()}
+        with self.database.write_transaction() as conn:
+            present = {
+                int(row[0])
+                for row in conn.execute(
+                    sql.SQL("SELECT id FROM {} WHERE id = ANY(%s) FOR SHARE").format(
+                        sql.Identifier(table)
+                    ),
+                    (list(encoded),),
+                )
+            }
+            kept = {i: value for i, value in encoded.items() if i in present}
+            write_features(conn, {namespace: kept}, replace=True)
+        return len(kept)
+
+    def delete_many(self, namespace: str, ids: Iterable[int]) -> None:
+        self.write(deletes={namespace: ids})
+
+    def get_many(self, namespace: str, ids: Iterable[int]) -> dict[int, dict[str, np.ndarray]]:
+        return {
+            i: decode_arrays(value) for i, value in self.get_many_encoded(namespace, ids).items()
+        }
+
+    def get_many_encoded(self, namespace: str, ids: Iterable[int]) -> dict[int, bytes]:
+        """The stored bytes of the ids present, in `ids` order, in one query."""
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return {}
+        with self.database.read_connection() as conn:
+            rows = conn.execute(
+                "SELECT item_id, payload FROM features WHERE namespace = %s AND item_id = ANY(%s)",
+                (namespace, wanted),
+            ).fetchall()
+        found = {int(item_id): bytes(payload) for item_id, payload in rows}
+        return {i: found[i] for i in wanted if i in found}
+
+    def ids(self, namespace: str) -> np.ndarray:
+        with self.database.read_connection() as conn:
+            rows = conn.execute(
+                "SELECT item_id FROM features WHERE namespace = %s ORDER BY item_id", (namespace,)
+            ).fetchall()
+        return np.asarray([row[0] for row in rows], dtype=np.int64)
+
+    def count(self, namespace: str) -> int:
+        with self.database.read_connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM features WHERE namespace = %s", (namespace,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def namespaces(self) -> list[str]:
+        """Distinct namespaces by a skip scan of the primary key (cheap on a big table)."""
+        with self.database.read_connection() as conn:
+            rows = conn.execute(
+                "WITH RECURSIVE t(ns) AS ("
+                " SELECT min(namespace) FROM features"
+                " UNION ALL SELECT (SELECT min(namespace) FROM features WHERE namespace > t.ns)"
+                " FROM t WHERE t.ns IS NOT NULL) SELECT ns FROM t WHERE ns IS NOT NULL"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def iter_pooled(
+        self, namespace: str, table: Table, batch: int
+    ) -> Iterator[tuple[int, list[int], np.ndarray]]:
+        """(snapshot sequence, ids, vectors [n, dim]) batches of every catalog item's pooled
+        record, from ONE snapshot (repeatable read, server-side cursor): the snapshot holds
+        exactly the changes up to its sequence, so a follower goes on from there."""
+        key = "vector"
+        with (
+            self.database.read_connection() as conn,
+            conn.transaction(),
+        ):
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            (sequence,) = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+            with conn.cursor(name="campsearch_pooled") as cursor:
+                cursor.itersize = batch
+                cursor.execute(
+                    sql.SQL(
+                        "SELECT f.item_id, f.payload FROM features f "
+                        "JOIN {} c ON c.id = f.item_id WHERE f.namespace = %s ORDER BY f.item_id"
+                    ).format(sql.Identifier(table)),
+                    (namespace,),
+                )
+                while rows := cursor.fetchmany(batch):
+                    ids = [int(row[0]) for row in rows]
+                    vectors = np.stack([decode_arrays(row[1])[key] for row in rows])
+                    yield int(sequence), ids, vectors
+            yield int(sequence), [], np.empty((0, 0), dtype=np.float32)
+
+    def size_bytes(self) -> int:
+        with self.database.read_connection() as conn:
+            row = conn.execute("SELECT pg_total_relation_size('features')").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        """The database (shared with the catalog) is closed by its owner."""
+
+
+def _caption(row: Sequence[Any]) -> CaptionRecord:
+    caption_id, image_id, text, token_ids, created = row
+    return CaptionRecord(
+        int(caption_id),
+        None if image_id is None else int(image_id),
+        text,
+        tuple(int(t) for t in token_ids),
+        float(created),
+    )
