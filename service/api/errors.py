@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.errors import NotFoundError, StorageFullError
+from index.postgres import DatabaseUnavailableError
 from model.vision.images import (
     ImageInputError,
     ImageTooLarge,
@@ -72,6 +73,12 @@ STORAGE_FULL_DETAIL = (
 )
 
 
+DATABASE_DOWN_DETAIL = (
+    "the database is not answering; nothing was written. Retry shortly (a retried image upload "
+    "is not stored twice: images dedupe by content)."
+)
+
+
 def image_refusal_status(error: ImageInputError) -> int:
     """400 for a refused image, 413 when it is too large, 415 when it is not a format we take."""
     return next(
@@ -101,6 +108,13 @@ def problem_of(error: Exception) -> ProblemError | None:
         case QueueFullError():
             return ProblemError(
                 429, "Too many requests", str(error), headers=_retry(error.retry_after_s)
+            )
+        case DatabaseUnavailableError():
+            return ProblemError(
+                503,
+                "Storage unavailable",
+                DATABASE_DOWN_DETAIL,
+                headers=_retry(error.retry_after_s),
             )
         case StorageFullError():
             return ProblemError(507, "Insufficient storage", STORAGE_FULL_DETAIL)
@@ -141,6 +155,8 @@ async def _on_known_error(request: Request, error: Exception) -> JSONResponse:
         return await _on_unexpected(request, error)
     if isinstance(error, StorageFullError):
         logger.error("storage is full: %s", error)
+    if isinstance(error, DatabaseUnavailableError):
+        logger.error("database unavailable: %s", error)
     return problem_response(
         problem.status,
         problem.title,
@@ -184,7 +200,14 @@ async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every failure through problem+json."""
-    for known in (ProblemError, ServiceError, QueueFullError, StorageFullError, NotFoundError):
+    for known in (
+        ProblemError,
+        ServiceError,
+        QueueFullError,
+        StorageFullError,
+        NotFoundError,
+        DatabaseUnavailableError,
+    ):
         app.add_exception_handler(known, _on_known_error)
     app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]

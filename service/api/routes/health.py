@@ -9,7 +9,14 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep, StateDep
 from service.api.errors import ProblemError
-from service.api.schemas import ComponentState, CorpusSizes, Readiness, ServiceInfo, StageInfo
+from service.api.schemas import (
+    ComponentState,
+    CorpusSizes,
+    DatabaseInfo,
+    Readiness,
+    ServiceInfo,
+    StageInfo,
+)
 from service.runtime.metrics import PROMETHEUS_CONTENT_TYPE
 from service.search.tensor_rebuild import TensorRebuild
 
@@ -51,6 +58,20 @@ async def readyz(state: StateDep) -> JSONResponse:
         ),
         _rebuild_state(runtime.rebuild),
     ]
+    database = runtime.corpus.database
+    if database is not None:
+        database_ok = await asyncio.to_thread(database.check)
+        components.append(
+            ComponentState(
+                name="database",
+                ok=database_ok,
+                detail=f"{database.display_url}, applied change sequence "
+                f"{runtime.corpus.applied_sequence}",
+            )
+        )
+        if not database_ok:  # searches read metadata there and writes commit there: not ready
+            body = Readiness(status="degraded", components=components)
+            return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "2"})
     body = Readiness(status="ready" if cache_ok else "degraded", components=components)
     return JSONResponse(body.model_dump())
 
@@ -110,4 +131,12 @@ async def info(runtime: RuntimeDep) -> ServiceInfo:
             "max_upload_bytes": settings.max_upload_bytes,
         },
         stages={stage: StageInfo(**where) for stage, where in runtime.stages().items()},
+        database=(
+            None
+            if runtime.corpus.database is None
+            else DatabaseInfo(
+                url=runtime.corpus.database.display_url,
+                applied_sequence=runtime.corpus.applied_sequence,
+            )
+        ),
     )
