@@ -100,7 +100,7 @@ def chromium():
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server():
     """The URL of a real PostgreSQL server (CAMPSEARCH_TEST_POSTGRES_URL, 127.0.0.1:5432, or one
     started in a tmp dir when none answers); see tests/postgres_support."""
     import os
@@ -111,7 +111,7 @@ def postgres_server(tmp_path_factory):
     if reachable(url):
         yield url
         return
-    server = LocalPostgres(tmp_path_factory.mktemp("postgres")).start()
+    server = LocalPostgres().start()
     yield server.url
     server.stop()
 

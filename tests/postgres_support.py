@@ -10,6 +10,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,10 +40,11 @@ def free_port() -> int:
 
 
 class LocalPostgres:
-    """A throw-away server in `root` (run as the `postgres` user: PostgreSQL refuses root)."""
+    """A throw-away server in a fresh folder of the system tmp dir (run as the `postgres` user:
+    PostgreSQL refuses root; pytest's own tmp dirs are private to root, so not there)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="campsearch-pg-"))
         self.data = self.root / "pgdata"
         self.port = free_port()
         self.url = f"postgresql://{SERVER_USER}@127.0.0.1:{self.port}/postgres"
@@ -63,6 +65,7 @@ class LocalPostgres:
             ),
             check=True,
             capture_output=True,
+            text=True,
         )
         subprocess.run(
             self._as_server_user(
