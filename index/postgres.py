@@ -577,9 +577,11 @@ class PostgresFeatureStore:
         if not wanted:
             return {}
         with self.database.read_connection() as conn:
+            # Binary results: bytea arrives as raw bytes, not hex text twice its size.
             rows = conn.execute(
                 "SELECT item_id, payload FROM features WHERE namespace = %s AND item_id = ANY(%s)",
                 (namespace, wanted),
+                binary=True,
             ).fetchall()
         found = {int(item_id): bytes(payload) for item_id, payload in rows}
         return {i: found[i] for i in wanted if i in found}
@@ -622,7 +624,7 @@ class PostgresFeatureStore:
         ):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             (sequence,) = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
-            with conn.cursor(name="campsearch_pooled") as cursor:
+            with conn.cursor(name="campsearch_pooled", binary=True) as cursor:
                 cursor.itersize = batch
                 cursor.execute(
                     sql.SQL(
