@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import threading
 import time
@@ -91,8 +90,9 @@ AUTO_FACTORY = "auto"
 REBUILD_BATCH = 10_000
 EXTENSION_PATTERN = re.compile(r"^(\.[a-z0-9]{1,5})?$")
 POOLED_KEY = "vector"
-# PostgreSQL mode: an image file no catalog row references is removed at open only once it is
-# this old, since another replica may have written it for a transaction still in flight.
+SHA256_NAME = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,5})?$")
+# PostgreSQL mode: a temp file of an image write is removed at open only once it is this old,
+# since another replica may be writing it for a transaction still in flight.
 SHARED_ORPHAN_FILE_AGE_S = 3600.0
 
 Kind = Literal["images", "captions"]
@@ -305,12 +305,10 @@ class Corpus:
             raise ValueError(f"extension must look like '.jpg', got {extension!r}")
         if sha256 is None:
             sha256 = sha256_hex(image_bytes)
-        with self._write_lock:
+        with self._write_lock, self._content_lock(sha256):
             existing = self.catalog.find_image_by_sha256(sha256)
             if existing is not None:
                 return AddedImage(existing, tuple(self.catalog.captions_of(existing.id)), False)
-            if self.shared:
-                self._note_shared_file(sha256, extension)
             stored_path = self._write_image_file(sha256, image_bytes, extension)
             (image_id,) = self.catalog.allocate_ids("images", 1)
             caption_ids = self.catalog.allocate_ids("captions", len(captions))
@@ -462,15 +460,19 @@ class Corpus:
             image = self.catalog.get_image(image_id)
             if image is None:
                 return False
-            with self._visibility.write():
-                caption_ids = self.catalog.delete_image(image_id)  # the acknowledgement
-                if caption_ids is None:
-                    return False
-                self.indexes["images"].remove([image_id])
-                self.indexes["captions"].remove(caption_ids)
-            self._forget_files_and_features([image.stored_path], {image_id}, set(caption_ids))
-            self._dirty = not self.shared
-            return True
+            with self._content_lock(image.sha256):
+                return self._delete_image(image)
+
+    def _delete_image(self, image: ImageRecord) -> bool:
+        with self._visibility.write():
+            caption_ids = self.catalog.delete_image(image.id)  # the acknowledgement
+            if caption_ids is None:
+                return False
+            self.indexes["images"].remove([image.id])
+            self.indexes["captions"].remove(caption_ids)
+        self._forget_files_and_features([image.stored_path], {image.id}, set(caption_ids))
+        self._dirty = not self.shared
+        return True
 
     def delete_caption(self, caption_id: int) -> bool:
         with self._write_lock:
@@ -777,6 +779,20 @@ class Corpus:
                         index.add(ids, vectors)
                 self.indexes[kind] = index
                 snapshots.append(snapshot)
+                rows = (
+                    self.catalog.count_images()
+                    if kind == "images"
+                    else self.catalog.count_captions()
+                )
+                if rows > len(index):  # rows without a vector of this model (a model change)
+                    self.recovery.missing_pooled[kind] = rows - len(index)
+                    logger.error(
+                        "%d %s have no pooled vector for model %s and are not searchable: "
+                        "re-embed them",
+                        rows - len(index),
+                        kind,
+                        self.model_version,
+                    )
             self._collect_shared_orphan_files()
             self._mark_applied(min(snapshots))
 
@@ -787,27 +803,32 @@ class Corpus:
         )
 
     def _collect_shared_orphan_files(self) -> None:
-        """Image files no catalog row references and older than SHARED_ORPHAN_FILE_AGE_S (a
-        younger one may belong to another replica's transaction in flight)."""
+        """Image files no catalog row references: each is removed under its content lock, once
+        the catalog (re-read under that lock) confirms no replica committed it meanwhile.
+        Temp files are removed once SHARED_ORPHAN_FILE_AGE_S old (a younger one may be another
+        replica's write in flight)."""
         images_dir = self.data_dir / IMAGES_DIR
         if not images_dir.is_dir():
-            return
-        cutoff = time.time() - SHARED_ORPHAN_FILE_AGE_S
-        candidates = [
-            path
-            for path in images_dir.rglob("*")
-            if path.is_file() and path.stat().st_mtime < cutoff
-        ]
-        if not candidates:
             return
         referenced = {
             record.stored_path
             for record in self.catalog.get_images(self.catalog.image_ids().tolist()).values()
         }
-        for path in candidates:
-            if path.relative_to(self.data_dir).as_posix() not in referenced:
+        cutoff = time.time() - SHARED_ORPHAN_FILE_AGE_S
+        for path in images_dir.rglob("*"):
+            if not path.is_file() or path.relative_to(self.data_dir).as_posix() in referenced:
+                continue
+            if SHA256_NAME.match(path.name):
+                sha256 = path.name[:64]
+                with self._content_lock(sha256):
+                    if self.catalog.find_image_by_sha256(sha256) is not None:
+                        continue
+                    path.unlink(missing_ok=True)
+            elif path.name.endswith(TEMP_SUFFIX) and path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
-                self.recovery.orphan_files += 1
+            else:
+                continue
+            self.recovery.orphan_files += 1
         if self.recovery.orphan_files:
             logger.warning(
                 "removed %d orphan image files (never acknowledged)", self.recovery.orphan_files
@@ -937,12 +958,12 @@ class Corpus:
         assert isinstance(self.catalog, PostgresCatalog)
         return self.catalog
 
-    def _note_shared_file(self, sha256: str, extension: str) -> None:
-        """Refresh the age of a shared file about to be referenced again, so no replica's
-        orphan sweep (which spares young files) removes it under this write."""
-        path = self.data_dir / f"{IMAGES_DIR}/{sha256[:2]}/{sha256}{extension}"
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path)
+    def _content_lock(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+        """PostgreSQL mode: the cross-replica lock on one photo's file (see
+        `PostgresDatabase.content_lock`); embedded, the write lock already serialises."""
+        if self.database is None:
+            return contextlib.nullcontext()
+        return self.database.content_lock(sha256)
 
     def _index_path(self, kind: Kind) -> Path:
         return self.data_dir / INDEX_DIR / f"{kind}.faiss"

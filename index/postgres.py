@@ -206,6 +206,24 @@ class PostgresDatabase:
         with database_errors(self.url), self._read_pool.connection() as conn:
             yield conn
 
+    @contextmanager
+    def content_lock(self, sha256: str) -> Iterator[None]:
+        """Hold a session advisory lock on one photo's content address across replicas.
+
+        A photo file is shared by path (its sha256), and written or unlinked outside the
+        database's transactions: an add (file written, row committed), a delete (row deleted,
+        file unlinked) and the orphan sweep of the same bytes on two replicas must not
+        interleave, or a committed image could lose its file."""
+        key = int.from_bytes(bytes.fromhex(sha256[:16]), "big", signed=True)
+        with database_errors(self.url), self._pool.connection() as conn:
+            conn.autocommit = True
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                conn.autocommit = False
+
     def check(self) -> bool:
         """Whether the database answers now."""
         try:

@@ -330,3 +330,48 @@ def test_features_are_the_codec_bytes(tmp_path, postgres_url):
         assert bytes(payload[:4]) == b"CSA1"
         assert decode_arrays(payload)["features"].dtype == np.float16
         assert decode_arrays(pooled)["vector"].shape == (DIM,)
+
+
+def test_orphan_photo_files_are_swept_under_their_content_lock(tmp_path, postgres_url):
+    """At open, a photo file no catalog row references (a commit that never happened) is
+    removed; files of committed images and unrelated names are kept."""
+    rng = np.random.default_rng(8)
+    with _open(tmp_path, postgres_url) as corpus:
+        kept = _add(corpus, 0, rng, captions=0).image
+    orphan_sha = "ab" * 32
+    orphan = tmp_path / "shared" / "images" / "ab" / f"{orphan_sha}.jpg"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"never committed")
+    fresh_temp = orphan.parent / f".{orphan_sha}.jpg.x1.tmp"  # another replica's write, now
+    fresh_temp.write_bytes(b"in flight")
+    with _open(tmp_path, postgres_url) as reopened:
+        assert reopened.recovery.orphan_files == 1
+        assert not orphan.exists()
+        assert fresh_temp.exists()
+        assert (reopened.data_dir / kept.stored_path).is_file()
+
+
+def test_items_without_a_vector_of_this_model_are_reported(tmp_path, postgres_url):
+    rng = np.random.default_rng(9)
+    with _open(tmp_path, postgres_url) as corpus:
+        _add(corpus, 0, rng)
+    other = {**OPTIONS, "model_version": "m2"}
+    with Corpus.open(tmp_path / "shared", database_url=postgres_url, **other) as replica:
+        assert replica.recovery.missing_pooled == {"images": 1, "captions": 2}
+        assert len(replica.indexes["images"]) == 0
+
+
+def test_database_settings():
+    from pydantic import ValidationError
+
+    from service.runtime.settings import Settings
+
+    settings = Settings(
+        database_url="postgresql://app:secret@db/campsearch",
+        database_read_url="postgresql://app:secret@replica/campsearch",
+    )
+    assert settings.database == "postgresql://app:secret@db/campsearch"
+    assert "secret" not in repr(settings)
+    assert Settings().database is None
+    with pytest.raises(ValidationError, match="postgresql://"):
+        Settings(database_url="mysql://db/campsearch")
