@@ -543,18 +543,21 @@ class Corpus:
         caches, then record that every change up to `through` is applied. Idempotent: this
         replica's own writes, already applied, come back here too."""
         with self._write_lock:
+            plan: list[tuple[Kind, dict[int, np.ndarray], list[int]]] = []
             for kind in ("images", "captions"):
                 added = [c.item_id for c in changes if c.kind == kind and c.op == "add"]
                 deleted = [c.item_id for c in changes if c.kind == kind and c.op == "delete"]
-                # An add later deleted in the same batch: the store has no vector for it.
-                index = self.indexes[kind]
-                fresh = [i for i in dict.fromkeys(added) if i not in index]
-                vectors = self.get_pooled(kind, fresh) if fresh else {}
-                with self._visibility.write():
+                # An add deleted since has no stored vector any more: it is skipped.
+                fresh = [i for i in dict.fromkeys(added) if i not in self.indexes[kind]]
+                plan.append((kind, self.get_pooled(kind, fresh) if fresh else {}, deleted))
+            # One visible step for both kinds: a write's image and captions appear together.
+            with self._visibility.write():
+                for kind, vectors, deleted in plan:
                     if vectors:
-                        index.add(list(vectors), np.stack(list(vectors.values())))
+                        self.indexes[kind].add(list(vectors), np.stack(list(vectors.values())))
                     if deleted:
-                        index.remove(deleted)
+                        self.indexes[kind].remove(deleted)
+            for kind, _, deleted in plan:
                 if deleted:
                     if kind == "images":
                         self.regions.invalidate(deleted)

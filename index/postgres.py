@@ -653,8 +653,7 @@ class PostgresFeatureStore:
                 )
                 while rows := cursor.fetchmany(batch):
                     ids = [int(row[0]) for row in rows]
-                    vectors = np.stack([decode_arrays(row[1])[key] for row in rows])
-                    yield int(sequence), ids, vectors
+                    yield int(sequence), ids, stacked_vectors([row[1] for row in rows], key)
             yield int(sequence), [], np.empty((0, 0), dtype=np.float32)
 
     def size_bytes(self) -> int:
@@ -664,6 +663,20 @@ class PostgresFeatureStore:
 
     def close(self) -> None:
         """The database (shared with the catalog) is closed by its owner."""
+
+
+def stacked_vectors(payloads: Sequence[bytes], key: str) -> np.ndarray:
+    """[n, dim] from codec records of one array each: when every record has the first one's
+    header (the usual case), one join of their data instead of n decodes (~10x faster)."""
+    first = payloads[0]
+    arrays = decode_arrays(first)
+    vector = arrays[key]
+    header = len(first) - vector.nbytes  # a lone array's data ends the record
+    prefix = first[:header]
+    if len(arrays) == 1 and all(len(p) == len(first) and p[:header] == prefix for p in payloads):
+        data = b"".join(p[header:] for p in payloads)
+        return np.frombuffer(data, dtype=vector.dtype).reshape(len(payloads), *vector.shape)
+    return np.stack([decode_arrays(p)[key] for p in payloads])
 
 
 def _caption(row: Sequence[Any]) -> CaptionRecord:

@@ -375,3 +375,18 @@ def test_database_settings():
     assert Settings().database is None
     with pytest.raises(ValidationError, match="postgresql://"):
         Settings(database_url="mysql://db/campsearch")
+
+
+def test_stacked_vectors_match_one_decode_each():
+    from index.codec import decode_arrays, encode_arrays
+    from index.postgres import stacked_vectors
+
+    rng = np.random.default_rng(10)
+    vectors = rng.standard_normal((50, DIM)).astype(np.float32)
+    same = [encode_arrays({"vector": v}) for v in vectors]
+    np.testing.assert_array_equal(stacked_vectors(same, "vector"), vectors)
+    # Records of another layout (a second array, first or last) take the one-by-one path.
+    mixed = [encode_arrays({"vector": v, "extra": np.ones(DIM, np.float32)}) for v in vectors]
+    mixed[3] = encode_arrays({"extra": np.ones(2, np.float32), "vector": vectors[3]})
+    np.testing.assert_array_equal(stacked_vectors(mixed, "vector"), vectors)
+    assert decode_arrays(mixed[3])["vector"].shape == (DIM,)
