@@ -774,13 +774,18 @@ class Corpus:
                         else self.catalog.count_captions()
                     )
                     factory = choose_factory(count, self.dim)
-                index = ShortlistIndex(self.dim, factory, **self._index_options)
+                index = self._shared_index(kind, factory)
+                from_template = index.is_trained and index.factory != FLAT
                 snapshot = 0
                 for batch_snapshot, ids, vectors in self._pooled_batches(kind):
                     snapshot = batch_snapshot
                     if ids:
                         index.add(ids, vectors)
                 self.indexes[kind] = index
+                if not from_template and (template := index.trained_template()) is not None:
+                    self.database.save_index_template(  # type: ignore[union-attr]
+                        kind, self.model_version, factory, self.dim, template
+                    )
                 snapshots.append(snapshot)
                 rows = (
                     self.catalog.count_images()
@@ -798,6 +803,20 @@ class Corpus:
                     )
             self._collect_shared_orphan_files()
             self._mark_applied(min(snapshots))
+
+    def _shared_index(self, kind: Kind, factory: str) -> ShortlistIndex:
+        """An empty index of `factory`: trained from the template another replica shared when
+        there is one (no k-means at start), else untrained (it trains as vectors arrive)."""
+        assert self.database is not None
+        template = self.database.index_template(kind, self.model_version, factory, self.dim)
+        if template is not None:
+            try:
+                return ShortlistIndex.from_template(
+                    template, self.dim, factory, **self._index_options
+                )
+            except CorruptIndexError as error:
+                logger.warning("ignoring the shared %s index template: %s", kind, error)
+        return ShortlistIndex(self.dim, factory, **self._index_options)
 
     def _pooled_batches(self, kind: Kind) -> Iterator[tuple[int, list[int], np.ndarray]]:
         assert isinstance(self.store, PostgresFeatureStore)

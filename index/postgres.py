@@ -99,6 +99,19 @@ MIGRATIONS: tuple[str, ...] = (
         at TIMESTAMPTZ NOT NULL DEFAULT now()
     );
     """,
+    # 2: trained shortlist structures (IVF centroids, PQ codebooks) that replicas share, so a
+    # replica's start adds vectors instead of training k-means again.
+    """
+    CREATE TABLE index_templates (
+        kind TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        factory TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        payload BYTEA NOT NULL,
+        created TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (kind, model_version, factory, dim)
+    );
+    """,
 )
 
 
@@ -205,6 +218,28 @@ class PostgresDatabase:
         """A connection for reads of metadata and features (the read seam)."""
         with database_errors(self.url), self._read_pool.connection() as conn:
             yield conn
+
+    def index_template(self, kind: str, model_version: str, factory: str, dim: int) -> bytes | None:
+        """The shared trained structure of an index (`ShortlistIndex.trained_template`)."""
+        with self.read_connection() as conn:
+            row = conn.execute(
+                "SELECT payload FROM index_templates "
+                "WHERE kind = %s AND model_version = %s AND factory = %s AND dim = %s",
+                (kind, model_version, factory, dim),
+                binary=True,
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_index_template(
+        self, kind: str, model_version: str, factory: str, dim: int, payload: bytes
+    ) -> None:
+        """Share a trained structure (the first replica to train one keeps it)."""
+        with self.write_transaction() as conn:
+            conn.execute(
+                "INSERT INTO index_templates (kind, model_version, factory, dim, payload) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (kind, model_version, factory, dim, payload),
+            )
 
     @contextmanager
     def content_lock(self, sha256: str) -> Iterator[None]:

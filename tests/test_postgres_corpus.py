@@ -397,3 +397,34 @@ def test_stacked_vectors_match_one_decode_each():
     mixed[3] = encode_arrays({"extra": np.ones(2, np.float32), "vector": vectors[3]})
     np.testing.assert_array_equal(stacked_vectors(mixed, "vector"), vectors)
     assert decode_arrays(mixed[3])["vector"].shape == (DIM,)
+
+
+def test_a_trained_index_is_shared_so_later_replicas_do_not_train(
+    tmp_path, postgres_url, monkeypatch
+):
+    from index.shortlist import ShortlistIndex
+
+    rng = np.random.default_rng(11)
+    options = {"caption_factory": "IVF4,Flat"}  # trains once 4 x 39 vectors are there
+    with _open(tmp_path, postgres_url, **options) as writer:
+        writer.add_captions(
+            [NewCaption(f"text {n}", [1, n], rng.standard_normal(DIM)) for n in range(200)]
+        )
+    with _open(tmp_path, postgres_url, **options) as first:  # trains, and shares the result
+        assert first.indexes["captions"].is_trained
+        query = rng.standard_normal((3, DIM)).astype(np.float32)
+        expected = first.search_captions(query, 5)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT kind, factory FROM index_templates").fetchall() == [
+            ("captions", "IVF4,Flat")
+        ]
+
+    def no_training(self):
+        raise AssertionError("a replica trained although a template was shared")
+
+    monkeypatch.setattr(ShortlistIndex, "_train_from_buffer", no_training)
+    with _open(tmp_path, postgres_url, **options) as later:
+        assert later.indexes["captions"].is_trained and len(later.indexes["captions"]) == 200
+        scores, ids = later.search_captions(query, 5)
+        np.testing.assert_array_equal(ids, expected[1])
+        np.testing.assert_allclose(scores, expected[0], rtol=1e-5)

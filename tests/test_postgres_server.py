@@ -8,6 +8,7 @@ import psycopg
 from postgres_support import LocalPostgres, fresh_database, reachable
 
 from index.corpus import Corpus
+from index.postgres import MIGRATIONS
 
 OPTIONS = {"dim": 8, "extractor": "grid", "extractor_version": "v1", "model_version": "m1"}
 
@@ -31,7 +32,9 @@ def test_a_server_started_in_a_tmp_dir_serves_a_corpus(tmp_path):
                 )
                 assert corpus.get_image(added.image.id) == added.image
             with psycopg.connect(url) as conn:
-                assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 1
+                assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == len(
+                    MIGRATIONS
+                )
     finally:
         server.stop()
     assert not reachable(server.url)
