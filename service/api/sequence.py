@@ -11,6 +11,7 @@ In the embedded mode (one process) a write is visible at once; the header is the
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,12 +20,14 @@ from service.api.auth import is_write_route
 from service.api.errors import problem_response
 
 if TYPE_CHECKING:
+    from index.corpus import Corpus
     from service.runtime.lifecycle import ServiceState
 
 SEQUENCE_HEADER = "X-Campsearch-Sequence"
 MIN_SEQUENCE_HEADER = "X-Campsearch-Min-Sequence"
 MAX_WAIT_S = 2.0
 RETRY_AFTER_S = 1
+POLL_S = 0.005
 _MIN_SEQUENCE_RAW = MIN_SEQUENCE_HEADER.lower().encode("latin-1")
 _MAX_SEQUENCE = 2**63 - 1
 
@@ -54,7 +57,7 @@ class ChangeSequence:
                 )
                 await response(scope, receive, send)
                 return
-            if not await asyncio.to_thread(corpus.wait_for_sequence, int(wanted), MAX_WAIT_S):
+            if not await _caught_up(corpus, int(wanted)):
                 response = problem_response(
                     503,
                     "Not caught up",
@@ -79,6 +82,21 @@ class ChangeSequence:
             await send(message)
 
         await self.app(scope, receive, stamped)
+
+
+async def _caught_up(corpus: Corpus, sequence: int) -> bool:
+    """Whether the replica applies `sequence` within MAX_WAIT_S. Polled on the event loop (no
+    worker thread held per waiting request); the follower is woken to catch up at once."""
+    if corpus.applied_sequence >= sequence:
+        return True
+    if corpus.follower is not None:
+        corpus.follower.wake()
+    deadline = time.monotonic() + MAX_WAIT_S
+    while corpus.applied_sequence < sequence:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(POLL_S)
+    return True
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
