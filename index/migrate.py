@@ -13,18 +13,21 @@ are: point every replica's CAMPSEARCH_DATA_DIR at that folder (or copy its ``ima
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import psycopg
 from psycopg import sql
 
 from index.catalog import Catalog
+from index.errors import StorageError
 from index.feature_store import FeatureStore
 from index.postgres import (
     CAPTION_PREFIXES,
     IMAGE_PREFIXES,
+    PostgresCatalog,
     PostgresDatabase,
     insert_catalog_rows,
     record_changes,
@@ -105,15 +108,13 @@ def _copy_batch(
 ) -> None:
     """One batch of rows and all their stored records, in one transaction."""
     features = {ns: store.get_many_encoded(ns, ids) for ns in namespaces}
+    source = catalog.get_images(ids) if kind == "images" else catalog.get_captions(ids)
     with database.write_transaction() as conn:
         if kind == "images":
-            inserted, _ = insert_catalog_rows(
-                conn, list(catalog.get_images(ids).values()), (), skip_present=True
-            )
+            inserted, _ = insert_catalog_rows(conn, list(source.values()), (), skip_present=True)
         else:
-            _, inserted = insert_catalog_rows(
-                conn, (), list(catalog.get_captions(ids).values()), skip_present=True
-            )
+            _, inserted = insert_catalog_rows(conn, (), list(source.values()), skip_present=True)
+        _refuse_foreign_rows(conn, kind, source, set(inserted))
         write_features(conn, features, replace=False)
         record_changes(conn, [(kind, item_id, "add") for item_id in inserted])
     if kind == "images":
@@ -122,6 +123,31 @@ def _copy_batch(
         report.captions += len(inserted)
     report.skipped += len(ids) - len(inserted)
     report.features += sum(len(items) for items in features.values())
+
+
+class ForeignRowsError(StorageError):
+    """The database holds other items under ids of the data dir (it was not empty)."""
+
+
+def _refuse_foreign_rows(
+    conn: psycopg.Connection, kind: Kind, source: Mapping[int, Any], inserted: set[int]
+) -> None:
+    """Rows skipped as present must be this data dir's own (copied by an earlier run): an id
+    that holds something else means another corpus, and copying on would mix the two."""
+    present = [i for i in source if i not in inserted]
+    if not present:
+        return
+    existing = (
+        PostgresCatalog.images_in(conn, present)
+        if kind == "images"
+        else PostgresCatalog.captions_in(conn, present)
+    )
+    differing = [i for i in present if existing.get(i) != source[i]]
+    if differing:
+        raise ForeignRowsError(
+            f"the database holds other {kind} under ids of this data dir (e.g. {differing[:5]}):"
+            " migrate into an empty database (or the one an earlier run of this copy filled)"
+        )
 
 
 def _advance_id_sequences(catalog: Catalog, database: PostgresDatabase) -> None:

@@ -418,11 +418,25 @@ class PostgresCatalog:
         wanted = [int(i) for i in ids]
         if not wanted:
             return {}
-        rows = self._fetch(
+        with self.database.read_connection() as conn:
+            return self.images_in(conn, wanted)
+
+    @staticmethod
+    def images_in(conn: psycopg.Connection, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """{id: record} of the ids that exist, read on `conn` (inside its transaction)."""
+        rows = conn.execute(
             "SELECT id, sha256, stored_path, width, height, created FROM images WHERE id = ANY(%s)",
-            (wanted,),
-        )
+            (list(ids),),
+        ).fetchall()
         return {int(row[0]): ImageRecord(*row) for row in rows}
+
+    @staticmethod
+    def captions_in(conn: psycopg.Connection, ids: Sequence[int]) -> dict[int, CaptionRecord]:
+        rows = conn.execute(
+            "SELECT id, image_id, text, token_ids, created FROM captions WHERE id = ANY(%s)",
+            (list(ids),),
+        ).fetchall()
+        return {int(row[0]): _caption(row) for row in rows}
 
     def find_image_by_sha256(self, sha256: str) -> ImageRecord | None:
         rows = self._fetch(
@@ -438,11 +452,8 @@ class PostgresCatalog:
         wanted = [int(i) for i in ids]
         if not wanted:
             return {}
-        rows = self._fetch(
-            "SELECT id, image_id, text, token_ids, created FROM captions WHERE id = ANY(%s)",
-            (wanted,),
-        )
-        return {int(row[0]): _caption(row) for row in rows}
+        with self.database.read_connection() as conn:
+            return self.captions_in(conn, wanted)
 
     def captions_of(self, image_id: int) -> list[CaptionRecord]:
         rows = self._fetch(

@@ -190,3 +190,24 @@ def test_cli_copies_with_a_progress_bar_after_a_sigkill(embedded, postgres_url):
         timeout=60,
     )
     assert refused.returncode == 2 and "postgresql://" in refused.stderr
+
+
+def test_a_database_holding_another_corpus_is_refused(tmp_path, embedded, postgres_url):
+    """Ids of the data dir already used by other items: the copy stops with a clear error
+    instead of skipping them as done (which would attach captions to the wrong photos)."""
+    from index.migrate import ForeignRowsError
+
+    rng = np.random.default_rng(3)
+    with Corpus.open(tmp_path / "other", database_url=postgres_url, **OPTIONS) as other:
+        other.add_image(
+            b"another corpus" * 10,
+            width=8,
+            height=8,
+            region_features=rng.standard_normal((4, 24)),
+            region_boxes=rng.random((4, 4)),
+            pooled=rng.standard_normal(DIM),
+        )
+    with pytest.raises(ForeignRowsError, match="migrate into an empty database"):
+        migrate_data_dir(embedded, postgres_url, batch=7)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from index.errors import StorageError
-from index.migrate import DEFAULT_BATCH, migrate_data_dir
+from index.migrate import DEFAULT_BATCH, ForeignRowsError, migrate_data_dir
 from index.postgres import redacted_url
 from service.cli.output import console, fail, load_settings, progress_bar
 from service.runtime.lifecycle import DataDirBusyError, DataDirLock
@@ -32,7 +32,9 @@ def run_migrate(to: str, data_dir: Path | None, batch: int = DEFAULT_BATCH) -> N
                 on_start=lambda total: progress.update(task, total=total),
                 on_batch=lambda _kind, rows: progress.advance(task, rows),
             )
-    except (StorageError, FileNotFoundError) as error:
+    except (ForeignRowsError, FileNotFoundError) as error:
+        fail(error)
+    except StorageError as error:
         fail(f"{error} (rerun the same command to resume)")
     finally:
         lock.release()
