@@ -749,6 +749,7 @@ class Corpus:
     def _recover(self) -> None:
         if self.shared:
             self._build_from_database()
+            self._collect_shared_orphan_files()
             return
         with self._write_lock:
             self._collect_orphans()
@@ -801,8 +802,13 @@ class Corpus:
                         kind,
                         self.model_version,
                     )
-            self._collect_shared_orphan_files()
             self._mark_applied(min(snapshots))
+
+    def rebuild_from_database(self, reason: str) -> None:
+        """PostgreSQL mode: build the indexes afresh from the database (the change log no
+        longer holds every change this replica missed: it was offline past the retention)."""
+        logger.warning("rebuilding the shortlist indexes from the database: %s", reason)
+        self._build_from_database()
 
     def _shared_index(self, kind: Kind, factory: str) -> ShortlistIndex:
         """An empty index of `factory`: trained from the template another replica shared when

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.5
 CATCH_UP_BATCH = 5_000
 RECONNECT_DELAY_S = 1.0
+# Changes are kept this long: a replica offline for longer rebuilds its indexes at start anyway,
+# and one that lags that far (never, while it runs) rebuilds from the tables.
+CHANGE_RETENTION_S = 7 * 24 * 3600.0
+PRUNE_INTERVAL_S = 3600.0
 
 
 class ChangeFollower:
@@ -47,6 +51,9 @@ class ChangeFollower:
         self._thread = threading.Thread(target=self._run, name="change-follower", daemon=True)
         self.notifications = 0
         self.reconnects = 0
+        self.rebuilds = 0
+        self.retention_s = CHANGE_RETENTION_S
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
         self.last_error = ""
 
     def start(self) -> None:
@@ -79,7 +86,17 @@ class ChangeFollower:
             return self._listen is not None and not self._listen.closed
 
     def catch_up(self) -> int:
-        """Apply every committed change past the applied sequence; how many were read."""
+        """Apply every committed change past the applied sequence; how many were read. A
+        replica behind the log's retention horizon (changes it missed were pruned) rebuilds
+        its indexes from the tables instead."""
+        catalog = self.corpus.catalog
+        horizon = catalog.change_horizon()  # type: ignore[union-attr]
+        if self.corpus.applied_sequence < horizon:
+            self.corpus.rebuild_from_database(
+                f"applied change {self.corpus.applied_sequence} is behind the change log's "
+                f"retention horizon {horizon}"
+            )
+            self.rebuilds += 1
         total = 0
         while True:
             after = self.corpus.applied_sequence
@@ -99,6 +116,7 @@ class ChangeFollower:
                 if not self.listening:
                     self._connect()
                 self.catch_up()
+                self._prune_when_due()
                 self._wait_for_news()
             except (StorageError, psycopg.Error) as error:
                 if self._stop.is_set():
@@ -110,6 +128,17 @@ class ChangeFollower:
             except Exception:  # keep following: a replica that stops following serves stale
                 logger.exception("applying the database's changes failed; retrying")
                 self._stop.wait(RECONNECT_DELAY_S)
+
+    def _prune_when_due(self) -> None:
+        """Keep the change log to `retention_s` (every replica may prune; it is idempotent)."""
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        deleted = self.corpus.catalog.prune_changes(self.retention_s)  # type: ignore[union-attr]
+        if deleted:
+            logger.info(
+                "pruned %d changes older than %.0f s from the log", deleted, self.retention_s
+            )
 
     def _connect(self) -> None:
         connection = self.database.connect()

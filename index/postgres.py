@@ -112,6 +112,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (kind, model_version, factory, dim)
     );
     """,
+    # 3: the change log's retention: changes up to `pruned_through` may have been deleted.
+    """
+    CREATE TABLE change_horizon (pruned_through BIGINT NOT NULL);
+    INSERT INTO change_horizon VALUES (0);
+    """,
+)
+
+
+# The last committed change: the log's largest sequence, or the pruned horizon when the log was
+# emptied by pruning.
+LAST_CHANGE_QUERY = (
+    "SELECT greatest(coalesce(max(seq), 0), (SELECT pruned_through FROM change_horizon)) "
+    "FROM changes"
 )
 
 
@@ -496,7 +509,7 @@ class PostgresCatalog:
     @property
     def sequence(self) -> int:
         """The last committed change sequence in the database."""
-        return int(self._fetch("SELECT coalesce(max(seq), 0) FROM changes")[0][0])
+        return int(self._fetch(LAST_CHANGE_QUERY)[0][0])
 
     def changes_after(self, seq: int, limit: int) -> list[Change]:
         """Committed changes with a sequence above `seq`, in order (at most `limit`)."""
@@ -505,6 +518,27 @@ class PostgresCatalog:
             (seq, limit),
         )
         return [Change(int(s), kind, int(item_id), op) for s, kind, item_id, op in rows]
+
+    def change_horizon(self) -> int:
+        """Changes up to this sequence may have been pruned from the log."""
+        return int(self._fetch("SELECT pruned_through FROM change_horizon")[0][0])
+
+    def prune_changes(self, older_than_s: float) -> int:
+        """Delete the log's prefix of changes older than `older_than_s` and move the horizon
+        past it (a replica behind the horizon rebuilds from the tables). Returns rows deleted."""
+        with self.database.write_transaction() as conn:
+            (through,) = conn.execute(
+                "SELECT max(seq) FROM changes WHERE at < now() - make_interval(secs => %s)",
+                (float(older_than_s),),
+            ).fetchone()
+            if through is None:
+                return 0
+            deleted = conn.execute("DELETE FROM changes WHERE seq <= %s", (through,)).rowcount
+            conn.execute(
+                "UPDATE change_horizon SET pruned_through = greatest(pruned_through, %s)",
+                (through,),
+            )
+        return int(deleted)
 
     def close(self) -> None:
         """The database (shared with the feature store) is closed by its owner."""
@@ -687,7 +721,7 @@ class PostgresFeatureStore:
             conn.transaction(),
         ):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            (sequence,) = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+            (sequence,) = conn.execute(LAST_CHANGE_QUERY).fetchone()
             with conn.cursor(name="campsearch_pooled", binary=True) as cursor:
                 cursor.itersize = batch
                 cursor.execute(

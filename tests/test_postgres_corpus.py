@@ -428,3 +428,33 @@ def test_a_trained_index_is_shared_so_later_replicas_do_not_train(
         scores, ids = later.search_captions(query, 5)
         np.testing.assert_array_equal(ids, expected[1])
         np.testing.assert_allclose(scores, expected[0], rtol=1e-5)
+
+
+def test_a_replica_behind_the_pruned_change_log_rebuilds(tmp_path, postgres_url):
+    """The log keeps changes for a retention period; a replica whose applied sequence is
+    behind the pruned horizon cannot catch up change by change, so it rebuilds from the
+    tables and ends equal to the catalog."""
+    from index.follower import ChangeFollower
+
+    rng = np.random.default_rng(12)
+    with _open(tmp_path, postgres_url) as writer, _open(tmp_path, postgres_url) as lagging:
+        lagging.follower.stop()  # offline while the others write and prune
+        added = [_add(writer, n, rng) for n in range(6)]
+        writer.delete_image(added[0].image.id)
+        assert writer.catalog.prune_changes(0.0) == 6 * 3 + 3
+        assert writer.catalog.change_horizon() == writer.written_sequence
+        assert added[1].image.id not in lagging.indexes["images"]
+
+        follower = ChangeFollower(lagging)
+        lagging.follower = follower
+        follower.start()
+        expected_images = set(writer.catalog.image_ids().tolist())
+        expected_captions = set(writer.catalog.caption_ids().tolist())
+        assert _eventually(lambda: follower.rebuilds == 1, 5.0) is not None
+        assert set(lagging.indexes["images"].ids().tolist()) == expected_images
+        assert set(lagging.indexes["captions"].ids().tolist()) == expected_captions
+        assert lagging.applied_sequence >= writer.written_sequence
+        # And it follows normally from there.
+        later = _add(writer, 99, rng)
+        assert _eventually(lambda: later.image.id in lagging.indexes["images"], 2.0)
+        assert follower.rebuilds == 1
