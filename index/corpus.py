@@ -349,6 +349,7 @@ class Corpus:
                     self.indexes["images"].add([image_id], image_vector[None])
                     if captions:
                         self.indexes["captions"].add(caption_ids, np.stack(caption_vectors))
+                self._applied_own_write()
                 return AddedImage(image, caption_records, True)
             try:
                 self.store.write(puts)
@@ -438,6 +439,7 @@ class Corpus:
                     raise
                 with self._visibility.write():
                     self.indexes["captions"].add(caption_ids, np.stack(vectors))
+                self._applied_own_write()
                 return records
             self.store.write(puts)
             try:
@@ -472,6 +474,7 @@ class Corpus:
             self.indexes["captions"].remove(caption_ids)
         self._forget_files_and_features([image.stored_path], {image.id}, set(caption_ids))
         self._dirty = not self.shared
+        self._applied_own_write()
         return True
 
     def delete_caption(self, caption_id: int) -> bool:
@@ -482,6 +485,7 @@ class Corpus:
                 self.indexes["captions"].remove([caption_id])
             self._forget_files_and_features([], set(), {caption_id})
             self._dirty = not self.shared
+            self._applied_own_write()
             return True
 
     # --- reads ------------------------------------------------------------------------------
@@ -563,6 +567,17 @@ class Corpus:
                         self.regions.invalidate(deleted)
                     self.rerank[kind].invalidate(deleted)
             self._mark_applied(through)
+
+    def _applied_own_write(self) -> None:
+        """After this replica applied its own write (under the write lock): when the write's
+        first change directly follows the applied sequence, nothing lies between (sequences
+        are drawn in commit order), so the applied sequence moves past it at once and the
+        writer's next search waits for nothing."""
+        if not self.shared:
+            return
+        first, last = self._shared_catalog().last_write
+        if first == self.applied_sequence + 1:
+            self._mark_applied(last)
 
     def _mark_applied(self, sequence: int) -> None:
         with self._applied:

@@ -292,11 +292,14 @@ class PostgresDatabase:
         self._pool.close()
 
 
-def record_changes(conn: psycopg.Connection, changes: Sequence[tuple[Table, int, Op]]) -> int:
+def record_changes(
+    conn: psycopg.Connection, changes: Sequence[tuple[Table, int, Op]]
+) -> tuple[int, int]:
     """Append change rows in commit order (see the module docstring) and NOTIFY; returns the
-    last sequence number. Call it LAST in the transaction: it serialises writers until commit."""
+    first and last sequence numbers (consecutive: drawn under the lock). Call it LAST in the
+    transaction: it serialises writers until commit."""
     if not changes:
-        return 0
+        return 0, 0
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
     rows = conn.execute(
         "INSERT INTO changes (seq, kind, item_id, op) "
@@ -309,9 +312,9 @@ def record_changes(conn: psycopg.Connection, changes: Sequence[tuple[Table, int,
             [op for _, _, op in changes],
         ),
     ).fetchall()
-    last = max(int(row[0]) for row in rows)
-    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(last)))
-    return last
+    drawn = [int(row[0]) for row in rows]
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(max(drawn))))
+    return min(drawn), max(drawn)
 
 
 def write_features(
@@ -346,6 +349,11 @@ class PostgresCatalog:
     def __init__(self, database: PostgresDatabase) -> None:
         self.database = database
         self.written_sequence = 0  # the last change this process committed
+        self.last_write = (0, 0)  # the first and last change of the latest write
+
+    def _written(self, first: int, last: int) -> None:
+        self.last_write = (first, last)
+        self.written_sequence = max(self.written_sequence, last)
 
     @property
     def path(self) -> str:
@@ -381,12 +389,12 @@ class PostgresCatalog:
         with self.database.write_transaction() as conn:
             write_features(conn, encoded, replace=True)
             insert_catalog_rows(conn, images, captions)
-            sequence = record_changes(
+            first, sequence = record_changes(
                 conn,
                 [("images", r.id, "add") for r in images]
                 + [("captions", r.id, "add") for r in captions],
             )
-        self.written_sequence = max(self.written_sequence, sequence)
+        self._written(first, sequence)
         return sequence
 
     def delete_image(self, image_id: int) -> list[int] | None:
@@ -404,12 +412,12 @@ class PostgresCatalog:
             ]
             conn.execute("DELETE FROM images WHERE id = %s", (image_id,))
             _delete_features(conn, [image_id], caption_ids)
-            sequence = record_changes(
+            first, sequence = record_changes(
                 conn,
                 [("images", image_id, "delete")]
                 + [("captions", cid, "delete") for cid in caption_ids],
             )
-        self.written_sequence = max(self.written_sequence, sequence)
+        self._written(first, sequence)
         return caption_ids
 
     def delete_caption(self, caption_id: int) -> bool:
@@ -418,8 +426,8 @@ class PostgresCatalog:
             if not deleted:
                 return False
             _delete_features(conn, [], [caption_id])
-            sequence = record_changes(conn, [("captions", caption_id, "delete")])
-        self.written_sequence = max(self.written_sequence, sequence)
+            first, sequence = record_changes(conn, [("captions", caption_id, "delete")])
+        self._written(first, sequence)
         return True
 
     # --- reads ------------------------------------------------------------------------------

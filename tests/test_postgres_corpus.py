@@ -458,3 +458,16 @@ def test_a_replica_behind_the_pruned_change_log_rebuilds(tmp_path, postgres_url)
         later = _add(writer, 99, rng)
         assert _eventually(lambda: later.image.id in lagging.indexes["images"], 2.0)
         assert follower.rebuilds == 1
+
+
+def test_status_shows_the_database_without_its_password(tmp_path, postgres_url):
+    from index.postgres import redacted_url
+
+    assert redacted_url("postgresql://app:s3cret@db:5432/cs") == "postgresql://app:***@db:5432/cs"
+    assert redacted_url("postgresql://app@db/cs") == "postgresql://app@db/cs"
+    with _open(tmp_path, postgres_url) as corpus:
+        _add(corpus, 0, np.random.default_rng(13))
+        status = corpus.status()
+        assert status["database"]["url"] == redacted_url(postgres_url)
+        assert status["database"]["applied_sequence"] == corpus.written_sequence
+        assert status["images"] == 1
