@@ -355,10 +355,6 @@ class PostgresCatalog:
         self.last_write = (first, last)
         self.written_sequence = max(self.written_sequence, last)
 
-    @property
-    def path(self) -> str:
-        return self.database.display_url
-
     # --- writes -----------------------------------------------------------------------------
 
     def allocate_ids(self, table: Table, count: int) -> list[int]:
@@ -620,14 +616,11 @@ def _delete_features(
 
 
 class PostgresFeatureStore:
-    """The `index.feature_store.FeatureStore` API over the ``features`` table."""
+    """The part of the `index.feature_store.FeatureStore` API that `Corpus` uses, over the
+    ``features`` table."""
 
     def __init__(self, database: PostgresDatabase) -> None:
         self.database = database
-        self.path = database.display_url
-
-    def put_many(self, namespace: str, items: Mapping[int, Arrays]) -> None:
-        self.write({namespace: items})
 
     def write(
         self,
@@ -635,15 +628,8 @@ class PostgresFeatureStore:
         deletes: Mapping[str, Iterable[int]] | None = None,
     ) -> None:
         """Puts (replacing) and deletes across namespaces in ONE transaction."""
-        self.write_encoded(_encoded(puts), deletes)
-
-    def write_encoded(
-        self,
-        puts: Mapping[str, Mapping[int, bytes]] | None = None,
-        deletes: Mapping[str, Iterable[int]] | None = None,
-    ) -> None:
         with self.database.write_transaction() as conn:
-            write_features(conn, puts or {}, replace=True)
+            write_features(conn, _encoded(puts), replace=True)
             for namespace, ids in (deletes or {}).items():
                 conn.execute(
                     "DELETE FROM features WHERE namespace = %s AND item_id = ANY(%s)",
@@ -668,9 +654,6 @@ class PostgresFeatureStore:
             kept = {i: value for i, value in encoded.items() if i in present}
             write_features(conn, {namespace: kept}, replace=True)
         return len(kept)
-
-    def delete_many(self, namespace: str, ids: Iterable[int]) -> None:
-        self.write(deletes={namespace: ids})
 
     def get_many(self, namespace: str, ids: Iterable[int]) -> dict[int, dict[str, np.ndarray]]:
         return {
@@ -698,13 +681,6 @@ class PostgresFeatureStore:
                 "SELECT item_id FROM features WHERE namespace = %s ORDER BY item_id", (namespace,)
             ).fetchall()
         return np.asarray([row[0] for row in rows], dtype=np.int64)
-
-    def count(self, namespace: str) -> int:
-        with self.database.read_connection() as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM features WHERE namespace = %s", (namespace,)
-            ).fetchone()
-        return int(row[0]) if row else 0
 
     def namespaces(self) -> list[str]:
         """Distinct namespaces by a skip scan of the primary key (cheap on a big table)."""
@@ -743,11 +719,6 @@ class PostgresFeatureStore:
                     ids = [int(row[0]) for row in rows]
                     yield int(sequence), ids, stacked_vectors([row[1] for row in rows], key)
             yield int(sequence), [], np.empty((0, 0), dtype=np.float32)
-
-    def size_bytes(self) -> int:
-        with self.database.read_connection() as conn:
-            row = conn.execute("SELECT pg_total_relation_size('features')").fetchone()
-        return int(row[0]) if row else 0
 
     def close(self) -> None:
         """The database (shared with the catalog) is closed by its owner."""

@@ -471,3 +471,21 @@ def test_status_shows_the_database_without_its_password(tmp_path, postgres_url):
         assert status["database"]["url"] == redacted_url(postgres_url)
         assert status["database"]["applied_sequence"] == corpus.written_sequence
         assert status["images"] == 1
+
+
+def test_rebuilt_tensors_are_stored_only_for_items_that_exist(tmp_path, postgres_url):
+    """The tensor rebuild's writes (`put_rerank_tensors`) lock the catalog rows they keep, so
+    an item deleted meanwhile (on any replica) is skipped and nothing is left unowned."""
+    from index.corpus import rerank_namespace
+
+    rng = np.random.default_rng(14)
+    with _open(tmp_path, postgres_url, tensor_version="t2") as corpus:
+        images = [_add(corpus, n, rng, captions=1).image.id for n in range(3)]
+        assert corpus.ids_without_rerank_tensors("images").tolist() == []  # stored with them
+        corpus.delete_image(images[0])
+        tensors = {"regions": rng.standard_normal((49, 8)).astype(np.float16)}
+        stored = corpus.put_rerank_tensors("images", {i: tensors for i in images})
+        assert stored == 2
+        assert sorted(corpus.store.ids(rerank_namespace("images", "t2")).tolist()) == images[1:]
+        assert corpus.drop_region_features() == 2  # their tensors are stored
+        assert corpus.get_region_features(images[1:]) == {}
