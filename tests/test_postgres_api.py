@@ -1,4 +1,4 @@
-"""Two real API processes (uvicorn, the real app; tests/fault_server.py) on one PostgreSQL
+"""Two real API processes (`camp-search serve`, the shipped default model) on one PostgreSQL
 database and one images folder: a write on A is found on B, read-your-writes by the change
 sequence, and a database that stops answering gives 503 + Retry-After, never a 500."""
 
@@ -6,43 +6,47 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 from redis_server import free_port
-from service_support import TEST_API_KEY, coco_photos
+from service_support import TEST_API_KEY, coco_photos, make_settings, running_client
+from ui_stack import camp_search_command
 
+from service.api.app import create_app
 from service.api.sequence import MIN_SEQUENCE_HEADER, SEQUENCE_HEADER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FAULT_SERVER = Path(__file__).with_name("fault_server.py")
 SERVER_READY_S = 120.0
 WRITE_HEADERS = {"X-API-Key": TEST_API_KEY}
 
 
-def start_replica(data_dir: Path, database_url: str, log: Path) -> tuple[subprocess.Popen, str]:
+def spawn_replica(data_dir: Path, database_url: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPSEARCH_")}
     env.update(
         CAMPSEARCH_DATA_DIR=str(data_dir),
         CAMPSEARCH_DATABASE_URL=database_url,
         CAMPSEARCH_API_KEYS=TEST_API_KEY,
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO_ROOT),
     )
+    command = [camp_search_command(), "serve", "--port", str(port), "--log-level", "warning"]
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(FAULT_SERVER), str(port)], env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=out, cwd=log.parent)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + SERVER_READY_S
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()[-3000:]
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
@@ -58,11 +62,15 @@ def search_ids(url: str, text: str, headers: dict[str, str] | None = None) -> li
     return [hit["id"] for hit in response.json()["results"]]
 
 
+@pytest.mark.slow  # two processes load the default model: ~50 s on 2 cores
 def test_two_replicas_share_one_database(tmp_path, shared_dir, postgres_url) -> None:
     data_dir = tmp_path / "shared-images"
-    first, url_a = start_replica(data_dir, postgres_url, tmp_path / "a.log")
-    second, url_b = start_replica(data_dir, postgres_url, tmp_path / "b.log")
+    # Both start at once: their schema migrations race for the advisory lock.
+    first, url_a = spawn_replica(data_dir, postgres_url, tmp_path / "a.log")
+    second, url_b = spawn_replica(data_dir, postgres_url, tmp_path / "b.log")
     try:
+        wait_ready(first, url_a, tmp_path / "a.log")
+        wait_ready(second, url_b, tmp_path / "b.log")
         # No data-directory lock in this mode: both replicas serve the same folder.
         assert not (data_dir / ".campsearch.lock").exists()
         ready = httpx.get(f"{url_b}/readyz", timeout=10).json()
@@ -172,3 +180,48 @@ def test_two_replicas_share_one_database(tmp_path, shared_dir, postgres_url) -> 
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_two_apps_on_one_database_read_their_writes(
+    tmp_path, shared_dir, postgres_url, tiny_retrieval_model, small_grid_extractor
+) -> None:
+    """The same through two in-process apps (the small test model): the default suite's
+    check of the sequence headers; the embedded mode sends none."""
+    (photo, captions), *_ = coco_photos(shared_dir, 1)
+    settings = make_settings(
+        tmp_path / "shared", database_url=postgres_url, api_keys=[TEST_API_KEY]
+    )
+    apps = [
+        create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+        for _ in range(2)
+    ]
+    with running_client(apps[0]) as first, running_client(apps[1]) as second:
+        added = first.post(
+            "/v1/images",
+            files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+            data={"captions": captions[:1]},
+            headers=WRITE_HEADERS,
+        )
+        assert added.status_code == 201, added.text
+        sequence = added.headers[SEQUENCE_HEADER]
+        found = second.post(
+            "/v1/search/images",
+            json={"text": captions[0], "limit": 10},
+            headers={MIN_SEQUENCE_HEADER: sequence},
+        )
+        assert found.status_code == 200
+        assert added.json()["id"] in [hit["id"] for hit in found.json()["results"]]
+        assert second.get("/v1/info").json()["database"]["applied_sequence"] >= int(sequence)
+    embedded = create_app(
+        make_settings(tmp_path / "embedded", api_keys=[TEST_API_KEY]),
+        model=tiny_retrieval_model,
+        extractor=small_grid_extractor,
+    )
+    with running_client(embedded) as client:
+        stored = client.post(
+            "/v1/images",
+            files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+            headers=WRITE_HEADERS,
+        )
+        assert stored.status_code == 201 and SEQUENCE_HEADER not in stored.headers
+        assert client.get("/v1/info").json()["database"] is None
