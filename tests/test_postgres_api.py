@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 from redis_server import free_port
-from service_support import TEST_API_KEY, coco_photos, make_settings, running_client
+from service_support import TEST_API_KEY, coco_photos, make_settings, png_bytes, running_client
 from ui_stack import camp_search_command
 
 from service.api.app import create_app
@@ -52,6 +54,23 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
         time.sleep(0.2)
     process.kill()
     raise TimeoutError(log.read_text()[-3000:])
+
+
+@contextmanager
+def database_refusing_connections(url: str) -> Iterator[None]:
+    """The database stops answering (connections cut and refused) inside the block."""
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    admin = url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 def search_ids(url: str, text: str, headers: dict[str, str] | None = None) -> list[int]:
@@ -134,15 +153,7 @@ def test_two_replicas_share_one_database(tmp_path, shared_dir, postgres_url) -> 
 
         # The database stops answering: a write is refused with 503 + Retry-After, and
         # nothing is half-written once it answers again.
-        name = psycopg.conninfo.conninfo_to_dict(postgres_url)["dbname"]
-        admin = postgres_url.rsplit("/", 1)[0] + "/postgres"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-        try:
+        with database_refusing_connections(postgres_url):
             refused = httpx.post(
                 f"{url_a}/v1/images",
                 files={"file": (other_photo.name, other_photo.read_bytes(), "image/jpeg")},
@@ -153,9 +164,6 @@ def test_two_replicas_share_one_database(tmp_path, shared_dir, postgres_url) -> 
             assert refused.headers["Retry-After"] == "2"
             assert refused.json()["title"] == "Storage unavailable"
             assert httpx.get(f"{url_a}/readyz", timeout=30).status_code == 503
-        finally:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         with psycopg.connect(postgres_url) as conn:
             assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 0
             assert conn.execute("SELECT count(*) FROM features").fetchone()[0] == 0
@@ -212,6 +220,16 @@ def test_two_apps_on_one_database_read_their_writes(
         assert found.status_code == 200
         assert added.json()["id"] in [hit["id"] for hit in found.json()["results"]]
         assert second.get("/v1/info").json()["database"]["applied_sequence"] >= int(sequence)
+
+        with database_refusing_connections(postgres_url):
+            refused = first.post(
+                "/v1/images",
+                files={"file": ("x.png", png_bytes("red"), "image/png")},
+                headers=WRITE_HEADERS,
+            )
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "2"
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert first.get("/readyz").status_code == 503
     embedded = create_app(
         make_settings(tmp_path / "embedded", api_keys=[TEST_API_KEY]),
         model=tiny_retrieval_model,
