@@ -69,11 +69,6 @@ class ChangeFollower:
         """Catch up now (a search waits for a sequence this replica has not applied)."""
         self._wake.set()
 
-    def drop_listen_connection(self) -> None:
-        """Close the LISTEN connection as a network failure would (notifications sent meanwhile
-        are lost; the catch-up by sequence must still deliver them). For tests and drills."""
-        self._drop_listen()
-
     @property
     def listen_backend_pid(self) -> int | None:
         """The server process of the LISTEN connection (a test may terminate it)."""
