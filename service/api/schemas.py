@@ -198,6 +198,12 @@ class StageInfo(BaseModel):
     )
 
 
+class DatabaseInfo(BaseModel):
+    url: str  # the primary's, without its password
+    reads_from: str  # "replica" or "primary", now
+    applied_sequence: int
+
+
 class ServiceInfo(BaseModel):
     model_version: str
     extractor: str
@@ -212,4 +218,9 @@ class ServiceInfo(BaseModel):
     limits: dict[str, int]
     stages: dict[str, StageInfo] = Field(
         description="text_encoder, extractor, shortlist, reranker: device and precision"
+    )
+    database: DatabaseInfo | None = Field(
+        default=None,
+        description="PostgreSQL mode: the database (URL without its password) and the change "
+        "sequence this replica has applied; null with the embedded stores",
     )
