@@ -208,6 +208,12 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("database_url", "database_read_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, url: object) -> object:
+        """compose passes `${CAMPSEARCH_DATABASE_READ_URL:-}`: an empty value means none."""
+        return None if isinstance(url, str) and not url.strip() else url
+
     @field_validator("database_url", "database_read_url")
     @classmethod
     def _is_postgresql(cls, url: SecretStr | None) -> SecretStr | None:
