@@ -423,9 +423,10 @@ class ServiceRuntime:
             close_cache = getattr(self.cache, "close", None)
             if close_cache is not None:
                 close_cache()
+        finally:
+            # After the corpus (its follower and storage use the router's connections).
             if self.read_router is not None:
                 self.read_router.close()
-        finally:
             if self.lock is not None:
                 self.lock.release()
 
