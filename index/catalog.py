@@ -248,6 +248,12 @@ class Catalog:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM captions").fetchone()[0])
 
+    def next_ids(self) -> dict[str, int]:
+        """{table: the next id its counter hands out} (a copy elsewhere must not reuse ids)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, next_id FROM id_counters").fetchall()
+        return {name: int(next_id) for name, next_id in rows}
+
     @property
     def sequence(self) -> int:
         """Bumped by every committed change; a saved index records the value it matches."""

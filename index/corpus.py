@@ -14,6 +14,13 @@ Ingest order (`add_image`, `add_caption`):
      version and catalog sequence it matches).
 Deletes commit the catalog first (the acknowledgement), then update indexes, store, cache, file.
 
+PostgreSQL mode (`database_url`, see `index.postgres`): steps 3 and 4 are ONE database
+transaction that also appends change rows; its commit is the acknowledgement. Several
+processes ("replicas") share the database and an images folder; each keeps its own FAISS
+indexes in memory, built from the database at open (no index files) and kept current by a
+`ChangeFollower` (LISTEN/NOTIFY plus a catch-up by change sequence). A replica's own writes
+reach its indexes at once, as in the embedded mode.
+
 Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
   * store entries (region features, pooled vectors, rerank tensors of any version) and image
     files whose id / path has no catalog row are orphans of a crash before step 4 (or after a
@@ -27,12 +34,13 @@ Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,10 +56,20 @@ from index.errors import (
     DimensionError,
     IndexMismatchError,
     NotFoundError,
+    StorageError,
     full_disk_as_storage_full,
 )
 from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
 from index.locks import ReadWriteLock
+from index.postgres import (
+    Change,
+    DuplicateImageError,
+    PostgresCatalog,
+    PostgresDatabase,
+    PostgresFeatureStore,
+    PrimaryReadsLock,
+)
+from index.read_routing import ReadRouter
 from index.shortlist import (
     DEFAULT_EF_SEARCH,
     DEFAULT_NPROBE,
@@ -74,6 +92,10 @@ AUTO_FACTORY = "auto"
 REBUILD_BATCH = 10_000
 EXTENSION_PATTERN = re.compile(r"^(\.[a-z0-9]{1,5})?$")
 POOLED_KEY = "vector"
+SHA256_NAME = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,5})?$")
+# PostgreSQL mode: a temp file of an image write is removed at open only once it is this old,
+# since another replica may be writing it for a transaction still in flight.
+SHARED_ORPHAN_FILE_AGE_S = 3600.0
 
 Kind = Literal["images", "captions"]
 
@@ -164,6 +186,8 @@ class Corpus:
         map_size: int = DEFAULT_MAP_SIZE,
         tensor_version: str | None = None,
         keep_region_features: bool = True,
+        database_url: str | None = None,
+        read_router: ReadRouter | None = None,
     ) -> None:
         """Prefer `Corpus.open`, which also runs the recovery rule.
 
@@ -171,6 +195,10 @@ class Corpus:
         `tensor_version`: the identity of the rerank tensors (the checkpoint's; default the
         model version). `keep_region_features=False`: an image stored with its rerank tensors
         keeps no region features (less disk; a new model can then not rebuild its tensors).
+        `database_url`: a postgresql:// URL to keep the catalog and features in (shared by
+        replicas); `data_dir` then only holds the images folder (shared too). `read_router`
+        instead: the same, over a router the caller owns (primary + read replica connections;
+        the service's one set); `database_url` then is not needed.
         """
         self.data_dir = Path(data_dir)
         self.dim = dim
@@ -186,8 +214,16 @@ class Corpus:
             "ef_search": ef_search,
             "device": FaissGpu(gpu_id) if gpu_id is not None else None,
         }
-        self.catalog = Catalog(self.data_dir / CATALOG_FILE)
-        self.store = FeatureStore(self.data_dir / STORE_DIR, map_size=map_size)
+        self.database: PostgresDatabase | None = None
+        self.catalog: Catalog | PostgresCatalog
+        self.store: FeatureStore | PostgresFeatureStore
+        if read_router is not None or database_url:
+            self.database = PostgresDatabase(read_router or database_url)  # type: ignore[arg-type]
+            self.catalog = PostgresCatalog(self.database)
+            self.store = PostgresFeatureStore(self.database)
+        else:
+            self.catalog = Catalog(self.data_dir / CATALOG_FILE)
+            self.store = FeatureStore(self.data_dir / STORE_DIR, map_size=map_size)
         self.cache = cache if cache is not None else LocalFeatureCache()
         self.regions = CachedFeatureStore(
             self.store,
@@ -205,10 +241,19 @@ class Corpus:
             for kind in ("images", "captions")
         }
         self.indexes: dict[Kind, ShortlistIndex] = {}
-        self._write_lock = threading.Lock()
+        # PostgreSQL mode: reads under the write lock go to the primary (a writer decides on
+        # them; a read replica may lack another replica's latest commit).
+        self._write_lock: threading.Lock | PrimaryReadsLock = (
+            PrimaryReadsLock(self.database) if self.database is not None else threading.Lock()
+        )
         self._visibility = ReadWriteLock()
         self._dirty = False
         self.recovery = RecoveryReport()
+        # PostgreSQL mode: the change sequence this replica's indexes reflect (every change up
+        # to it applied), and the follower that moves it.
+        self._applied = threading.Condition()
+        self.applied_sequence = 0
+        self.follower: Any = None
 
     @classmethod
     def open(cls, data_dir: Path, **options: Any) -> Corpus:
@@ -218,8 +263,22 @@ class Corpus:
         corpus size (`choose_factory`) when the index is (re)built.
         """
         corpus = cls(data_dir, **options)
-        corpus._recover()
+        try:
+            corpus._recover()
+            if corpus.database is not None:
+                from index.follower import ChangeFollower
+
+                corpus.follower = ChangeFollower(corpus)
+                corpus.follower.start()
+        except BaseException:
+            corpus._release_storage()
+            raise
         return corpus
+
+    @property
+    def shared(self) -> bool:
+        """Whether the stores are a database shared with other replicas (PostgreSQL mode)."""
+        return self.database is not None
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -255,7 +314,7 @@ class Corpus:
             raise ValueError(f"extension must look like '.jpg', got {extension!r}")
         if sha256 is None:
             sha256 = sha256_hex(image_bytes)
-        with self._write_lock:
+        with self._write_lock, self._content_lock(sha256):
             existing = self.catalog.find_image_by_sha256(sha256)
             if existing is not None:
                 return AddedImage(existing, tuple(self.catalog.captions_of(existing.id)), False)
@@ -286,6 +345,21 @@ class Corpus:
                 )
                 for cid, caption in zip(caption_ids, captions, strict=True)
             )
+            if self.shared:
+                try:
+                    self._shared_catalog().insert([image], caption_records, features=puts)
+                except DuplicateImageError:  # another replica committed these bytes first
+                    existing = self.catalog.find_image_by_sha256(sha256)
+                    if existing is None:
+                        raise
+                    captions_of = tuple(self.catalog.captions_of(existing.id))
+                    return AddedImage(existing, captions_of, False)
+                with self._visibility.write():
+                    self.indexes["images"].add([image_id], image_vector[None])
+                    if captions:
+                        self.indexes["captions"].add(caption_ids, np.stack(caption_vectors))
+                self._applied_own_write()
+                return AddedImage(image, caption_records, True)
             try:
                 self.store.write(puts)
                 with self._visibility.write():
@@ -356,15 +430,27 @@ class Corpus:
                 )
                 for cid, caption in zip(caption_ids, captions, strict=True)
             )
-            self.store.write(
-                {
-                    pooled_namespace("captions", self.model_version): {
-                        cid: {POOLED_KEY: vector}
-                        for cid, vector in zip(caption_ids, vectors, strict=True)
-                    },
-                    **self._caption_rerank_puts(caption_ids, captions),
-                }
-            )
+            puts = {
+                pooled_namespace("captions", self.model_version): {
+                    cid: {POOLED_KEY: vector}
+                    for cid, vector in zip(caption_ids, vectors, strict=True)
+                },
+                **self._caption_rerank_puts(caption_ids, captions),
+            }
+            if self.shared:
+                # One transaction (features, rows, changes); a caption of an image another
+                # replica just deleted fails its foreign key: nothing is stored.
+                try:
+                    self._shared_catalog().insert(captions=records, features=puts)
+                except StorageError as error:
+                    if image_id is not None and self.catalog.get_image(image_id) is None:
+                        raise NotFoundError(f"image {image_id} does not exist") from error
+                    raise
+                with self._visibility.write():
+                    self.indexes["captions"].add(caption_ids, np.stack(vectors))
+                self._applied_own_write()
+                return records
+            self.store.write(puts)
             try:
                 with self._visibility.write():
                     self.catalog.insert(captions=records)  # the acknowledgement
@@ -385,15 +471,20 @@ class Corpus:
             image = self.catalog.get_image(image_id)
             if image is None:
                 return False
-            with self._visibility.write():
-                caption_ids = self.catalog.delete_image(image_id)  # the acknowledgement
-                if caption_ids is None:
-                    return False
-                self.indexes["images"].remove([image_id])
-                self.indexes["captions"].remove(caption_ids)
-            self._forget_files_and_features([image.stored_path], {image_id}, set(caption_ids))
-            self._dirty = True
-            return True
+            with self._content_lock(image.sha256):
+                return self._delete_image(image)
+
+    def _delete_image(self, image: ImageRecord) -> bool:
+        with self._visibility.write():
+            caption_ids = self.catalog.delete_image(image.id)  # the acknowledgement
+            if caption_ids is None:
+                return False
+            self.indexes["images"].remove([image.id])
+            self.indexes["captions"].remove(caption_ids)
+        self._forget_files_and_features([image.stored_path], {image.id}, set(caption_ids))
+        self._dirty = not self.shared
+        self._applied_own_write()
+        return True
 
     def delete_caption(self, caption_id: int) -> bool:
         with self._write_lock:
@@ -402,7 +493,8 @@ class Corpus:
                     return False
                 self.indexes["captions"].remove([caption_id])
             self._forget_files_and_features([], set(), {caption_id})
-            self._dirty = True
+            self._dirty = not self.shared
+            self._applied_own_write()
             return True
 
     # --- reads ------------------------------------------------------------------------------
@@ -435,8 +527,72 @@ class Corpus:
 
     @property
     def sequence(self) -> int:
-        """The catalog's change sequence: it moves with every committed write."""
+        """The catalog's change sequence: it moves with every committed write. In PostgreSQL
+        mode, the change sequence this replica has applied (in memory: no query)."""
+        if self.shared:
+            return self.applied_sequence
         return self.catalog.sequence
+
+    @property
+    def written_sequence(self) -> int:
+        """PostgreSQL mode: the change sequence of this process's last committed write (a
+        search that waits for it sees that write); 0 embedded."""
+        return self._shared_catalog().written_sequence if self.shared else 0
+
+    def wait_for_sequence(self, sequence: int, timeout_s: float) -> bool:
+        """Wait until the indexes reflect every change up to `sequence` (read-your-writes
+        across replicas); False when `timeout_s` passed first. Always True embedded."""
+        if not self.shared:
+            return True
+        with self._applied:
+            if self.applied_sequence < sequence and self.follower is not None:
+                self.follower.wake()
+            return self._applied.wait_for(
+                lambda: self.applied_sequence >= sequence, timeout=timeout_s
+            )
+
+    def apply_changes(self, changes: Sequence[Change], through: int) -> None:
+        """Apply other replicas' committed changes (in sequence order) to the indexes and
+        caches, then record that every change up to `through` is applied. Idempotent: this
+        replica's own writes, already applied, come back here too."""
+        with self._write_lock:
+            plan: list[tuple[Kind, dict[int, np.ndarray], list[int]]] = []
+            for kind in ("images", "captions"):
+                added = [c.item_id for c in changes if c.kind == kind and c.op == "add"]
+                deleted = [c.item_id for c in changes if c.kind == kind and c.op == "delete"]
+                # An add deleted since has no stored vector any more: it is skipped.
+                fresh = [i for i in dict.fromkeys(added) if i not in self.indexes[kind]]
+                plan.append((kind, self.get_pooled(kind, fresh) if fresh else {}, deleted))
+            # One visible step for both kinds: a write's image and captions appear together.
+            with self._visibility.write():
+                for kind, vectors, deleted in plan:
+                    if vectors:
+                        self.indexes[kind].add(list(vectors), np.stack(list(vectors.values())))
+                    if deleted:
+                        self.indexes[kind].remove(deleted)
+            for kind, _, deleted in plan:
+                if deleted:
+                    if kind == "images":
+                        self.regions.invalidate(deleted)
+                    self.rerank[kind].invalidate(deleted)
+            self._mark_applied(through)
+
+    def _applied_own_write(self) -> None:
+        """After this replica applied its own write (under the write lock): when the write's
+        first change directly follows the applied sequence, nothing lies between (sequences
+        are drawn in commit order), so the applied sequence moves past it at once and the
+        writer's next search waits for nothing."""
+        if not self.shared:
+            return
+        first, last = self._shared_catalog().last_write
+        if first == self.applied_sequence + 1:
+            self._mark_applied(last)
+
+    def _mark_applied(self, sequence: int) -> None:
+        with self._applied:
+            if sequence > self.applied_sequence:
+                self.applied_sequence = sequence
+                self._applied.notify_all()
 
     def index_summaries(self) -> dict[Kind, IndexSummary]:
         """Each shortlist index's factory, size, training state and device (in memory)."""
@@ -514,8 +670,13 @@ class Corpus:
             ids = [int(i) for i in records]
             present = self.catalog.get_images(ids) if kind == "images" else self.get_captions(ids)
             kept = {i: records[i] for i in ids if i in present}
-            if kept:
-                self.store.write({rerank_namespace(kind, self.tensor_version): kept})
+            if not kept:
+                return 0
+            namespace = rerank_namespace(kind, self.tensor_version)
+            if isinstance(self.store, PostgresFeatureStore):
+                # Another replica may delete meanwhile: the write locks the rows it keeps.
+                return self.store.write_owned(kind, namespace, kept)
+            self.store.write({namespace: kept})
             return len(kept)
 
     def ids_without_rerank_tensors(self, kind: Kind) -> np.ndarray:
@@ -550,7 +711,19 @@ class Corpus:
 
     def status(self) -> dict[str, Any]:
         """Counts, index kinds and cache health (for /readyz and logs)."""
+        database = (
+            {}
+            if self.database is None
+            else {
+                "database": {
+                    "url": self.database.display_url,
+                    "applied_sequence": self.applied_sequence,
+                    **self.database.router.status(),
+                }
+            }
+        )
         return {
+            **database,
             "images": self.catalog.count_images(),
             "captions": self.catalog.count_captions(),
             "indexes": {
@@ -568,17 +741,27 @@ class Corpus:
     # --- lifecycle --------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write both indexes atomically, recording the catalog sequence they match."""
+        """Write both indexes atomically, recording the catalog sequence they match (PostgreSQL
+        mode keeps no index files: a replica builds its indexes from the database)."""
+        if self.shared:
+            return
         with self._write_lock:
             self._save_indexes()
 
     def close(self) -> None:
-        """Save the indexes if they changed and release the files."""
+        """Save the indexes if they changed and release the files (and the database)."""
+        if self.follower is not None:
+            self.follower.stop()
         with self._write_lock:
-            if self._dirty:
+            if self._dirty and not self.shared:
                 self._save_indexes()
-            self.store.close()
-            self.catalog.close()
+            self._release_storage()
+
+    def _release_storage(self) -> None:
+        self.store.close()
+        self.catalog.close()
+        if self.database is not None:
+            self.database.close()
 
     def __enter__(self) -> Corpus:
         return self
@@ -589,6 +772,11 @@ class Corpus:
     # --- recovery ---------------------------------------------------------------------------
 
     def _recover(self) -> None:
+        if self.shared:
+            self._build_from_database()
+            with self.database.primary_reads():  # type: ignore[union-attr]
+                self._collect_shared_orphan_files()
+            return
         with self._write_lock:
             self._collect_orphans()
             repaired = False
@@ -596,6 +784,109 @@ class Corpus:
                 repaired |= self._load_or_rebuild(kind)
             if repaired:
                 self._save_indexes()
+
+    def _build_from_database(self) -> None:
+        """PostgreSQL mode: build both indexes from the pooled vectors in one snapshot per
+        kind, and start applying changes after the older snapshot's sequence (changes between
+        the two snapshots come back to the follower, which applies them idempotently)."""
+        assert isinstance(self.store, PostgresFeatureStore)
+        with self._write_lock:
+            snapshots = []
+            for kind in ("images", "captions"):
+                factory = self._factories[kind]
+                if factory == AUTO_FACTORY:  # by the current size; the snapshot may differ a bit
+                    count = (
+                        self.catalog.count_images()
+                        if kind == "images"
+                        else self.catalog.count_captions()
+                    )
+                    factory = choose_factory(count, self.dim)
+                index = self._shared_index(kind, factory)
+                from_template = index.is_trained and index.factory != FLAT
+                snapshot = 0
+                for batch_snapshot, ids, vectors in self._pooled_batches(kind):
+                    snapshot = batch_snapshot
+                    if ids:
+                        index.add(ids, vectors)
+                self.indexes[kind] = index
+                if not from_template and (template := index.trained_template()) is not None:
+                    self.database.save_index_template(  # type: ignore[union-attr]
+                        kind, self.model_version, factory, self.dim, template
+                    )
+                snapshots.append(snapshot)
+                rows = (
+                    self.catalog.count_images()
+                    if kind == "images"
+                    else self.catalog.count_captions()
+                )
+                if rows > len(index):  # rows without a vector of this model (a model change)
+                    self.recovery.missing_pooled[kind] = rows - len(index)
+                    logger.error(
+                        "%d %s have no pooled vector for model %s and are not searchable: "
+                        "re-embed them",
+                        rows - len(index),
+                        kind,
+                        self.model_version,
+                    )
+            self._mark_applied(min(snapshots))
+
+    def rebuild_from_database(self, reason: str) -> None:
+        """PostgreSQL mode: build the indexes afresh from the database (the change log no
+        longer holds every change this replica missed: it was offline past the retention)."""
+        logger.warning("rebuilding the shortlist indexes from the database: %s", reason)
+        self._build_from_database()
+
+    def _shared_index(self, kind: Kind, factory: str) -> ShortlistIndex:
+        """An empty index of `factory`: trained from the template another replica shared when
+        there is one (no k-means at start), else untrained (it trains as vectors arrive)."""
+        assert self.database is not None
+        template = self.database.index_template(kind, self.model_version, factory, self.dim)
+        if template is not None:
+            try:
+                return ShortlistIndex.from_template(
+                    template, self.dim, factory, **self._index_options
+                )
+            except CorruptIndexError as error:
+                logger.warning("ignoring the shared %s index template: %s", kind, error)
+        return ShortlistIndex(self.dim, factory, **self._index_options)
+
+    def _pooled_batches(self, kind: Kind) -> Iterator[tuple[int, list[int], np.ndarray]]:
+        assert isinstance(self.store, PostgresFeatureStore)
+        yield from self.store.iter_pooled(
+            pooled_namespace(kind, self.model_version), kind, REBUILD_BATCH
+        )
+
+    def _collect_shared_orphan_files(self) -> None:
+        """Image files no catalog row references: each is removed under its content lock, once
+        the catalog (re-read under that lock) confirms no replica committed it meanwhile.
+        Temp files are removed once SHARED_ORPHAN_FILE_AGE_S old (a younger one may be another
+        replica's write in flight)."""
+        images_dir = self.data_dir / IMAGES_DIR
+        if not images_dir.is_dir():
+            return
+        referenced = {
+            record.stored_path
+            for record in self.catalog.get_images(self.catalog.image_ids().tolist()).values()
+        }
+        cutoff = time.time() - SHARED_ORPHAN_FILE_AGE_S
+        for path in images_dir.rglob("*"):
+            if not path.is_file() or path.relative_to(self.data_dir).as_posix() in referenced:
+                continue
+            if SHA256_NAME.match(path.name):
+                sha256 = path.name[:64]
+                with self._content_lock(sha256):
+                    if self.catalog.find_image_by_sha256(sha256) is not None:
+                        continue
+                    path.unlink(missing_ok=True)
+            elif path.name.endswith(TEMP_SUFFIX) and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+            else:
+                continue
+            self.recovery.orphan_files += 1
+        if self.recovery.orphan_files:
+            logger.warning(
+                "removed %d orphan image files (never acknowledged)", self.recovery.orphan_files
+            )
 
     def _collect_orphans(self) -> None:
         """Delete features and files that no catalog row owns (never acknowledged)."""
@@ -717,6 +1008,17 @@ class Corpus:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _shared_catalog(self) -> PostgresCatalog:
+        assert isinstance(self.catalog, PostgresCatalog)
+        return self.catalog
+
+    def _content_lock(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+        """PostgreSQL mode: the cross-replica lock on one photo's file (see
+        `PostgresDatabase.content_lock`); embedded, the write lock already serialises."""
+        if self.database is None:
+            return contextlib.nullcontext()
+        return self.database.content_lock(sha256)
+
     def _index_path(self, kind: Kind) -> Path:
         return self.data_dir / INDEX_DIR / f"{kind}.faiss"
 
@@ -766,7 +1068,8 @@ class Corpus:
         """Remove what no catalog row owns any more. Best effort when `quiet` (the next open
         collects anything left)."""
         deletes: dict[str, list[int]] = {}
-        for namespace in self.store.namespaces():
+        # PostgreSQL mode: features went with the catalog rows, in the same transaction.
+        for namespace in [] if self.shared else self.store.namespaces():
             if namespace.startswith(_IMAGE_PREFIXES) and image_ids:
                 deletes[namespace] = sorted(image_ids)
             elif namespace.startswith(_CAPTION_PREFIXES) and caption_ids:

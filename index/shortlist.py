@@ -410,6 +410,40 @@ class ShortlistIndex:
         index._structure_changed()
         return index, header["meta"]
 
+    def trained_template(self) -> bytes | None:
+        """The trained structure with no vector in it (an IVF's centroids, a PQ's codebooks),
+        serialised: another process starts from it (`from_template`) instead of training
+        again. None while untrained, or for a factory that needs no training."""
+        with self._lock.read():
+            if not self._trained or self._new_inner().is_trained:
+                return None
+            template = faiss.clone_index(self._index)
+        template.reset()
+        return faiss.serialize_index(template).tobytes()
+
+    @classmethod
+    def from_template(
+        cls, template: bytes, dim: int, factory: str, **options: Any
+    ) -> ShortlistIndex:
+        """An empty, trained index from `trained_template`'s bytes (options as `__init__`).
+        Raises CorruptIndexError when the bytes are not such an index of `dim`."""
+        index = cls(dim, factory, **options)
+        try:
+            inner = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8))
+        except RuntimeError as error:
+            raise CorruptIndexError(f"FAISS cannot parse the index template: {error}") from error
+        if inner.d != dim or inner.ntotal != 0 or not inner.is_trained:
+            raise CorruptIndexError(
+                f"the index template is not an empty trained {dim}-d index "
+                f"(d={inner.d}, ntotal={inner.ntotal}, trained={inner.is_trained})"
+            )
+        if faiss.try_extract_index_ivf(inner) is None:
+            raise CorruptIndexError("the index template is not an IVF index")
+        index._index = inner
+        index._trained = True
+        index._structure_changed()
+        return index
+
     # --- internals --------------------------------------------------------------------------
 
     def _new_inner(self) -> faiss.Index:

@@ -97,3 +97,32 @@ def chromium():
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The URL of a real PostgreSQL server (CAMPSEARCH_TEST_POSTGRES_URL, 127.0.0.1:5432, or one
+    started in a tmp dir when none answers); see tests/postgres_support and postgres_cluster."""
+    import os
+
+    from postgres_cluster import PostgresServer
+    from postgres_support import DEFAULT_URL, reachable
+
+    url = os.environ.get("CAMPSEARCH_TEST_POSTGRES_URL", DEFAULT_URL)
+    if reachable(url):
+        yield url
+        return
+    server = PostgresServer.create()
+    try:
+        yield server.start().url
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh database of its own for one test, dropped after."""
+    from postgres_support import fresh_database
+
+    with fresh_database(postgres_server) as url:
+        yield url

@@ -121,3 +121,16 @@ def test_cache_budgets_reach_the_caches_and_metrics(
         assert pipeline.caption_tensors.bytes_used == visible
         image = pipeline.image_tensors.get_many([added["id"]])[added["id"]]
         assert image.boxes.base is None
+
+
+def test_an_empty_read_url_means_no_read_replica(monkeypatch) -> None:
+    """compose passes `${CAMPSEARCH_DATABASE_READ_URL:-}`: empty is unset, not a bad URL."""
+    monkeypatch.setenv("CAMPSEARCH_DATABASE_URL", "postgresql://app:secret@db/campsearch")
+    monkeypatch.setenv("CAMPSEARCH_DATABASE_READ_URL", "")
+    settings = Settings(_env_file=None)
+    assert settings.database == "postgresql://app:secret@db/campsearch"
+    assert settings.database_read_url is None and settings.database_read is None
+    assert "secret" not in repr(settings)
+    monkeypatch.setenv("CAMPSEARCH_DATABASE_READ_URL", "mysql://db/campsearch")
+    with pytest.raises(ValueError, match="postgresql://"):
+        Settings(_env_file=None)

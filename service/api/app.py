@@ -24,6 +24,7 @@ from service.api.errors import install_error_handlers
 from service.api.ratelimit import REQUESTS, WRITES, RateLimit, RateLimiter
 from service.api.request_metrics import RequestMetrics
 from service.api.routes import captions, health, images, search
+from service.api.sequence import MIN_SEQUENCE_HEADER, SEQUENCE_HEADER, ChangeSequence
 from service.api.uploads import FORM_OVERHEAD_BYTES, BodySizeLimit
 from service.runtime.lifecycle import ServiceState
 from service.runtime.metrics import ServiceMetrics
@@ -85,6 +86,8 @@ def create_app(
         app.mount("/", StaticFiles(directory=static_dir, html=True), name="ui")
 
     # Outermost last: metrics see every answer, including the body limit's 413.
+    # Innermost: a request the guards refuse never waits for a change sequence.
+    app.add_middleware(ChangeSequence, state=state)
     app.add_middleware(
         BodySizeLimit, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
@@ -100,7 +103,8 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Content-Type", "X-API-Key"],
+            allow_headers=["Content-Type", "X-API-Key", MIN_SEQUENCE_HEADER],
+            expose_headers=[SEQUENCE_HEADER],
         )
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     return app

@@ -72,6 +72,12 @@ STORAGE_FULL_DETAIL = (
 )
 
 
+DATABASE_DOWN_DETAIL = (
+    "the database is not answering; nothing was written. Retry shortly (a retried image upload "
+    "is not stored twice: images dedupe by content)."
+)
+
+
 def image_refusal_status(error: ImageInputError) -> int:
     """400 for a refused image, 413 when it is too large, 415 when it is not a format we take."""
     return next(
@@ -102,12 +108,15 @@ def problem_of(error: Exception) -> ProblemError | None:
             return ProblemError(
                 429, "Too many requests", str(error), headers=_retry(error.retry_after_s)
             )
-        case StorageFullError():
-            return ProblemError(507, "Insufficient storage", STORAGE_FULL_DETAIL)
         case DatabaseUnavailableError():
             return ProblemError(
-                503, "Database unavailable", str(error), headers=_retry(error.retry_after_s)
+                503,
+                "Database unavailable",
+                DATABASE_DOWN_DETAIL,
+                headers=_retry(error.retry_after_s),
             )
+        case StorageFullError():
+            return ProblemError(507, "Insufficient storage", STORAGE_FULL_DETAIL)
         case NotFoundError():
             return ProblemError(404, "Not found", str(error).strip("'\""))
     return None

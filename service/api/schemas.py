@@ -237,6 +237,12 @@ class ScoreInfo(BaseModel):
     detail: str
 
 
+class DatabaseInfo(BaseModel):
+    url: str  # the primary's, without its password
+    reads_from: str  # "replica" or "primary", now
+    applied_sequence: int
+
+
 class ServiceInfo(BaseModel):
     model_version: str
     extractor: str
@@ -253,3 +259,8 @@ class ServiceInfo(BaseModel):
         description="text_encoder, extractor, shortlist, reranker: device and precision"
     )
     scores: ScoreInfo
+    database: DatabaseInfo | None = Field(
+        default=None,
+        description="PostgreSQL mode: the database (URL without its password) and the change "
+        "sequence this replica has applied; null with the embedded stores",
+    )

@@ -97,6 +97,21 @@ def serve(
 
 
 @app.command()
+def migrate(
+    to: str = typer.Option(..., "--to", help="postgresql://user:password@host/db to copy into"),
+    data_dir: Path | None = typer.Option(
+        None, help="the embedded data directory (default CAMPSEARCH_DATA_DIR)"
+    ),
+    batch: int = typer.Option(500, min=1, help="rows per transaction"),
+) -> None:
+    """Copy an embedded data directory (catalog and features) into PostgreSQL, ids kept, so
+    several replicas can serve it without re-ingesting. Idempotent: rerun it to resume."""
+    from service.cli.migrate import run_migrate
+
+    run_migrate(to, data_dir, batch)
+
+
+@app.command()
 def ingest(
     source: Path = typer.Argument(..., help="manifest.jsonl, or a folder of photos"),
     server: str | None = typer.Option(

@@ -5,8 +5,11 @@
 runtime is built, then "ready" (or "failed" with the reason), so `/healthz` answers at once and
 `/readyz` says 503 until search can work.
 
-One process owns a data directory: `DataDirLock` (an advisory `flock`) refuses a second server
-or a local bulk ingest on the same folder, whose in-memory indexes would silently diverge.
+Embedded mode: one process owns a data directory: `DataDirLock` (an advisory `flock`) refuses
+a second server or a local bulk ingest on the same folder, whose in-memory indexes would
+silently diverge.
+PostgreSQL mode (CAMPSEARCH_DATABASE_URL) takes no lock: replicas share the database and
+follow its changes (`index.follower`).
 """
 
 from __future__ import annotations
@@ -109,9 +112,7 @@ def build_read_router(settings: Settings) -> ReadRouter | None:
     if not settings.database_url:
         return None
     return ReadRouter(
-        settings.database_url,
-        settings.database_read_url,
-        max_lag_s=settings.database_max_lag_s,
+        settings.database, settings.database_read, max_lag_s=settings.database_max_lag_s
     )
 
 
@@ -161,7 +162,10 @@ def open_corpus(
     extractor: RegionExtractor,
     cache: FeatureCache,
     gpu_id: int | None = None,
+    read_router: ReadRouter | None = None,
 ) -> Corpus:
+    """The corpus; in PostgreSQL mode its storage uses `read_router`'s connections (the
+    process's one set: writes on the primary, reads on the replica when fresh enough)."""
     return Corpus.open(
         settings.data_dir,
         dim=model.pooled_dim,
@@ -176,6 +180,7 @@ def open_corpus(
         cache=cache,
         tensor_version=model.tensor_version,
         keep_region_features=settings.keep_region_features,
+        read_router=read_router,
     )
 
 
@@ -210,7 +215,7 @@ class ServiceRuntime:
     regions: UploadRegions
     indexer: Indexer
     metrics: ServiceMetrics
-    lock: DataDirLock
+    lock: DataDirLock | None  # None in PostgreSQL mode: replicas share the database
     rebuild: TensorRebuild
     saved_sequence: int = -1
     # The PostgreSQL primary and read replica; None with the embedded stores.
@@ -231,7 +236,8 @@ class ServiceRuntime:
         """
         if settings.threads_per_torch_call:
             torch.set_num_threads(settings.threads_per_torch_call)  # every thread started after
-        lock = DataDirLock(settings.data_dir).acquire()
+        # PostgreSQL mode: many replicas share the data (images folder + database); no lock.
+        lock = None if settings.database else DataDirLock(settings.data_dir).acquire()
         read_router: ReadRouter | None = None
         try:
             if model is None:
@@ -246,7 +252,7 @@ class ServiceRuntime:
             cache = build_cache(settings)
             read_router = build_read_router(settings)
             gpu_id = faiss_gpu_id(settings.device)
-            corpus = open_corpus(settings, model, extractor, cache, gpu_id)
+            corpus = open_corpus(settings, model, extractor, cache, gpu_id, read_router)
             if not settings.keep_region_features:
                 try:
                     refuse_unbuildable(corpus)
@@ -256,7 +262,8 @@ class ServiceRuntime:
         except BaseException:
             if read_router is not None:
                 read_router.close()
-            lock.release()
+            if lock is not None:
+                lock.release()
             raise
         reranker = PairReranker(
             model, on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs)
@@ -423,10 +430,12 @@ class ServiceRuntime:
             close_cache = getattr(self.cache, "close", None)
             if close_cache is not None:
                 close_cache()
+        finally:
+            # After the corpus (its follower and storage use the router's connections).
             if self.read_router is not None:
                 self.read_router.close()
-        finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
 
 @dataclass

@@ -89,15 +89,19 @@ class Settings(BaseSettings):
         "cluster-aware client (it discovers the other nodes; same keys).",
     )
     cache_ttl_s: int = Field(default=DEFAULT_TTL_S, ge=1)
-    database_url: str | None = Field(
+    database_url: SecretStr | None = Field(
         default=None,
         description="postgresql://user:password@host:5432/db, the PostgreSQL primary (every "
-        "write); unset: the embedded SQLite + LMDB stores in CAMPSEARCH_DATA_DIR.",
+        "write): keep the catalog and stored features there, shared by several API replicas "
+        "(each follows the database's changes); CAMPSEARCH_DATA_DIR then only holds the images "
+        "folder, which every replica mounts. Unset: the embedded stores (SQLite + LMDB + FAISS "
+        "files), one process per data dir.",
     )
-    database_read_url: str | None = Field(
+    database_read_url: SecretStr | None = Field(
         default=None,
-        description="A streaming replica of CAMPSEARCH_DATABASE_URL for reads; while it is "
-        "down or further behind than CAMPSEARCH_DATABASE_MAX_LAG_S, reads go to the primary.",
+        description="A streaming replica of CAMPSEARCH_DATABASE_URL for metadata and feature "
+        "reads; while it is down or further behind than CAMPSEARCH_DATABASE_MAX_LAG_S (or "
+        "behind what this replica already indexed), reads go to the primary.",
     )
     database_max_lag_s: float = Field(
         default=DEFAULT_MAX_LAG_S,
@@ -227,6 +231,21 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("database_url", "database_read_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, url: object) -> object:
+        """compose passes `${CAMPSEARCH_DATABASE_READ_URL:-}`: an empty value means none."""
+        return None if isinstance(url, str) and not url.strip() else url
+
+    @field_validator("database_url", "database_read_url")
+    @classmethod
+    def _is_postgresql(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("must be a postgresql:// URL")
+        return url
+
     @model_validator(mode="after")
     def _read_replica_needs_a_primary(self) -> Settings:
         if self.database_read_url and not self.database_url:
@@ -241,6 +260,16 @@ class Settings(BaseSettings):
         if self.torch_threads is None:
             return default_torch_threads()
         return self.torch_threads or None
+
+    @property
+    def database(self) -> str | None:
+        """The PostgreSQL primary's URL (with its password), or None in the embedded mode."""
+        return self.database_url.get_secret_value() if self.database_url else None
+
+    @property
+    def database_read(self) -> str | None:
+        """The read replica's URL (with its password), or None."""
+        return self.database_read_url.get_secret_value() if self.database_read_url else None
 
     @property
     def writes_need_key(self) -> bool:

@@ -7,12 +7,14 @@ import asyncio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from index.read_routing import redacted
 from model.calibration import ScoreCalibration
 from service.api.deps import RuntimeDep, StateDep
 from service.api.errors import ProblemError
 from service.api.schemas import (
     ComponentState,
     CorpusSizes,
+    DatabaseInfo,
     Readiness,
     ScoreInfo,
     ServiceInfo,
@@ -62,16 +64,25 @@ async def readyz(state: StateDep) -> JSONResponse:
         ),
         _rebuild_state(runtime.rebuild),
     ]
-    database_ok, database_degraded = True, False
-    if runtime.read_router is not None:
-        router = runtime.read_router
+    ready = cache_ok
+    router = runtime.read_router
+    if router is not None:
+        # One component: the primary (no password), where reads go, the replica's lag, and
+        # the change sequence this replica's indexes have applied.
+        primary_up = router.status()["primary"]["up"]
         database_ok = router.can_read
-        database_degraded = not router.status()["primary"]["up"]
-        components.append(ComponentState(name="database", ok=database_ok, detail=router.summary()))
-    if not database_ok:
-        body = Readiness(status="unavailable", components=components)
-        return JSONResponse(body.model_dump(), status_code=503)
-    ready = cache_ok and not database_degraded
+        components.append(
+            ComponentState(
+                name="database",
+                ok=database_ok,
+                detail=f"primary {redacted(router.primary_url)}: {router.summary()}; applied "
+                f"change sequence {runtime.corpus.applied_sequence}",
+            )
+        )
+        if not database_ok:  # searches read metadata there and writes commit there
+            body = Readiness(status="unavailable", components=components)
+            return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "2"})
+        ready = ready and primary_up  # a dead primary: reads on the replica, writes 503
     body = Readiness(status="ready" if ready else "degraded", components=components)
     return JSONResponse(body.model_dump())
 
@@ -131,6 +142,15 @@ async def info(runtime: RuntimeDep) -> ServiceInfo:
             "max_upload_bytes": settings.max_upload_bytes,
         },
         stages={stage: StageInfo(**where) for stage, where in runtime.stages().items()},
+        database=(
+            None
+            if runtime.corpus.database is None
+            else DatabaseInfo(
+                url=runtime.corpus.database.display_url,
+                reads_from=runtime.corpus.database.router.reads_from(),
+                applied_sequence=runtime.corpus.applied_sequence,
+            )
+        ),
         scores=_score_info(runtime.model.calibration),
     )
 
