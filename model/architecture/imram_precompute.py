@@ -23,11 +23,9 @@ from model.architecture.encoders import EncodedText, length_mask
 from model.architecture.imram import ImramScorer, MemoryProjections
 from model.architecture.precompute import (
     DEFAULT_MEMORY_BUDGET_BYTES,
+    CaptionTensorsBase,
+    ImageTensorsBase,
     _block_shape,
-    _expand,
-    _moved,
-    _narrowed,
-    _padded_cat,
 )
 
 _IMAGE_FIELDS = ("regions", "text_context", "image_first_query")
@@ -35,7 +33,7 @@ _CAPTION_FIELDS = ("words", "image_context", "text_first_query")
 
 
 @dataclass
-class ImramImagePrecompute:
+class ImramImagePrecompute(ImageTensorsBase):
     """N images: regions [N, R, d] (unit vectors, zero past each image's count); text_context
     [N, R, 2d] the regions through Text-IMRAM's memory layers' context half; image_first_query
     [N, R, 2d] through Image-IMRAM's query half (with its bias); region_counts [N] int64."""
@@ -45,43 +43,16 @@ class ImramImagePrecompute:
     image_first_query: Tensor
     region_counts: Tensor
 
-    def __len__(self) -> int:
-        return self.regions.shape[0]
-
-    @property
-    def mask(self) -> Tensor:
-        """[N, R] bool, True on real regions."""
-        return length_mask(self.region_counts, self.regions.shape[1])
-
-    def select(self, index: Tensor | slice | list[int]) -> ImramImagePrecompute:
-        return ImramImagePrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    def repeat(self, count: int) -> ImramImagePrecompute:
-        """One image as `count` rows (expanded views, no copy)."""
-        return ImramImagePrecompute(
-            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
-        )
-
-    def trimmed(self, width: int | None = None) -> ImramImagePrecompute:
-        width = int(self.region_counts.max()) if width is None else width
-        return _narrowed(self, width, _IMAGE_FIELDS, ())
-
-    def to(self, device=None, dtype=None) -> ImramImagePrecompute:
-        return _moved(self, "region_counts", device, dtype)
+    _ROW_FIELDS = _IMAGE_FIELDS
 
     @staticmethod
     def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
         """At most one [R, d] and two [R, 2d] tensors (full IMRAM), and a count."""
         return 5 * regions * dim * element_size + 8
 
-    @staticmethod
-    def cat(items: list[ImramImagePrecompute]) -> ImramImagePrecompute:
-        counts = torch.cat([item.region_counts for item in items])
-        return ImramImagePrecompute(region_counts=counts, **_padded_cat(items, _IMAGE_FIELDS, ()))
-
 
 @dataclass
-class ImramCaptionPrecompute:
+class ImramCaptionPrecompute(CaptionTensorsBase):
     """N captions: words [N, L, d] (unit vectors, zero past each length); image_context
     [N, L, 2d] and text_first_query [N, L, 2d] as for images, the other way round; lengths [N].
     """
@@ -91,39 +62,11 @@ class ImramCaptionPrecompute:
     text_first_query: Tensor
     lengths: Tensor
 
-    def __len__(self) -> int:
-        return self.words.shape[0]
-
-    @property
-    def mask(self) -> Tensor:
-        return length_mask(self.lengths, self.words.shape[1])
-
-    def select(self, index: Tensor | slice | list[int]) -> ImramCaptionPrecompute:
-        """A subset, trimmed to its own longest caption."""
-        picked = ImramCaptionPrecompute(
-            **{f.name: getattr(self, f.name)[index] for f in fields(self)}
-        )
-        return picked.trimmed()
-
-    def repeat(self, count: int) -> ImramCaptionPrecompute:
-        return ImramCaptionPrecompute(
-            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
-        )
-
-    def trimmed(self) -> ImramCaptionPrecompute:
-        return _narrowed(self, int(self.lengths.max()), _CAPTION_FIELDS, ())
-
-    def to(self, device=None, dtype=None) -> ImramCaptionPrecompute:
-        return _moved(self, "lengths", device, dtype)
+    _ROW_FIELDS = _CAPTION_FIELDS
 
     @staticmethod
     def bytes_of_one(words: int, dim: int, element_size: int) -> int:
         return 5 * words * dim * element_size + 8
-
-    @staticmethod
-    def cat(items: list[ImramCaptionPrecompute]) -> ImramCaptionPrecompute:
-        lengths = torch.cat([item.lengths for item in items])
-        return ImramCaptionPrecompute(lengths=lengths, **_padded_cat(items, _CAPTION_FIELDS, ()))
 
 
 @dataclass

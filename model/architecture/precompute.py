@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,75 @@ _IMAGE_REGION_FIELDS = ("regions", "queries", "keys", "fusion_self", "fusion_for
 _IMAGE_SQUARE_FIELDS = ("word_message_logits", "gram")
 
 
+class _PerItemTensors:
+    """What every per-item tensor set of a scorer shares (CAMP's and IMRAM's, images and
+    captions): N items' tensors padded to the widest, [N, W, d] row fields and [N, W, W]
+    square fields, and the [N] int64 counts of real slots. Subclasses name their fields."""
+
+    _ROW_FIELDS: tuple[str, ...] = ()
+    _SQUARE_FIELDS: tuple[str, ...] = ()
+    _COUNTS = ""
+
+    def __len__(self) -> int:
+        return getattr(self, self._ROW_FIELDS[0]).shape[0]
+
+    @property
+    def mask(self) -> Tensor:
+        """[N, W] bool, True on real regions (or words)."""
+        return length_mask(getattr(self, self._COUNTS), getattr(self, self._ROW_FIELDS[0]).shape[1])
+
+    def repeat(self, count: int) -> Self:
+        """One item as `count` rows: expanded views, no copy, no index tensor on the device."""
+        return type(self)(**{f.name: _expand(getattr(self, f.name), count) for f in fields(self)})
+
+    def to(self, device=None, dtype=None) -> Self:
+        return _moved(self, self._COUNTS, device, dtype)
+
+    @classmethod
+    def cat(cls, items: list[Self]) -> Self:
+        """Concatenate, padding every item to the widest one (see `_padded_cat`); items of one
+        width concatenate exactly as before masks existed."""
+        counts = torch.cat([getattr(item, cls._COUNTS) for item in items])
+        padded = _padded_cat(items, cls._ROW_FIELDS, cls._SQUARE_FIELDS)
+        return cls(**{cls._COUNTS: counts}, **padded)
+
+    def _rows(self, index: Tensor | slice | list[int]) -> Self:
+        return type(self)(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def _narrowed_to(self, width: int) -> Self:
+        return _narrowed(self, width, self._ROW_FIELDS, self._SQUARE_FIELDS)
+
+
+class ImageTensorsBase(_PerItemTensors):
+    """Per-image tensors: `select` keeps the padding (no host synchronisation)."""
+
+    _COUNTS = "region_counts"
+
+    def select(self, index: Tensor | slice | list[int]) -> Self:
+        """A subset, padded as before (no host synchronisation; `trimmed` narrows it)."""
+        return self._rows(index)
+
+    def trimmed(self, width: int | None = None) -> Self:
+        """Views narrowed to `width` region slots (None: the most regions of these images, read
+        back from the device); `width` must not cut a real region."""
+        return self._narrowed_to(int(self.region_counts.max()) if width is None else width)
+
+
+class CaptionTensorsBase(_PerItemTensors):
+    """Per-caption tensors: `select` trims to the subset's own longest caption."""
+
+    _COUNTS = "lengths"
+
+    def select(self, index: Tensor | slice | list[int]) -> Self:
+        """A subset, trimmed to its own longest caption."""
+        return self._rows(index).trimmed()
+
+    def trimmed(self) -> Self:
+        return self._narrowed_to(int(self.lengths.max()))
+
+
 @dataclass
-class ImagePrecompute:
+class ImagePrecompute(ImageTensorsBase):
     """Per-image tensors of N images, padded to the most regions among them (R).
 
     regions V [N, R, d] (zero past each image's count); region_counts [N] int64, real regions
@@ -67,45 +135,13 @@ class ImagePrecompute:
     fusion_for_words: Tensor
     region_counts: Tensor
 
-    def __len__(self) -> int:
-        return self.regions.shape[0]
-
-    @property
-    def mask(self) -> Tensor:
-        """[N, R] bool, True on real regions."""
-        return length_mask(self.region_counts, self.regions.shape[1])
-
-    def select(self, index: Tensor | slice | list[int]) -> ImagePrecompute:
-        """A subset, padded as before (no host synchronisation; `trimmed` narrows it)."""
-        return ImagePrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    def repeat(self, count: int) -> ImagePrecompute:
-        """One image as `count` rows: expanded views, no copy, no index tensor on the device."""
-        return ImagePrecompute(
-            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
-        )
-
-    def trimmed(self, width: int | None = None) -> ImagePrecompute:
-        """Views narrowed to `width` region slots (None: the most regions of these images, read
-        back from the device); `width` must not cut a real region."""
-        width = int(self.region_counts.max()) if width is None else width
-        return _narrowed(self, width, _IMAGE_REGION_FIELDS, _IMAGE_SQUARE_FIELDS)
-
-    def to(self, device=None, dtype=None) -> ImagePrecompute:
-        return _moved(self, "region_counts", device, dtype)
+    _ROW_FIELDS = _IMAGE_REGION_FIELDS
+    _SQUARE_FIELDS = _IMAGE_SQUARE_FIELDS
 
     @staticmethod
     def bytes_of_one(regions: int, dim: int, element_size: int) -> int:
         """Bytes of one image's tensors with `regions` regions: five [R, d], two [R, R], a count."""
         return (5 * regions * dim + 2 * regions * regions) * element_size + 8
-
-    @staticmethod
-    def cat(items: list[ImagePrecompute]) -> ImagePrecompute:
-        """Concatenate, padding every image to the widest one (see `_padded_cat`); images of
-        one width concatenate exactly as before masks existed."""
-        counts = torch.cat([item.region_counts for item in items])
-        padded = _padded_cat(items, _IMAGE_REGION_FIELDS, _IMAGE_SQUARE_FIELDS)
-        return ImagePrecompute(region_counts=counts, **padded)
 
 
 def _padded_cat(items: list, row_fields: tuple[str, ...], square_fields: tuple[str, ...]):
@@ -201,7 +237,7 @@ _CAPTION_SQUARE_FIELDS = ("region_message_logits", "gram")
 
 
 @dataclass
-class CaptionPrecompute:
+class CaptionPrecompute(CaptionTensorsBase):
     """Per-caption tensors of N captions, padded to the longest of them (L).
 
     words T [N, L, d] (zero past each length); lengths [N] int64; queries T Wqtᵀ, keys T Wktᵀ
@@ -219,43 +255,13 @@ class CaptionPrecompute:
     fusion_self: Tensor
     fusion_for_regions: Tensor
 
-    def __len__(self) -> int:
-        return self.words.shape[0]
-
-    @property
-    def mask(self) -> Tensor:
-        return length_mask(self.lengths, self.words.shape[1])
-
-    def select(self, index: Tensor | slice | list[int]) -> CaptionPrecompute:
-        """A subset, trimmed to its own longest caption."""
-        picked = CaptionPrecompute(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-        return picked.trimmed()
-
-    def repeat(self, count: int) -> CaptionPrecompute:
-        """One caption as `count` rows: expanded views, no copy, and no host synchronisation
-        (`select` trims, which reads the lengths back from the device)."""
-        return CaptionPrecompute(
-            **{f.name: _expand(getattr(self, f.name), count) for f in fields(self)}
-        )
-
-    def trimmed(self) -> CaptionPrecompute:
-        return _narrowed(
-            self, int(self.lengths.max()), _CAPTION_WORD_FIELDS, _CAPTION_SQUARE_FIELDS
-        )
-
-    def to(self, device=None, dtype=None) -> CaptionPrecompute:
-        return _moved(self, "lengths", device, dtype)
+    _ROW_FIELDS = _CAPTION_WORD_FIELDS
+    _SQUARE_FIELDS = _CAPTION_SQUARE_FIELDS
 
     @staticmethod
     def bytes_of_one(words: int, dim: int, element_size: int) -> int:
         """Bytes of one caption's tensors with `words` words: five [L, d], two [L, L], a length."""
         return (5 * words * dim + 2 * words * words) * element_size + 8
-
-    @staticmethod
-    def cat(items: list[CaptionPrecompute]) -> CaptionPrecompute:
-        """Concatenate, re-padding every caption to the longest one (see `_padded_cat`)."""
-        padded = _padded_cat(items, _CAPTION_WORD_FIELDS, _CAPTION_SQUARE_FIELDS)
-        return CaptionPrecompute(lengths=torch.cat([i.lengths for i in items]), **padded)
 
 
 def _block_shape(ni: int, nc: int, max_pairs: int) -> tuple[int, int]:
