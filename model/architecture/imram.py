@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.architecture.cross_modal import CrossModalModel
 from model.architecture.encoders import EncodedText, GRUTextEncoder
 from model.architecture.scorer import l2norm, masked_logits
 from model.checkpoints.config import CampConfig, ConfigError, config_from_dict
@@ -478,29 +479,12 @@ def _zero_padding(
     return dataclasses.replace(trace, attention_norm=norm, attention=attention, **per_query)
 
 
-class ImramModel(nn.Module):
+class ImramModel(CrossModalModel):
     """`image_encoder`, `text_encoder` and `scorer` of IMRAM under one state dict.
 
     `forward` is the training/evaluation direct form, scores [Ni, Nc] float64 (the official
     training mode returns the transpose, [Nc, Ni]; the hinge loss is the same on both).
     """
-
-    def __init__(
-        self,
-        *,
-        image_encoder: ImramImageEncoder,
-        text_encoder: ImramTextEncoder,
-        scorer: ImramScorer,
-        config: CampConfig | None = None,
-    ) -> None:
-        super().__init__()
-        sizes = {image_encoder.embed_size, text_encoder.embed_size, scorer.embed_size}
-        if len(sizes) != 1:
-            raise ValueError(f"encoders and scorer disagree on embed_size: {sorted(sizes)}")
-        self.config = config
-        self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
-        self.scorer = scorer
 
     @classmethod
     def from_config(cls, config: CampConfig, options: ImramOptions | None = None) -> ImramModel:
@@ -519,25 +503,6 @@ class ImramModel(nn.Module):
     @property
     def options(self) -> ImramOptions:
         return self.scorer.options
-
-    def encode_images(self, regions: Tensor) -> Tensor:
-        """regions [Ni, R, img_dim] -> unit region vectors [Ni, R, d]."""
-        return self.image_encoder(regions)
-
-    def encode_text(self, token_ids: Tensor, lengths: Tensor) -> EncodedText:
-        """token_ids [Nc, L_in] (any order, any right padding) -> unit words [Nc, max_len, d]."""
-        return self.text_encoder(token_ids, lengths)
-
-    def forward(
-        self,
-        regions: Tensor,
-        token_ids: Tensor,
-        lengths: Tensor,
-        region_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Scores [Ni, Nc] float64 of every image against every caption."""
-        text = self.encode_text(token_ids, lengths)
-        return self.scorer(self.encode_images(regions), text.words, text.mask, region_mask)
 
     def forward_with_trace(
         self,
