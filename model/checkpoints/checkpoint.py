@@ -266,28 +266,22 @@ def _config_from_official(state: Mapping[str, Tensor], opt: Mapping[str, Any], p
         num_heads = state["scorer.image_pool.heads.weight"].shape[0]
     except KeyError as exc:
         raise CheckpointError(f"{path} is not a CAMP checkpoint: missing key {exc}") from exc
-    num_layers = sum(
-        1
-        for k in state
-        if k.startswith("text_encoder.rnn.weight_ih_l") and not k.endswith("_reverse")
-    )
+    num_layers = _gru_layers(state)
     wrong = {k: opt[k] for k, v in SUPPORTED_OFFICIAL_OPTIONS.items() if k in opt and opt[k] != v}
     if wrong:
         raise CheckpointError(
             f"{path} was trained with options this implementation does not reproduce: {wrong} "
             f"(supported: {SUPPORTED_OFFICIAL_OPTIONS})"
         )
-    for option, value in (
-        ("vocab_size", vocab_size),
-        ("word_dim", word_dim),
-        ("embed_size", embed_size),
-        ("img_dim", img_dim),
-        ("num_layers", num_layers),
-    ):
-        if option in opt and int(opt[option]) != int(value):
-            raise CheckpointError(
-                f"{path}: opt.{option}={opt[option]} disagrees with the weights ({value})"
-            )
+    _check_options_match_weights(
+        path,
+        opt,
+        vocab_size=vocab_size,
+        word_dim=word_dim,
+        embed_size=embed_size,
+        img_dim=img_dim,
+        num_layers=num_layers,
+    )
     try:
         return CampConfig(
             vocab_size=int(vocab_size),
@@ -416,22 +410,16 @@ def _imram_config_from_weights(
         embed_size, img_dim = state["image_encoder.fc.weight"].shape
     except KeyError as exc:
         raise CheckpointError(f"{path} is not an IMRAM checkpoint: missing key {exc}") from exc
-    num_layers = sum(
-        1
-        for k in state
-        if k.startswith("text_encoder.rnn.weight_ih_l") and not k.endswith("_reverse")
+    num_layers = _gru_layers(state)
+    _check_options_match_weights(
+        path,
+        opt,
+        vocab_size=vocab_size,
+        word_dim=word_dim,
+        embed_size=embed_size,
+        img_dim=img_dim,
+        num_layers=num_layers,
     )
-    for option, value in (
-        ("vocab_size", vocab_size),
-        ("word_dim", word_dim),
-        ("embed_size", embed_size),
-        ("img_dim", img_dim),
-        ("num_layers", num_layers),
-    ):
-        if option in opt and int(opt[option]) != int(value):
-            raise CheckpointError(
-                f"{path}: opt.{option}={opt[option]} disagrees with the weights ({value})"
-            )
     try:
         return CampConfig(
             vocab_size=int(vocab_size),
@@ -478,3 +466,21 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str
 
 def _atomic_torch_save(payload: dict[str, Any], path: Path) -> Path:
     return write_atomically(path, lambda temp: torch.save(payload, temp))
+
+
+def _gru_layers(state: Mapping[str, Any]) -> int:
+    """Layers of an official checkpoint's text GRU, counted from its weights."""
+    return sum(
+        1
+        for key in state
+        if key.startswith("text_encoder.rnn.weight_ih_l") and not key.endswith("_reverse")
+    )
+
+
+def _check_options_match_weights(path: Path, opt: Mapping[str, Any], **sizes: int) -> None:
+    """An official checkpoint's recorded options must agree with its weights' shapes."""
+    for option, value in sizes.items():
+        if option in opt and int(opt[option]) != int(value):
+            raise CheckpointError(
+                f"{path}: opt.{option}={opt[option]} disagrees with the weights ({value})"
+            )
