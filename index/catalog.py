@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -226,12 +226,7 @@ class Catalog:
                 "ORDER BY images.id, captions.id",
                 (json.dumps(wanted),),
             ).fetchall()
-        found: dict[int, list[CaptionRecord]] = {}
-        for image_id, *caption in rows:
-            captions = found.setdefault(image_id, [])
-            if caption[0] is not None:
-                captions.append(_caption(tuple(caption)))
-        return found
+        return captions_by_image(rows, _caption)
 
     def image_ids(self) -> np.ndarray:
         """Every image id, sorted, int64."""
@@ -324,3 +319,17 @@ def _typed(error: sqlite3.Error, path: Path) -> StorageError:
 def _caption(row: tuple) -> CaptionRecord:
     caption_id, image_id, text, token_ids, created = row
     return CaptionRecord(caption_id, image_id, text, tuple(json.loads(token_ids)), created)
+
+
+def captions_by_image(
+    rows: Iterable[tuple], caption: Callable[[tuple], CaptionRecord]
+) -> dict[int, list[CaptionRecord]]:
+    """{image id: its captions} from (image_id, caption columns...) rows of an images LEFT JOIN
+    captions (caption columns all NULL for an image without captions), in the rows' order;
+    `caption` reads one caption's columns (each database stores token ids its own way)."""
+    found: dict[int, list[CaptionRecord]] = {}
+    for image_id, *columns in rows:
+        captions = found.setdefault(int(image_id), [])
+        if columns[0] is not None:
+            captions.append(caption(tuple(columns)))
+    return found

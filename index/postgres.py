@@ -43,7 +43,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from index.catalog import CaptionRecord, ImageRecord
+from index.catalog import CaptionRecord, ImageRecord, captions_by_image
 from index.codec import decode_arrays, encode_arrays
 from index.errors import (
     CatalogSchemaError,
@@ -560,12 +560,7 @@ class PostgresCatalog:
             "WHERE images.id = ANY(%s) ORDER BY images.id, captions.id",
             (wanted,),
         )
-        found: dict[int, list[CaptionRecord]] = {}
-        for image_id, *caption in rows:
-            captions = found.setdefault(int(image_id), [])
-            if caption[0] is not None:
-                captions.append(_caption(tuple(caption)))
-        return found
+        return captions_by_image(rows, _caption)
 
     def image_ids(self) -> np.ndarray:
         return self._ids("SELECT id FROM images ORDER BY id")
