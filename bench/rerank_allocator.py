@@ -16,8 +16,9 @@ micro-batcher's worker makes them; it reports the median call, the worker's mino
 per call, the allocator's bytes (`heap_usage`) and the RSS after the calls and after
 `malloc_trim(0)` (what the service's timed trim gets back).
 
-Ways (`--ways` picks some): `MALLOC_TOP_PAD_` is glibc's own environment variable, the space an
-arena keeps above its top when it grows or trims.
+Ways (`--ways` picks some): the mmap threshold (`CAMPSEARCH_MALLOC_MMAP_THRESHOLD_KIB`) and the
+top pad (`CAMPSEARCH_MALLOC_TOP_PAD_KIB`, the free space an arena keeps above its top when it
+grows or trims), each set as the service sets it.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ IDLE_THREADS = 24
 CALL_GAP_S = 0.005
 WARMUP_CALLS = 3
 
-WAYS: dict[str, dict[str, str]] = {
-    "mmap 64 KiB (default)": {"mmap_kib": "64"},
-    "mmap 64 KiB, top pad 32 MiB": {"mmap_kib": "64", "MALLOC_TOP_PAD_": str(32 << 20)},
-    "mmap 1 MiB": {"mmap_kib": "1024"},
-    "mmap 4 MiB": {"mmap_kib": "4096"},
-    "glibc's own (0)": {"mmap_kib": "0"},
+WAYS: dict[str, tuple[int, int]] = {  # (mmap threshold KiB, top pad KiB)
+    "mmap 64 KiB, no pad (before)": (64, 0),
+    "mmap 64 KiB, top pad 32 MiB (default)": (64, 32 * 1024),
+    "mmap 64 KiB, top pad 8 MiB": (64, 8 * 1024),
+    "mmap 4 MiB, no pad": (4096, 0),
+    "glibc's own threshold (0), no pad": (0, 0),
 }
 
 
@@ -56,13 +57,15 @@ def rss_kib() -> int:
     return 0
 
 
-def child(mmap_kib: int, calls: int) -> dict:
+def child(mmap_kib: int, top_pad_kib: int, calls: int) -> dict:
     """One way in this process: the numbers described in the module docstring."""
     sys.path.insert(0, str(REPO_ROOT))
-    from service.runtime.heap import fix_mmap_threshold, heap_usage, trim_heap
+    from service.runtime.heap import fix_mmap_threshold, heap_usage, set_top_pad, trim_heap
 
     if mmap_kib:
-        fix_mmap_threshold(mmap_kib * 1024)  # before the model allocates, as the service does
+        fix_mmap_threshold(mmap_kib * 1024)
+    if top_pad_kib:
+        set_top_pad(top_pad_kib * 1024)
     import numpy as np
     import torch
 
@@ -113,11 +116,10 @@ def child(mmap_kib: int, calls: int) -> dict:
     }
 
 
-def run_way(settings: dict[str, str], calls: int) -> dict:
+def run_way(way: tuple[int, int], calls: int) -> dict:
     env = dict(os.environ)
-    env.update({k: v for k, v in settings.items() if k != "mmap_kib"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, __file__, "--child", settings["mmap_kib"], "--calls", str(calls)]
+    command = [sys.executable, __file__, "--child", *map(str, way), "--calls", str(calls)]
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -128,10 +130,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=30, help="timed calls per child")
     parser.add_argument("--ways", nargs="*", choices=list(WAYS), default=list(WAYS))
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.calls)))
+        print(json.dumps(child(*args.child, args.calls)))
         return
 
     load_before = os.getloadavg()
