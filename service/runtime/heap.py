@@ -15,7 +15,7 @@ threshold instead (and so the trim threshold at glibc's 128 KiB): a block above 
 heap cannot already hold gets a mapping of its own, unmapped the moment it is freed.
 
 That costs the reranker: a call's intermediates (~22 MB for 100 pairs) were mapped, faulted in
-page by page and unmapped on every call, ~5,700 page faults a call in its worker thread
+page by page and unmapped on every call, ~6,600 page faults a call in its worker thread
 (bench/rerank_allocator.py). `set_top_pad` makes an arena keep a fixed pad above its top when
 it grows or shrinks, so one call's intermediates stay in the worker's arena for the next call:
 a fixed amount per arena that does such work, not the creep above.
