@@ -28,6 +28,9 @@ CAMPSEARCH_CAPTION_CACHE_MIB, CAMPSEARCH_FEATURE_CACHE_MIB) at N MiB, so they fi
 `--mmap-threshold-kib N` the size from which its allocations are mapped on their own (0: glibc's
 self-raising default).
 
+`--idle-seconds S` then leaves the server idle for S seconds and reads its RSS again (what the
+timed heap trim, `--heap-trim-interval`, gives back once the load stops).
+
 `--compare VAR=A,B` runs everything twice, one fresh server each, with the server's environment
 variable VAR at A and then at B (nothing else changes; an empty value leaves it unset), and
 prints B/A ratios of throughput, latency and memory. VAR is a setting (CAMPSEARCH_*) or, say,
@@ -426,6 +429,7 @@ async def main_async(args: argparse.Namespace, extra_env: dict[str, str] | None 
             },
             "mix": args.mix,
             "rss_start_mib": round(rss_start, 1),
+            "idle_seconds": args.idle_seconds,
             "rss_after_load_mib": round(rss_mib(process.pid), 1),
             "baseline": baseline.summary(),
             "load": load.summary(),
@@ -441,6 +445,9 @@ async def main_async(args: argparse.Namespace, extra_env: dict[str, str] | None 
                 args.mix,
             )
             result["soak"] = {**phase.summary(), "rss": rss}
+        if args.idle_seconds > 0:
+            await asyncio.sleep(args.idle_seconds)
+            result["rss_after_idle_mib"] = round(rss_mib(process.pid), 1)
         return result
     finally:
         process.send_signal(signal.SIGTERM)
@@ -475,6 +482,9 @@ def report(result: dict) -> None:
             f"p50 x{load['p50_ms'] / base['p50_ms']:.2f}"
         )
     print(f"server RSS: {result['rss_start_mib']} MiB before, {result['rss_after_load_mib']} after")
+    if "rss_after_idle_mib" in result:
+        idle, rss = result["idle_seconds"], result["rss_after_idle_mib"]
+        print(f"server RSS after {idle} s idle: {rss} MiB")
     if "soak" in result:
         memory = result["soak"]["rss"]
         print(
@@ -502,11 +512,14 @@ def compare(results: dict[str, dict], name: str) -> dict:
 
     def figures(result: dict) -> dict[str, float | None]:
         out = {
+            "one_client_p50_ms": result["baseline"]["p50_ms"],
             "load_per_s": result["load"]["per_s"],
             "load_p50_ms": result["load"]["p50_ms"],
             "load_p99_ms": result["load"]["p99_ms"],
             "rss_after_load_mib": result["rss_after_load_mib"],
         }
+        if "rss_after_idle_mib" in result:
+            out["rss_after_idle_mib"] = result["rss_after_idle_mib"]
         if "soak" in result:
             memory = result["soak"]["rss"]["mib"]
             out |= {
@@ -568,6 +581,9 @@ def main() -> None:
     parser.add_argument("--baseline-seconds", type=float, default=10.0)
     parser.add_argument("--soak-minutes", type=float, default=0.0)
     parser.add_argument("--rss-every", type=float, default=5.0, help="soak RSS sampling (s)")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=0.0, help="idle time before a last RSS reading"
+    )
     parser.add_argument("--redis-url", default=None, help="serve with this Redis cache")
     parser.add_argument(
         "--cache-mib", type=int, default=None, help="all three in-process cache budgets (MiB)"

@@ -37,6 +37,34 @@ second, second_mapped = mapped_by(1 << 20)
 print(json.dumps({"fixed": bool(fixed), "mapped": [first_mapped, second_mapped]}))
 """
 
+# Minor page faults of one thread that mallocs, touches and frees a 4 MiB block five times, with
+# the service's fixed 64 KiB threshold, with or without a top pad: a reranker worker's calls.
+TOP_PAD_SCRIPT = """
+import ctypes, json, resource, sys, threading
+from service.runtime.heap import _libc, fix_mmap_threshold, set_top_pad
+
+libc = _libc()
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+assert fix_mmap_threshold(64 * 1024)
+padded = sys.argv[1] == "padded" and set_top_pad(32 << 20)
+size = 4 << 20
+faults = []
+
+def calls():
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)  # touch every page, as a tensor's kernel does
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+worker = threading.Thread(target=calls)
+worker.start()
+worker.join()
+print(json.dumps({"padded": bool(padded), "faults": faults}))
+"""
+
 pytestmark = pytest.mark.skipif(not can_trim_heap(), reason="needs glibc's malloc_trim")
 
 
@@ -102,6 +130,27 @@ def test_a_fixed_mmap_threshold_keeps_large_temporaries_out_of_the_heap(mode):
         assert result == {"fixed": True, "mapped": [1, 1]}
 
 
+@pytest.mark.parametrize("mode", ["unpadded", "padded"])
+def test_a_top_pad_keeps_a_workers_temporaries_in_its_arena(mode):
+    """With the fixed threshold alone every call's 4 MiB block is mapped and faulted in anew
+    (1,024 pages); with a 32 MiB top pad the worker's arena keeps it, and later calls fault
+    nothing in."""
+    answer = subprocess.run(
+        [sys.executable, "-c", TOP_PAD_SCRIPT, mode],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(answer.stdout)
+    assert result["padded"] == (mode == "padded")
+    later_calls = result["faults"][1:]
+    if mode == "unpadded":
+        assert all(faults >= 1000 for faults in later_calls), result
+    else:
+        assert all(faults < 50 for faults in later_calls), result
+
+
 def test_the_service_fixes_the_threshold_it_is_given(
     monkeypatch, tmp_path, tiny_retrieval_model, small_grid_extractor
 ):
@@ -111,14 +160,19 @@ def test_the_service_fixes_the_threshold_it_is_given(
     from service.api.app import create_app
     from service.runtime.settings import Settings
 
-    assert Settings(_env_file=None, data_dir=tmp_path).malloc_mmap_threshold_kib == 64
-    calls = []
+    defaults = Settings(_env_file=None, data_dir=tmp_path)
+    assert defaults.malloc_mmap_threshold_kib == 64 and defaults.malloc_top_pad_kib == 32 * 1024
+    calls, pads = [], []
     monkeypatch.setattr(
         service.runtime.lifecycle, "fix_mmap_threshold", lambda n: calls.append(n) or True
     )
+    monkeypatch.setattr(service.runtime.lifecycle, "set_top_pad", lambda n: pads.append(n) or True)
     for kib in (128, 0):
         settings = Settings(
-            _env_file=None, data_dir=tmp_path / f"data{kib}", malloc_mmap_threshold_kib=kib
+            _env_file=None,
+            data_dir=tmp_path / f"data{kib}",
+            malloc_mmap_threshold_kib=kib,
+            malloc_top_pad_kib=kib,
         )
         app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
         with running_client(app) as client:
@@ -131,6 +185,7 @@ def test_the_service_fixes_the_threshold_it_is_given(
             }
             assert set(heap) == {"in_use", "free", "mapped"} and heap["in_use"] > 0
     assert calls == [128 * 1024]  # 0 leaves glibc's own threshold
+    assert pads == [128 * 1024]  # and sets no pad
 
 
 def test_heap_usage_counts_what_is_allocated():

@@ -13,6 +13,12 @@ keep growing with the cache's miss rate (bench/load.py soak, 64 MiB caches: RssA
 in the 6.5 minutes after the rerank-tensor cache filled). `fix_mmap_threshold` pins the
 threshold instead (and so the trim threshold at glibc's 128 KiB): a block above it that the
 heap cannot already hold gets a mapping of its own, unmapped the moment it is freed.
+
+That costs the reranker: a call's intermediates (~22 MB for 100 pairs) were mapped, faulted in
+page by page and unmapped on every call, ~6,600 page faults a call in its worker thread
+(bench/rerank_allocator.py). `set_top_pad` makes an arena keep a fixed pad above its top when
+it grows or shrinks, so one call's intermediates stay in the worker's arena for the next call:
+a fixed amount per arena that does such work, not the creep above.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import ctypes
 import ctypes.util
 from functools import lru_cache
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+M_TOP_PAD = -2  # mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
 
 
 class _MallInfo2(ctypes.Structure):
@@ -80,6 +87,16 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     if libc is None or nbytes <= 0:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+
+
+def set_top_pad(nbytes: int) -> bool:
+    """Keep `nbytes` of free space above each arena's top when it grows or trims, so a
+    worker's next large temporaries reuse it instead of new mappings (glibc only; True when
+    set)."""
+    libc = _libc()
+    if libc is None or nbytes < 0:
+        return False
+    return bool(libc.mallopt(M_TOP_PAD, nbytes))
 
 
 def heap_usage() -> dict[str, int] | None:

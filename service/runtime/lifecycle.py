@@ -34,7 +34,13 @@ from index.shortlist import SearchResult
 from model.checkpoints.release import PRECOMPUTED
 from model.vision.extractors import RegionExtractor, create_extractor
 from service.ingest.indexer import Indexer
-from service.runtime.heap import can_trim_heap, fix_mmap_threshold, heap_usage, trim_heap
+from service.runtime.heap import (
+    can_trim_heap,
+    fix_mmap_threshold,
+    heap_usage,
+    set_top_pad,
+    trim_heap,
+)
 from service.runtime.metrics import ServiceMetrics
 from service.runtime.settings import MEBIBYTE, Settings
 from service.search.batching import MicroBatcher, OnTheWay
@@ -457,6 +463,9 @@ class ServiceState:
         threshold_kib = self.settings.malloc_mmap_threshold_kib
         if threshold_kib > 0 and not fix_mmap_threshold(threshold_kib * 1024):
             logger.info("malloc mmap threshold not set: not glibc")
+        top_pad_kib = self.settings.malloc_top_pad_kib
+        if top_pad_kib > 0 and not set_top_pad(top_pad_kib * 1024):
+            logger.info("malloc top pad not set: not glibc")
         try:
             runtime = await asyncio.to_thread(
                 ServiceRuntime.build,

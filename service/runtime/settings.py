@@ -170,6 +170,15 @@ class Settings(BaseSettings):
         "returned to the OS when freed (glibc mallopt M_MMAP_THRESHOLD, fixed; "
         "service/runtime/heap.py); 0 keeps glibc's self-raising threshold.",
     )
+    malloc_top_pad_kib: int = Field(
+        default=32 * 1024,
+        ge=0,
+        le=1024 * 1024,
+        description="Free space each allocator arena keeps above its top (glibc mallopt "
+        "M_TOP_PAD; service/runtime/heap.py), so the reranker's intermediates stay in its "
+        "worker's arena between calls instead of being mapped and faulted in on each; "
+        "0 sets no pad.",
+    )
 
     max_upload_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
