@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from model.architecture.encoders import EncodedText, length_mask
 from model.architecture.imram import ImramScorer, MemoryProjections
@@ -26,6 +25,7 @@ from model.architecture.precompute import (
     CaptionTensorsBase,
     ImageTensorsBase,
     _block_shape,
+    checkpointed_grid,
 )
 
 _IMAGE_FIELDS = ("regions", "text_context", "image_first_query")
@@ -178,22 +178,7 @@ class ImramPrecomputedScorer:
         """Scores [Ni, Nc] for training: differentiable, each block of at most `max_pairs` pairs
         under activation checkpointing (its activations recomputed during the backward), so
         the gradients are those of one unchunked grid, to float rounding."""
-        ni, nc = len(images), len(captions)
-        image_block, caption_block = _block_shape(ni, nc, max(1, max_pairs))
-        rows = []
-        for i in range(0, ni, image_block):
-            image_rows = images.select(slice(i, i + image_block))
-            row = [
-                checkpoint(
-                    self._grid_block,
-                    image_rows,
-                    captions.select(slice(j, j + caption_block)),
-                    use_reentrant=False,
-                )
-                for j in range(0, nc, caption_block)
-            ]
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)
+        return checkpointed_grid(self._grid_block, images, captions, max_pairs)
 
     def _grid_block(self, images: ImramImagePrecompute, captions: ImramCaptionPrecompute) -> Tensor:
         """[Ni, Nc]: every pair, caption-major, through `score_pairs`."""

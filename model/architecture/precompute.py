@@ -21,8 +21,9 @@ variable box counts), so scores do not depend on padding or batching (to float r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Self
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +265,30 @@ class CaptionPrecompute(CaptionTensorsBase):
         return (5 * words * dim + 2 * words * words) * element_size + 8
 
 
+def checkpointed_grid(
+    grid_block: Callable[[Any, Any], Tensor], images: Any, captions: Any, max_pairs: int
+) -> Tensor:
+    """Scores [Ni, Nc] of `grid_block(image rows, caption rows)` over blocks of at most
+    `max_pairs` pairs, each under activation checkpointing (freed after the forward, recomputed
+    in the backward), so the gradients are those of one unchunked grid, to float rounding."""
+    ni, nc = len(images), len(captions)
+    image_block, caption_block = _block_shape(ni, nc, max(1, max_pairs))
+    rows = []
+    for i in range(0, ni, image_block):
+        image_rows = images.select(slice(i, i + image_block))
+        row = [
+            checkpoint(
+                grid_block,
+                image_rows,
+                captions.select(slice(j, j + caption_block)),
+                use_reentrant=False,
+            )
+            for j in range(0, nc, caption_block)
+        ]
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
+
+
 def _block_shape(ni: int, nc: int, max_pairs: int) -> tuple[int, int]:
     """(images, captions) per block of an Ni x Nc grid, at most `max_pairs` pairs a block."""
     caption_block = min(nc, max_pairs)
@@ -390,22 +415,7 @@ class PrecomputedScorer:
         grid. The backward replays the same operations, so the gradients are those of one
         unchunked grid, to float rounding; the price is a second forward of the pair math.
         """
-        ni, nc = len(images), len(captions)
-        image_block, caption_block = _block_shape(ni, nc, max(1, max_pairs))
-        rows = []
-        for i in range(0, ni, image_block):
-            image_rows = images.select(slice(i, i + image_block))
-            row = [
-                checkpoint(
-                    self._grid_block,
-                    image_rows,
-                    captions.select(slice(j, j + caption_block)),
-                    use_reentrant=False,
-                )
-                for j in range(0, nc, caption_block)
-            ]
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)
+        return checkpointed_grid(self._grid_block, images, captions, max_pairs)
 
     def _grid_block(self, images: ImagePrecompute, captions: CaptionPrecompute) -> Tensor:
         return self._score(images, captions, "grid")[0]
