@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +61,14 @@ from index.errors import (
 )
 from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
 from index.locks import ReadWriteLock
+from index.namespaces import (
+    CAPTION_PREFIXES,
+    IMAGE_PREFIXES,
+    Kind,
+    pooled_namespace,
+    regions_namespace,
+    rerank_namespace,
+)
 from index.postgres import (
     Change,
     DuplicateImageError,
@@ -96,27 +104,6 @@ SHA256_NAME = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,5})?$")
 # PostgreSQL mode: a temp file of an image write is removed at open only once it is this old,
 # since another replica may be writing it for a transaction still in flight.
 SHARED_ORPHAN_FILE_AGE_S = 3600.0
-
-Kind = Literal["images", "captions"]
-
-
-def regions_namespace(extractor: str, version: str) -> str:
-    return f"regions:{extractor}:{version}"
-
-
-def pooled_namespace(kind: Kind, model_version: str) -> str:
-    return f"pooled:{kind}:{model_version}"
-
-
-def rerank_namespace(kind: Kind, tensor_version: str) -> str:
-    """Where the reranker's per-item tensors of one model live: a new checkpoint reads (and
-    rebuilds into) its own namespace, so tensors of two models never mix."""
-    return f"rerank:{kind}:{tensor_version}"
-
-
-# Which catalog table owns the records of a namespace, by prefix (orphans, deletes).
-_IMAGE_PREFIXES = ("regions:", "pooled:images:", "rerank:images:")
-_CAPTION_PREFIXES = ("pooled:captions:", "rerank:captions:")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -895,9 +882,9 @@ class Corpus:
         for namespace in self.store.namespaces():
             owner: Kind | None = (
                 "images"
-                if namespace.startswith(_IMAGE_PREFIXES)
+                if namespace.startswith(IMAGE_PREFIXES)
                 else "captions"
-                if namespace.startswith(_CAPTION_PREFIXES)
+                if namespace.startswith(CAPTION_PREFIXES)
                 else None
             )
             if owner is None:
@@ -1070,9 +1057,9 @@ class Corpus:
         deletes: dict[str, list[int]] = {}
         # PostgreSQL mode: features went with the catalog rows, in the same transaction.
         for namespace in [] if self.shared else self.store.namespaces():
-            if namespace.startswith(_IMAGE_PREFIXES) and image_ids:
+            if namespace.startswith(IMAGE_PREFIXES) and image_ids:
                 deletes[namespace] = sorted(image_ids)
-            elif namespace.startswith(_CAPTION_PREFIXES) and caption_ids:
+            elif namespace.startswith(CAPTION_PREFIXES) and caption_ids:
                 deletes[namespace] = sorted(caption_ids)
         try:
             if deletes:

@@ -51,6 +51,7 @@ from index.errors import (
     StorageError,
     StorageFullError,
 )
+from index.namespaces import CAPTION_PREFIXES, IMAGE_PREFIXES
 from index.read_routing import ReadRouter, lsn_to_int
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,6 @@ MIGRATION_LOCK = 0x43414D50_0001  # "CAMP" + 1: schema migrations, one replica a
 CHANGES_LOCK = 0x43414D50_0002  # "CAMP" + 2: change sequence numbers drawn in commit order
 CONNECT_TIMEOUT_S = 5.0
 T = TypeVar("T")
-
-# Which catalog table owns the records of a namespace, by prefix (as in index.corpus).
-IMAGE_PREFIXES = ("regions:", "pooled:images:", "rerank:images:")
-CAPTION_PREFIXES = ("pooled:captions:", "rerank:captions:")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the catalog, stored features, id sequences and the change log.
