@@ -150,6 +150,20 @@ def redacted_url(url: str) -> str:
     return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
+def ping(url: str, timeout_s: int = int(CONNECT_TIMEOUT_S)) -> None:
+    """Connect to `url` and run one query, or raise `DatabaseUnavailableError` saying why (the
+    URL without its password): a replica starting before its database waits on this."""
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=max(2, timeout_s)) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+        raise DatabaseUnavailableError(
+            f"database {redacted_url(url)} is not reachable ({reason})"
+        ) from error
+
+
 @contextmanager
 def database_errors(url: str) -> Iterator[None]:
     """psycopg's failures as the storage errors the service maps to HTTP statuses."""
