@@ -76,6 +76,7 @@ from index.postgres import (
     PostgresDatabase,
     PostgresFeatureStore,
     PrimaryReadsLock,
+    SessionLock,
 )
 from index.read_routing import ReadRouter
 from index.shortlist import (
@@ -671,6 +672,22 @@ class Corpus:
         present = self.catalog.image_ids() if kind == "images" else self.catalog.caption_ids()
         stored = self.store.ids(rerank_namespace(kind, self.tensor_version))
         return np.setdiff1d(present, stored)
+
+    def rerank_tensor_counts(self, kind: Kind) -> tuple[int, int]:
+        """(items with rerank tensors of the current version, items) of `kind`: how far a
+        rebuild is, whichever replica runs it (in PostgreSQL mode every stored record has
+        its catalog row, so counting the namespace counts items)."""
+        stored = self.store.count(rerank_namespace(kind, self.tensor_version))
+        items = self.count_images() if kind == "images" else self.count_captions()
+        return stored, items
+
+    def tensor_rebuild_lock(self) -> SessionLock | None:
+        """PostgreSQL mode: the lock that lets one replica at a time rebuild this model's
+        rerank tensors for the whole database; None with the embedded stores (one process
+        owns them)."""
+        if self.database is None:
+            return None
+        return SessionLock(self.database, f"rerank-tensor-rebuild:{self.tensor_version}")
 
     def ids_with_region_features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Those of `ids` whose region features are stored (a rebuild needs them)."""

@@ -396,6 +396,7 @@ class ServiceRuntime:
                 kind: (progress.done, progress.total)
                 for kind, progress in self.rebuild.progress().items()
             },
+            "tensors_built": dict(self.rebuild.built),
         }
 
     def stages(self) -> dict[str, dict[str, Any]]:

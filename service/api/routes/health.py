@@ -96,7 +96,9 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
     """How far the rerank tensors of the served model are built. Always ok: items not built
-    yet are scored from features computed on the fly (slower, never wrong)."""
+    yet are scored from features computed on the fly (slower, never wrong). In PostgreSQL
+    mode the counts are the database's (items with tensors / items), and it says whether this
+    replica or another one is building them."""
     progress = rebuild.progress()
     detail = ", ".join(
         f"{kind} {p.done}/{p.total}" + (f" ({p.skipped} skipped)" if p.skipped else "")
@@ -104,10 +106,13 @@ def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
     )
     if rebuild.error:
         detail += f"; stopped: {rebuild.error}"
-    elif all(p.finished for p in progress.values()):
+    elif rebuild.finished:
         detail = f"complete ({detail})"
-    else:
+    elif rebuild.claim is None:
         detail = f"rebuilding ({detail})"
+    else:
+        where = "another replica" if rebuild.elsewhere else "this replica"
+        detail = f"rebuilding on {where} ({detail})"
     return ComponentState(name="rerank_tensors", ok=True, detail=detail)
 
 
