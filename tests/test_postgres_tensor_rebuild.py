@@ -2,7 +2,7 @@
 not once per replica: two real `camp-search serve` processes (a small checkpoint) on one
 database; only the one holding the rebuild's advisory lock computes, the other reports the
 database's progress; SIGKILLing the holder mid-rebuild lets the other take over and finish
-only what is left (resumable).
+only what is left (resumable). And the lock itself (`index.postgres.SessionLock`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import copy
 import re
 import subprocess
 import time
+from contextlib import closing
 
 import httpx
 import psycopg
-import pytest
 import torch
 from service_support import coco_photos, make_settings, running_client, save_small_checkpoint
 from test_postgres_api import spawn_replica
 
 from index.corpus import rerank_namespace
+from index.postgres import PostgresDatabase, SessionLock
 from model.retrieval import RetrievalModel
 from service.api.app import create_app
 
@@ -143,3 +144,39 @@ def test_one_replica_rebuilds_and_a_killed_holder_is_taken_over(
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_a_session_lock_is_one_holders_and_ends_with_its_session(postgres_url) -> None:
+    """The primitive: one holder at a time; a holder whose session the server ends (as for a
+    killed process) holds nothing any more, and another takes the lock."""
+    with (
+        closing(PostgresDatabase(postgres_url)) as first_db,
+        closing(PostgresDatabase(postgres_url)) as second_db,
+    ):
+        first = SessionLock(first_db, "rerank-tensor-rebuild:m+1")
+        second = SessionLock(second_db, "rerank-tensor-rebuild:m+1")
+        other_model = SessionLock(second_db, "rerank-tensor-rebuild:m+2")
+        try:
+            assert first.try_acquire() and first.held()
+            assert not second.try_acquire()
+            assert other_model.try_acquire()  # another model's rebuild is other work
+            with psycopg.connect(postgres_url, autocommit=True) as admin:
+                classid, objid = first.key
+                ended = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND granted AND classid = %s::oid AND objid = (%s::int4)::oid "
+                    "AND objsubid = 2",
+                    (classid, objid),
+                ).fetchall()
+            assert ended == [(True,)]
+            deadline = time.monotonic() + 10
+            while not second.try_acquire():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert not first.held()
+            assert not first.try_acquire()  # reconnects, and waits its turn
+            second.release()
+            assert first.try_acquire()
+        finally:
+            for lock in (first, second, other_model):
+                lock.close()
