@@ -175,7 +175,7 @@ def load_model(
     model: RetrievalModel | None = None,
     extractor: RegionExtractor | None = None,
 ) -> tuple[RetrievalModel, RegionExtractor]:
-    """The checkpoint's model and its extractor (seconds; blocking), either given one kept."""
+    """The checkpoint's model and its extractor (seconds; blocking); one passed in is kept."""
     if settings.threads_per_torch_call:
         torch.set_num_threads(settings.threads_per_torch_call)  # every thread started after
     if model is None:
@@ -546,7 +546,7 @@ class ServiceState:
                     extractor=extractor,
                 )
             except (DatabaseUnavailableError, psycopg.OperationalError) as error:
-                self._database_unreachable(str(error))
+                self._database_unreachable(f"database {redacted_url(url)}: {error}")
                 await self._wait_for_database(url)
 
     async def _wait_for_database(self, url: str) -> None:
@@ -569,7 +569,7 @@ class ServiceState:
                     redacted_url(url),
                     attempts,
                 )
-            self.waiting_for_database = ""
+            self.waiting_for_database = self._last_database_problem = ""
             return
 
     def _database_unreachable(
