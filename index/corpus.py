@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +61,14 @@ from index.errors import (
 )
 from index.feature_store import DEFAULT_MAP_SIZE, FeatureStore
 from index.locks import ReadWriteLock
+from index.namespaces import (
+    CAPTION_PREFIXES,
+    IMAGE_PREFIXES,
+    Kind,
+    pooled_namespace,
+    regions_namespace,
+    rerank_namespace,
+)
 from index.postgres import (
     Change,
     DuplicateImageError,
@@ -68,6 +76,7 @@ from index.postgres import (
     PostgresDatabase,
     PostgresFeatureStore,
     PrimaryReadsLock,
+    SessionLock,
 )
 from index.read_routing import ReadRouter
 from index.shortlist import (
@@ -96,27 +105,6 @@ SHA256_NAME = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,5})?$")
 # PostgreSQL mode: a temp file of an image write is removed at open only once it is this old,
 # since another replica may be writing it for a transaction still in flight.
 SHARED_ORPHAN_FILE_AGE_S = 3600.0
-
-Kind = Literal["images", "captions"]
-
-
-def regions_namespace(extractor: str, version: str) -> str:
-    return f"regions:{extractor}:{version}"
-
-
-def pooled_namespace(kind: Kind, model_version: str) -> str:
-    return f"pooled:{kind}:{model_version}"
-
-
-def rerank_namespace(kind: Kind, tensor_version: str) -> str:
-    """Where the reranker's per-item tensors of one model live: a new checkpoint reads (and
-    rebuilds into) its own namespace, so tensors of two models never mix."""
-    return f"rerank:{kind}:{tensor_version}"
-
-
-# Which catalog table owns the records of a namespace, by prefix (orphans, deletes).
-_IMAGE_PREFIXES = ("regions:", "pooled:images:", "rerank:images:")
-_CAPTION_PREFIXES = ("pooled:captions:", "rerank:captions:")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -685,6 +673,22 @@ class Corpus:
         stored = self.store.ids(rerank_namespace(kind, self.tensor_version))
         return np.setdiff1d(present, stored)
 
+    def rerank_tensor_counts(self, kind: Kind) -> tuple[int, int]:
+        """(items with rerank tensors of the current version, items) of `kind`: how far a
+        rebuild is, whichever replica runs it (in PostgreSQL mode every stored record has
+        its catalog row, so counting the namespace counts items)."""
+        stored = self.store.count(rerank_namespace(kind, self.tensor_version))
+        items = self.count_images() if kind == "images" else self.count_captions()
+        return stored, items
+
+    def tensor_rebuild_lock(self) -> SessionLock | None:
+        """PostgreSQL mode: the lock that lets one replica at a time rebuild this model's
+        rerank tensors for the whole database; None with the embedded stores (one process
+        owns them)."""
+        if self.database is None:
+            return None
+        return SessionLock(self.database, f"rerank-tensor-rebuild:{self.tensor_version}")
+
     def ids_with_region_features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Those of `ids` whose region features are stored (a rebuild needs them)."""
         return np.intersect1d(
@@ -895,9 +899,9 @@ class Corpus:
         for namespace in self.store.namespaces():
             owner: Kind | None = (
                 "images"
-                if namespace.startswith(_IMAGE_PREFIXES)
+                if namespace.startswith(IMAGE_PREFIXES)
                 else "captions"
-                if namespace.startswith(_CAPTION_PREFIXES)
+                if namespace.startswith(CAPTION_PREFIXES)
                 else None
             )
             if owner is None:
@@ -1070,9 +1074,9 @@ class Corpus:
         deletes: dict[str, list[int]] = {}
         # PostgreSQL mode: features went with the catalog rows, in the same transaction.
         for namespace in [] if self.shared else self.store.namespaces():
-            if namespace.startswith(_IMAGE_PREFIXES) and image_ids:
+            if namespace.startswith(IMAGE_PREFIXES) and image_ids:
                 deletes[namespace] = sorted(image_ids)
-            elif namespace.startswith(_CAPTION_PREFIXES) and caption_ids:
+            elif namespace.startswith(CAPTION_PREFIXES) and caption_ids:
                 deletes[namespace] = sorted(caption_ids)
         try:
             if deletes:

@@ -24,9 +24,8 @@ from psycopg import sql
 from index.catalog import Catalog
 from index.errors import StorageError
 from index.feature_store import FeatureStore
+from index.namespaces import CAPTION_PREFIXES, IMAGE_PREFIXES
 from index.postgres import (
-    CAPTION_PREFIXES,
-    IMAGE_PREFIXES,
     PostgresCatalog,
     PostgresDatabase,
     insert_catalog_rows,

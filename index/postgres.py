@@ -30,6 +30,7 @@ read replica when it holds everything this process has indexed, else the primary
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 import threading
@@ -51,7 +52,8 @@ from index.errors import (
     StorageError,
     StorageFullError,
 )
-from index.read_routing import ReadRouter, lsn_to_int
+from index.namespaces import CAPTION_PREFIXES, IMAGE_PREFIXES
+from index.read_routing import SOCKET_OPTIONS, ReadRouter, lsn_to_int
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +64,11 @@ Arrays = Mapping[str, np.ndarray]
 NOTIFY_CHANNEL = "campsearch_changes"
 MIGRATION_LOCK = 0x43414D50_0001  # "CAMP" + 1: schema migrations, one replica at a time
 CHANGES_LOCK = 0x43414D50_0002  # "CAMP" + 2: change sequence numbers drawn in commit order
+# "CAMP": the class of two-key advisory locks whose second key names one piece of shared work
+# (a rerank-tensor rebuild of one model); one-key locks (above, and content locks) are apart.
+WORK_LOCK_CLASS = 0x43414D50
 CONNECT_TIMEOUT_S = 5.0
 T = TypeVar("T")
-
-# Which catalog table owns the records of a namespace, by prefix (as in index.corpus).
-IMAGE_PREFIXES = ("regions:", "pooled:images:", "rerank:images:")
-CAPTION_PREFIXES = ("pooled:captions:", "rerank:captions:")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the catalog, stored features, id sequences and the change log.
@@ -151,6 +152,20 @@ class Change:
 def redacted_url(url: str) -> str:
     """The URL without its password, for logs and status pages."""
     return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+def ping(url: str, timeout_s: int = int(CONNECT_TIMEOUT_S)) -> None:
+    """Connect to `url` and run one query, or raise `DatabaseUnavailableError` saying why (the
+    URL without its password): a replica starting before its database waits on this."""
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=max(2, timeout_s)) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+        raise DatabaseUnavailableError(
+            f"database {redacted_url(url)} is not reachable ({reason})"
+        ) from error
 
 
 @contextmanager
@@ -335,6 +350,79 @@ class PostgresDatabase:
     def close(self) -> None:
         if self._owns_router:
             self.router.close()
+
+
+def work_lock_key(name: str) -> tuple[int, int]:
+    """The two-key advisory lock of the shared work `name` (any text): ("CAMP", a digest)."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return WORK_LOCK_CLASS, int.from_bytes(digest[:4], "big", signed=True)
+
+
+class SessionLock:
+    """A session advisory lock on a dedicated connection, for work that one replica at a time
+    does for the whole database.
+
+    The server ends the lock with the session: on `release`, and also when the holder's
+    process dies (a SIGKILL closes its socket) or its connection breaks (a server restart),
+    so a holder that vanishes mid-work never blocks the others (a claim row would stay until
+    someone guessed it was stale). Not thread-safe: one thread uses it.
+    """
+
+    def __init__(self, database: PostgresDatabase, name: str) -> None:
+        self.database = database
+        self.name = name
+        self.key = work_lock_key(name)
+        self._conn: psycopg.Connection | None = None
+        self._held = False
+
+    def try_acquire(self) -> bool:
+        """Take the lock unless another session holds it (no waiting). Raises
+        `DatabaseUnavailableError` when the primary cannot be reached."""
+        if self._held and self.held():
+            return True
+        conn = self._connection()
+        with database_errors(self.database.url):
+            try:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self.key).fetchone()
+            except psycopg.Error:
+                self._drop()
+                raise
+        self._held = bool(row and row[0])
+        return self._held
+
+    def held(self) -> bool:
+        """Still held: the session answers (one round trip). False once it broke (the server
+        then released the lock, and another replica may have taken it)."""
+        if not self._held or self._conn is None:
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self._drop()
+        return self._held
+
+    def release(self) -> None:
+        if self._held and self._conn is not None:
+            try:
+                self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", self.key)
+            except psycopg.Error:
+                self._drop()  # the session ended: nothing is held any more
+        self._held = False
+
+    def close(self) -> None:
+        """Release (by ending the session) and close the connection."""
+        self._drop()
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = self.database.connect(**SOCKET_OPTIONS)
+        return self._conn
+
+    def _drop(self) -> None:
+        self._held = False
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class PrimaryReadsLock:
@@ -748,6 +836,15 @@ class PostgresFeatureStore:
         )
         found = {int(item_id): bytes(payload) for item_id, payload in rows}
         return {i: found[i] for i in wanted if i in found}
+
+    def count(self, namespace: str) -> int:
+        """Records in `namespace` (an index-only scan of the primary key)."""
+        rows = self.database.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM features WHERE namespace = %s", (namespace,)
+            ).fetchall()
+        )
+        return int(rows[0][0])
 
     def ids(self, namespace: str) -> np.ndarray:
         rows = self.database.read(

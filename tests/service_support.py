@@ -50,6 +50,14 @@ def tiny_model(words: list[str]) -> RetrievalModel:
     )
 
 
+def save_small_checkpoint(model: RetrievalModel, path: Path) -> Path:
+    """`model` as a checkpoint file that records the small grid extractor, for real
+    `camp-search serve` processes that start in seconds (CAMPSEARCH_CHECKPOINT)."""
+    record = {"name": "grid", "config": {"fit": "squash", "input_size": SMALL_INPUT_SIZE}}
+    metadata = {"version": model.version, "extractor": {**record, "version": ""}}
+    return model.network.to_checkpoint(metadata).save(path)
+
+
 def small_extractor() -> GridExtractor:
     return GridExtractor(input_size=SMALL_INPUT_SIZE, device="cpu")
 

@@ -26,7 +26,10 @@ SERVER_READY_S = 120.0
 WRITE_HEADERS = {"X-API-Key": TEST_API_KEY}
 
 
-def spawn_replica(data_dir: Path, database_url: str, log: Path) -> tuple[subprocess.Popen, str]:
+def spawn_replica(
+    data_dir: Path, database_url: str, log: Path, **settings: str
+) -> tuple[subprocess.Popen, str]:
+    """`camp-search serve` on a free port; `settings` are more CAMPSEARCH_ variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPSEARCH_")}
     env.update(
@@ -35,6 +38,7 @@ def spawn_replica(data_dir: Path, database_url: str, log: Path) -> tuple[subproc
         CAMPSEARCH_API_KEYS=TEST_API_KEY,
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(REPO_ROOT),
+        **{f"CAMPSEARCH_{name.upper()}": value for name, value in settings.items()},
     )
     command = [camp_search_command(), "serve", "--port", str(port), "--log-level", "warning"]
     with log.open("ab") as out:

@@ -36,11 +36,11 @@ def get_runtime(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceRu
         raise ProblemError(
             503, "Service unavailable", f"the service failed to start: {state.error}"
         )
+    detail = "the model and indexes are still loading; retry shortly"
+    if state.waiting_for_database:
+        detail = f"waiting for the database: {state.waiting_for_database}"
     raise ProblemError(
-        503,
-        "Service starting",
-        "the model and indexes are still loading; retry shortly",
-        headers={"Retry-After": str(STARTING_RETRY_AFTER_S)},
+        503, "Service starting", detail, headers={"Retry-After": str(STARTING_RETRY_AFTER_S)}
     )
 
 

@@ -9,7 +9,9 @@ Embedded mode: one process owns a data directory: `DataDirLock` (an advisory `fl
 a second server or a local bulk ingest on the same folder, whose in-memory indexes would
 silently diverge.
 PostgreSQL mode (CAMPSEARCH_DATABASE_URL) takes no lock: replicas share the database and
-follow its changes (`index.follower`).
+follow its changes (`index.follower`). A primary that does not answer at start is waited for
+(capped back-off, `CAMPSEARCH_DATABASE_RETRY_MAX_S`) while the model loads: the phase stays
+"starting" and `waiting_for_database` says why, so /healthz is 200 and /readyz 503 with it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import psycopg
 import torch
 
 from index.cache import FeatureCache, LocalFeatureCache, RedisFeatureCache
 from index.corpus import Corpus
 from index.device import CPU, faiss_gpu_id
+from index.errors import DatabaseUnavailableError
+from index.postgres import ping, redacted_url
 from index.read_routing import ReadRouter
 from index.shortlist import SearchResult
 from model.checkpoints.release import PRECOMPUTED
@@ -58,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".campsearch.lock"
 SAVE_INTERVAL_S = 60.0  # indexes are also rebuilt from the store on start, so this is a speed-up
+# PostgreSQL mode: the first retry of a primary that does not answer at start; it doubles up to
+# CAMPSEARCH_DATABASE_RETRY_MAX_S.
+DATABASE_RETRY_FIRST_S = 0.5
 
 Phase = Literal["starting", "ready", "failed"]
 
@@ -162,6 +170,23 @@ def build_extractor(settings: Settings, model: RetrievalModel) -> RegionExtracto
     return extractor
 
 
+def load_model(
+    settings: Settings,
+    model: RetrievalModel | None = None,
+    extractor: RegionExtractor | None = None,
+) -> tuple[RetrievalModel, RegionExtractor]:
+    """The checkpoint's model and its extractor (seconds; blocking); one passed in is kept."""
+    if settings.threads_per_torch_call:
+        torch.set_num_threads(settings.threads_per_torch_call)  # every thread started after
+    if model is None:
+        from model.retrieval import RetrievalModel
+
+        model = RetrievalModel.load(
+            settings.checkpoint, device=settings.device, precision=settings.rerank_precision
+        )
+    return model, extractor or build_extractor(settings, model)
+
+
 def open_corpus(
     settings: Settings,
     model: RetrievalModel,
@@ -246,15 +271,7 @@ class ServiceRuntime:
         lock = None if settings.database else DataDirLock(settings.data_dir).acquire()
         read_router: ReadRouter | None = None
         try:
-            if model is None:
-                from model.retrieval import RetrievalModel
-
-                model = RetrievalModel.load(
-                    settings.checkpoint,
-                    device=settings.device,
-                    precision=settings.rerank_precision,
-                )
-            extractor = extractor or build_extractor(settings, model)
+            model, extractor = load_model(settings, model, extractor)
             cache = build_cache(settings)
             read_router = build_read_router(settings)
             gpu_id = faiss_gpu_id(settings.device)
@@ -379,6 +396,7 @@ class ServiceRuntime:
                 kind: (progress.done, progress.total)
                 for kind, progress in self.rebuild.progress().items()
             },
+            "tensors_built": dict(self.rebuild.built),
         }
 
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -455,8 +473,11 @@ class ServiceState:
     phase: Phase = "starting"
     runtime: ServiceRuntime | None = None
     error: str = ""
+    # PostgreSQL mode, while the primary does not answer at start: why (no password), else "".
+    waiting_for_database: str = ""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _last_database_problem: str = ""
 
     async def start(self) -> None:
         """Build the runtime in a worker thread, then start the batcher and the saver."""
@@ -467,13 +488,16 @@ class ServiceState:
         if top_pad_kib > 0 and not set_top_pad(top_pad_kib * 1024):
             logger.info("malloc top pad not set: not glibc")
         try:
-            runtime = await asyncio.to_thread(
-                ServiceRuntime.build,
-                self.settings,
-                self.metrics,
-                model=self.model,
-                extractor=self.extractor,
-            )
+            if self.settings.database:
+                runtime = await self._build_once_the_database_answers(self.settings.database)
+            else:
+                runtime = await asyncio.to_thread(
+                    ServiceRuntime.build,
+                    self.settings,
+                    self.metrics,
+                    model=self.model,
+                    extractor=self.extractor,
+                )
             await runtime.shortlist.start()
             await runtime.batcher.start()
             runtime.rebuild.start()
@@ -496,6 +520,70 @@ class ServiceState:
             runtime.extractor.device,
             indexes["images"].count,
             indexes["captions"].count,
+        )
+
+    async def _build_once_the_database_answers(self, url: str) -> ServiceRuntime:
+        """PostgreSQL mode: load the model while waiting for the primary to answer, then build
+        (migrations, indexes, follower); a primary that goes away before the build is done is
+        waited for again. A database that is down at start (compose's start order, a
+        restart) is a wait, not a failure: the process stays live and says so on /readyz."""
+        waiting = asyncio.create_task(self._wait_for_database(url))
+        try:
+            model, extractor = await asyncio.to_thread(
+                load_model, self.settings, self.model, self.extractor
+            )
+            await waiting
+        except BaseException:
+            waiting.cancel()
+            raise
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    ServiceRuntime.build,
+                    self.settings,
+                    self.metrics,
+                    model=model,
+                    extractor=extractor,
+                )
+            except (DatabaseUnavailableError, psycopg.OperationalError) as error:
+                self._database_unreachable(f"database {redacted_url(url)}: {error}")
+                await self._wait_for_database(url)
+
+    async def _wait_for_database(self, url: str) -> None:
+        """Until the primary answers a query: retry after 0.5 s, doubling up to
+        CAMPSEARCH_DATABASE_RETRY_MAX_S, logging once per change of what fails."""
+        delay_s = DATABASE_RETRY_FIRST_S
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await asyncio.to_thread(ping, url)
+            except DatabaseUnavailableError as error:
+                self._database_unreachable(str(error), attempts=attempts, retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, self.settings.database_retry_max_s)
+                continue
+            if self.waiting_for_database:
+                logger.warning(
+                    "database %s answers (after %d attempts): building the indexes",
+                    redacted_url(url),
+                    attempts,
+                )
+            self.waiting_for_database = self._last_database_problem = ""
+            return
+
+    def _database_unreachable(
+        self, reason: str, *, attempts: int = 1, retry_in_s: float = DATABASE_RETRY_FIRST_S
+    ) -> None:
+        """Record why the replica is not ready yet; log only when the reason changes."""
+        if reason != self._last_database_problem:
+            logger.warning(
+                "%s; retrying (at most %.1f s apart)", reason, self.settings.database_retry_max_s
+            )
+            self._last_database_problem = reason
+        self.waiting_for_database = (
+            f"{reason}; attempt {attempts}, next in {retry_in_s:.1f} s (the replica becomes "
+            "ready once it answers)"
         )
 
     def begin(self) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -219,13 +219,26 @@ class _StateCollector(Collector):
             rebuilt = GaugeMetricFamily(
                 "campsearch_rerank_tensor_rebuild_items",
                 "The background rebuild of rerank tensors after a model change: items done "
-                "and the total to do, by kind (equal when finished; 0/0 when nothing was missing).",
+                "and the total to do, by kind (equal when finished; 0/0 when nothing was "
+                "missing). PostgreSQL mode: items with tensors of the model and all items, "
+                "read from the database (apart by the items skipped, if any).",
                 labels=("kind", "state"),
             )
             for kind, (done, total) in rebuild.items():
                 rebuilt.add_metric((kind, "done"), float(done))
                 rebuilt.add_metric((kind, "total"), float(total))
             yield rebuilt
+        built = state.get("tensors_built")
+        if built is not None:
+            here = CounterMetricFamily(
+                "campsearch_rerank_tensors_built",
+                "Items whose rerank tensors this process stored in a rebuild after a model "
+                "change (in PostgreSQL mode one replica at a time builds for the database).",
+                labels=("kind",),
+            )
+            for kind, count in built.items():
+                here.add_metric((kind,), float(count))
+            yield here
         decode_memory = state.get("decode_memory")
         if decode_memory is not None:
             decoding = GaugeMetricFamily(

@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds of writes a read replica may miss and still serve reads.",
     )
+    database_retry_max_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="While the PostgreSQL primary does not answer at start, retry after 0.5 s, "
+        "doubling up to this many seconds; the replica is live (/healthz) but not ready "
+        "(/readyz 503 says why) meanwhile.",
+    )
     index_factory: str = Field(
         default="auto", description="A FAISS factory string, or 'auto' to pick by corpus size."
     )

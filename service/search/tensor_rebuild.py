@@ -7,6 +7,14 @@ from the stored region features (images) and the catalog texts (captions), a bat
 and stores them through `Corpus.put_rerank_tensors`. /readyz and Prometheus report how far it
 is. With `CAMPSEARCH_KEEP_REGION_FEATURES=false` an image whose features were dropped cannot be
 rebuilt; `unbuildable_images` finds them so the service can refuse to start.
+
+PostgreSQL mode: the rebuild is done once per database, not once per replica. A replica builds
+only while it holds the session advisory lock of this model's rebuild (`Corpus.
+tensor_rebuild_lock`); the others poll it, report the progress they read from the database
+(items with tensors of this model / items), and take over when the holder releases it or dies
+(the server ends a dead process's session, and with it the lock). The work is resumable: a
+taker plans again and builds only the items still without tensors. Each replica ends by taking
+the lock once and finding nothing left, so every replica's /readyz says "complete".
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index.corpus import Corpus, Kind
+from index.errors import DatabaseUnavailableError
 from service.search.stored_tensors import caption_record, image_record, record_or_none
 
 if TYPE_CHECKING:
@@ -28,6 +37,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REBUILD_BATCH = 64  # items per precompute call and per LMDB transaction
+# PostgreSQL mode: how often a replica that does not hold the rebuild lock tries to take it and
+# reads the progress (two counts) from the database.
+WAIT_POLL_S = 2.0
 KINDS: tuple[Kind, ...] = ("images", "captions")
 
 
@@ -74,6 +86,10 @@ class TensorRebuild:
     `plan` (blocking, at start) counts what is missing; `start` runs the thread; `progress`
     is safe to read from any thread. Items ingested meanwhile bring their own tensors; items
     deleted meanwhile are skipped by the store.
+
+    Progress: embedded, `done` of the `total` items this process found missing; PostgreSQL
+    mode, items that have tensors of this model of all items, read from the database (so
+    every replica reports the one rebuild the same way).
     """
 
     def __init__(
@@ -83,16 +99,25 @@ class TensorRebuild:
         *,
         drop_region_features: bool = False,
         batch_size: int = REBUILD_BATCH,
+        poll_s: float | None = None,
     ) -> None:
         """`drop_region_features`: once every image has its tensors, delete the region
-        features of those that do (CAMPSEARCH_KEEP_REGION_FEATURES=false)."""
+        features of those that do (CAMPSEARCH_KEEP_REGION_FEATURES=false). `poll_s`: see
+        WAIT_POLL_S."""
         self.corpus = corpus
         self.pipeline = pipeline
         self.drop_region_features = drop_region_features
         self.batch_size = batch_size
+        self.poll_s = WAIT_POLL_S if poll_s is None else poll_s
+        self.claim = corpus.tensor_rebuild_lock()  # None: embedded, this process does it all
         self._missing: dict[Kind, np.ndarray] = {kind: np.empty(0, np.int64) for kind in KINDS}
         self._done = dict.fromkeys(KINDS, 0)
         self._skipped = dict.fromkeys(KINDS, 0)
+        # PostgreSQL mode: (items with tensors, items) per kind, as last read or built here.
+        self._counts: dict[Kind, tuple[int, int]] = dict.fromkeys(KINDS, (0, 0))
+        self.built = dict.fromkeys(KINDS, 0)  # items whose tensors this process stored
+        self.elsewhere = False  # PostgreSQL mode: another replica holds the rebuild lock
+        self._finished = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,9 +125,7 @@ class TensorRebuild:
 
     def plan(self) -> dict[Kind, int]:
         """Count the items of each kind without tensors of the current model (blocking)."""
-        for kind in KINDS:
-            self._missing[kind] = self.corpus.ids_without_rerank_tensors(kind)
-        planned = {kind: len(ids) for kind, ids in self._missing.items()}
+        planned = self._find_missing()
         if any(planned.values()):
             logger.warning(
                 "rerank tensors of model %s missing for %d images and %d captions: rebuilding "
@@ -111,16 +134,43 @@ class TensorRebuild:
                 planned["images"],
                 planned["captions"],
             )
+        else:
+            self._finished = True
         return planned
+
+    def _find_missing(self) -> dict[Kind, int]:
+        missing = {kind: self.corpus.ids_without_rerank_tensors(kind) for kind in KINDS}
+        counts = (
+            {kind: self.corpus.rerank_tensor_counts(kind) for kind in KINDS}
+            if self.claim is not None
+            else {}
+        )
+        with self._lock:
+            self._missing = missing
+            self._done = dict.fromkeys(KINDS, 0)
+            self._counts.update(counts)
+        return {kind: len(ids) for kind, ids in missing.items()}
 
     def progress(self) -> dict[Kind, RebuildProgress]:
         with self._lock:
+            if self.claim is not None:
+                return {
+                    kind: RebuildProgress(*self._counts[kind], self._skipped[kind])
+                    for kind in KINDS
+                }
             return {
                 kind: RebuildProgress(
                     self._done[kind], len(self._missing[kind]), self._skipped[kind]
                 )
                 for kind in KINDS
             }
+
+    @property
+    def finished(self) -> bool:
+        """Every item has tensors of this model (or was skipped), whoever built them."""
+        if self.claim is None:
+            return all(p.finished for p in self.progress().values())
+        return self._finished
 
     @property
     def running(self) -> bool:
@@ -137,24 +187,72 @@ class TensorRebuild:
             self._thread.join(timeout_s)
 
     def run(self) -> None:
-        """Build every planned item, a batch at a time (the thread's body; callable directly)."""
+        """Build every planned item, a batch at a time (the thread's body; callable directly).
+        PostgreSQL mode: only while holding the rebuild lock, else wait for it."""
         try:
-            for kind in KINDS:
-                ids = self._missing[kind]
-                for start in range(0, len(ids), self.batch_size):
-                    if self._stop.is_set():
-                        return
-                    self._build(kind, ids[start : start + self.batch_size].tolist())
-            if self.drop_region_features and not self._stop.is_set():
-                dropped = self.corpus.drop_region_features()
-                if dropped:
-                    logger.info("dropped the region features of %d images", dropped)
+            if self.claim is None:
+                self._build_planned()
+            elif not self._finished:
+                self._run_shared()
         except Exception as error:  # searches still work (on the fly); say why it stopped
             logger.exception("rebuilding the rerank tensors stopped")
             self.error = f"{type(error).__name__}: {error}"
-        else:
-            if any(len(ids) for ids in self._missing.values()) and not self._stop.is_set():
-                logger.info("rerank tensors of model %s rebuilt", self.corpus.tensor_version)
+        finally:
+            if self.claim is not None:
+                self.claim.close()
+
+    def _build_planned(self) -> bool:
+        """Build the planned items and drop region features if asked; False when stopped or
+        (PostgreSQL mode) when the rebuild lock was lost on the way."""
+        for kind in KINDS:
+            ids = self._missing[kind]
+            for start in range(0, len(ids), self.batch_size):
+                if self._stop.is_set():
+                    return False
+                if self.claim is not None and not self.claim.held():
+                    logger.warning(
+                        "lost the rerank-tensor rebuild lock (the database session ended); "
+                        "waiting to take it again (another replica may go on meanwhile)"
+                    )
+                    return False
+                self._build(kind, ids[start : start + self.batch_size].tolist())
+        if self._stop.is_set():
+            return False
+        if self.drop_region_features:
+            dropped = self.corpus.drop_region_features()
+            if dropped:
+                logger.info("dropped the region features of %d images", dropped)
+        if any(len(ids) for ids in self._missing.values()):
+            logger.info("rerank tensors of model %s rebuilt", self.corpus.tensor_version)
+        self._finished = True
+        return True
+
+    def _run_shared(self) -> None:
+        """PostgreSQL mode: build while holding the lock (planning again first: what is left
+        after another replica's work), else report the database's progress, until done."""
+        assert self.claim is not None
+        problem = ""
+        while not self._stop.is_set():
+            try:
+                if self.claim.try_acquire():
+                    self.elsewhere = False
+                    try:
+                        self._find_missing()
+                        if self._build_planned():
+                            return
+                    finally:
+                        self.claim.release()
+                else:
+                    self.elsewhere = True
+                    counts = {kind: self.corpus.rerank_tensor_counts(kind) for kind in KINDS}
+                    with self._lock:
+                        self._counts.update(counts)
+                problem = ""
+            except DatabaseUnavailableError as error:  # a primary restart: wait it out
+                if str(error) != problem:
+                    logger.warning("rerank-tensor rebuild waiting for the database: %s", error)
+                problem = str(error)
+            self._stop.wait(self.poll_s)
 
     def _build(self, kind: Kind, ids: Sequence[int]) -> None:
         if kind == "images":
@@ -167,10 +265,13 @@ class TensorRebuild:
                 {i: record.text for i, record in captions.items()}
             )
             records = _records(tensors, caption_record)
-        self.corpus.put_rerank_tensors(kind, records)
+        stored = self.corpus.put_rerank_tensors(kind, records)
         with self._lock:
             self._done[kind] += len(ids)
             self._skipped[kind] += len(ids) - len(records)
+            self.built[kind] += stored
+            have, items = self._counts[kind]
+            self._counts[kind] = (min(have + stored, items), items)
 
 
 def _records(

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from index.read_routing import redacted
 from model.calibration import ScoreCalibration
-from service.api.deps import RuntimeDep, StateDep
+from service.api.deps import STARTING_RETRY_AFTER_S, RuntimeDep, StateDep
 from service.api.errors import ProblemError
 from service.api.schemas import (
     ComponentState,
@@ -36,7 +36,8 @@ async def healthz(state: StateDep) -> JSONResponse:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(state: StateDep) -> JSONResponse:
-    """503 until the model and indexes are loaded. A dead Redis keeps 200 with status
+    """503 until the model and indexes are loaded (in PostgreSQL mode, a "database" component
+    says which primary a starting replica waits for, and why). A dead Redis keeps 200 with status
     "degraded": search still works, reading features from the durable store. With PostgreSQL,
     the "database" component says where reads go (replica or primary) and how far the replica
     is behind; a dead primary with a serving replica is "degraded" (reads work, writes 503),
@@ -44,11 +45,17 @@ async def readyz(state: StateDep) -> JSONResponse:
     runtime = state.runtime
     if runtime is None:
         detail = state.error or "loading the model and indexes"
+        components = [ComponentState(name="model", ok=False, detail=detail)]
+        headers = None
+        if state.waiting_for_database:  # PostgreSQL mode: the primary has not answered yet
+            components.append(
+                ComponentState(name="database", ok=False, detail=state.waiting_for_database)
+            )
+            headers = {"Retry-After": str(STARTING_RETRY_AFTER_S)}
         body = Readiness(
-            status="failed" if state.phase == "failed" else "starting",
-            components=[ComponentState(name="model", ok=False, detail=detail)],
+            status="failed" if state.phase == "failed" else "starting", components=components
         )
-        return JSONResponse(body.model_dump(), status_code=503)
+        return JSONResponse(body.model_dump(), status_code=503, headers=headers)
     cache_ok = await asyncio.to_thread(runtime.cache.check)
     cache_status = runtime.cache.status()
     indexes = runtime.corpus.index_summaries()
@@ -89,7 +96,9 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
     """How far the rerank tensors of the served model are built. Always ok: items not built
-    yet are scored from features computed on the fly (slower, never wrong)."""
+    yet are scored from features computed on the fly (slower, never wrong). In PostgreSQL
+    mode the counts are the database's (items with tensors / items), and it says whether this
+    replica or another one is building them."""
     progress = rebuild.progress()
     detail = ", ".join(
         f"{kind} {p.done}/{p.total}" + (f" ({p.skipped} skipped)" if p.skipped else "")
@@ -97,10 +106,13 @@ def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
     )
     if rebuild.error:
         detail += f"; stopped: {rebuild.error}"
-    elif all(p.finished for p in progress.values()):
+    elif rebuild.finished:
         detail = f"complete ({detail})"
-    else:
+    elif rebuild.claim is None:
         detail = f"rebuilding ({detail})"
+    else:
+        where = "another replica" if rebuild.elsewhere else "this replica"
+        detail = f"rebuilding on {where} ({detail})"
     return ComponentState(name="rerank_tensors", ok=True, detail=detail)
 
 
