@@ -7,6 +7,7 @@ they take seconds; tests/test_e2e_service.py uses the shipped default model.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import threading
@@ -47,6 +48,22 @@ def tiny_model(words: list[str]) -> RetrievalModel:
         extractor_name="grid",
         extractor_config={"fit": "squash"},
         device=torch.device("cpu"),
+    )
+
+
+def retrained(model: RetrievalModel) -> RetrievalModel:
+    """The same model version with other weights (a retrained checkpoint kept its name): a new
+    tensor version, what a model change looks like to the stored rerank tensors."""
+    network = copy.deepcopy(model.network)
+    with torch.no_grad():
+        for parameter in network.camp.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return RetrievalModel(
+        network,
+        version=model.version,
+        extractor_name=model.extractor_name,
+        extractor_config=model.extractor_config,
+        device=model.device,
     )
 
 

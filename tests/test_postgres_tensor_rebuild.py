@@ -7,7 +7,6 @@ only what is left (resumable). And the lock itself (`index.postgres.SessionLock`
 
 from __future__ import annotations
 
-import copy
 import re
 import subprocess
 import time
@@ -15,8 +14,13 @@ from contextlib import closing
 
 import httpx
 import psycopg
-import torch
-from service_support import coco_photos, make_settings, running_client, save_small_checkpoint
+from service_support import (
+    coco_photos,
+    make_settings,
+    retrained,
+    running_client,
+    save_small_checkpoint,
+)
 from test_postgres_api import spawn_replica
 
 from index.corpus import rerank_namespace
@@ -27,21 +31,6 @@ from service.api.app import create_app
 PHOTOS = 4
 CAPTIONS = 2
 WAIT_S = 90.0  # two processes loading on shared cores, then the rebuild
-
-
-def retrained(model: RetrievalModel) -> RetrievalModel:
-    """Other weights under the same version: a new tensor version (a model change)."""
-    network = copy.deepcopy(model.network)
-    with torch.no_grad():
-        for parameter in network.camp.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return RetrievalModel(
-        network,
-        version=model.version,
-        extractor_name=model.extractor_name,
-        extractor_config=model.extractor_config,
-        device=model.device,
-    )
 
 
 def rebuild_detail(url: str) -> str:

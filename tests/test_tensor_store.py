@@ -8,16 +8,13 @@ random-weight model, with real coco-mini photos.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
 import pytest
-import torch
-from service_support import coco_photos, make_settings, running_client
+from service_support import coco_photos, make_settings, retrained, running_client
 
 from index.corpus import rerank_namespace
-from model.retrieval import RetrievalModel
 from service.api.app import create_app
 from service.search.pipeline import SearchPipeline
 from service.search.tensor_rebuild import TensorRebuild
@@ -25,21 +22,6 @@ from service.search.tensor_rebuild import TensorRebuild
 PHOTOS = 4
 CAPTIONS = 2
 REBUILD_WAIT_S = 60.0
-
-
-def _retrained(model: RetrievalModel) -> RetrievalModel:
-    """The same model version with other weights (a retrained checkpoint kept its name)."""
-    network = copy.deepcopy(model.network)
-    with torch.no_grad():
-        for parameter in network.camp.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return RetrievalModel(
-        network,
-        version=model.version,
-        extractor_name=model.extractor_name,
-        extractor_config=model.extractor_config,
-        device=model.device,
-    )
 
 
 def _ingest(client, shared_dir) -> list[int]:
@@ -115,12 +97,12 @@ def test_a_model_change_rebuilds_in_the_background_and_searches_meanwhile_are_ri
         ids = _ingest(client, shared_dir)
     text = coco_photos(shared_dir, 1)[0][1][0]
 
-    retrained = _retrained(tiny_retrieval_model)
-    assert retrained.tensor_version != tiny_retrieval_model.tensor_version
+    new_model = retrained(tiny_retrieval_model)
+    assert new_model.tensor_version != tiny_retrieval_model.tensor_version
     held = monkeypatch.setattr  # hold the rebuild until the searches below ran without it
     real_start = TensorRebuild.start
     held(TensorRebuild, "start", lambda self: None)
-    app = create_app(settings_without_caches, model=retrained, extractor=small_grid_extractor)
+    app = create_app(settings_without_caches, model=new_model, extractor=small_grid_extractor)
     with running_client(app) as client:
         runtime = app.state.service.runtime
         ready = client.get("/readyz").json()
@@ -140,12 +122,12 @@ def test_a_model_change_rebuilds_in_the_background_and_searches_meanwhile_are_ri
         # Meanwhile searches compute the new model's tensors on the fly: the new model's
         # scores, never the old tensors'.
         on_the_fly = _searches(client, ids[0], text)
-        query = retrained.encode_texts([text])
+        query = new_model.encode_texts([text])
         first = on_the_fly[0]["results"][0]
         tensors = runtime.pipeline.computed_image_tensors(
             runtime.corpus.get_region_features([first["id"]])
         )[first["id"]]
-        expected = retrained.rerank_pairs(
+        expected = new_model.rerank_pairs(
             tensors.precompute, query.precompute, np.float32([first["shortlist_score"]])
         )
         assert first["score"] == pytest.approx(float(expected[0]), abs=1e-5)
@@ -186,7 +168,7 @@ def test_without_region_features_a_model_change_is_refused_at_start(
     monkeypatch.undo()
 
     app = create_app(
-        settings, model=_retrained(tiny_retrieval_model), extractor=small_grid_extractor
+        settings, model=retrained(tiny_retrieval_model), extractor=small_grid_extractor
     )
     with running_client(app) as client:
         assert app.state.service.phase == "failed"
