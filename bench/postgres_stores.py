@@ -49,6 +49,7 @@ from index.corpus import Corpus, NewCaption, pooled_namespace
 
 REGIONS, REGION_DIM, RERANK_DIM = 49, 1280, 768
 CAPTIONS_PER_IMAGE = 5
+WARM_UP = 12  # operations before round trips are counted
 
 
 def _options(dim: int) -> dict:
@@ -170,18 +171,23 @@ class RoundTrips:
             if not conn.closed:
                 conn.pgconn.untrace()
 
-    def _trace(self, conn: psycopg.Connection) -> None:
-        if id(conn) in self._traced:
-            return
-        path = self.folder / f"connection{len(self._traced)}.trace"
+    def _trace(self, conn: psycopg.Connection, path: Path | None = None) -> None:
+        if path is None:
+            if id(conn) in self._traced:
+                return
+            path = self.folder / f"connection{len(self._traced)}.trace"
         conn.pgconn.trace(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
         conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
         self._traced[id(conn)] = (conn, path)
 
     def take(self) -> int:
-        """Round trips since the last call."""
+        """Round trips since the last call (call it between operations: libpq buffers its
+        trace, which is flushed here by stopping and restarting it)."""
         trips = 0
-        for _, path in self._traced.values():
+        for conn, path in list(self._traced.values()):
+            if not conn.closed:
+                conn.pgconn.untrace()  # flushes
+                self._trace(conn, path)
             with path.open("rb") as trace:
                 trace.seek(self._read_to.get(path, 0))
                 text = trace.read()
@@ -194,11 +200,12 @@ class RoundTrips:
 
 
 def round_trips(server: str, count: int, k: int, dim: int) -> dict:
-    """Round trips per ingest and per search in PostgreSQL mode (after a warm-up of a few of
-    each: pool connections open, statements prepared), with the change follower stopped."""
+    """Round trips per ingest and per search in PostgreSQL mode after a warm-up of WARM_UP of
+    each (pool connections open, statements prepared: psycopg prepares one, with a round trip
+    of its own, on its 5th run on a connection), with the change follower stopped."""
     rng = np.random.default_rng(3)
-    items = [_item(rng, n, dim) for n in range(count + 5)]
-    queries = rng.standard_normal((count + 5, dim)).astype(np.float32)
+    items = [_item(rng, n, dim) for n in range(count + WARM_UP)]
+    queries = rng.standard_normal((count + WARM_UP, dim)).astype(np.float32)
     name, url = _create(server)
     try:
         with (
@@ -213,15 +220,15 @@ def round_trips(server: str, count: int, k: int, dim: int) -> dict:
         ):
             if corpus.follower is not None:
                 corpus.follower.stop()
-            for item in items[:5]:
+            for item in items[:WARM_UP]:
                 corpus.add_image(**item)
-            for query in queries[:5]:
+            for query in queries[:WARM_UP]:
                 _search(corpus, query, k)
             trips.take()
-            for item in items[5:]:
+            for item in items[WARM_UP:]:
                 corpus.add_image(**item)
             ingest = trips.take() / count
-            for query in queries[5:]:
+            for query in queries[WARM_UP:]:
                 _search(corpus, query, k)
             search = trips.take() / count
     finally:
