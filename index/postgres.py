@@ -543,17 +543,17 @@ class PostgresCatalog:
     def delete_image(self, image_id: int) -> list[int] | None:
         """Delete an image, its captions and all their features in one transaction; the ids
         of its captions, or None when it did not exist."""
-        # Pipelined: the row lock and caption ids (one round trip), then the rest with the
-        # commit (another).
+        # Pipelined: the row lock and the caption ids (one round trip), then the rest with the
+        # commit (another). The ids are a statement of their own, after the lock: its snapshot
+        # then holds a caption another writer committed while the lock was awaited.
         with self.database.write_transaction(observe=True, pipelined=True) as conn:
-            row = conn.execute(
-                "SELECT array(SELECT id FROM captions WHERE image_id = images.id ORDER BY id) "
-                "FROM images WHERE id = %s FOR UPDATE",
-                (image_id,),
-            ).fetchone()
-            if row is None:
+            locked = conn.execute("SELECT 1 FROM images WHERE id = %s FOR UPDATE", (image_id,))
+            captions = conn.execute(
+                "SELECT id FROM captions WHERE image_id = %s ORDER BY id", (image_id,)
+            )
+            caption_ids = [int(row[0]) for row in captions.fetchall()]
+            if locked.fetchone() is None:
                 return None
-            caption_ids = [int(cid) for cid in row[0]]
             conn.execute("DELETE FROM images WHERE id = %s", (image_id,))
             _delete_features(conn, [image_id], caption_ids)
             drawn = record_changes(

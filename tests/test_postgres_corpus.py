@@ -189,6 +189,54 @@ def test_round_trips_of_an_ingest_and_of_a_search_read(tmp_path, postgres_url):
     assert read == 1
 
 
+def test_a_caption_committed_while_a_delete_waits_goes_with_its_image(tmp_path, postgres_url):
+    """Another writer's caption of the image commits while the delete waits for the image's
+    row lock (the caption's foreign key holds it): the delete still deletes that caption's
+    features and records its delete change (the caption ids are read after the lock)."""
+    rng = np.random.default_rng(13)
+    namespace = pooled_namespace("captions", "m1")
+    with _open(tmp_path, postgres_url) as corpus, psycopg.connect(postgres_url) as other:
+        image = _add(corpus, 0, rng, captions=1).image
+        late = other.execute(
+            "INSERT INTO captions (id, image_id, text, token_ids, created) "
+            "VALUES (nextval('caption_ids'), %s, 'late', '{1}', 0) RETURNING id",
+            (image.id,),
+        ).fetchone()[0]
+        other.execute(
+            "INSERT INTO features (namespace, item_id, payload) VALUES (%s, %s, 'x')",
+            (namespace, late),
+        )
+        deleted: list[bool] = []
+        thread = threading.Thread(target=lambda: deleted.append(corpus.delete_image(image.id)))
+        thread.start()
+        with psycopg.connect(postgres_url, autocommit=True) as watch:
+            waiting = _eventually(
+                lambda: (
+                    watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    ).fetchone()[0]
+                    == 1
+                ),
+                5.0,
+            )
+        assert waiting is not None, "the delete never waited for the image's row lock"
+        other.commit()
+        thread.join(10)
+        assert deleted == [True]
+        with psycopg.connect(postgres_url) as conn:
+            left = conn.execute(
+                "SELECT count(*) FROM features WHERE namespace = %s AND item_id = %s",
+                (namespace, late),
+            ).fetchone()[0]
+            change = conn.execute(
+                "SELECT count(*) FROM changes WHERE kind = 'captions' AND item_id = %s "
+                "AND op = 'delete'",
+                (late,),
+            ).fetchone()[0]
+        assert (left, change) == (0, 1)
+
+
 def test_add_and_delete_reach_the_other_replica_within_a_second(replicas):
     first, second = replicas
     rng = np.random.default_rng(2)
