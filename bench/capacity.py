@@ -14,8 +14,18 @@
 3. Redis: `used_memory` growth per cached record of the same sizes, keys as the cache names
    them, in a fresh `redis-server` started here.
 
+4. Search compute (`--search-compute-only` runs just this part): FLOPs of one search at the
+   shipped model, counted by torch.utils.flop_counter (matrix products, two per multiply-add):
+   encoding a ~12-word query and scoring K = 100 candidate pairs; both timed on one CPU thread
+   against that thread's measured fp32 GEMM peak, which gives the fraction of peak the code
+   achieves (median of repeats).
+
 Then the plan: for 10M and 100M photos (5 captions each, as COCO) it multiplies these measured
-unit costs out. Every printed number says whether it is measured or derived.
+unit costs out; GPUs per 1,000 searches/s = 1,000 x FLOPs per search / (a GPU's datasheet peak
+x the CPU's achieved fraction, ASSUMED to carry over), beside the memory-bandwidth bound of
+reading the K candidates' stored tensors. No GPU was measured: `bench/gpu_check.sh` measures
+reranked pairs/s on a GPU host. Every printed number says whether it is measured, derived or
+assumed.
 
     python bench/capacity.py --database-url postgresql://postgres@127.0.0.1:5432/postgres \
         --json bench/results/capacity.json
@@ -63,6 +73,18 @@ RECORD_BYTES = {
     "pooled vector": 4 * DIM + 30,
 }
 PLAN_PHOTOS = (10_000_000, 100_000_000)
+SEARCHES_PER_S = 1_000
+QUERY = "a man riding a wave on top of a surfboard in the ocean"  # 12 words, 16 tokens
+REGIONS = 49  # 7 x 7 grid of the shipped extractor
+# NVIDIA H100 SXM datasheet figures (assumed, not measured here). The reranker runs in fp32 and
+# PyTorch leaves TF32 off for matmuls (torch.backends.cuda.matmul.allow_tf32 = False), so fp32
+# matmuls run on the FP32 units: FP32 is the peak used; TF32 is shown for what enabling it
+# (or bf16) could buy.
+GPU_NAME = "H100 SXM"
+GPU_FP32_TFLOPS = 67.0
+GPU_TF32_DENSE_TFLOPS = 495.0
+GPU_HBM_GBPS = 3_350.0  # HBM3
+PCIE_GBPS = 64.0  # PCIe Gen5 x16, one direction
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -235,6 +257,120 @@ def redis_figures(binary: str, rows: int) -> dict[str, float]:
     return figures
 
 
+def search_compute_figures(threads: int, repeats: int) -> dict[str, Any]:
+    """FLOPs (counted) and one-thread CPU time (measured) of encoding a query and scoring K
+    pairs with the shipped model; the fraction of the measured GEMM peak they achieve."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.timing import GEMM_SIZE, interleaved
+    from model.retrieval import RetrievalModel
+
+    torch.set_num_threads(threads)
+    model = RetrievalModel.load(device="cpu")
+    rng = np.random.default_rng(3)
+    images = model.precompute_images(rng.random((K, REGIONS, model.region_dim), dtype=np.float32))
+    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            caption = model.encode_texts([QUERY]).precompute
+        encode_flops = counter.get_total_flops()
+        captions = caption.repeat(K)
+        with FlopCounterMode(display=False) as counter:
+            model.scorer.score_pairs(images, captions, trim=False)
+        pair_flops = counter.get_total_flops() / K
+        # Interleaved with the GEMM that measures the peak: load from other jobs on a shared
+        # machine hits the peak and the work alike.
+        seconds, _ = interleaved(
+            {
+                "gemm": lambda: torch.matmul(a, b),
+                "encode": lambda: model.encode_texts([QUERY]),
+                "pairs": lambda: model.scorer.score_pairs(images, captions, trim=False),
+            },
+            repeats,
+        )
+    gemm_s, encode_s, pairs_s = (float(np.median(seconds[way])) for way in seconds)
+    peak_gflops = 2 * GEMM_SIZE**3 / gemm_s / 1e9
+    figures = {
+        "threads": threads,
+        "cpu_gemm_peak_gflops": peak_gflops,
+        "query_tokens": int(caption.lengths[0]),
+        "encode_flops": encode_flops,
+        "encode_ms": 1e3 * encode_s,
+        "encode_achieved_fraction": encode_flops / encode_s / (peak_gflops * 1e9),
+        "pair_flops": pair_flops,
+        "k": K,
+        "pairs_ms": 1e3 * pairs_s,
+        "pairs_achieved_fraction": pair_flops * K / pairs_s / (peak_gflops * 1e9),
+        "load_average": list(os.getloadavg()),
+    }
+    print(
+        f"  CPU fp32 GEMM peak, {threads} thread(s): measured {peak_gflops:.1f} GFLOP/s\n"
+        f"  query encoding ({figures['query_tokens']} tokens): counted "
+        f"{encode_flops / 1e6:.0f} MFLOP, measured {figures['encode_ms']:.2f} ms = "
+        f"{figures['encode_achieved_fraction']:.2f} of peak\n"
+        f"  one reranked pair: counted {pair_flops / 1e6:.2f} MFLOP; K = {K} pairs measured "
+        f"{figures['pairs_ms']:.2f} ms = {figures['pairs_achieved_fraction']:.2f} of peak",
+        flush=True,
+    )
+    return figures
+
+
+def gpu_plan(compute: dict[str, Any], candidate_bytes: float) -> dict[str, Any]:
+    """GPUs per SEARCHES_PER_S searches/s, derived from the measured compute figures and the
+    GPU's datasheet peak, with the CPU's achieved fractions assumed to carry over."""
+    encode = compute["encode_flops"]
+    rerank = compute["pair_flops"] * compute["k"]
+    peak = GPU_FP32_TFLOPS * 1e12
+    encode_gpus = SEARCHES_PER_S * encode / (peak * compute["encode_achieved_fraction"])
+    rerank_gpus = SEARCHES_PER_S * rerank / (peak * compute["pairs_achieved_fraction"])
+    tensor_bytes = SEARCHES_PER_S * compute["k"] * candidate_bytes
+    hbm_gpus = tensor_bytes / (GPU_HBM_GBPS * 1e9)
+    pcie_gpus = tensor_bytes / (PCIE_GBPS * 1e9)
+    gpus = max(encode_gpus + rerank_gpus, hbm_gpus, pcie_gpus)
+    plan = {
+        "gpu": GPU_NAME,
+        "assumed_gpu_fp32_tflops": GPU_FP32_TFLOPS,
+        "assumed_gpu_tf32_dense_tflops": GPU_TF32_DENSE_TFLOPS,
+        "assumed_hbm_gbps": GPU_HBM_GBPS,
+        "assumed_pcie_gbps": PCIE_GBPS,
+        "assumed_achieved_fractions": "the CPU's measured ones (encode, pairs)",
+        "flops_per_search": encode + rerank,
+        "encode_gpus": encode_gpus,
+        "rerank_gpus": rerank_gpus,
+        "tensor_bytes_per_s": tensor_bytes,
+        "hbm_bound_gpus": hbm_gpus,
+        "pcie_bound_gpus": pcie_gpus,
+        "gpus_per_1000_searches_s": gpus,
+        "gpus_per_1000_searches_s_tf32": SEARCHES_PER_S
+        * (
+            encode / compute["encode_achieved_fraction"]
+            + rerank / compute["pairs_achieved_fraction"]
+        )
+        / (GPU_TF32_DENSE_TFLOPS * 1e12),
+    }
+    print(
+        f"\nGPUs per {SEARCHES_PER_S:,} searches/s (any corpus size: K = {compute['k']} "
+        "candidates a search)\n"
+        f"  FLOPs per search: derived {(encode + rerank) / 1e9:.3f} GFLOP (measured counts: "
+        f"encode {encode / 1e6:.0f} M + {compute['k']} x {compute['pair_flops'] / 1e6:.2f} M)\n"
+        f"  {GPU_NAME} peak: assumed {GPU_FP32_TFLOPS:g} TFLOP/s fp32 (datasheet; the reranker "
+        f"runs fp32, TF32 off), achieved fraction: assumed = the CPU's measured "
+        f"{compute['encode_achieved_fraction']:.2f} (encode) / "
+        f"{compute['pairs_achieved_fraction']:.2f} (pairs)\n"
+        f"  compute: derived {encode_gpus:.4f} (encode) + {rerank_gpus:.4f} (rerank) = "
+        f"{encode_gpus + rerank_gpus:.4f} GPUs ({plan['gpus_per_1000_searches_s_tf32']:.4f} "
+        f"at the assumed {GPU_TF32_DENSE_TFLOPS:g} TFLOP/s TF32)\n"
+        f"  memory: derived {tensor_bytes / 1e9:.2f} GB/s of stored tensors "
+        f"({candidate_bytes:,.0f} B a candidate, measured record size) = {hbm_gpus:.4f} GPUs of "
+        f"HBM ({GPU_HBM_GBPS:,.0f} GB/s, assumed) or {pcie_gpus:.3f} of a PCIe Gen5 x16 link "
+        f"({PCIE_GBPS:g} GB/s, assumed) when copied in per search\n"
+        f"  => derived {gpus:.3f} GPUs per {SEARCHES_PER_S:,} searches/s: a floor; kernel "
+        "launches and the host side, not FLOPs, bound small batches (gpu_check.sh measures)"
+    )
+    return plan
+
+
 def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:,.1f} GiB"
 
@@ -287,6 +423,13 @@ def main() -> None:
     parser.add_argument("--database-url", default=os.environ.get("CAMPSEARCH_BENCH_DATABASE_URL"))
     parser.add_argument("--records", type=int, default=400, help="rows per record size")
     parser.add_argument("--redis-server", default=shutil.which("redis-server"))
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the compute part")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs (median), compute")
+    parser.add_argument(
+        "--search-compute-only",
+        action="store_true",
+        help="measure only the search compute and print the GPU plan",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--plan-from", type=Path, default=None, help="print the plan from an earlier --json"
@@ -294,32 +437,35 @@ def main() -> None:
     args = parser.parse_args()
     if args.plan_from:
         measured = json.loads(args.plan_from.read_text())["measured"]
-        plan(measured["shortlist"], measured["postgres"], measured["redis"])
+        if "shortlist" in measured:
+            plan(measured["shortlist"], measured["postgres"], measured["redis"])
+        if "search_compute" in measured:
+            gpu_plan(measured["search_compute"], RECORD_BYTES["rerank tensors (photo)"])
         return
-    sizes = sorted(int(size) for size in args.sizes.split(","))
-    print(f"faiss {faiss.__version__}, dim {DIM}, sizes {sizes}, k {K}")
-    print("shortlist (measured):")
-    shortlist = shortlist_figures(sizes)
-    database = None
-    if args.database_url:
-        print("PostgreSQL (measured):")
-        database = postgres_figures(args.database_url, args.records)
-    else:
-        print("PostgreSQL: skipped (no --database-url)")
-    if not args.redis_server:
-        raise SystemExit("redis-server not found: pass --redis-server")
-    print("Redis (measured):")
-    cache = redis_figures(args.redis_server, args.records)
-    derived = plan(shortlist, database, cache)
+    print("search compute (measured):")
+    compute = search_compute_figures(args.threads, args.repeats)
+    result: dict[str, Any] = {"measured": {"search_compute": compute}, "record_bytes": RECORD_BYTES}
+    if not args.search_compute_only:
+        sizes = sorted(int(size) for size in args.sizes.split(","))
+        print(f"faiss {faiss.__version__}, dim {DIM}, sizes {sizes}, k {K}")
+        print("shortlist (measured):")
+        shortlist = shortlist_figures(sizes)
+        database = None
+        if args.database_url:
+            print("PostgreSQL (measured):")
+            database = postgres_figures(args.database_url, args.records)
+        else:
+            print("PostgreSQL: skipped (no --database-url)")
+        if not args.redis_server:
+            raise SystemExit("redis-server not found: pass --redis-server")
+        print("Redis (measured):")
+        cache = redis_figures(args.redis_server, args.records)
+        result["measured"].update({"shortlist": shortlist, "postgres": database, "redis": cache})
+        result["derived_plan"] = plan(shortlist, database, cache)
+    result["derived_gpu_plan"] = gpu_plan(compute, RECORD_BYTES["rerank tensors (photo)"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {
-            "measured": {"shortlist": shortlist, "postgres": database, "redis": cache},
-            "record_bytes": RECORD_BYTES,
-            "derived_plan": derived,
-            "dim": DIM,
-            "captions_per_photo": CAPTIONS_PER_PHOTO,
-        }
+        result.update({"dim": DIM, "captions_per_photo": CAPTIONS_PER_PHOTO})
         args.json.write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
 

@@ -5,6 +5,11 @@
    rerank tensors (49x768 float16), a pooled vector and 5 captions; a "search" is what a query
    asks of the stores: the shortlist (FAISS, in memory either way), the catalog rows and
    captions of the K hits, and their rerank tensors (cache off: the store itself is timed).
+   Round trips to the server per ingest and per search (PostgreSQL mode, the calling thread's
+   work with the change follower stopped), counted from libpq's protocol trace of every
+   pooled connection: each Sync or simple Query the client sends waits for one answer.
+   `--compare-ref REF` runs this part for the code at git REF too (exported to a temporary
+   folder, in its own process, right before this tree's), so before/after come from one run.
 2. Stored record format in PostgreSQL: the codec's bytea (what the corpus uses) vs float4[]
    arrays for the same K records, fetched and decoded to numpy.
 3. A replica's start on a synthetic corpus of --start-images images (and --captions-per-image
@@ -14,7 +19,7 @@
    one (starts from them).
 
     python bench/postgres_stores.py --database postgresql://postgres@127.0.0.1:5432/postgres \
-        --json results/postgres_stores.json
+        [--compare-ref main] --json results/postgres_stores.json
 Each run creates (and drops) its own databases on that server.
 """
 
@@ -35,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.pq import Trace
+from psycopg_pool import ConnectionPool
 
 from index.cache import LocalFeatureCache
 from index.codec import decode_arrays, encode_arrays
@@ -42,6 +49,7 @@ from index.corpus import Corpus, NewCaption, pooled_namespace
 
 REGIONS, REGION_DIM, RERANK_DIM = 49, 1280, 768
 CAPTIONS_PER_IMAGE = 5
+WARM_UP = 12  # operations before round trips are counted
 
 
 def _options(dim: int) -> dict:
@@ -108,12 +116,7 @@ def ingest_and_search(corpus: Corpus, items: list[dict], queries: np.ndarray, k:
     search_ms = []
     for query in queries:
         start = time.perf_counter()
-        _, ids = corpus.search_images(query[None], k)
-        hits = [int(i) for i in ids[0] if i >= 0]
-        corpus.get_images(hits)
-        corpus.captions_of_images(hits)
-        tensors = corpus.get_rerank_tensors("images", hits)
-        assert len(tensors) == len(hits)
+        _search(corpus, query, k)
         search_ms.append((time.perf_counter() - start) * 1000)
     return {"ingest": _percentiles(ingest_ms), "search": _percentiles(search_ms)}
 
@@ -137,6 +140,109 @@ def compare_backends(server: str, count: int, searches: int, k: int, dim: int) -
     finally:
         _drop(server, name)
     return results
+
+
+class RoundTrips:
+    """Counts round trips on every connection a psycopg pool hands out while it is entered,
+    from libpq's protocol trace (one file per connection): each client message that asks the
+    server to answer, a Sync (extended protocol: one per statement, or per pipeline sync) or a
+    simple Query, is one round trip."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._traced: dict[int, tuple[psycopg.Connection, Path]] = {}
+        self._read_to: dict[Path, int] = {}
+        self._getconn = ConnectionPool.getconn
+
+    def __enter__(self) -> RoundTrips:
+        counter, getconn = self, self._getconn
+
+        def traced_getconn(pool: ConnectionPool, *args, **kwargs) -> psycopg.Connection:
+            conn = getconn(pool, *args, **kwargs)
+            counter._trace(conn)
+            return conn
+
+        ConnectionPool.getconn = traced_getconn  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ConnectionPool.getconn = self._getconn  # type: ignore[method-assign]
+        for conn, _ in self._traced.values():
+            if not conn.closed:
+                conn.pgconn.untrace()
+
+    def _trace(self, conn: psycopg.Connection, path: Path | None = None) -> None:
+        if path is None:
+            if id(conn) in self._traced:
+                return
+            path = self.folder / f"connection{len(self._traced)}.trace"
+        conn.pgconn.trace(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+        conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
+        self._traced[id(conn)] = (conn, path)
+
+    def take(self) -> int:
+        """Round trips since the last call (call it between operations: libpq buffers its
+        trace, which is flushed here by stopping and restarting it)."""
+        trips = 0
+        for conn, path in list(self._traced.values()):
+            if not conn.closed:
+                conn.pgconn.untrace()  # flushes
+                self._trace(conn, path)
+            with path.open("rb") as trace:
+                trace.seek(self._read_to.get(path, 0))
+                text = trace.read()
+            self._read_to[path] = self._read_to.get(path, 0) + len(text)
+            for line in text.decode("utf-8", "replace").splitlines():
+                fields = line.split("\t")
+                if len(fields) >= 3 and fields[0] == "F" and fields[2] in ("Sync", "Query"):
+                    trips += 1
+        return trips
+
+
+def round_trips(server: str, count: int, k: int, dim: int) -> dict:
+    """Round trips per ingest and per search in PostgreSQL mode after a warm-up of WARM_UP of
+    each (pool connections open, statements prepared: psycopg prepares one, with a round trip
+    of its own, on its 5th run on a connection), with the change follower stopped."""
+    rng = np.random.default_rng(3)
+    items = [_item(rng, n, dim) for n in range(count + WARM_UP)]
+    queries = rng.standard_normal((count + WARM_UP, dim)).astype(np.float32)
+    name, url = _create(server)
+    try:
+        with (
+            tempfile.TemporaryDirectory() as folder,
+            RoundTrips(Path(folder)) as trips,
+            Corpus.open(
+                Path(folder) / "corpus",
+                cache=LocalFeatureCache(max_bytes=0),
+                database_url=url,
+                **_options(dim),
+            ) as corpus,
+        ):
+            if corpus.follower is not None:
+                corpus.follower.stop()
+            for item in items[:WARM_UP]:
+                corpus.add_image(**item)
+            for query in queries[:WARM_UP]:
+                _search(corpus, query, k)
+            trips.take()
+            for item in items[WARM_UP:]:
+                corpus.add_image(**item)
+            ingest = trips.take() / count
+            for query in queries[WARM_UP:]:
+                _search(corpus, query, k)
+            search = trips.take() / count
+    finally:
+        _drop(server, name)
+    return {"per_ingest": round(ingest, 2), "per_search": round(search, 2), "operations": count}
+
+
+def _search(corpus: Corpus, query: np.ndarray, k: int) -> None:
+    _, ids = corpus.search_images(query[None], k)
+    hits = [int(i) for i in ids[0] if i >= 0]
+    corpus.get_images(hits)
+    corpus.captions_of_images(hits)
+    tensors = corpus.get_rerank_tensors("images", hits)
+    assert len(tensors) == len(hits)
 
 
 def record_formats(server: str, k: int, rounds: int) -> dict:
@@ -296,6 +402,58 @@ def replica_start(server: str, images: int, captions_per_image: int, dim: int) -
     }
 
 
+def tree_figures(args: argparse.Namespace) -> dict:
+    """Both backends' latency and PostgreSQL mode's round trips, for the code imported here."""
+    return {
+        "latency": compare_backends(args.database, args.items, args.searches, args.k, args.dim),
+        "round_trips": round_trips(args.database, args.round_trip_ops, args.k, args.dim),
+    }
+
+
+def figures_at(ref: str | None, args: argparse.Namespace) -> dict:
+    """`tree_figures` in a process of its own, for the code at git `ref` (exported to a
+    temporary folder) or, with None, for this checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="bench_ref_") as folder:
+        tree = repo
+        if ref is not None:
+            archive = subprocess.run(
+                ["git", "-C", str(repo), "archive", ref], capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+            tree = Path(folder)
+        forwarded = ["--database", args.database, "--items", str(args.items)]
+        forwarded += ["--searches", str(args.searches), "--k", str(args.k), "--dim", str(args.dim)]
+        forwarded += ["--round-trip-ops", str(args.round_trip_ops)]
+        run = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--tree-only", *forwarded],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+        )
+    if run.returncode:
+        raise SystemExit(f"the bench at {ref or 'this checkout'} failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def print_tree(label: str, figures: dict) -> dict:
+    """Print one tree's figures; PostgreSQL over embedded p50 ratios."""
+    backends, trips = figures["latency"], figures["round_trips"]
+    ratios = {}
+    for stage in ("ingest", "search"):
+        ratio = backends["postgresql"][stage]["p50_ms"] / backends["embedded"][stage]["p50_ms"]
+        ratios[f"{stage}_p50_postgresql_over_embedded"] = round(ratio, 2)
+        print(
+            f"{label}{stage:7s} p50: embedded {backends['embedded'][stage]['p50_ms']:8.2f} ms, "
+            f"postgresql {backends['postgresql'][stage]['p50_ms']:8.2f} ms  "
+            f"(postgresql/embedded {ratio:.2f}x); p95 "
+            f"{backends['embedded'][stage]['p95_ms']:.2f} vs "
+            f"{backends['postgresql'][stage]['p95_ms']:.2f} ms; "
+            f"{trips[f'per_{stage}']} round trips"
+        )
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -309,25 +467,42 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=200)
     parser.add_argument("--k", type=int, default=50, help="shortlist hits a search reads")
     parser.add_argument("--dim", type=int, default=256, help="pooled vector dims")
+    parser.add_argument(
+        "--round-trip-ops", type=int, default=20, help="ingests and searches traced"
+    )
+    parser.add_argument(
+        "--compare-ref", help="also measure the code at this git ref (before/after in one run)"
+    )
+    parser.add_argument("--tree-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--start-images", type=int, default=100_000)
     parser.add_argument("--captions-per-image", type=int, default=CAPTIONS_PER_IMAGE)
     parser.add_argument("--skip-start", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    report: dict = {"host_cpus": os.cpu_count()}
-    backends = compare_backends(args.database, args.items, args.searches, args.k, args.dim)
-    report["latency"] = backends
-    for stage in ("ingest", "search"):
-        ratio = backends["postgresql"][stage]["p50_ms"] / backends["embedded"][stage]["p50_ms"]
-        report[f"{stage}_p50_postgresql_over_embedded"] = round(ratio, 2)
-        print(
-            f"{stage:7s} p50: embedded {backends['embedded'][stage]['p50_ms']:8.2f} ms, "
-            f"postgresql {backends['postgresql'][stage]['p50_ms']:8.2f} ms  "
-            f"(postgresql/embedded {ratio:.2f}x); p95 "
-            f"{backends['embedded'][stage]['p95_ms']:.2f} vs "
-            f"{backends['postgresql'][stage]['p95_ms']:.2f} ms"
-        )
+    if args.tree_only:
+        print(json.dumps(tree_figures(args)))
+        return
+    report: dict = {"host_cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
+    if args.compare_ref:
+        before = figures_at(args.compare_ref, args)
+        after = figures_at(None, args)
+        report["compare_ref"] = args.compare_ref
+        report["before"] = {**before, **print_tree(f"{args.compare_ref:>10s} ", before)}
+        report["after"] = {**after, **print_tree(f"{'this tree':>10s} ", after)}
+        for stage in ("ingest", "search"):
+            then = before["latency"]["postgresql"][stage]["p50_ms"]
+            now = after["latency"]["postgresql"][stage]["p50_ms"]
+            report[f"{stage}_postgresql_p50_after_over_before"] = round(now / then, 2)
+            print(
+                f"PostgreSQL {stage} p50 this tree / {args.compare_ref}: {now / then:.2f}x; "
+                f"round trips {before['round_trips'][f'per_{stage}']} -> "
+                f"{after['round_trips'][f'per_{stage}']}"
+            )
+    else:
+        figures = tree_figures(args)
+        report.update(figures)
+        report.update(print_tree("", figures))
     formats = record_formats(args.database, args.k, rounds=30)
     report["record_format"] = formats
     print(

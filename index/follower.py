@@ -154,10 +154,20 @@ class ChangeFollower:
             if connection is None:
                 return
             # Short slices so a wake() (a waiting search) is honoured within ~50 ms.
-            for _ in connection.notifies(timeout=min(remaining, 0.05), stop_after=1):
+            for notify in connection.notifies(timeout=min(remaining, 0.05), stop_after=1):
                 self.notifications += 1
-                return
+                if not self._applied_already(notify.payload):
+                    return
         self._wake.clear()
+
+    def _applied_already(self, payload: str) -> bool:
+        """A notification names the last sequence of one commit; when this replica applied it
+        already (its own write, applied as it committed), there is nothing to read. Every
+        commit notifies, and the poll catches up on any lost notification either way."""
+        try:
+            return int(payload) <= self.corpus.applied_sequence
+        except ValueError:
+            return False
 
     def _drop_listen(self) -> None:
         with self._listen_lock:

@@ -42,6 +42,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import PoolTimeout
 
 from index.catalog import CaptionRecord, ImageRecord, captions_by_image
@@ -218,6 +219,9 @@ class PostgresDatabase:
         self.observed_lsn: str | None = None  # None: no read replica, or nothing written yet
         self._observed_position = 0
         self._primary_reads = threading.local()
+        # The connection a thread's content lock holds: that thread's primary work reuses it
+        # (no second checkout while one is held; see `content_lock`).
+        self._pinned = threading.local()
         try:
             self.migrate()
         except BaseException:
@@ -251,27 +255,63 @@ class PostgresDatabase:
         return version
 
     @contextmanager
-    def write_transaction(self, *, observe: bool = False) -> Iterator[psycopg.Connection]:
+    def write_transaction(
+        self, *, observe: bool = False, pipelined: bool = False
+    ) -> Iterator[psycopg.Connection]:
         """One transaction on the primary: committed when the block ends, rolled back on error.
-        `observe`: afterwards, reads wait for a read replica to have replayed this commit."""
-        with database_errors(self.url), self.router.connection(for_write=True) as conn:
-            with conn.transaction():
-                yield conn
-            if observe:
-                self.observe_primary(conn)
+        `observe`: afterwards, reads wait for a read replica to have replayed this commit.
+        `pipelined`: statements are queued in psycopg's pipeline mode and sent together; the
+        transaction (and the `observe` query after its COMMIT) is one round trip unless the
+        block fetches a result itself. Statements must be single (no scripts) in it."""
+        with database_errors(self.url), self._primary_session() as conn:
+            if not pipelined:
+                with conn.transaction():
+                    yield conn
+                if observe:
+                    self.observe_primary(conn)
+                return
+            # BEGIN and COMMIT are queued as plain statements: psycopg's `transaction()` syncs
+            # the pipeline on entering and leaving, a round trip each.
+            position = None
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    yield conn
+                    conn.execute("COMMIT")
+                    position = self._queue_position_query(conn) if observe else None
+            except BaseException:
+                # A failed statement aborted the rest (COMMIT included): end the transaction.
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.rollback()
+                raise
+            if position is not None:
+                self._observed(position)
 
     @contextmanager
     def primary_connection(self) -> Iterator[psycopg.Connection]:
-        """A connection to the primary for reads that must see its latest commits."""
-        with database_errors(self.url), self.router.connection(for_write=True) as conn:
+        """An autocommit connection to the primary for reads that must see its latest commits
+        (each statement its own snapshot; open `conn.transaction()` for one)."""
+        with database_errors(self.url), self._primary_session() as conn:
+            yield conn
+
+    @contextmanager
+    def _primary_session(self) -> Iterator[psycopg.Connection]:
+        """This thread's pinned connection (its content lock's), else one from the pool."""
+        pinned = getattr(self._pinned, "conn", None)
+        if pinned is not None:
+            yield pinned
+            return
+        with self.router.session(for_write=True) as conn:
             yield conn
 
     def read(self, work: Callable[[psycopg.Connection], T]) -> T:
         """`work(conn)` where reads go now (see the class docstring): on the primary under
-        `primary_reads()`, else through the router, no older than `observed_lsn`."""
+        `primary_reads()`, else through the router, no older than `observed_lsn`. `conn` is
+        in autocommit (one round trip per lone statement)."""
         with database_errors(self.url):
             if getattr(self._primary_reads, "depth", 0):
-                with self.router.connection(for_write=True) as conn:
+                with self._primary_session() as conn:
                     return work(conn)
             return self.router.read(work, min_lsn=self.observed_lsn)
 
@@ -293,11 +333,23 @@ class PostgresDatabase:
             return
         row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
         assert row is not None
-        lsn = str(row[0])
-        position = lsn_to_int(lsn)
+        self._observed(str(row[0]))
+
+    def _queue_position_query(self, conn: psycopg.Connection) -> psycopg.Cursor | None:
+        """`observe_primary`'s query queued in a pipeline (read once it is synced)."""
+        if not self._has_replica:
+            return None
+        return conn.execute("SELECT pg_current_wal_lsn()::text")
+
+    def _observed(self, position: psycopg.Cursor | str) -> None:
+        if not isinstance(position, str):
+            row = position.fetchone()
+            assert row is not None
+            position = str(row[0])
+        value = lsn_to_int(position)
         with self._observed_lock:
-            if position > self._observed_position:
-                self._observed_position, self.observed_lsn = position, lsn
+            if value > self._observed_position:
+                self._observed_position, self.observed_lsn = value, position
 
     def index_template(self, kind: str, model_version: str, factory: str, dim: int) -> bytes | None:
         """The shared trained structure of an index (`ShortlistIndex.trained_template`)."""
@@ -331,14 +383,18 @@ class PostgresDatabase:
         file unlinked) and the orphan sweep of the same bytes on two replicas must not
         interleave, or a committed image could lose its file."""
         key = int.from_bytes(bytes.fromhex(sha256[:16]), "big", signed=True)
-        with database_errors(self.url), self.router.connection(for_write=True) as conn:
-            conn.autocommit = True
+        pinned = getattr(self._pinned, "conn", None)
+        with database_errors(self.url), contextlib.ExitStack() as stack:
+            # The lock's connection serves this thread's primary work while it is held (the
+            # lookups and the write of an add): one checkout instead of one per step.
+            conn = pinned or stack.enter_context(self.router.session(for_write=True))
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            self._pinned.conn = conn
             try:
                 yield
             finally:
+                self._pinned.conn = pinned
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                conn.autocommit = False
 
     def connect(self, **options: Any) -> psycopg.Connection:
         """A dedicated connection (the follower's LISTEN); autocommit."""
@@ -449,29 +505,48 @@ class PrimaryReadsLock:
             self._lock.release()
 
 
+@dataclass(frozen=True)
+class DrawnChanges:
+    """The sequence numbers a write drew, readable once its statement has run (after the
+    commit in a pipelined transaction: no round trip while the changes lock is held)."""
+
+    cursor: psycopg.Cursor | None
+
+    def range(self) -> tuple[int, int]:
+        """(first, last) sequence numbers (consecutive: drawn under the lock); (0, 0) for none."""
+        if self.cursor is None:
+            return 0, 0
+        row = self.cursor.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
 def record_changes(
     conn: psycopg.Connection, changes: Sequence[tuple[Table, int, Op]]
-) -> tuple[int, int]:
-    """Append change rows in commit order (see the module docstring) and NOTIFY; returns the
-    first and last sequence numbers (consecutive: drawn under the lock). Call it LAST in the
-    transaction: it serialises writers until commit."""
+) -> DrawnChanges:
+    """Append change rows in commit order (see the module docstring) and NOTIFY the last
+    sequence. Call it LAST in the transaction: it serialises writers until commit. Two
+    statements (the lock, then one that draws, inserts and notifies) that need no answer
+    before the commit: read `DrawnChanges.range()` after it."""
     if not changes:
-        return 0, 0
+        return DrawnChanges(None)
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
-    rows = conn.execute(
-        "INSERT INTO changes (seq, kind, item_id, op) "
-        "SELECT nextval('change_seq'), c.kind, c.item_id, c.op "
-        "FROM unnest(%s::text[], %s::bigint[], %s::text[]) WITH ORDINALITY "
-        "AS c(kind, item_id, op, n) ORDER BY c.n RETURNING seq",
+    cursor = conn.execute(
+        "WITH drawn AS ("
+        " INSERT INTO changes (seq, kind, item_id, op)"
+        " SELECT nextval('change_seq'), c.kind, c.item_id, c.op"
+        " FROM unnest(%s::text[], %s::bigint[], %s::text[]) WITH ORDINALITY"
+        " AS c(kind, item_id, op, n) ORDER BY c.n RETURNING seq)"
+        " SELECT first, last, pg_notify(%s, last::text)"
+        " FROM (SELECT min(seq) AS first, max(seq) AS last FROM drawn) AS s",
         (
             [kind for kind, _, _ in changes],
             [int(item_id) for _, item_id, _ in changes],
             [op for _, _, op in changes],
+            NOTIFY_CHANNEL,
         ),
-    ).fetchall()
-    drawn = [int(row[0]) for row in rows]
-    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(max(drawn))))
-    return min(drawn), max(drawn)
+    )
+    return DrawnChanges(cursor)
 
 
 def write_features(
@@ -519,7 +594,8 @@ class PostgresCatalog:
         if count <= 0:
             return []
         sequence = "image_ids" if table == "images" else "caption_ids"
-        with self.database.write_transaction() as conn:
+        # nextval is not transactional: one autocommit statement, no BEGIN and COMMIT.
+        with self.database.primary_connection() as conn:
             rows = conn.execute(
                 sql.SQL("SELECT nextval({}) FROM generate_series(1, %s)").format(
                     sql.Literal(sequence)
@@ -539,48 +615,53 @@ class PostgresCatalog:
         Returns the change sequence of the write. Raises DuplicateImageError when another
         writer committed the same sha256 first."""
         encoded = _encoded(features)
-        with self.database.write_transaction(observe=True) as conn:
+        # Pipelined: the whole transaction is one round trip to the server.
+        with self.database.write_transaction(observe=True, pipelined=True) as conn:
             write_features(conn, encoded, replace=True)
             insert_catalog_rows(conn, images, captions)
-            first, sequence = record_changes(
+            drawn = record_changes(
                 conn,
                 [("images", r.id, "add") for r in images]
                 + [("captions", r.id, "add") for r in captions],
             )
+        first, sequence = drawn.range()
         self._written(first, sequence)
         return sequence
 
     def delete_image(self, image_id: int) -> list[int] | None:
         """Delete an image, its captions and all their features in one transaction; the ids
         of its captions, or None when it did not exist."""
-        with self.database.write_transaction(observe=True) as conn:
-            row = conn.execute("SELECT 1 FROM images WHERE id = %s FOR UPDATE", (image_id,))
-            if row.fetchone() is None:
+        # Pipelined: the row lock and the caption ids (one round trip), then the rest with the
+        # commit (another). The ids are a statement of their own, after the lock: its snapshot
+        # then holds a caption another writer committed while the lock was awaited.
+        with self.database.write_transaction(observe=True, pipelined=True) as conn:
+            locked = conn.execute("SELECT 1 FROM images WHERE id = %s FOR UPDATE", (image_id,))
+            captions = conn.execute(
+                "SELECT id FROM captions WHERE image_id = %s ORDER BY id", (image_id,)
+            )
+            caption_ids = [int(row[0]) for row in captions.fetchall()]
+            if locked.fetchone() is None:
                 return None
-            caption_ids = [
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT id FROM captions WHERE image_id = %s ORDER BY id", (image_id,)
-                )
-            ]
             conn.execute("DELETE FROM images WHERE id = %s", (image_id,))
             _delete_features(conn, [image_id], caption_ids)
-            first, sequence = record_changes(
+            drawn = record_changes(
                 conn,
                 [("images", image_id, "delete")]
                 + [("captions", cid, "delete") for cid in caption_ids],
             )
-        self._written(first, sequence)
+        self._written(*drawn.range())
         return caption_ids
 
     def delete_caption(self, caption_id: int) -> bool:
-        with self.database.write_transaction(observe=True) as conn:
-            deleted = conn.execute("DELETE FROM captions WHERE id = %s", (caption_id,)).rowcount
-            if not deleted:
+        with self.database.write_transaction(observe=True, pipelined=True) as conn:
+            deleted = conn.execute(
+                "DELETE FROM captions WHERE id = %s RETURNING id", (caption_id,)
+            ).fetchone()  # a result, not rowcount: a pipeline sets that only once synced
+            if deleted is None:
                 return False
             _delete_features(conn, [], [caption_id])
-            first, sequence = record_changes(conn, [("captions", caption_id, "delete")])
-        self._written(first, sequence)
+            drawn = record_changes(conn, [("captions", caption_id, "delete")])
+        self._written(*drawn.range())
         return True
 
     # --- reads ------------------------------------------------------------------------------
@@ -724,8 +805,24 @@ def insert_catalog_rows(
     skip_present: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Insert catalog rows; with `skip_present` rows whose id exists are kept (a resumed copy).
-    Returns the ids inserted."""
-    conflict = " ON CONFLICT (id) DO NOTHING" if skip_present else ""
+    Returns the ids inserted. Without `skip_present` nothing is read back (every row is
+    inserted or the transaction fails), so a pipeline sends it without waiting."""
+    if not skip_present:
+        if images:
+            conn.execute(
+                "INSERT INTO images (id, sha256, stored_path, width, height, created) "
+                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], "
+                "%s::int[], %s::float8[])",
+                _image_columns(images),
+            )
+        if captions:
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO captions (id, image_id, text, token_ids, created) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    [(r.id, r.image_id, r.text, list(r.token_ids), r.created) for r in captions],
+                )
+        return [r.id for r in images], [r.id for r in captions]
     inserted_images: list[int] = []
     inserted_captions: list[int] = []
     if images:
@@ -734,22 +831,15 @@ def insert_catalog_rows(
             for row in conn.execute(
                 "INSERT INTO images (id, sha256, stored_path, width, height, created) "
                 "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], "
-                f"%s::int[], %s::float8[]){conflict} RETURNING id",
-                (
-                    [r.id for r in images],
-                    [r.sha256 for r in images],
-                    [r.stored_path for r in images],
-                    [r.width for r in images],
-                    [r.height for r in images],
-                    [r.created for r in images],
-                ),
+                "%s::int[], %s::float8[]) ON CONFLICT (id) DO NOTHING RETURNING id",
+                _image_columns(images),
             )
         ]
     if captions:
         with conn.cursor() as cursor:
             cursor.executemany(
                 "INSERT INTO captions (id, image_id, text, token_ids, created) "
-                f"VALUES (%s, %s, %s, %s, %s){conflict} RETURNING id",
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
                 [(r.id, r.image_id, r.text, list(r.token_ids), r.created) for r in captions],
                 returning=True,
             )
@@ -760,6 +850,17 @@ def insert_catalog_rows(
                 if not cursor.nextset():
                     break
     return inserted_images, inserted_captions
+
+
+def _image_columns(images: Sequence[ImageRecord]) -> tuple[list, ...]:
+    return (
+        [r.id for r in images],
+        [r.sha256 for r in images],
+        [r.stored_path for r in images],
+        [r.width for r in images],
+        [r.height for r in images],
+        [r.created for r in images],
+    )
 
 
 def _delete_features(

@@ -27,8 +27,10 @@ nothing half-written is acknowledged, because a write is committed or raises.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import select
 import threading
 import time
 from collections import deque
@@ -165,10 +167,16 @@ class ReadRouter:
             open=False,
             timeout=self.checkout_timeout_s,
             reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
-            # A round trip per checkout: a connection broken by a server restart is dropped
-            # here instead of failing the caller's query.
-            check=ConnectionPool.check_connection,
-            kwargs={"connect_timeout": self.connect_timeout_s, **SOCKET_OPTIONS},
+            # A connection a server restart broke is dropped at checkout instead of failing
+            # the caller's query, without a round trip for the healthy ones.
+            check=check_if_suspect,
+            # Autocommit: a single-statement read is one round trip (no BEGIN and COMMIT);
+            # writes open their transaction explicitly (`connection`, `write`).
+            kwargs={
+                "connect_timeout": self.connect_timeout_s,
+                "autocommit": True,
+                **SOCKET_OPTIONS,
+            },
         )
         pool.open(wait=False)
         return pool
@@ -184,6 +192,15 @@ class ReadRouter:
         Writes, and reads the replica cannot serve, get the primary; its failure raises
         `DatabaseUnavailableError`.
         """
+        with self.session(for_write=for_write, min_lsn=min_lsn) as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def session(
+        self, *, for_write: bool = False, min_lsn: str | None = None
+    ) -> Iterator[psycopg.Connection]:
+        """An autocommit connection, chosen as `connection` chooses: each statement commits on
+        its own (a lone read is one round trip); open `conn.transaction()` for more."""
         replica_conn = None if for_write else self._replica_connection(min_lsn)
         if replica_conn is None:
             with self._primary_connection() as conn:
@@ -191,8 +208,7 @@ class ReadRouter:
             return
         assert self._replica_pool is not None
         try:
-            with replica_conn:
-                yield replica_conn
+            yield replica_conn
         except psycopg.OperationalError as error:
             if replica_conn.broken or isinstance(error, UNREACHABLE_ERRORS):
                 self._replica_failed(error)
@@ -202,13 +218,13 @@ class ReadRouter:
 
     def read(self, work: Callable[[psycopg.Connection], T], *, min_lsn: str | None = None) -> T:
         """`work(conn)` on the replica when it may serve the read, else (or when the replica
-        fails during it, or cancels it for a recovery conflict) on the primary."""
+        fails during it, or cancels it for a recovery conflict) on the primary. `conn` is in
+        autocommit (see `session`): work that needs one snapshot opens `conn.transaction()`."""
         replica_conn = self._replica_connection(min_lsn)
         if replica_conn is not None:
             assert self._replica_pool is not None
             try:
-                with replica_conn:
-                    return work(replica_conn)
+                return work(replica_conn)
             except (psycopg.OperationalError, pg_errors.SerializationFailure) as error:
                 if replica_conn.broken or isinstance(error, UNREACHABLE_ERRORS):
                     self._replica_failed(error)
@@ -220,7 +236,7 @@ class ReadRouter:
 
     def write(self, work: Callable[[psycopg.Connection], T]) -> T:
         """`work(conn)` in one transaction on the primary, committed before this returns."""
-        with self._primary_connection() as conn:
+        with self._primary_connection() as conn, conn.transaction():
             return work(conn)
 
     def current_lsn(self) -> str:
@@ -246,8 +262,7 @@ class ReadRouter:
         except (PoolTimeout, psycopg.OperationalError) as error:
             raise self._unavailable(error) from error
         try:
-            with conn:
-                yield conn
+            yield conn
         except psycopg.OperationalError as error:
             if conn.broken or isinstance(error, UNREACHABLE_ERRORS):
                 raise self._unavailable(error) from error
@@ -276,20 +291,29 @@ class ReadRouter:
             return None
         if min_lsn is None or self.reads_from(min_lsn) == "replica":
             return conn
-        # The last probe is older than the write: ask the replica itself, one round trip.
+        # The last probe (or the last answer here) is older than the write: ask the replica
+        # itself, one round trip, and remember its answer: replay only moves forward while the
+        # replica is up, so later reads up to that position need not ask again.
         try:
-            row = conn.execute(
-                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (min_lsn,)
-            ).fetchone()
+            row = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
         except psycopg.OperationalError as error:
             self._replica_pool.putconn(conn)
             self._replica_failed(error)
             return None
-        if row is not None and row[0]:
-            return conn
-        conn.rollback()
+        replayed = None if row is None or row[0] is None else lsn_to_int(str(row[0]))
+        if replayed is not None:
+            self._replayed_at_least(replayed)
+            if replayed >= lsn_to_int(min_lsn):
+                return conn
         self._replica_pool.putconn(conn)
         return None
+
+    def _replayed_at_least(self, position: int) -> None:
+        """The replica answered that it replayed `position`: keep the larger replay position."""
+        with self._lock:
+            replica = self._replica
+            if replica.up and replica.in_recovery and (replica.replay_lsn or 0) < position:
+                self._replica = dataclasses.replace(replica, replay_lsn=position)
 
     def _replica_may_serve(self) -> bool:
         replica = self._replica
@@ -475,6 +499,22 @@ class ReadRouter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_if_suspect(conn: psycopg.Connection) -> None:
+    """The pool's checkout check, without a round trip for a healthy connection: an idle one
+    has nothing to read, so a readable socket means the server closed it (a restart, a
+    terminated backend: their FATAL and the close arrive unasked) or sent a notice; only then
+    is the connection tried with a round trip (which fails, and the pool drops it). A server
+    host that vanishes without closing is caught by the socket options (`SOCKET_OPTIONS`)."""
+    try:
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+        suspect = bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        suspect = True
+    if suspect:
+        ConnectionPool.check_connection(conn)
 
 
 def _describe(error: BaseException) -> str:

@@ -133,6 +133,110 @@ def test_failed_transaction_leaves_nothing(tmp_path, postgres_url):
         assert corpus.count_captions() == 0
 
 
+def test_a_duplicate_refused_inside_a_pipelined_write_leaves_nothing(tmp_path, postgres_url):
+    """A write's transaction is sent as one pipeline: when a statement in it fails (here:
+    another writer committed these bytes first), the statements after it and the COMMIT are
+    not run, the error is the duplicate, nothing is stored, and the connection serves the
+    next write."""
+    from index.catalog import CaptionRecord, ImageRecord
+    from index.postgres import DuplicateImageError
+
+    rng = np.random.default_rng(11)
+    with _open(tmp_path, postgres_url) as corpus:
+        first = _add(corpus, 0, rng).image
+        with psycopg.connect(postgres_url) as conn:
+            before = conn.execute(
+                "SELECT (SELECT count(*) FROM features), (SELECT count(*) FROM changes), "
+                "(SELECT count(*) FROM captions)"
+            ).fetchone()
+        (image_id,) = corpus.catalog.allocate_ids("images", 1)
+        (caption_id,) = corpus.catalog.allocate_ids("captions", 1)
+        duplicate = ImageRecord(image_id, first.sha256, first.stored_path, 64, 48, 0.0)
+        caption = CaptionRecord(caption_id, image_id, "again", (1, 2), 0.0)
+        features = {pooled_namespace("images", "m1"): {image_id: {"vector": np.ones(DIM)}}}
+        with pytest.raises(DuplicateImageError):
+            corpus.catalog.insert([duplicate], [caption], features=features)
+        with psycopg.connect(postgres_url) as conn:
+            after = conn.execute(
+                "SELECT (SELECT count(*) FROM features), (SELECT count(*) FROM changes), "
+                "(SELECT count(*) FROM captions)"
+            ).fetchone()
+        assert after == before
+        assert _add(corpus, 1, rng).created
+        assert corpus.count_images() == 2
+
+
+def test_round_trips_of_an_ingest_and_of_a_search_read(tmp_path, postgres_url):
+    """An ingest is at most six round trips to the server (content lock, sha256 lookup, two
+    id draws, the pipelined transaction, unlock) and a search's read of its hits one, counted
+    from libpq's protocol trace (bench/postgres_stores.py counts the same way)."""
+    from bench.postgres_stores import RoundTrips
+
+    rng = np.random.default_rng(12)
+    with RoundTrips(tmp_path) as trips, _open(tmp_path, postgres_url) as corpus:
+        corpus.follower.stop()  # its polls share the pool: count the caller's work alone
+        # Pooled connections open and statements prepared (psycopg prepares one, with a round
+        # trip of its own, on its 5th run on a connection; the pool takes turns between them).
+        for n in range(12):
+            _add(corpus, n, rng)
+        trips.take()
+        added = [_add(corpus, n, rng).image.id for n in range(12, 17)]
+        ingest = trips.take() / len(added)
+        images = corpus.get_images(added)
+        read = trips.take()
+    assert sorted(images) == added
+    assert 1 <= ingest <= 6
+    assert read == 1
+
+
+def test_a_caption_committed_while_a_delete_waits_goes_with_its_image(tmp_path, postgres_url):
+    """Another writer's caption of the image commits while the delete waits for the image's
+    row lock (the caption's foreign key holds it): the delete still deletes that caption's
+    features and records its delete change (the caption ids are read after the lock)."""
+    rng = np.random.default_rng(13)
+    namespace = pooled_namespace("captions", "m1")
+    with _open(tmp_path, postgres_url) as corpus, psycopg.connect(postgres_url) as other:
+        image = _add(corpus, 0, rng, captions=1).image
+        late = other.execute(
+            "INSERT INTO captions (id, image_id, text, token_ids, created) "
+            "VALUES (nextval('caption_ids'), %s, 'late', '{1}', 0) RETURNING id",
+            (image.id,),
+        ).fetchone()[0]
+        other.execute(
+            "INSERT INTO features (namespace, item_id, payload) VALUES (%s, %s, 'x')",
+            (namespace, late),
+        )
+        deleted: list[bool] = []
+        thread = threading.Thread(target=lambda: deleted.append(corpus.delete_image(image.id)))
+        thread.start()
+        with psycopg.connect(postgres_url, autocommit=True) as watch:
+            waiting = _eventually(
+                lambda: (
+                    watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    ).fetchone()[0]
+                    == 1
+                ),
+                5.0,
+            )
+        assert waiting is not None, "the delete never waited for the image's row lock"
+        other.commit()
+        thread.join(10)
+        assert deleted == [True]
+        with psycopg.connect(postgres_url) as conn:
+            left = conn.execute(
+                "SELECT count(*) FROM features WHERE namespace = %s AND item_id = %s",
+                (namespace, late),
+            ).fetchone()[0]
+            change = conn.execute(
+                "SELECT count(*) FROM changes WHERE kind = 'captions' AND item_id = %s "
+                "AND op = 'delete'",
+                (late,),
+            ).fetchone()[0]
+        assert (left, change) == (0, 1)
+
+
 def test_add_and_delete_reach_the_other_replica_within_a_second(replicas):
     first, second = replicas
     rng = np.random.default_rng(2)
