@@ -94,8 +94,8 @@ def test_shortlist_inner_product_is_exactly_pooled_plus_w_times_zero_shot(model,
 
 def test_rerank_fusion_undoes_the_shortlist_scale(model):
     shortlist, logits = torch.tensor([0.2, -0.1, 0.5]), torch.tensor([1.0, 2.0, -3.0])
-    a = float(model.network.fusion.shortlist_weight)
-    b = float(model.network.fusion.camp_weight)
+    a = float(model.network.fusion.shortlist_weight.detach())
+    b = float(model.network.fusion.camp_weight.detach())
     np.testing.assert_allclose(model.fuse(shortlist, logits), a * shortlist + b * logits, 1e-5)
     model.set_zero_shot(ZeroShotSettings(weight=0.5, temperature=1.0))
     try:
