@@ -3,6 +3,8 @@ how it travels in a checkpoint (`camp-search zero-shot`)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,25 @@ def test_zero_shot_command_writes_a_new_version_with_its_class_embeddings(tmp_pa
     stored_e = loaded.zero_shot.class_embeddings.clone()
     assert torch.allclose(stored_e, loaded._embed_class_names("a photo of a {}."), atol=1e-5)
     assert loaded.pooled_images(regions).shape == (len(regions), loaded.pooled_dim)
+
+
+def test_evaluate_ranks_with_and_without_the_channel_in_one_run(tmp_path, shared_dir):
+    """`camp-search evaluate --without-zero-shot` on 20 coco-mini photos, the shipped model."""
+    from model.eval.data import read_lines
+    from service.cli.evaluate import run_evaluate
+
+    model = RetrievalModel.load(device="cpu")
+    assert model.zero_shot is not None, "the shipped model carries the zero-shot channel"
+    manifest = shared_dir / "data" / "coco-mini" / "manifest.jsonl"
+    rows = [json.loads(line) for line in read_lines(manifest)[:20]]
+    photos = [decode_image((manifest.parent / r["image"]).read_bytes()).image for r in rows]
+    features = [r.features for r in GridExtractor(device="cpu").extract(photos)]
+    np.save(tmp_path / "dev_ims.npy", np.stack(features).astype(np.float16))
+    captions = [c for r in rows for c in r["captions"][:5]]
+    (tmp_path / "dev_caps.txt").write_text("\n".join(captions) + "\n")
+    result = run_evaluate(
+        tmp_path, "dev", None, None, ["pooled"], "cpu", ks="10", without_zero_shot=True
+    )
+    with_channel, without = result["pooled"]["rsum"], result["without_zero_shot"]["pooled"]["rsum"]
+    assert with_channel != without
+    assert 0 < without <= 600 and 0 < with_channel <= 600
