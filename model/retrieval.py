@@ -26,6 +26,16 @@ from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
 from model.checkpoints.extractor import ExtractorRecord
 from model.devices import DEVICE_AUTO, resolve_device
 from model.types import region_counts_problem
+from model.zeroshot import (
+    GRID_EXTRACTOR,
+    ZeroShotChannel,
+    ZeroShotError,
+    ZeroShotSettings,
+    imagenet_classifier,
+    load_class_names,
+    sentence_vectors,
+    stored_class_embeddings,
+)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
@@ -87,7 +97,10 @@ class RetrievalModel:
         metadata: dict[str, Any] | None = None,
         precision: Precision = "fp32",
         extractor_version: str = "",
+        class_embeddings: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """class_embeddings: the zero-shot channel's E per prompt, when the checkpoint stores
+        it (else computed from the class names on first use)."""
         if precision != "fp32" and precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.network = network.to(device).eval()
@@ -97,7 +110,6 @@ class RetrievalModel:
         self.extractor_config = dict(extractor_config)
         self.extractor_version = extractor_version  # "" when the checkpoint does not say
         self.region_dim = network.spec.region_dim
-        self.pooled_dim = network.pooled_dim
         self.device = device
         self.metadata = dict(metadata or {})
         self.reranker = network.spec.reranker_kind
@@ -110,6 +122,12 @@ class RetrievalModel:
         self._tokenizer = spec.text_kind.tokenizer(
             spec, network.vocabulary, max_words=network.camp_config().max_words
         )
+        # The zero-shot channel (model/zeroshot.py) the checkpoint asks for; None: off
+        self.zero_shot: ZeroShotChannel | None = None
+        self._base_version = version
+        # prompt -> E [1000, 384]: stored in the checkpoint, or built once here
+        self._class_embeddings: dict[str, torch.Tensor] = dict(class_embeddings or {})
+        self.set_zero_shot(ZeroShotSettings.from_metadata(self.metadata), from_checkpoint=True)
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -144,7 +162,69 @@ class RetrievalModel:
             device=resolve_device(device),
             metadata=meta,
             precision=precision,
+            class_embeddings=stored_class_embeddings(checkpoint.extras),
         )
+
+    # -- zero-shot channel -------------------------------------------------------------------
+    def set_zero_shot(
+        self, settings: ZeroShotSettings | None, *, from_checkpoint: bool = False
+    ) -> None:
+        """Turn the zero-shot channel on with `settings` (weight 0 or None: off).
+
+        Only grid (EfficientNet-Lite0 ImageNet) features with a MiniLM text side can carry it.
+        Settings other than the checkpoint's change `version` ("+zs-w..-t.."), so shortlist
+        vectors of two settings never share a namespace or an index.
+        """
+        if settings is None or settings.weight == 0:
+            self.zero_shot = None
+        else:
+            self._check_zero_shot_fits()
+            prompt = settings.prompt
+            if prompt not in self._class_embeddings:
+                self._class_embeddings[prompt] = self._embed_class_names(prompt)
+            weight, bias = imagenet_classifier()
+            self.zero_shot = ZeroShotChannel(
+                weight, bias, self._class_embeddings[prompt], settings
+            ).to(self.device)
+        self.version = self._base_version
+        if not from_checkpoint:
+            stored = ZeroShotSettings.from_metadata(self.metadata)
+            if settings != stored and not (_off(settings) and _off(stored)):
+                self.version += (
+                    "+zs-off"
+                    if _off(settings)
+                    else f"+zs-w{settings.weight:g}-t{settings.temperature:g}"
+                )
+
+    def _check_zero_shot_fits(self) -> None:
+        spec = self.network.spec
+        if self.extractor_name != GRID_EXTRACTOR or spec.region_dim != 1280:
+            raise ZeroShotError(
+                "the zero-shot channel reads EfficientNet-Lite0 grid features; this model's "
+                f"extractor is {self.extractor_name!r} ({spec.region_dim}-d regions)"
+            )
+        if spec.text_encoder != "minilm":
+            raise ZeroShotError(
+                f"the zero-shot channel needs the MiniLM text side, not {spec.text_encoder!r}"
+            )
+        if self.extractor_config.get("weights", "imagenet") != "imagenet":
+            raise ZeroShotError("the zero-shot channel needs the ImageNet grid weights")
+
+    def _embed_class_names(self, prompt: str) -> torch.Tensor:
+        """E [1000, 384]: the class names in `prompt`, embedded as queries are."""
+        texts = [prompt.format(name) for name in load_class_names()]
+        out = []
+        for start in range(0, len(texts), 250):
+            token_ids, _ = self.tokenize(texts[start : start + 250])
+            features, lengths = self.text_features(token_ids)
+            out.append(sentence_vectors(features, lengths))
+        return torch.cat(out)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the shortlist vectors: e, plus 384 with the zero-shot channel on."""
+        extra = self.zero_shot.dim if self.zero_shot is not None else 0
+        return self.network.pooled_dim + extra
 
     @functools.cached_property
     def tensor_version(self) -> str:
@@ -178,6 +258,8 @@ class RetrievalModel:
         features, lengths = self.text_features(token_ids)
         with torch.inference_mode():
             pooled = self.network.pooled_text(features, lengths)
+            if self.zero_shot is not None:
+                pooled = self.zero_shot.augment(pooled, sentence_vectors(features, lengths))
             words = self.network.words_from_features(features, lengths)
             precompute = self.scorer.precompute_captions(words)
         return EncodedTexts(
@@ -240,7 +322,11 @@ class RetrievalModel:
         are real."""
         counts = self._region_counts(region_counts, regions)
         with torch.inference_mode():
-            pooled = self.network.pooled_images(self._regions(regions), counts)
+            features = self._regions(regions)
+            pooled = self.network.pooled_images(features, counts)
+            if self.zero_shot is not None:
+                zero_shot = self.zero_shot.image_vectors(features, counts)
+                pooled = self.zero_shot.augment(pooled, zero_shot)
             return pooled.float().cpu().numpy()
 
     def precompute_images(
@@ -302,12 +388,13 @@ class RetrievalModel:
 
     def fuse(self, shortlist_scores: torch.Tensor, camp_logits: torch.Tensor) -> torch.Tensor:
         """Fused float32 scores; bf16/fp16 logits are widened first, so the shortlist score is
-        never rounded to the reranker's precision."""
+        never rounded to the reranker's precision. With the zero-shot channel the shortlist
+        score is (pooled + w zs) / (1 + w); it is scaled back to pooled + w zs here."""
+        shortlist = shortlist_scores.to(device=camp_logits.device, dtype=torch.float32)
+        if self.zero_shot is not None:
+            shortlist = shortlist * self.zero_shot.shortlist_scale
         with torch.inference_mode():
-            return self.network.fusion(
-                shortlist_scores.to(device=camp_logits.device, dtype=torch.float32),
-                camp_logits.float(),
-            )
+            return self.network.fusion(shortlist, camp_logits.float())
 
     def rerank_pairs(
         self,
@@ -375,3 +462,7 @@ class RetrievalModel:
                 )
             )
         return explanations
+
+
+def _off(settings: ZeroShotSettings | None) -> bool:
+    return settings is None or settings.weight == 0

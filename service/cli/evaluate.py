@@ -56,6 +56,7 @@ def run_evaluate(
     device: str,
     ks: str = "10,50,100,200",
     scores_out: Path | None = None,
+    without_zero_shot: bool = False,
 ) -> dict:
     modes = [m.strip() for m in modes if m.strip()]
     if not modes or set(modes) - set(MODES):
@@ -104,6 +105,8 @@ def run_evaluate(
             on_scores=matrices.update,
         )
     console.print(metrics_table(result, f"{split} ({model.version})", reranker_label(model)))
+    if without_zero_shot:
+        result["without_zero_shot"] = _without_zero_shot(model, dataset, modes, shortlist_sizes)
     if "shortlist_recall" in result:
         recall = result["shortlist_recall"]
         console.print(
@@ -147,3 +150,19 @@ def write_score_matrices(
             camp_scores=scores.astype(np.float32),
         )
     console.print(f"score matrices (images x captions) written to {path}")
+
+
+def _without_zero_shot(
+    model: RetrievalModel, dataset, modes: Sequence[str], ks: Sequence[int]
+) -> dict:
+    """The same split ranked with the model's zero-shot channel off (model/zeroshot.py)."""
+    if model.zero_shot is None:
+        fail(f"{model.version} has no zero-shot channel to compare with")
+    settings = model.zero_shot.settings
+    model.set_zero_shot(None)
+    try:
+        result = evaluate_model(model, dataset, modes=modes, ks=ks)
+        console.print(metrics_table(result, f"{dataset.name} ({model.version})"))
+    finally:
+        model.set_zero_shot(settings)
+    return result

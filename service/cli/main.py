@@ -155,6 +155,9 @@ def evaluate(
     scores: Path | None = typer.Option(
         None, "--scores", help="write the exhaustive score matrices here (.npz)"
     ),
+    without_zero_shot: bool = typer.Option(
+        False, "--without-zero-shot", help="also rank with the zero-shot channel off (same run)"
+    ),
 ) -> None:
     """Recall@K of pooled, exhaustive and two-stage ranking (K=10/50/100/200) on a split.
 
@@ -165,7 +168,15 @@ def evaluate(
     from service.cli.evaluate import run_evaluate
 
     run_evaluate(
-        data, split, checkpoint, json_out, modes.split(","), device, ks=ks, scores_out=scores
+        data,
+        split,
+        checkpoint,
+        json_out,
+        modes.split(","),
+        device,
+        ks=ks,
+        scores_out=scores,
+        without_zero_shot=without_zero_shot,
     )
 
 
@@ -194,6 +205,36 @@ def calibrate(
     from service.cli.calibrate import run_calibrate
 
     run_calibrate(data, split, checkpoint, out, candidates, device, json_out, check=check)
+
+
+@app.command("zero-shot")
+def zero_shot(
+    weight: float = typer.Option(..., "--weight", min=0.0, help="w: fused = trained + w zs"),
+    temperature: float = typer.Option(..., "--temperature", min=1e-6, help="T of the softmax"),
+    version: str = typer.Option(..., "--version", help="the new model version"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="our checkpoint (default: the shipped model)"
+    ),
+    out: Path | None = typer.Option(None, "--out", help="write here (default: in place)"),
+    prompt: str = typer.Option("a photo of a {}.", "--prompt", help="class-name prompt"),
+    chosen_by: str = typer.Option("", "--chosen-by", help="how w and T were chosen (recorded)"),
+) -> None:
+    """Add the zero-shot channel (the ImageNet classifier's predictions named in MiniLM's
+    sentence space, fused into both stages) to a checkpoint as a new model version.
+
+    Choose w and T on dev with bench/zero_shot_channel.py; then run `camp-search calibrate`
+    on the result (the old maps were fitted on other scores and are removed)."""
+    from service.cli.zero_shot import run_zero_shot
+
+    run_zero_shot(
+        checkpoint,
+        out,
+        weight=weight,
+        temperature=temperature,
+        prompt=prompt,
+        version=version,
+        chosen_by=chosen_by,
+    )
 
 
 @app.command("import-checkpoint")
