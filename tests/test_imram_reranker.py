@@ -18,7 +18,7 @@ from shared_paths import PARITY_DIR
 from typer.testing import CliRunner
 
 from model.architecture.encoders import EncodedText
-from model.architecture.imram import ImramModel, ImramOptions
+from model.architecture.imram import ImramMiniLMWordEncoder, ImramModel, ImramOptions
 from model.architecture.imram_precompute import (
     ImramCaptionPrecompute,
     ImramImagePrecompute,
@@ -254,16 +254,17 @@ def test_a_checkpoint_whose_scorer_record_disagrees_with_its_spec_is_refused(tmp
 PHOTOS = 5
 
 
-@pytest.fixture(scope="module")
-def imram_server(tmp_path_factory, shared_dir):
-    """A random-weight IMRAM network (GRU text side, pooled heads, 1280-d grid regions) saved
-    as a checkpoint, loaded back by the service from the path in its settings."""
+@pytest.fixture(scope="module", params=["gru", "minilm"])
+def imram_server(request, tmp_path_factory, shared_dir):
+    """A random-weight IMRAM network (the official GRU text side, or the shipped model's MiniLM
+    words; pooled heads, 1280-d grid regions) saved as a checkpoint, loaded back by the service
+    from the path in its settings."""
     folder = tmp_path_factory.mktemp("imram")
     photos = coco_photos(shared_dir, PHOTOS)
     texts = [caption for _, captions in coco_photos(shared_dir, 239) for caption in captions]
     torch.manual_seed(0)
     spec = NetworkSpec(
-        text_encoder="gru",
+        text_encoder=request.param,
         embed_size=32,
         pooled_dim=16,
         pooled_hidden=32,
@@ -271,7 +272,8 @@ def imram_server(tmp_path_factory, shared_dir):
         scorer="imram",
         scorer_options={"iteration_steps": 2, "mode": "full"},
     )
-    network = RetrievalNetwork(spec, vocabulary=Vocabulary.build(texts, min_count=1))
+    vocabulary = Vocabulary.build(texts, min_count=1) if request.param == "gru" else None
+    network = RetrievalNetwork(spec, vocabulary=vocabulary)
     extractor = {"name": "grid", "config": {"fit": "squash"}, "version": ""}
     path = network.to_checkpoint({"version": "imram-test", "extractor": extractor}).save(
         folder / "imram.pt"
@@ -300,6 +302,8 @@ def test_an_imram_checkpoint_is_served_with_ranked_explained_results(imram_serve
     app, client, photos, ids = imram_server
     model = app.state.service.runtime.model
     assert isinstance(model.scorer, ImramPrecomputedScorer)
+    on_minilm = isinstance(model.network.camp.text_encoder, ImramMiniLMWordEncoder)
+    assert on_minilm == (model.network.spec.text_encoder == "minilm")
     query = photos[0][1][0]
     response = client.post("/v1/search/images", json={"text": query, "limit": 3, "explain": True})
     assert response.status_code == 200, response.text

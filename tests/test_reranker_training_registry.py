@@ -5,15 +5,20 @@ scorer and whether a warm start from the heads exists."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from model.architecture.imram import ImramMiniLMWordEncoder
 from model.architecture.network import NetworkSpec, RetrievalNetwork
 from model.architecture.rerankers import registered_rerankers, reranker_kind
+from model.architecture.scorer import l2norm
 from model.eval.data import load_precomputed
 from model.text.vocab import Vocabulary
+from model.training.features import frozen_split
+from model.training.fusion_tuning import tune_fusion
 from model.training.gru_text import gru_frozen_split
 from model.training.recipes import TrainConfig, TrainConfigError
 from model.training.reranker import (
@@ -23,7 +28,9 @@ from model.training.reranker import (
     train_reranker,
     warm_start_from_heads,
 )
+from model.training.residual import frozen_subset, network_with_seed_heads
 
+REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, DEV_IMAGES = 64, 20
 RERANKER_LR = 5e-4
 INPUT_SIZE = 64  # 2 x 2 grid regions: the real extractor on fewer pixels
@@ -136,30 +143,52 @@ def test_a_residual_start_at_fusion_weight_0_needs_the_fusion_trained(gru_slice)
         train_reranker(network, None, None, config)
 
 
-def test_a_scorer_without_warm_start_is_refused_naming_it(gru_slice):
+@pytest.mark.parametrize("scorer", registered_rerankers())
+def test_a_warm_start_into_a_text_side_without_projection_is_refused(gru_slice, scorer):
+    """The heads' text map has nowhere to go in a GRU: refused, naming what it needs."""
     _, vocabulary, _ = gru_slice
-    network = _network("imram", vocabulary)
-    with pytest.raises(ValueError, match="'imram' scorer has no warm start"):
+    torch.manual_seed(0)
+    spec = NetworkSpec(
+        text_encoder="gru",
+        embed_size=16,
+        word_dim=50,
+        pooled_dim=16,
+        pooled_hidden=32,
+        camp_cosine_skip=True,
+        scorer=scorer,
+    )
+    network = RetrievalNetwork(spec, vocabulary=vocabulary)
+    with pytest.raises(ValueError, match="implemented for the minilm text encoder"):
         warm_start_from_heads(network)
 
 
-def test_a_preset_asking_a_warm_start_the_scorer_lacks_is_refused_on_load(tmp_path):
+@pytest.mark.parametrize("scorer", registered_rerankers())
+def test_a_preset_asking_a_warm_start_it_cannot_do_is_refused_on_load(tmp_path, scorer):
     preset = {
         "recipe": "residual",
         "version": "x",
         "data": {"root": "nowhere"},
         "extractor": {"name": "grid", "config": {"fit": "squash", "input_size": INPUT_SIZE}},
-        "network": {"text_encoder": "gru", "scorer": "imram"},
+        "network": {"text_encoder": "gru", "scorer": scorer, "embed_size": 16, "pooled_dim": 16},
         "reranker": {"warm_start": True},
         "out": str(tmp_path / "runs"),
     }
     path = tmp_path / "preset.json"
     path.write_text(json.dumps(preset))
-    with pytest.raises(TrainConfigError, match=r"reranker\.warm_start: the 'imram' scorer"):
+    with pytest.raises(TrainConfigError, match=r"reranker\.warm_start .* text_encoder 'minilm'"):
         TrainConfig.load(path)
+    preset["network"]["text_encoder"] = "minilm"
+    preset["network"]["pooled_dim"] = 32
+    path.write_text(json.dumps(preset))
+    with pytest.raises(TrainConfigError, match="embed_size == pooled_dim"):
+        TrainConfig.load(path)
+    preset["network"]["pooled_dim"] = 16
+    path.write_text(json.dumps(preset))
+    assert TrainConfig.load(path).network["scorer"] == scorer
+    preset["network"]["text_encoder"] = "gru"
     preset["reranker"]["warm_start"] = False
     path.write_text(json.dumps(preset))
-    assert TrainConfig.load(path).network["scorer"] == "imram"
+    assert TrainConfig.load(path).network["scorer"] == scorer
 
 
 def test_train_command_runs_the_residual_recipe_with_imram(gru_slice, tmp_path):
@@ -214,3 +243,145 @@ def test_train_command_runs_the_residual_recipe_with_imram(gru_slice, tmp_path):
     model = RetrievalModel.load(tmp_path / "run" / "best.pt", device="cpu")
     assert model.network.spec.scorer == "imram"
     assert model.network.spec.scorer_options == {"iteration_steps": 2}
+
+
+# -- the shipped text side: frozen MiniLM token features ------------------------------------------
+def _minilm_network(scorer: str, *, warm_start: bool = True) -> RetrievalNetwork:
+    """The default recipe's network shape, small: MiniLM words projected to d = pooled_dim."""
+    torch.manual_seed(0)
+    spec = NetworkSpec(
+        text_encoder="minilm",
+        embed_size=32,
+        pooled_dim=32,
+        pooled_hidden=64,
+        camp_cosine_skip=True,
+        scorer=scorer,
+    )
+    network = network_with_seed_heads(spec)
+    for parameter in network.heads.parameters():
+        parameter.requires_grad_(False)
+    if warm_start:
+        warm_start_from_heads(network)
+    return network
+
+
+@pytest.fixture(scope="module")
+def minilm_slice(gru_slice):
+    """The same 64 + 20 images with their captions' MiniLM token features (cached on first use)."""
+    _, _, root = gru_slice
+    cache = root / "text-cache"
+    train = frozen_split(load_precomputed(root / "precomp", "train"), cache)
+    dev = frozen_split(load_precomputed(root / "precomp", "dev"), cache)
+    return train, dev
+
+
+def test_every_scorer_starts_from_the_same_heads_and_leaves_the_rng_as_the_default_does():
+    """What makes the scorers comparable: from one seed, every scorer's network holds the default
+    network's initial heads, and the draws after it (pooled stage, reranker) are the same."""
+    networks, after = {}, {}
+    for scorer in registered_rerankers():
+        networks[scorer] = _minilm_network(scorer, warm_start=False)
+        after[scorer] = torch.rand(4)
+    default = networks.pop("camp")
+    for scorer, network in networks.items():
+        assert network.spec.scorer == scorer
+        for (name, mine), theirs in zip(
+            network.heads.state_dict().items(), default.heads.state_dict().values(), strict=True
+        ):
+            assert torch.equal(mine, theirs), (scorer, name)
+        assert torch.equal(after[scorer], after["camp"]), scorer
+    torch.manual_seed(0)
+    plain = RetrievalNetwork(default.spec, backbone=None)
+    assert torch.equal(torch.rand(4), after["camp"])  # CAMP's own runs are unchanged
+    states = zip(plain.state_dict().values(), default.state_dict().values(), strict=True)
+    assert all(torch.equal(mine, theirs) for mine, theirs in states)
+
+
+def test_imram_on_minilm_reads_unit_words_and_warm_starts_in_the_heads_linear_space(minilm_slice):
+    train, _ = minilm_slice
+    network = _minilm_network("imram")
+    encoder = network.camp.text_encoder
+    assert isinstance(encoder, ImramMiniLMWordEncoder)
+    features, lengths = train.tokens.batch(np.arange(6))
+    words = network.words_from_features(features, lengths)
+    norms = words.words.norm(dim=-1)
+    real = words.mask
+    torch.testing.assert_close(norms[real], torch.ones_like(norms[real]))
+    assert norms[~real].abs().max() == 0 and (~real).any()
+    heads = network.heads
+    expected = l2norm(heads.text.linear(features[:, : int(lengths.max())]))[real]
+    torch.testing.assert_close(words.words[real], expected)
+    regions = train.regions(np.arange(2))
+    torch.testing.assert_close(
+        network.camp.image_encoder(regions), l2norm(heads.image.linear(regions))
+    )
+    # Its scores sum 3 steps x 2 directions of mean cosines: its unit is the heads' scale / 6.
+    scale = reranker_kind("imram").score_scale(network)
+    assert scale == pytest.approx(float(heads.logit_scale) / 6)
+    assert reranker_kind("camp").score_scale(_minilm_network("camp")) == 1.0
+
+
+@pytest.mark.parametrize("scorer", registered_rerankers())
+def test_the_default_recipe_trains_every_scorer_on_minilm_words(minilm_slice, scorer):
+    """The shipped recipe's reranker stage (warm start, scorer alone, in-batch negatives): the
+    loss falls for every scorer, and the fusion is tuned on its scale's grid."""
+    train, dev = minilm_slice
+    network = _minilm_network(scorer)
+    config = RerankerTrainingConfig(
+        steps=30, queries_per_direction=8, lr=3e-3, residual=False, negatives_from="batch"
+    )
+    scale = reranker_kind(scorer).score_scale(network)
+    losses = train_reranker(network, train, None, config)
+    assert network.fusion.camp_weight.item() == pytest.approx(scale)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05, losses
+    weight, sweep = tune_fusion(
+        network, frozen_subset(dev, DEV_IMAGES), 10, float(network.heads.logit_scale)
+    )
+    assert set(sweep) == {
+        w * scale for w in (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1000.0)
+    }
+    assert network.fusion.camp_weight.item() == pytest.approx(weight)
+
+
+def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice, tmp_path):
+    """model/configs/train_imram_cpu.json, shrunk to the slice (sizes, steps, paths only): the
+    recipe runs end to end and its checkpoint serves IMRAM over MiniLM words with the heads."""
+    from typer.testing import CliRunner
+
+    from model.retrieval import RetrievalModel
+    from service.cli.main import app
+
+    _, _, root = gru_slice
+    config = json.loads((REPO / "model" / "configs" / "train_imram_cpu.json").read_text())
+    shipped = json.loads((REPO / "model" / "configs" / "train_default_cpu.json").read_text())
+    differs = {k for k in shipped if shipped[k] != config[k]}
+    assert differs == {"version", "notes", "network", "out"}
+    assert {k: v for k, v in config["network"].items() if k != "scorer"} == shipped["network"]
+    config["data"] = {
+        **config["data"],
+        "root": str(root / "precomp"),
+        "text_cache": str(root / "text-cache"),
+    }
+    config["extractor"]["config"]["input_size"] = INPUT_SIZE
+    config["network"].update(embed_size=16, pooled_dim=16, pooled_hidden=32)
+    config["network"]["scorer_options"] = {"iteration_steps": 2}
+    config["pooled"].update(epochs=2, batch_size=32)
+    config["reranker"].update(epochs=1, steps=4, queries_per_direction=4)
+    config["selection"] = {"dev_images": DEV_IMAGES, "k": 10}
+    config["out"] = str(tmp_path / "run")
+    path = tmp_path / "imram.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    events = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled", "reranker"]
+    fusion = next(e for e in events if e["event"] == "fusion")
+    assert len(fusion["sweep"]) == 12 and fusion["camp_weight"] in map(float, fusion["sweep"])
+    model = RetrievalModel.load(tmp_path / "run" / "best.pt", device="cpu")
+    spec = model.network.spec
+    assert (spec.scorer, spec.text_encoder) == ("imram", "minilm")
+    assert isinstance(model.network.camp.text_encoder, ImramMiniLMWordEncoder)
+    assert model.network.heads is not None
+    assert model.network.fusion.camp_weight.item() == pytest.approx(fusion["camp_weight"])

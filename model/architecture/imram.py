@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.architecture.cross_modal import CrossModalModel
-from model.architecture.encoders import EncodedText, GRUTextEncoder
+from model.architecture.encoders import EncodedText, GRUTextEncoder, length_mask
 from model.architecture.scorer import l2norm, masked_logits
 from model.checkpoints.config import CampConfig, ConfigError, config_from_dict
+from model.text.minilm import MiniLMWordEncoder
 
 IMRAM_MODES = ("full", "text", "image")
 # LeakyReLU slope of the "clipped_l2norm" attention (`nn.LeakyReLU(0.1)` in func_attention).
@@ -119,6 +120,21 @@ class ImramTextEncoder(GRUTextEncoder):
     def forward(self, token_ids: Tensor, lengths: Tensor) -> EncodedText:
         text = super().forward(token_ids, lengths)
         return EncodedText(words=l2norm(text.words), lengths=text.lengths)
+
+
+class ImramMiniLMWordEncoder(MiniLMWordEncoder):
+    """The shipped model's text side for IMRAM: frozen all-MiniLM-L6-v2 token features projected
+    to d (`MiniLMWordEncoder`, as CAMP's minilm text encoder), then IMRAM's l2norm of every
+    word, as its own encoder ends; padded slots stay zero."""
+
+    def project(self, features: Tensor, lengths: Tensor) -> EncodedText:
+        width = int(lengths.max())
+        padding = ~length_mask(lengths.to(features.device), width).unsqueeze(-1)
+        # Padded slots are set to a constant before the norm (a zero row's norm has a 0/0
+        # gradient, NaN through the sqrt) and to zero after it.
+        projected = self.projection(features[:, :width]).masked_fill(padding, 1.0)
+        words = l2norm(projected).masked_fill(padding, 0.0)
+        return EncodedText(words=words, lengths=lengths.to(words.device))
 
 
 @dataclass
@@ -520,6 +536,7 @@ class ImramModel(CrossModalModel):
 __all__ = [
     "IMRAM_MODES",
     "ImramImageEncoder",
+    "ImramMiniLMWordEncoder",
     "ImramModel",
     "ImramOptions",
     "ImramScorer",

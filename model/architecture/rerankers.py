@@ -22,7 +22,13 @@ from torch import Tensor, nn
 from model.architecture.camp import CampModel
 from model.architecture.encoders import ImageEncoder
 from model.architecture.fusion import CampLogitScorer
-from model.architecture.imram import ImramModel, ImramOptions
+from model.architecture.imram import (
+    ImramImageEncoder,
+    ImramMiniLMWordEncoder,
+    ImramModel,
+    ImramOptions,
+    ImramScorer,
+)
 from model.architecture.imram_precompute import (
     ImramCaptionPrecompute,
     ImramImagePrecompute,
@@ -66,7 +72,11 @@ class RerankerKind:
     (the residual start: the ranking begins as the shortlist's); None when the scorer has no
     such layer, and the residual start then sets the fusion's scorer weight to 0 instead;
     warm_start: network -> None, starts the scorer from the shortlist heads' linear maps;
-    None when the scorer has no such start (a preset asking for one is refused).
+    None when the scorer has no such start (a preset asking for one is refused);
+    score_scale: network -> the weight its scores get in the loss when it trains alone and the
+    unit of the fusion weights tuned on dev: 1 for a scorer that returns logits (CAMP), the
+    heads' InfoNCE scale over the number of cosines summed for one that returns a sum of
+    cosines (IMRAM), so every scorer trains at the temperature the shortlist learned.
     """
 
     name: str
@@ -84,6 +94,7 @@ class RerankerKind:
     ]
     zero_output: Callable[[nn.Module], None] | None = None
     warm_start: Callable[[Any], None] | None = None
+    score_scale: Callable[[Any], float] = lambda network: 1.0
 
     def build_model(self, config: CampConfig, options: Mapping[str, Any] | None = None):
         return self.build(config, dict(options or {}))
@@ -202,15 +213,58 @@ def _build_imram(config: CampConfig, options: Mapping[str, Any]) -> ImramModel:
     return ImramModel.from_config(config, ImramOptions.from_dict(options))
 
 
+IMRAM_TEXT_ENCODERS = ("gru", "minilm")
+
+
 def _imram_for_network(
     spec: NetworkSpec, vocabulary: Vocabulary | None, backbone: Any, config: CampConfig
 ) -> ImramModel:
-    if spec.text_encoder != "gru":
+    """The official model over the GRU (parity, imported checkpoints), or over the shipped
+    text side: MiniLM token features projected to d, then IMRAM's per-word l2norm."""
+    options = ImramOptions.from_dict(spec.scorer_options)
+    if spec.text_encoder == "gru":
+        return ImramModel.from_config(config, options)
+    if spec.text_encoder != "minilm":
         raise ConfigError(
-            f"IMRAM reads the words of its own bi-GRU text encoder; text_encoder "
+            f"IMRAM reads l2-normalised words of one of {IMRAM_TEXT_ENCODERS}; text_encoder "
             f"{spec.text_encoder!r} is not supported with it"
         )
-    return ImramModel.from_config(config, ImramOptions.from_dict(spec.scorer_options))
+    text_encoder = spec.text_kind.build(spec, vocabulary, backbone)
+    return ImramModel(
+        image_encoder=ImramImageEncoder(img_dim=spec.region_dim, embed_size=spec.embed_size),
+        text_encoder=ImramMiniLMWordEncoder(
+            embed_size=spec.embed_size,
+            hidden_size=text_encoder.hidden_size,
+            backbone=text_encoder.backbone,
+        ),
+        scorer=ImramScorer(embed_size=spec.embed_size, options=options),
+        config=config,
+    )
+
+
+def _imram_warm_start(network: Any) -> None:
+    """IMRAM's encoders <- the heads' linear maps (its l2norms follow, as the heads' do); the
+    memory layers keep their initialisation. Each step's score compares the encoder's
+    fragments with the attended context, so at the start it reads the heads' linear space."""
+    spec, heads, imram = network.spec, network.heads, network.camp
+    if heads is None or spec.embed_size != spec.pooled_dim:
+        raise ValueError("warm start needs shortlist heads and embed_size == pooled_dim")
+    if not isinstance(imram.text_encoder, ImramMiniLMWordEncoder):
+        raise ValueError("warm start is implemented for the minilm text encoder")
+    with torch.no_grad():
+        imram.image_encoder.fc.load_state_dict(heads.image.linear.state_dict())
+        imram.text_encoder.projection.load_state_dict(heads.text.linear.state_dict())
+
+
+def _imram_score_scale(network: Any) -> float:
+    """The heads' InfoNCE scale per summed cosine: IMRAM's score sums K step cosines per
+    direction, so scale x score is the mean cosine at the shortlist's temperature."""
+    if network.heads is None:
+        return 1.0
+    options = network.camp.scorer.options
+    return float(network.heads.logit_scale.detach()) / (
+        options.iteration_steps * len(options.directions)
+    )
 
 
 def _imram_explanation(maps: Any) -> ExplanationTensors:
@@ -248,6 +302,8 @@ IMRAM = register_reranker(
         display_score=lambda scores: scores,  # a sum of cosines, already a similarity
         check_options=_check_imram_options,
         max_words=IMRAM_MAX_WORDS,
+        warm_start=_imram_warm_start,
+        score_scale=_imram_score_scale,
     )
 )
 

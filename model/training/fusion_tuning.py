@@ -49,7 +49,11 @@ def tune_fusion(
     camp_weights: Sequence[float] = CAMP_WEIGHTS,
 ) -> tuple[float, dict[float, dict]]:
     """Set fusion = (shortlist_weight, best camp weight by two-stage rsum at K); returns
-    (best weight, {weight: metrics at K})."""
+    (best weight, {weight: metrics at K}). The candidates are `camp_weights` in units of the
+    scorer's registry scale (CAMP's logits: 1; IMRAM's sum of cosines: the heads' scale per
+    cosine), so one grid fits every scorer."""
+    scale = network.spec.reranker_kind.score_scale(network)
+    camp_weights = [weight * scale for weight in camp_weights]
     pooled = pooled_scores(network, data)
     recorded = _RecordedPairs(network, data, pooled)
     two_stage_metrics(pooled, recorded.record, ks=(k,))

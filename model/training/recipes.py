@@ -77,11 +77,8 @@ class TrainConfig:
             spec = NetworkSpec.from_dict(config.network)
         except ValueError as exc:
             raise TrainConfigError(f"{path}: network: {exc}") from exc
-        if config.reranker.get("warm_start") and spec.reranker_kind.warm_start is None:
-            raise TrainConfigError(
-                f"{path}: reranker.warm_start: the {spec.scorer!r} scorer has no warm start "
-                "from the shortlist heads; set it to false"
-            )
+        if config.reranker.get("warm_start"):
+            config._check_warm_start(path, spec)
         if config.recipe == "heads_imported":  # the extractor record is the imported model's
             config._check_heads_imported(path)
             return config
@@ -91,6 +88,23 @@ class TrainConfig:
         except (ExtractorRecordError, InvalidExtractorConfig, UnknownExtractor) as exc:
             raise TrainConfigError(f"{path}: extractor: {exc}") from exc
         return config
+
+    @staticmethod
+    def _check_warm_start(path: str | Path, spec: NetworkSpec) -> None:
+        """A warm start copies the heads' linear maps into the scorer's encoders: the scorer
+        must have one, the text side a projection to copy into (minilm), and d the heads' width."""
+        if spec.reranker_kind.warm_start is None:
+            raise TrainConfigError(
+                f"{path}: reranker.warm_start: the {spec.scorer!r} scorer has no warm start "
+                "from the shortlist heads; set it to false"
+            )
+        if spec.text_encoder != "minilm" or spec.embed_size != spec.pooled_dim:
+            raise TrainConfigError(
+                f"{path}: reranker.warm_start copies the heads' linear maps into the "
+                f"{spec.scorer!r} scorer's encoders: it needs text_encoder 'minilm' (got "
+                f"{spec.text_encoder!r}) and embed_size == pooled_dim (got {spec.embed_size} "
+                f"and {spec.pooled_dim}); set it to false"
+            )
 
     def _check_heads_imported(self, path: str | Path) -> None:
         if not self.init.get("checkpoint"):

@@ -188,10 +188,10 @@ def train_reranker(
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     optimizer = optimizer or reranker_optimizer(network, config)
-    if not config.residual:
+    if not config.residual:  # the scorer alone, at its registry entry's scale (CAMP: 1)
         with torch.no_grad():
             network.fusion.shortlist_weight.fill_(0.0)
-            network.fusion.camp_weight.fill_(1.0)
+            network.fusion.camp_weight.fill_(network.spec.reranker_kind.score_scale(network))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     scorer = network.pair_scorer()
     caption_image = data.caption_image

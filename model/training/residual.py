@@ -7,6 +7,7 @@ checkpoint is chosen by the dev rsum of two-stage ranking at the product's K on 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -58,6 +59,33 @@ def frozen_subset(data: FrozenSplit, images: int) -> FrozenSplit:
     )
 
 
+# The scorer whose network's draws from the seed start every run's shortlist heads.
+HEADS_SEED_SCORER = "camp"
+
+
+def network_with_seed_heads(
+    spec: NetworkSpec, vocabulary: Vocabulary | None = None
+) -> RetrievalNetwork:
+    """`RetrievalNetwork(spec)` whose shortlist heads start as the default (CAMP) network's do
+    from the current seed, and which leaves the global RNG where that network leaves it.
+
+    The heads are built after the scorer, so without this a scorer with other parameters would
+    start (and, the heads' stage being deterministic, end) with other heads: the scorers could
+    not be compared on the same shortlist. CAMP's runs are unchanged by it.
+    """
+    reference = RetrievalNetwork(
+        dataclasses.replace(spec, scorer=HEADS_SEED_SCORER, scorer_options={}),
+        vocabulary=vocabulary,
+        backbone=None,
+    )
+    if spec.scorer == HEADS_SEED_SCORER:
+        return reference
+    with torch.random.fork_rng(devices=[]):
+        network = RetrievalNetwork(spec, vocabulary=vocabulary, backbone=None)
+    network.heads.load_state_dict(reference.heads.state_dict())
+    return network
+
+
 def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Console) -> Path:
     """Train and return the path of the best checkpoint."""
     torch.manual_seed(config.seed)
@@ -74,11 +102,11 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
         vocabulary = Vocabulary.build(
             train_split.captions, min_count=int(config.data.get("min_count", DEFAULT_MIN_COUNT))
         )
-        network = RetrievalNetwork(spec, vocabulary=vocabulary)
+        network = network_with_seed_heads(spec, vocabulary)
         train_means = region_means(train_split.images, train_split.region_counts)
         console.print(f"vocabulary: {len(vocabulary)} words (count >= min_count in train)")
     else:
-        network = RetrievalNetwork(spec, backbone=None)
+        network = network_with_seed_heads(spec)
         started = time.perf_counter()
         cache = Path(config.data["text_cache"])
         train = frozen_split(train_split, cache)
