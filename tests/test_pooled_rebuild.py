@@ -168,3 +168,55 @@ def test_without_region_features_a_new_model_version_is_refused_naming_what_to_r
         )
         assert "CAMPSEARCH_KEEP_REGION_FEATURES=false" in detail
         assert "camp-search ingest" in detail
+
+
+def test_postgres_one_replica_re_embeds_and_the_others_follow(
+    tmp_path, tiny_retrieval_model, small_grid_extractor, shared_dir, postgres_url, monkeypatch
+) -> None:
+    """PostgreSQL mode: one replica re-embeds for the database under the rebuild lock; the
+    change rows it writes with the vectors bring them into the other replica's index (that
+    replica computes nothing), which then finds nothing left to do."""
+    settings = make_settings(tmp_path / "shared", database_url=postgres_url)
+    app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+    with running_client(app) as client:
+        ids = upload_coco_photos(client, shared_dir, PHOTOS, CAPTIONS)
+    total = PHOTOS * CAPTIONS
+    new_model = retrained(tiny_retrieval_model, version=f"{tiny_retrieval_model.version}-next")
+    text = coco_photos(shared_dir, 1)[0][1][0]
+
+    real_start = PooledRebuild.start
+    monkeypatch.setattr(PooledRebuild, "start", lambda self: None)
+    follower_app = create_app(settings, model=new_model, extractor=small_grid_extractor)
+    with running_client(follower_app) as follower:
+        waiting = follower_app.state.service.runtime
+        assert corpus_counts(waiting.corpus) == (0, 0)  # nothing of the old version
+        assert _component(follower, "pooled_vectors")["detail"] == (
+            f"rebuilding on this replica (images 0/{PHOTOS}, captions 0/{total})"
+        )
+        monkeypatch.setattr(PooledRebuild, "start", real_start)
+        builder_app = create_app(settings, model=new_model, extractor=small_grid_extractor)
+        with running_client(builder_app) as builder:
+            building = builder_app.state.service.runtime
+            _wait_for(building.pooled_rebuild)
+            assert building.pooled_rebuild.built == {"images": PHOTOS, "captions": total}
+            assert _component(builder, "pooled_vectors")["detail"] == (
+                f"complete (images {PHOTOS}/{PHOTOS}, captions {total}/{total})"
+            )
+            deadline = time.monotonic() + REBUILD_WAIT_S
+            while corpus_counts(waiting.corpus) != (PHOTOS, total):
+                assert time.monotonic() < deadline, corpus_counts(waiting.corpus)
+                time.sleep(0.05)
+            found = follower.post("/v1/search/images", json={"text": text, "limit": PHOTOS})
+            assert found.status_code == 200
+            assert sorted(hit["id"] for hit in found.json()["results"]) == sorted(ids)
+            query = new_model.encode_texts([text]).pooled[0]
+            for hit in found.json()["results"]:
+                direct = float(query @ waiting.corpus.get_pooled("images", [hit["id"]])[hit["id"]])
+                assert hit["shortlist_score"] == pytest.approx(direct, abs=1e-4)
+
+            real_start(waiting.pooled_rebuild)  # takes the lock, finds nothing left
+            _wait_for(waiting.pooled_rebuild)
+            assert waiting.pooled_rebuild.built == {"images": 0, "captions": 0}
+            assert _component(follower, "pooled_vectors")["detail"] == (
+                f"complete (images {PHOTOS}/{PHOTOS}, captions {total}/{total})"
+            )
