@@ -23,6 +23,7 @@ from service_support import (
     upload_coco_photos,
 )
 
+from index.corpus import Corpus
 from index.namespaces import pooled_namespace
 from service.api.app import create_app
 from service.search.tensor_rebuild import PooledRebuild
@@ -220,3 +221,32 @@ def test_postgres_one_replica_re_embeds_and_the_others_follow(
             assert _component(follower, "pooled_vectors")["detail"] == (
                 f"complete (images {PHOTOS}/{PHOTOS}, captions {total}/{total})"
             )
+
+
+def test_pooled_vectors_are_re_embedded_before_the_rerank_tensors(
+    tmp_path, tiny_retrieval_model, small_grid_extractor, shared_dir, monkeypatch
+) -> None:
+    """Items are unsearchable without a pooled vector, while missing tensors are computed on
+    the fly: the tensor rebuild waits for the pooled one."""
+    settings = make_settings(tmp_path / "data")
+    app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
+    with running_client(app) as client:
+        upload_coco_photos(client, shared_dir, PHOTOS, CAPTIONS)
+
+    stored: list[str] = []
+    for method, what in (("put_pooled", "pooled"), ("put_rerank_tensors", "tensors")):
+        real = getattr(Corpus, method)
+
+        def recording(self, kind, records, _real=real, _what=what):
+            stored.append(_what)
+            return _real(self, kind, records)
+
+        monkeypatch.setattr(Corpus, method, recording)
+    new_model = retrained(tiny_retrieval_model, version=f"{tiny_retrieval_model.version}-next")
+    app = create_app(settings, model=new_model, extractor=small_grid_extractor)
+    with running_client(app):
+        runtime = app.state.service.runtime
+        _wait_for(runtime.pooled_rebuild)
+        _wait_for(runtime.rebuild)
+        assert runtime.pooled_rebuild.finished and runtime.rebuild.finished
+    assert stored == ["pooled"] * 2 + ["tensors"] * 2  # one batch per kind each
