@@ -671,11 +671,19 @@ class Corpus:
         """Store rebuilt shortlist vectors of the current model for items that still exist
         (one transaction), then add them to the index so they become searchable. PostgreSQL
         mode: the same transaction appends an "add" change per item, so the other replicas'
-        followers add them to their indexes too. Returns how many were stored."""
+        followers add them to their indexes too. A vector ingest would refuse (not finite, all
+        zeros) is left out and logged. Returns how many were stored."""
         with self._write_lock:
             ids = [int(i) for i in vectors]
             present = self.catalog.get_images(ids) if kind == "images" else self.get_captions(ids)
-            kept = {i: {POOLED_KEY: self._pooled(vectors[i])} for i in ids if i in present}
+            kept: dict[int, Mapping[str, np.ndarray]] = {}
+            for i in ids:
+                if i not in present:
+                    continue
+                try:
+                    kept[i] = {POOLED_KEY: self._pooled(vectors[i])}
+                except DimensionError as error:  # ingest would refuse it too; keep going
+                    logger.error("%s %d not re-embedded: %s", kind, i, error)
             if not kept:
                 return 0
             namespace = pooled_namespace(kind, self.model_version)
