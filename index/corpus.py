@@ -30,6 +30,9 @@ Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
     store; if it loads but its ids differ from the catalog's (a crash after step 4 before the
     next save), it is RECONCILED: missing ids added from the store, extra ids removed.
     Either way a warning says so and why, and the repaired index is saved.
+  * items without a pooled vector of the current model version (a version change) stay out of
+    the index (versions never mix) and are counted in `recovery.missing_pooled`; the service
+    re-embeds them in the background (`put_pooled`, service/search/tensor_rebuild.py).
 """
 
 from __future__ import annotations
