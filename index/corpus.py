@@ -30,6 +30,9 @@ Recovery rule (`Corpus.open`): THE CATALOG IS THE TRUTH.
     store; if it loads but its ids differ from the catalog's (a crash after step 4 before the
     next save), it is RECONCILED: missing ids added from the store, extra ids removed.
     Either way a warning says so and why, and the repaired index is saved.
+  * items without a pooled vector of the current model version (a version change) stay out of
+    the index (versions never mix) and are counted in `recovery.missing_pooled`; the service
+    re-embeds them in the background (`put_pooled`, service/search/tensor_rebuild.py).
 """
 
 from __future__ import annotations
@@ -663,9 +666,61 @@ class Corpus:
             namespace = rerank_namespace(kind, self.tensor_version)
             if isinstance(self.store, PostgresFeatureStore):
                 # Another replica may delete meanwhile: the write locks the rows it keeps.
-                return self.store.write_owned(kind, namespace, kept)
+                return len(self.store.write_owned(kind, namespace, kept))
             self.store.write({namespace: kept})
             return len(kept)
+
+    def put_pooled(self, kind: Kind, vectors: Mapping[int, np.ndarray]) -> int:
+        """Store rebuilt shortlist vectors of the current model for items that still exist
+        (one transaction), then add them to the index so they become searchable. PostgreSQL
+        mode: the same transaction appends an "add" change per item, so the other replicas'
+        followers add them to their indexes too. A vector ingest would refuse (not finite, all
+        zeros) is left out and logged. Returns how many were stored."""
+        with self._write_lock:
+            ids = [int(i) for i in vectors]
+            present = self.catalog.get_images(ids) if kind == "images" else self.get_captions(ids)
+            kept: dict[int, Mapping[str, np.ndarray]] = {}
+            for i in ids:
+                if i not in present:
+                    continue
+                try:
+                    kept[i] = {POOLED_KEY: self._pooled(vectors[i])}
+                except DimensionError as error:  # ingest would refuse it too; keep going
+                    logger.error("%s %d not re-embedded: %s", kind, i, error)
+            if not kept:
+                return 0
+            namespace = pooled_namespace(kind, self.model_version)
+            if isinstance(self.store, PostgresFeatureStore):
+                stored = self.store.write_owned(kind, namespace, kept, announce=True)
+            else:
+                self.store.write({namespace: kept})
+                stored = list(kept)
+            fresh = [i for i in stored if i not in self.indexes[kind]]
+            if fresh:
+                with self._visibility.write():
+                    self.indexes[kind].add(fresh, np.stack([kept[i][POOLED_KEY] for i in fresh]))
+                self._dirty = not self.shared
+            return len(stored)
+
+    def ids_without_pooled(self, kind: Kind) -> np.ndarray:
+        """Catalog ids of `kind` without a shortlist vector of the current model (not
+        searchable until one is stored: a model change), sorted."""
+        present = self.catalog.image_ids() if kind == "images" else self.catalog.caption_ids()
+        return np.setdiff1d(present, self.store.ids(pooled_namespace(kind, self.model_version)))
+
+    def pooled_counts(self, kind: Kind) -> tuple[int, int]:
+        """(items with a shortlist vector of the current model, items) of `kind` (see
+        `rerank_tensor_counts`)."""
+        stored = self.store.count(pooled_namespace(kind, self.model_version))
+        items = self.count_images() if kind == "images" else self.count_captions()
+        return stored, items
+
+    def pooled_rebuild_lock(self) -> SessionLock | None:
+        """PostgreSQL mode: the lock that lets one replica at a time re-embed the items
+        without this model's shortlist vectors; None with the embedded stores."""
+        if self.database is None:
+            return None
+        return SessionLock(self.database, f"pooled-vector-rebuild:{self.model_version}")
 
     def ids_without_rerank_tensors(self, kind: Kind) -> np.ndarray:
         """Catalog ids of `kind` that have no rerank tensors of the current version, sorted."""
@@ -825,9 +880,9 @@ class Corpus:
                 )
                 if rows > len(index):  # rows without a vector of this model (a model change)
                     self.recovery.missing_pooled[kind] = rows - len(index)
-                    logger.error(
-                        "%d %s have no pooled vector for model %s and are not searchable: "
-                        "re-embed them",
+                    logger.warning(
+                        "%d %s have no pooled vector for model %s and are not searchable "
+                        "until re-embedded: re-embedding in the background",
                         rows - len(index),
                         kind,
                         self.model_version,
@@ -1003,8 +1058,9 @@ class Corpus:
                 index.add(list(found), vectors)
         if lost:
             self.recovery.missing_pooled[kind] = lost
-            logger.error(
-                "%d %s have no pooled vector for model %s and are not searchable: re-embed them",
+            logger.warning(
+                "%d %s have no pooled vector for model %s and are not searchable until "
+                "re-embedded: re-embedding in the background",
                 lost,
                 kind,
                 self.model_version,

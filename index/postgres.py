@@ -898,10 +898,19 @@ class PostgresFeatureStore:
                     (namespace, [int(i) for i in ids]),
                 )
 
-    def write_owned(self, table: Table, namespace: str, items: Mapping[int, Arrays]) -> int:
+    def write_owned(
+        self,
+        table: Table,
+        namespace: str,
+        items: Mapping[int, Arrays],
+        *,
+        announce: bool = False,
+    ) -> list[int]:
         """Store records of items that still exist in `table`, locking their catalog rows so
         a concurrent delete (another replica's) waits: nothing is left that no row owns.
-        Returns how many were stored."""
+        `announce`: also append an "add" change per stored item, in the same transaction, so
+        every replica's follower adds its (new) pooled vector to its index. Returns the ids
+        stored."""
         encoded = {int(i): encode_arrays(arrays) for i, arrays in items.items()}
         with self.database.write_transaction() as conn:
             present = {
@@ -915,7 +924,9 @@ class PostgresFeatureStore:
             }
             kept = {i: value for i, value in encoded.items() if i in present}
             write_features(conn, {namespace: kept}, replace=True)
-        return len(kept)
+            if announce:
+                record_changes(conn, [(table, i, "add") for i in kept])
+        return list(kept)
 
     def get_many(self, namespace: str, ids: Iterable[int]) -> dict[int, dict[str, np.ndarray]]:
         return {

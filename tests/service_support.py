@@ -51,16 +51,17 @@ def tiny_model(words: list[str]) -> RetrievalModel:
     )
 
 
-def retrained(model: RetrievalModel) -> RetrievalModel:
+def retrained(model: RetrievalModel, version: str | None = None) -> RetrievalModel:
     """The same model version with other weights (a retrained checkpoint kept its name): a new
-    tensor version, what a model change looks like to the stored rerank tensors."""
+    tensor version, what a model change looks like to the stored rerank tensors. With
+    `version`, a new model version too: its pooled vectors are keyed apart (an upgrade)."""
     network = copy.deepcopy(model.network)
     with torch.no_grad():
         for parameter in network.camp.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return RetrievalModel(
         network,
-        version=model.version,
+        version=model.version if version is None else version,
         extractor_name=model.extractor_name,
         extractor_config=model.extractor_config,
         device=model.device,
@@ -94,6 +95,23 @@ def coco_photos(shared_dir: Path, count: int) -> list[tuple[Path, list[str]]]:
     manifest = shared_dir / "data" / "coco-mini" / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     return [(manifest.parent / row["image"], row["captions"]) for row in rows[:count]]
+
+
+def upload_coco_photos(
+    client: TestClient, shared_dir: Path, count: int, captions_each: int
+) -> list[int]:
+    """POST the first `count` coco-mini photos, each with its first `captions_each` captions;
+    their ids, in order."""
+    ids = []
+    for path, captions in coco_photos(shared_dir, count):
+        response = client.post(
+            "/v1/images",
+            files={"file": (path.name, path.read_bytes())},
+            data={"captions": captions[:captions_each]},
+        )
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    return ids
 
 
 @contextmanager

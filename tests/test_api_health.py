@@ -37,8 +37,15 @@ def test_ready_only_after_loading_and_alive_meanwhile(
         ready = client.get("/readyz").json()
         assert ready["status"] == "ready"
         components = {c["name"]: c for c in ready["components"]}
-        assert set(components) == {"model", "indexes", "cache:local", "rerank_tensors"}
-        assert components["rerank_tensors"]["detail"] == "complete (images 0/0, captions 0/0)"
+        assert set(components) == {
+            "model",
+            "indexes",
+            "cache:local",
+            "pooled_vectors",
+            "rerank_tensors",
+        }
+        for rebuild in ("pooled_vectors", "rerank_tensors"):
+            assert components[rebuild]["detail"] == "complete (images 0/0, captions 0/0)"
 
 
 def test_a_failed_start_is_reported_not_hidden(tmp_path) -> None:

@@ -12,7 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from service_support import coco_photos, make_settings, retrained, running_client
+from service_support import (
+    coco_photos,
+    make_settings,
+    retrained,
+    running_client,
+    upload_coco_photos,
+)
 
 from index.corpus import rerank_namespace
 from service.api.app import create_app
@@ -25,16 +31,7 @@ REBUILD_WAIT_S = 60.0
 
 
 def _ingest(client, shared_dir) -> list[int]:
-    ids = []
-    for path, captions in coco_photos(shared_dir, PHOTOS):
-        response = client.post(
-            "/v1/images",
-            files={"file": (path.name, path.read_bytes())},
-            data={"captions": captions[:CAPTIONS]},
-        )
-        assert response.status_code == 201
-        ids.append(response.json()["id"])
-    return ids
+    return upload_coco_photos(client, shared_dir, PHOTOS, CAPTIONS)
 
 
 def _forbid_computing(monkeypatch) -> None:

@@ -54,7 +54,7 @@ from service.search.pipeline import SearchPipeline
 from service.search.regions import UploadRegions
 from service.search.rerank import PairReranker, RerankJob
 from service.search.shortlist import ShortlistJob, ShortlistSearcher
-from service.search.tensor_rebuild import TensorRebuild, refuse_unbuildable
+from service.search.tensor_rebuild import PooledRebuild, TensorRebuild, refuse_unbuildable
 
 if TYPE_CHECKING:
     from model.retrieval import EncodedTexts, RetrievalModel
@@ -248,6 +248,7 @@ class ServiceRuntime:
     metrics: ServiceMetrics
     lock: DataDirLock | None  # None in PostgreSQL mode: replicas share the database
     rebuild: TensorRebuild
+    pooled_rebuild: PooledRebuild
     saved_sequence: int = -1
     # The PostgreSQL primary and read replica; None with the embedded stores.
     read_router: ReadRouter | None = None
@@ -341,8 +342,14 @@ class ServiceRuntime:
             decode_memory_bytes=settings.decode_memory_mib * MEBIBYTE,
             decode_wait_s=settings.request_timeout_s,
         )
+        # Pooled vectors first (items without them are not searchable), then rerank tensors.
+        pooled_rebuild = PooledRebuild(corpus, pipeline)
+        pooled_rebuild.plan()
         rebuild = TensorRebuild(
-            corpus, pipeline, drop_region_features=not settings.keep_region_features
+            corpus,
+            pipeline,
+            drop_region_features=not settings.keep_region_features,
+            after=pooled_rebuild,
         )
         rebuild.plan()
         runtime = cls(
@@ -359,6 +366,7 @@ class ServiceRuntime:
             metrics=metrics,
             lock=lock,
             rebuild=rebuild,
+            pooled_rebuild=pooled_rebuild,
             read_router=read_router,
         )
         runtime.saved_sequence = corpus.sequence
@@ -397,6 +405,10 @@ class ServiceRuntime:
                 for kind, progress in self.rebuild.progress().items()
             },
             "tensors_built": dict(self.rebuild.built),
+            "pooled_rebuild": {
+                kind: (progress.done, progress.total)
+                for kind, progress in self.pooled_rebuild.progress().items()
+            },
         }
 
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -449,6 +461,7 @@ class ServiceRuntime:
     def close(self) -> None:
         """Save and release everything (blocking); the batchers must be stopped first."""
         try:
+            self.pooled_rebuild.stop()
             self.rebuild.stop()
             self.corpus.close()
             close_cache = getattr(self.cache, "close", None)
@@ -500,6 +513,7 @@ class ServiceState:
                 )
             await runtime.shortlist.start()
             await runtime.batcher.start()
+            runtime.pooled_rebuild.start()  # the tensor rebuild waits for it to end
             runtime.rebuild.start()
         except Exception as error:  # reported by /readyz and /healthz; the process stays up
             logger.exception("the service failed to start")

@@ -228,6 +228,20 @@ class _StateCollector(Collector):
                 rebuilt.add_metric((kind, "done"), float(done))
                 rebuilt.add_metric((kind, "total"), float(total))
             yield rebuilt
+        pooled = state.get("pooled_rebuild")
+        if pooled is not None:
+            embedded = GaugeMetricFamily(
+                "campsearch_pooled_vector_rebuild_items",
+                "The background re-embedding of pooled (shortlist) vectors after a model "
+                "version change (items without them are not searchable until then): items "
+                "done and the total to do, by kind; read like "
+                "campsearch_rerank_tensor_rebuild_items.",
+                labels=("kind", "state"),
+            )
+            for kind, (done, total) in pooled.items():
+                embedded.add_metric((kind, "done"), float(done))
+                embedded.add_metric((kind, "total"), float(total))
+            yield embedded
         built = state.get("tensors_built")
         if built is not None:
             here = CounterMetricFamily(

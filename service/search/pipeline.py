@@ -406,16 +406,9 @@ class SearchPipeline:
         """Rerank tensors computed from region features, in ONE precompute call padded to the
         most regions among them; each entry is trimmed back to its own regions and owns its
         memory (the path of images without stored tensors, and of the rebuild)."""
-        group = list(stored)
-        if not group:
+        if not stored:
             return {}
-        counts = np.array([stored[i].num_regions for i in group], dtype=np.int64)
-        batch = np.zeros(
-            (len(group), int(counts.max()), stored[group[0]].feature_dim),
-            dtype=stored[group[0]].features.dtype,
-        )
-        for row, image_id in enumerate(group):
-            batch[row, : counts[row]] = stored[image_id].features
+        group, batch, counts = _padded_regions(stored)
         with self.metrics.time_stage("precompute"):
             precompute = self.model.precompute_images(batch, counts)
         built: dict[int, ImageTensors] = {}
@@ -476,6 +469,25 @@ class SearchPipeline:
         if lru.max_bytes > 0:
             lru.put_many(built)
         return {i: found[i] if i in found else built[i] for i in ids if i in found or i in built}
+
+    def computed_pooled_images(self, stored: dict[int, RegionFeatures]) -> dict[int, np.ndarray]:
+        """Shortlist vectors [e] of images from their region features, in ONE call padded to
+        the most regions among them: what ingest stores (`RetrievalModel.pooled_images`,
+        zero-shot part included), for the rebuild after a model change."""
+        if not stored:
+            return {}
+        group, batch, counts = _padded_regions(stored)
+        with self.metrics.time_stage("encode"):
+            pooled = self.model.pooled_images(batch, counts)
+        return {image_id: pooled[row] for row, image_id in enumerate(group)}
+
+    def computed_pooled_captions(self, texts: dict[int, str]) -> dict[int, np.ndarray]:
+        """Shortlist vectors [e] of caption texts, encoded in one call as ingest does."""
+        if not texts:
+            return {}
+        with self.metrics.time_stage("encode"):
+            encoded = self.model.encode_texts(list(texts.values()))
+        return {caption_id: encoded.pooled[row] for row, caption_id in enumerate(texts)}
 
     def computed_caption_tensors(self, texts: dict[int, str]) -> dict[int, CaptionPrecompute]:
         """Rerank tensors of caption texts, encoded in one call; each owns its memory."""
@@ -635,3 +647,18 @@ def _timings(stages: dict[str, float], started: float) -> Timings:
         rerank=stages.get("rerank", 0.0),
         total=total,
     )
+
+
+def _padded_regions(
+    stored: dict[int, RegionFeatures],
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(ids, features [B, R_max, D] zero-padded, real region counts [B]) of region records."""
+    group = list(stored)
+    counts = np.array([stored[i].num_regions for i in group], dtype=np.int64)
+    batch = np.zeros(
+        (len(group), int(counts.max()), stored[group[0]].feature_dim),
+        dtype=stored[group[0]].features.dtype,
+    )
+    for row, image_id in enumerate(group):
+        batch[row, : counts[row]] = stored[image_id].features
+    return group, batch, counts

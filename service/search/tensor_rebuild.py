@@ -1,4 +1,15 @@
-"""Rebuilding the rerank tensors a new model lacks, in the background, with progress.
+"""Rebuilding what a new model lacks, in the background, with progress: first the pooled
+(shortlist) vectors, then the rerank tensors.
+
+A model change with a new model version (`RetrievalModel.version`) finds no pooled vectors in
+its own namespace: those items are not searchable until `PooledRebuild` re-embeds them, images
+from their stored region features (`RetrievalModel.pooled_images`, the zero-shot part included
+when the model has one), captions from their catalog text (`RetrievalModel.encode_texts`),
+exactly as ingest does. Each batch is stored (`Corpus.put_pooled`) and added to the index at
+once; only vectors of the served model ever enter the index, so versions never mix in a
+ranking. In PostgreSQL mode the same transaction appends an "add" change per item, so every
+other replica's follower adds the new vectors to its own index. The tensor rebuild waits for
+it (`TensorRebuild(after=...)`).
 
 A model change (a new tensor version, `RetrievalModel.tensor_version`) finds no stored tensors
 in its own namespace. The service starts anyway: searches compute the missing items' tensors on
@@ -29,6 +40,7 @@ import numpy as np
 
 from index.corpus import Corpus, Kind
 from index.errors import DatabaseUnavailableError
+from index.postgres import SessionLock
 from service.search.stored_tensors import caption_record, image_record, record_or_none
 
 if TYPE_CHECKING:
@@ -61,8 +73,11 @@ class RebuildProgress:
 
 
 def unbuildable_images(corpus: Corpus) -> np.ndarray:
-    """Ids of images without rerank tensors of the current model and without region features."""
-    missing = corpus.ids_without_rerank_tensors("images")
+    """Ids of images without pooled vectors or rerank tensors of the current model and
+    without region features (so neither can be rebuilt)."""
+    missing = np.union1d(
+        corpus.ids_without_rerank_tensors("images"), corpus.ids_without_pooled("images")
+    )
     return np.setdiff1d(missing, corpus.ids_with_region_features(missing))
 
 
@@ -71,51 +86,58 @@ def refuse_unbuildable(corpus: Corpus) -> None:
     served because region features were dropped."""
     lacking = unbuildable_images(corpus)
     if len(lacking):
+        unsearchable = np.intersect1d(lacking, corpus.ids_without_pooled("images"))
         raise TensorsUnbuildableError(
             f"{len(lacking)} images have no rerank tensors for model {corpus.tensor_version} "
-            "and their region features were dropped (CAMPSEARCH_KEEP_REGION_FEATURES=false), so "
-            "they cannot be rebuilt: serve the checkpoint they were stored with, or re-run "
-            "`camp-search ingest` of the photos into a fresh data dir with this model "
+            f"or no pooled vectors for model {corpus.model_version} ({len(unsearchable)} not "
+            "searchable) and their region features were dropped "
+            "(CAMPSEARCH_KEEP_REGION_FEATURES=false), so they cannot be rebuilt: serve the "
+            "checkpoint they were stored with, or re-run `camp-search ingest` of the photos "
+            "into a fresh data dir with this model "
             f"(first ids: {lacking[:5].tolist()})"
         )
 
 
-class TensorRebuild:
-    """One background thread that stores the rerank tensors the corpus lacks for its model.
+class BackgroundRebuild:
+    """One background thread that stores, per kind, what the corpus lacks for its model.
 
-    `plan` (blocking, at start) counts what is missing; `start` runs the thread; `progress`
-    is safe to read from any thread. Items ingested meanwhile bring their own tensors; items
-    deleted meanwhile are skipped by the store.
+    Subclasses say what is missing (`_missing_ids`, `_stored_counts`), how to build and store
+    a batch (`_build`) and which lock shares the work between replicas (`_claim`). `plan`
+    (blocking, at start) counts what is missing; `start` runs the thread; `progress` is safe
+    to read from any thread. Items ingested meanwhile bring their own; items deleted
+    meanwhile are skipped by the store.
 
     Progress: embedded, `done` of the `total` items this process found missing; PostgreSQL
-    mode, items that have tensors of this model of all items, read from the database (so
-    every replica reports the one rebuild the same way).
+    mode, items that have them of all items, read from the database (so every replica
+    reports the one rebuild the same way).
     """
+
+    what = "rerank tensors"  # for log lines
+    thread_name = "tensor-rebuild"
 
     def __init__(
         self,
         corpus: Corpus,
         pipeline: SearchPipeline,
         *,
-        drop_region_features: bool = False,
         batch_size: int = REBUILD_BATCH,
         poll_s: float | None = None,
+        after: BackgroundRebuild | None = None,
     ) -> None:
-        """`drop_region_features`: once every image has its tensors, delete the region
-        features of those that do (CAMPSEARCH_KEEP_REGION_FEATURES=false). `poll_s`: see
-        WAIT_POLL_S."""
+        """`poll_s`: see WAIT_POLL_S. `after`: a rebuild whose thread must end before this
+        one builds (the pooled vectors, without which items are not searchable, go first)."""
         self.corpus = corpus
         self.pipeline = pipeline
-        self.drop_region_features = drop_region_features
         self.batch_size = batch_size
         self.poll_s = WAIT_POLL_S if poll_s is None else poll_s
-        self.claim = corpus.tensor_rebuild_lock()  # None: embedded, this process does it all
+        self.after = after
+        self.claim = self._claim()  # None: embedded, this process does it all
         self._missing: dict[Kind, np.ndarray] = {kind: np.empty(0, np.int64) for kind in KINDS}
         self._done = dict.fromkeys(KINDS, 0)
         self._skipped = dict.fromkeys(KINDS, 0)
-        # PostgreSQL mode: (items with tensors, items) per kind, as last read or built here.
+        # PostgreSQL mode: (items that have them, items) per kind, as last read or built here.
         self._counts: dict[Kind, tuple[int, int]] = dict.fromkeys(KINDS, (0, 0))
-        self.built = dict.fromkeys(KINDS, 0)  # items whose tensors this process stored
+        self.built = dict.fromkeys(KINDS, 0)  # items whose records this process stored
         self.elsewhere = False  # PostgreSQL mode: another replica holds the rebuild lock
         self._finished = False
         self._lock = threading.Lock()
@@ -123,27 +145,45 @@ class TensorRebuild:
         self._thread: threading.Thread | None = None
         self.error = ""
 
+    # --- what a subclass says -----------------------------------------------------------------
+
+    def _claim(self) -> SessionLock | None:
+        raise NotImplementedError
+
+    def _missing_ids(self, kind: Kind) -> np.ndarray:
+        raise NotImplementedError
+
+    def _stored_counts(self, kind: Kind) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _build(self, kind: Kind, ids: Sequence[int]) -> tuple[int, int]:
+        """Build and store the records of `ids`: (stored, skipped)."""
+        raise NotImplementedError
+
+    def _complete(self) -> None:
+        """Called once every planned item is built (before `finished` turns true)."""
+
+    def _planned_message(self, planned: Mapping[Kind, int]) -> str:
+        return (
+            f"{self.what} missing for {planned['images']} images and {planned['captions']} "
+            "captions: rebuilding them in the background"
+        )
+
+    # --- the machinery ------------------------------------------------------------------------
+
     def plan(self) -> dict[Kind, int]:
-        """Count the items of each kind without tensors of the current model (blocking)."""
+        """Count the items of each kind without records of the current model (blocking)."""
         planned = self._find_missing()
         if any(planned.values()):
-            logger.warning(
-                "rerank tensors of model %s missing for %d images and %d captions: rebuilding "
-                "them in the background (searches compute them on the fly meanwhile)",
-                self.corpus.tensor_version,
-                planned["images"],
-                planned["captions"],
-            )
+            logger.warning("%s", self._planned_message(planned))
         else:
             self._finished = True
         return planned
 
     def _find_missing(self) -> dict[Kind, int]:
-        missing = {kind: self.corpus.ids_without_rerank_tensors(kind) for kind in KINDS}
+        missing = {kind: self._missing_ids(kind) for kind in KINDS}
         counts = (
-            {kind: self.corpus.rerank_tensor_counts(kind) for kind in KINDS}
-            if self.claim is not None
-            else {}
+            {kind: self._stored_counts(kind) for kind in KINDS} if self.claim is not None else {}
         )
         with self._lock:
             self._missing = missing
@@ -167,7 +207,7 @@ class TensorRebuild:
 
     @property
     def finished(self) -> bool:
-        """Every item has tensors of this model (or was skipped), whoever built them."""
+        """Every item has its records of this model (or was skipped), whoever built them."""
         if self.claim is None:
             return all(p.finished for p in self.progress().values())
         return self._finished
@@ -177,7 +217,7 @@ class TensorRebuild:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="tensor-rebuild", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -190,20 +230,22 @@ class TensorRebuild:
         """Build every planned item, a batch at a time (the thread's body; callable directly).
         PostgreSQL mode: only while holding the rebuild lock, else wait for it."""
         try:
+            while self.after is not None and self.after.running and not self._stop.is_set():
+                self._stop.wait(0.05)
             if self.claim is None:
                 self._build_planned()
             elif not self._finished:
                 self._run_shared()
-        except Exception as error:  # searches still work (on the fly); say why it stopped
-            logger.exception("rebuilding the rerank tensors stopped")
+        except Exception as error:  # searches still work; say why it stopped
+            logger.exception("rebuilding the %s stopped", self.what)
             self.error = f"{type(error).__name__}: {error}"
         finally:
             if self.claim is not None:
                 self.claim.close()
 
     def _build_planned(self) -> bool:
-        """Build the planned items and drop region features if asked; False when stopped or
-        (PostgreSQL mode) when the rebuild lock was lost on the way."""
+        """Build the planned items; False when stopped or (PostgreSQL mode) when the rebuild
+        lock was lost on the way."""
         for kind in KINDS:
             ids = self._missing[kind]
             for start in range(0, len(ids), self.batch_size):
@@ -211,19 +253,24 @@ class TensorRebuild:
                     return False
                 if self.claim is not None and not self.claim.held():
                     logger.warning(
-                        "lost the rerank-tensor rebuild lock (the database session ended); "
-                        "waiting to take it again (another replica may go on meanwhile)"
+                        "lost the %s rebuild lock (the database session ended); waiting to "
+                        "take it again (another replica may go on meanwhile)",
+                        self.what,
                     )
                     return False
-                self._build(kind, ids[start : start + self.batch_size].tolist())
+                chunk = ids[start : start + self.batch_size].tolist()
+                stored, skipped = self._build(kind, chunk)
+                with self._lock:
+                    self._done[kind] += len(chunk)
+                    self._skipped[kind] += skipped
+                    self.built[kind] += stored
+                    have, items = self._counts[kind]
+                    self._counts[kind] = (min(have + stored, items), items)
         if self._stop.is_set():
             return False
-        if self.drop_region_features:
-            dropped = self.corpus.drop_region_features()
-            if dropped:
-                logger.info("dropped the region features of %d images", dropped)
+        self._complete()
         if any(len(ids) for ids in self._missing.values()):
-            logger.info("rerank tensors of model %s rebuilt", self.corpus.tensor_version)
+            logger.info("%s rebuilt", self.what)
         self._finished = True
         return True
 
@@ -244,17 +291,94 @@ class TensorRebuild:
                         self.claim.release()
                 else:
                     self.elsewhere = True
-                    counts = {kind: self.corpus.rerank_tensor_counts(kind) for kind in KINDS}
+                    counts = {kind: self._stored_counts(kind) for kind in KINDS}
                     with self._lock:
                         self._counts.update(counts)
                 problem = ""
             except DatabaseUnavailableError as error:  # a primary restart: wait it out
                 if str(error) != problem:
-                    logger.warning("rerank-tensor rebuild waiting for the database: %s", error)
+                    logger.warning("%s rebuild waiting for the database: %s", self.what, error)
                 problem = str(error)
             self._stop.wait(self.poll_s)
 
-    def _build(self, kind: Kind, ids: Sequence[int]) -> None:
+
+class PooledRebuild(BackgroundRebuild):
+    """Re-embeds the items without a pooled (shortlist) vector of the served model version,
+    as ingest embeds them; each stored batch becomes searchable at once (`Corpus.put_pooled`).
+    Images without region features cannot be re-embedded: they are skipped (the service
+    refuses to start first when region features were dropped, see `refuse_unbuildable`)."""
+
+    what = "pooled vectors"
+    thread_name = "pooled-rebuild"
+
+    def _claim(self) -> SessionLock | None:
+        return self.corpus.pooled_rebuild_lock()
+
+    def _missing_ids(self, kind: Kind) -> np.ndarray:
+        return self.corpus.ids_without_pooled(kind)
+
+    def _stored_counts(self, kind: Kind) -> tuple[int, int]:
+        return self.corpus.pooled_counts(kind)
+
+    def _planned_message(self, planned: Mapping[Kind, int]) -> str:
+        return (
+            f"pooled vectors of model {self.corpus.model_version} missing for "
+            f"{planned['images']} images and {planned['captions']} captions (not searchable "
+            "until then): re-embedding them in the background"
+        )
+
+    def _build(self, kind: Kind, ids: Sequence[int]) -> tuple[int, int]:
+        if kind == "images":
+            vectors = self.pipeline.computed_pooled_images(self.corpus.get_region_features(ids))
+        else:
+            captions = self.corpus.get_captions(ids)
+            vectors = self.pipeline.computed_pooled_captions(
+                {i: record.text for i, record in captions.items()}
+            )
+        return self.corpus.put_pooled(kind, vectors), len(ids) - len(vectors)
+
+
+class TensorRebuild(BackgroundRebuild):
+    """Stores the rerank tensors the corpus lacks for its model (after the pooled vectors)."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        pipeline: SearchPipeline,
+        *,
+        drop_region_features: bool = False,
+        batch_size: int = REBUILD_BATCH,
+        poll_s: float | None = None,
+        after: BackgroundRebuild | None = None,
+    ) -> None:
+        """`drop_region_features`: once every image has its tensors, delete the region
+        features of those that do (CAMPSEARCH_KEEP_REGION_FEATURES=false)."""
+        super().__init__(corpus, pipeline, batch_size=batch_size, poll_s=poll_s, after=after)
+        self.drop_region_features = drop_region_features
+
+    def _claim(self) -> SessionLock | None:
+        return self.corpus.tensor_rebuild_lock()
+
+    def _missing_ids(self, kind: Kind) -> np.ndarray:
+        return self.corpus.ids_without_rerank_tensors(kind)
+
+    def _stored_counts(self, kind: Kind) -> tuple[int, int]:
+        return self.corpus.rerank_tensor_counts(kind)
+
+    def _planned_message(self, planned: Mapping[Kind, int]) -> str:
+        return (
+            f"rerank tensors of model {self.corpus.tensor_version} missing for "
+            f"{planned['images']} images and {planned['captions']} captions: rebuilding them "
+            "in the background (searches compute them on the fly meanwhile)"
+        )
+
+    def _complete(self) -> None:
+        if self.drop_region_features:
+            dropped = self.corpus.drop_region_features()
+            if dropped:
+                logger.info("dropped the region features of %d images", dropped)
+
+    def _build(self, kind: Kind, ids: Sequence[int]) -> tuple[int, int]:
         if kind == "images":
             regions = self.corpus.get_region_features(ids)
             tensors = self.pipeline.computed_image_tensors(regions)
@@ -265,13 +389,7 @@ class TensorRebuild:
                 {i: record.text for i, record in captions.items()}
             )
             records = _records(tensors, caption_record)
-        stored = self.corpus.put_rerank_tensors(kind, records)
-        with self._lock:
-            self._done[kind] += len(ids)
-            self._skipped[kind] += len(ids) - len(records)
-            self.built[kind] += stored
-            have, items = self._counts[kind]
-            self._counts[kind] = (min(have + stored, items), items)
+        return self.corpus.put_rerank_tensors(kind, records), len(ids) - len(records)
 
 
 def _records(

@@ -21,7 +21,7 @@ from service.api.schemas import (
     StageInfo,
 )
 from service.runtime.metrics import PROMETHEUS_CONTENT_TYPE
-from service.search.tensor_rebuild import TensorRebuild
+from service.search.tensor_rebuild import BackgroundRebuild
 
 router = APIRouter(tags=["operations"])
 
@@ -69,7 +69,8 @@ async def readyz(state: StateDep) -> JSONResponse:
         ComponentState(
             name=f"cache:{cache_status.backend}", ok=cache_ok, detail=cache_status.detail
         ),
-        _rebuild_state(runtime.rebuild),
+        _rebuild_state(runtime.pooled_rebuild, "pooled_vectors"),
+        _rebuild_state(runtime.rebuild, "rerank_tensors"),
     ]
     ready = cache_ok
     router = runtime.read_router
@@ -94,11 +95,13 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse(body.model_dump())
 
 
-def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
-    """How far the rerank tensors of the served model are built. Always ok: items not built
-    yet are scored from features computed on the fly (slower, never wrong). In PostgreSQL
-    mode the counts are the database's (items with tensors / items), and it says whether this
-    replica or another one is building them."""
+def _rebuild_state(rebuild: BackgroundRebuild, name: str) -> ComponentState:
+    """How far the pooled vectors (`pooled_vectors`: items without them are not searchable
+    until re-embedded) or the rerank tensors (`rerank_tensors`: items not built yet are scored
+    from features computed on the fly, slower, never wrong) of the served model are built.
+    Always ok: the service serves meanwhile. In PostgreSQL mode the counts are the database's
+    (items that have them / items), and it says whether this replica or another one is
+    building them."""
     progress = rebuild.progress()
     detail = ", ".join(
         f"{kind} {p.done}/{p.total}" + (f" ({p.skipped} skipped)" if p.skipped else "")
@@ -113,7 +116,7 @@ def _rebuild_state(rebuild: TensorRebuild) -> ComponentState:
     else:
         where = "another replica" if rebuild.elsewhere else "this replica"
         detail = f"rebuilding on {where} ({detail})"
-    return ComponentState(name="rerank_tensors", ok=True, detail=detail)
+    return ComponentState(name=name, ok=True, detail=detail)
 
 
 @router.get("/metrics", response_class=Response)
