@@ -79,6 +79,21 @@ def _network(scorer: str, vocabulary: Vocabulary) -> RetrievalNetwork:
     return network
 
 
+def train_through_cli(config: dict, tmp_path: Path) -> list[dict]:
+    """`camp-search train --config` on `config` (its out under tmp_path/run); the metrics log."""
+    from typer.testing import CliRunner
+
+    from service.cli.main import app
+
+    path = tmp_path / "imram.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    return [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
 @pytest.mark.parametrize("scorer", registered_rerankers())
 def test_residual_start_is_the_shortlist_ranking(gru_slice, scorer):
     split, vocabulary, _ = gru_slice
@@ -194,10 +209,8 @@ def test_a_preset_asking_a_warm_start_it_cannot_do_is_refused_on_load(tmp_path, 
 def test_train_command_runs_the_residual_recipe_with_imram(gru_slice, tmp_path):
     """The whole recipe (pooled stage, residual start, reranker stage, dev selection) with the
     scorer named in the preset; the checkpoint it keeps holds that scorer."""
-    from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli.main import app
 
     _, _, root = gru_slice
     config = {
@@ -228,13 +241,7 @@ def test_train_command_runs_the_residual_recipe_with_imram(gru_slice, tmp_path):
         "selection": {"dev_images": DEV_IMAGES, "k": 10},
         "out": str(tmp_path / "run"),
     }
-    path = tmp_path / "imram.json"
-    path.write_text(json.dumps(config))
-    result = CliRunner().invoke(app, ["train", "--config", str(path)])
-    assert result.exit_code == 0, result.output
-    events = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    events = train_through_cli(config, tmp_path)
     assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled", "reranker"]
     steps = [e for e in events if e["event"] == "step" and e["stage"] == "reranker"]
     # Logged after the first step: the residual start put IMRAM's fusion weight at 0, and one
@@ -346,10 +353,8 @@ def test_the_default_recipe_trains_every_scorer_on_minilm_words(minilm_slice, sc
 def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice, tmp_path):
     """model/configs/train_imram_cpu.json, shrunk to the slice (sizes, steps, paths only): the
     recipe runs end to end and its checkpoint serves IMRAM over MiniLM words with the heads."""
-    from typer.testing import CliRunner
 
     from model.retrieval import RetrievalModel
-    from service.cli.main import app
 
     _, _, root = gru_slice
     config = json.loads((REPO / "model" / "configs" / "train_imram_cpu.json").read_text())
@@ -369,13 +374,7 @@ def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice,
     config["reranker"].update(epochs=1, steps=4, queries_per_direction=4)
     config["selection"] = {"dev_images": DEV_IMAGES, "k": 10}
     config["out"] = str(tmp_path / "run")
-    path = tmp_path / "imram.json"
-    path.write_text(json.dumps(config))
-    result = CliRunner().invoke(app, ["train", "--config", str(path)])
-    assert result.exit_code == 0, result.output
-    events = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    events = train_through_cli(config, tmp_path)
     assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled", "reranker"]
     fusion = next(e for e in events if e["event"] == "fusion")
     assert len(fusion["sweep"]) == 12 and fusion["camp_weight"] in map(float, fusion["sweep"])

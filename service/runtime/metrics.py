@@ -216,32 +216,24 @@ class _StateCollector(Collector):
         )
         rebuild = state.get("tensor_rebuild")
         if rebuild is not None:
-            rebuilt = GaugeMetricFamily(
+            yield _rebuild_gauge(
                 "campsearch_rerank_tensor_rebuild_items",
                 "The background rebuild of rerank tensors after a model change: items done "
                 "and the total to do, by kind (equal when finished; 0/0 when nothing was "
                 "missing). PostgreSQL mode: items with tensors of the model and all items, "
                 "read from the database (apart by the items skipped, if any).",
-                labels=("kind", "state"),
+                rebuild,
             )
-            for kind, (done, total) in rebuild.items():
-                rebuilt.add_metric((kind, "done"), float(done))
-                rebuilt.add_metric((kind, "total"), float(total))
-            yield rebuilt
         pooled = state.get("pooled_rebuild")
         if pooled is not None:
-            embedded = GaugeMetricFamily(
+            yield _rebuild_gauge(
                 "campsearch_pooled_vector_rebuild_items",
                 "The background re-embedding of pooled (shortlist) vectors after a model "
                 "version change (items without them are not searchable until then): items "
                 "done and the total to do, by kind; read like "
                 "campsearch_rerank_tensor_rebuild_items.",
-                labels=("kind", "state"),
+                pooled,
             )
-            for kind, (done, total) in pooled.items():
-                embedded.add_metric((kind, "done"), float(done))
-                embedded.add_metric((kind, "total"), float(total))
-            yield embedded
         built = state.get("tensors_built")
         if built is not None:
             here = CounterMetricFamily(
@@ -279,3 +271,14 @@ class _StateCollector(Collector):
             for name, value in state["heap"].items():
                 heap.add_metric((name,), float(value))
             yield heap
+
+
+def _rebuild_gauge(
+    name: str, documentation: str, progress: dict[str, tuple[int, int]]
+) -> GaugeMetricFamily:
+    """A background rebuild's progress as one gauge: done and total items by kind."""
+    gauge = GaugeMetricFamily(name, documentation, labels=("kind", "state"))
+    for kind, (done, total) in progress.items():
+        gauge.add_metric((kind, "done"), float(done))
+        gauge.add_metric((kind, "total"), float(total))
+    return gauge
