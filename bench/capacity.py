@@ -58,7 +58,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
 from index.shortlist import FLAT, ShortlistIndex, l2_normalised  # noqa: E402
 from service.runtime.heap import trim_heap  # noqa: E402
 
-DIM = 128  # the shipped model's pooled width (model/configs/train_default_cpu.json)
+# The shipped model's shortlist width: default-v3's 128-d pooled heads plus its 384-d zero-shot
+# channel (model/zeroshot.py), 512-d vectors in FAISS.
+DIM = 512
 K = 100
 QUERIES = 200
 CAPTIONS_PER_PHOTO = 5
@@ -109,7 +111,7 @@ def factories(size: int) -> dict[str, tuple[str, dict[str, int]]]:
         "Flat": (FLAT, {}),
         "IVF,Flat": (f"IVF{nlist},Flat", {"nprobe": 32}),
         "HNSW32": ("HNSW32", {"ef_search": 128}),
-        "IVF_HNSW32,PQ16": (f"IVF{nlist}_HNSW32,PQ{DIM // 8}", {"nprobe": 32}),
+        f"IVF_HNSW32,PQ{DIM // 8}": (f"IVF{nlist}_HNSW32,PQ{DIM // 8}", {"nprobe": 32}),
     }
 
 
