@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import redis
@@ -20,9 +21,17 @@ START_TIMEOUT_S = 10.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are chosen, because the
+    kernel may hand a just-closed port out again (a node's bus port equal to its own port)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def redis_server_binary() -> str | None:
@@ -34,17 +43,27 @@ def redis_server_binary() -> str | None:
 class RedisServer:
     """One redis-server process; `url` stays the same across `kill` and `start`."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        cluster: bool = False,
+        cluster_port: int | None = None,
+    ) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        if port is None:
+            port, chosen_bus_port = free_ports(2)
+            cluster_port = cluster_port or chosen_bus_port
+        self.port = port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         # A cluster node's bus port: given, since port + 10000 may be past 65535.
-        self.cluster_port = free_port() if cluster else None
+        self.cluster_port = (cluster_port or free_ports(1)[0]) if cluster else None
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
@@ -122,8 +141,15 @@ class RedisClusterServers:
 
     def __init__(self, workdir: Path, nodes: int = 3) -> None:
         self.workdir = Path(workdir)
+        ports = free_ports(2 * nodes)  # every node's port and bus port, all distinct
         self.servers = [
-            RedisServer(self.workdir / f"node{index}", cluster=True) for index in range(nodes)
+            RedisServer(
+                self.workdir / f"node{index}",
+                ports[2 * index],
+                cluster=True,
+                cluster_port=ports[2 * index + 1],
+            )
+            for index in range(nodes)
         ]
         self.url = self.servers[0].url
         self._created = False
