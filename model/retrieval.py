@@ -39,7 +39,9 @@ from model.zeroshot import (
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.pt"
-DEFAULT_VERSION = "default-v2"
+# `default-v3`, the last default with the CAMP reranker: selectable with CAMPSEARCH_CHECKPOINT
+# (docs/MODEL_CARD.md, "Second-stage scorers compared").
+CAMP_CHECKPOINT = WEIGHTS_DIR / "camp.pt"
 # The reranker's arithmetic on the model's device (CUDA or CPU): fp32, or torch.autocast in
 # bf16/fp16 (matmuls in the low precision, softmaxes and the fused score in fp32).
 Precision = Literal["fp32", "bf16", "fp16"]

@@ -19,7 +19,7 @@ from rerank_support import coco_shortlists, rerank_jobs
 
 from index.codec import decode_arrays, encode_arrays
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
-from model.retrieval import RetrievalModel
+from model.retrieval import CAMP_CHECKPOINT, RetrievalModel
 from service.search.rerank import PairReranker, RerankJob
 from service.search.stored_tensors import (
     ImageTensors,
@@ -37,7 +37,9 @@ STORED_MAX_SCORE_DIFF = 0.002
 
 @pytest.fixture(scope="module")
 def model() -> RetrievalModel:
-    return RetrievalModel.load(device="cpu")
+    """The shipped CAMP model: these checks name CAMP's stored tensors (IMRAM's records go
+    through the same code: tests/test_imram_reranker.py)."""
+    return RetrievalModel.load(CAMP_CHECKPOINT, device="cpu")
 
 
 @pytest.fixture(scope="module")
