@@ -1,7 +1,7 @@
 """Upgrading keeps users' data (issue 17), with the real models, in one run.
 
 A data dir is filled through the real service by an older checkpoint (`--old-checkpoint`, e.g.
-default-v2 from git history), then served by the shipped model (default-v3): the pooled
+default-v2 from git history, or model/weights/camp.pt), then served by the shipped model: the pooled
 vectors it lacks are re-embedded in the background, then the rerank tensors rebuilt. Two ways
 compared: the re-embedded vectors against a fresh ingest of the same photos with the new model
 (max |difference|), and the time of the upgrade's rebuilds against that fresh ingest. Every
