@@ -72,7 +72,8 @@ class PairExplanation:
     word_region [L][R]: how much each word attends to each region (rows sum to 1), over the
     image's real regions only (a padded image's padding is left out);
     region_pooling [R] and word_pooling [L]: how much each fragment counts in the score (CAMP:
-    its attention pooling, averaged over heads; IMRAM: uniform, as it averages them);
+    its attention pooling, averaged over heads; IMRAM: regions by the words' mean attention,
+    words uniform, as it weighs them);
     camp_score: the reranker's own score (CAMP: in (0, 1); IMRAM: its summed similarities).
     """
 

@@ -150,7 +150,12 @@ def test_explanations_are_the_first_steps_attention_over_real_regions():
     torch.testing.assert_close(
         maps.word_region[1, 0, :, :5], trace.directions["text"].attention[0, 0, 0]
     )
-    torch.testing.assert_close(maps.region_weights[1, 0, :5], torch.full((5,), 0.2))
+    # The regions' weights: the words' attention averaged over the caption's real words.
+    torch.testing.assert_close(
+        maps.region_weights[1, 0, :5], trace.directions["text"].attention[0, 0, 0].mean(0)
+    )
+    assert not maps.region_weights[1, 0, 5:].any()
+    torch.testing.assert_close(maps.region_weights.sum(-1), torch.ones(4, 1))
     assert scores.shape == (4,)
 
 
@@ -317,7 +322,10 @@ def test_an_imram_checkpoint_is_served_with_ranked_explained_results(imram_serve
         assert len(explanation["word_region"]) == len(explanation["words"])
         for row in explanation["word_region"]:
             assert len(row) == regions and sum(row) == pytest.approx(1.0, abs=1e-4)
-        assert explanation["region_pooling"] == pytest.approx([1 / regions] * regions)
+        # The regions' weights are the words' attention averaged over the words (the UI's heat
+        # map when no word is chosen): a distribution over the regions.
+        mean_attention = np.mean(explanation["word_region"], axis=0)
+        assert explanation["region_pooling"] == pytest.approx(mean_attention.tolist(), abs=1e-6)
     # The served score is the model's fused IMRAM score of exactly that pair.
     runtime = app.state.service.runtime
     tensors = runtime.pipeline.tensors_of_images([hits[0]["id"]])[hits[0]["id"]]

@@ -73,8 +73,9 @@ class ImramCaptionPrecompute(CaptionTensorsBase):
 class ImramExplanationMaps:
     """What an explanation draws for a grid of pairs [Ni, Nc, ...]: word_region [.., L, R] the
     first step's Text-IMRAM attention (each word over the regions, zero on padded regions);
-    region_weights [.., R] and word_weights [.., L] how much each fragment counts in the score:
-    IMRAM averages its fragments' similarities, so these are uniform over the real ones."""
+    region_weights [.., R] that attention averaged over the caption's words (where the words
+    looked: IMRAM averages its fragments' similarities alike, so a uniform "pooling" would draw
+    nothing); word_weights [.., L] uniform over the real words, as IMRAM weighs them."""
 
     word_region: Tensor
     region_weights: Tensor
@@ -230,7 +231,7 @@ class ImramPrecomputedScorer:
 
     def _maps(self, images: ImramImagePrecompute, captions: ImramCaptionPrecompute) -> _PairMaps:
         """The first Text-IMRAM step's attention of aligned pairs (it has no parameters, so it
-        is the same in every mode), and the uniform fragment weights."""
+        is the same in every mode), the regions' share of it, and uniform word weights."""
         region_mask, word_mask = images.mask, captions.mask
         _, _, word_region = self.scorer.attend(
             captions.words, word_mask, images.regions, region_mask
@@ -238,7 +239,7 @@ class ImramPrecomputedScorer:
         word_region = word_region.masked_fill(~word_mask.unsqueeze(-1), 0.0)
         return _PairMaps(
             word_region=word_region,
-            region_weights=_uniform(region_mask),
+            region_weights=(word_region * _uniform(word_mask).unsqueeze(-1)).sum(dim=-2),
             word_weights=_uniform(word_mask),
         )
 

@@ -28,7 +28,8 @@ class Explanation:
     `boxes[r]` is region r as normalised (x0, y0, x1, y1); `word_region[w][r]` is how much
     word `words[w]` attends to region r (rows sum to 1); `region_pooling[r]` and
     `word_pooling[w]` are the weights the reranker's score gave each region and word (CAMP's
-    attention pooling; uniform for IMRAM, which averages); `camp_score` is the reranker's own
+    attention pooling; for IMRAM, which weighs fragments alike, the words' attention averaged over
+    the words, and uniform word weights); `camp_score` is the reranker's own
     score of the pair (CAMP's sigmoid; IMRAM's summed step similarities).
     """
 

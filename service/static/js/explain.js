@@ -1,4 +1,4 @@
-// Draws why a pair matched (the API's `explanation`): a heat map of CAMP attention over the
+// Draws why a pair matched (the API's `explanation`): a heat map of the reranker's attention over the
 // photo on a canvas, the strongest regions as numbered boxes in an SVG overlay, and a table of
 // which region each word attended to most.
 //
