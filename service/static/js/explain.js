@@ -1,6 +1,6 @@
-// Draws why a pair matched (the API's `explanation`): a heat map of the reranker's attention over the
-// photo on a canvas, the strongest regions as numbered boxes in an SVG overlay, and a table of
-// which region each word attended to most.
+// Draws why a pair matched (the API's `explanation`): a heat map of the reranker's attention
+// over the photo on a canvas, the strongest regions as numbered boxes in an SVG overlay, and a
+// table of which region each word attended to most.
 //
 // Explanation shape (service/api/schemas.py): words [L], boxes [R][4] normalised (x0, y0, x1, y1),
 // image_size [w, h], word_region [L][R] (rows sum to 1), region_pooling [R], word_pooling [L],
