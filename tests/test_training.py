@@ -193,9 +193,10 @@ def test_train_command_checkpoints_every_epoch_and_resumes(
     path = tmp_path / "train.json"
     path.write_text(json.dumps(config))
     runner = CliRunner()
-    first = runner.invoke(app, ["train", "--config", str(path)])
+    first = runner.invoke(app, ["train", "--config", str(path), "--seed", "3"])
     assert first.exit_code == 0, first.output
     run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["seed"] == 3  # --seed overrides
     names = {p.name for p in run.iterdir()}
     assert {
         "best.pt",
@@ -210,7 +211,7 @@ def test_train_command_checkpoints_every_epoch_and_resumes(
     model = RetrievalModel.load(run / "best.pt", device="cpu")
     assert model.version == "slice-test" and model.pooled_dim == 16
     # Resume: every epoch is done, so nothing more is trained and no new epoch appears.
-    second = runner.invoke(app, ["train", "--config", str(path)])
+    second = runner.invoke(app, ["train", "--config", str(path), "--seed", "3"])
     assert second.exit_code == 0, second.output
     assert "resumed after reranker epoch 1" in " ".join(second.output.split())
     assert {p.name for p in run.iterdir()} == names

@@ -288,8 +288,11 @@ def train(
     ),
     out: Path | None = typer.Option(None, "--out", help="run folder (default: from the config)"),
     resume: bool = typer.Option(True, help="continue from the run folder's last checkpoint"),
+    seed: int | None = typer.Option(
+        None, "--seed", help="override the preset's seed (repeat runs to measure seed noise)"
+    ),
 ) -> None:
     """Train a retrieval model from a JSON preset; checkpoints, metrics log and best model."""
     from service.cli.train import run_train
 
-    run_train(config, out, resume)
+    run_train(config, out, resume, seed=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,12 +14,17 @@ from model.training.run_state import RunFolder
 from service.cli.output import console, fail
 
 
-def run_train(config_path: Path, out: Path | None, resume: bool) -> Path:
-    """Train `config_path` into its run folder; exits 2 on a bad preset or missing data."""
+def run_train(
+    config_path: Path, out: Path | None, resume: bool, *, seed: int | None = None
+) -> Path:
+    """Train `config_path` into its run folder; exits 2 on a bad preset or missing data.
+    `seed` replaces the preset's (the run folder's config.json records the one used)."""
     try:
         config = TrainConfig.load(config_path)
     except TrainConfigError as exc:
         fail(exc)
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
     if config.threads:
         torch.set_num_threads(config.threads)
     run = RunFolder(out or Path(config.out))
