@@ -147,11 +147,15 @@ def test_step_similarities_match_with_and_without_the_memory_norm(parity, memory
     suffix = "_IMRAMnorm" if memory_norm else ""
     with torch.no_grad():
         trace = model.forward_with_trace(images, captions, lengths)
+        scores = model(images, captions, lengths)  # the inference path, no trace
+    total = 0
     for direction in ("text", "image"):
         steps = trace.directions[direction].step_similarity.transpose(1, 2)  # [K, Ni, Nc]
         want = parity.outputs[f"A_step_sims_{direction}{suffix}"]
         assert steps.dtype == torch.float64
         _close(steps, want, ATOL, f"A_step_sims_{direction}{suffix}")
+        total = total + want.sum(0)
+    _close(scores, total, ATOL, f"inference-path scores{suffix}")
 
 
 def test_every_traced_intermediate_of_every_step_matches(parity):

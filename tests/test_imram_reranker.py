@@ -109,6 +109,37 @@ def test_precomputed_pairs_equal_the_direct_form_with_padded_regions(mode):
     torch.testing.assert_close(one_image, direct[2], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("memory_norm", [False, True])
+@pytest.mark.parametrize("embed_size", [8, 64], ids=["wide-context", "narrow-context"])
+def test_the_inference_path_scores_as_the_autograd_path(memory_norm, embed_size):
+    """Without autograd `score_pairs` takes its in-place path (shared first products, tanh as
+    a sigmoid, and for a context short next to d the attended context's Gram form): padded
+    regions and words on every pair, the query side repeated as a view as the reranker lays it
+    out, and every mode give the autograd path's scores. embed_size 8 keeps the attended
+    context in both directions; 64 takes the Gram form for Image-IMRAM."""
+    torch.manual_seed(3)
+    for mode in ("full", "text", "image"):
+        options = ImramOptions(mode=mode, memory_norm=memory_norm)
+        config = CampConfig(vocab_size=40, word_dim=16, embed_size=embed_size, img_dim=24)
+        model = ImramModel.from_config(config, options).eval()
+        scorer = ImramPrecomputedScorer(model.scorer)
+        regions, counts, token_ids, lengths = _inputs(seed=5)
+        with torch.no_grad():
+            images = scorer.precompute_images(model.encode_images(regions), counts)
+            captions = scorer.precompute_captions(model.encode_text(token_ids, lengths))
+        caption = captions.select([1]).repeat(len(counts))  # one query x 4 images, a view
+        assert caption.words.stride(0) == 0
+        for pair_images, pair_captions in (
+            (images, caption),
+            (images.select([0, 1, 2]), captions),
+        ):
+            with torch.enable_grad():
+                reference = scorer.score_pairs(pair_images, pair_captions)
+            with torch.inference_mode():
+                fast = scorer.score_pairs(pair_images, pair_captions)
+            torch.testing.assert_close(fast, reference.detach(), atol=1e-6, rtol=0)
+
+
 def test_the_checkpointed_training_grid_has_the_gradients_of_the_direct_form():
     regions, counts, token_ids, lengths = _inputs()
     gradients = []

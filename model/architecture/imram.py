@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from model.architecture.cross_modal import CrossModalModel
 from model.architecture.encoders import EncodedText, GRUTextEncoder, length_mask
-from model.architecture.scorer import l2norm, masked_logits
+from model.architecture.scorer import L2NORM_EPS, l2norm, masked_logits, wide
 from model.checkpoints.config import CampConfig, ConfigError, config_from_dict
 from model.text.minilm import MiniLMWordEncoder
 
@@ -342,6 +342,95 @@ class ImramScorer(nn.Module):
         trace = ImramStepTrace(**{k: torch.stack([s[k] for s in steps]) for k in steps[0]})
         return step_similarities, _zero_padding(trace, fragment_mask, context_mask)
 
+    def _run_direction_inference(
+        self,
+        direction: str,
+        regions: Tensor,
+        region_mask: Tensor | None,
+        words: Tensor,
+        word_mask: Tensor,
+        projections: MemoryProjections | None,
+        first_products: Tensor,
+    ) -> Tensor:
+        """`_run_direction` without autograd, for the reranker and evaluation. Step
+        similarities [K, P] float64, equal to `_run_direction`'s to float rounding.
+
+        The same steps, arranged for a CPU (bench/pair_floor.py): the element-wise work runs in
+        place, the memory update into buffers reused from step to step, written
+        c̃ + g ⊙ (q - c̃) with tanh(x) = 2σ(2x) - 1 (torch's CPU tanh is several times slower
+        than its sigmoid); masks and the fragments' norms are taken once. Where the context is
+        short next to the width (Image-IMRAM: a caption's words against d = 128), the attended
+        context c* = α C is never formed: its cosine with q⁰ needs only q⁰·c* = α (C q⁰) and
+        ||c*||² = α (C Cᵀ) αᵀ, products of [Q, C] and [C, C] tensors instead of [Q, d] ones.
+        `first_products` [P, C, Q] = C q⁰ (any layout): the first step's attention before its
+        LeakyReLU, one product that serves both directions."""
+        if direction == "text":
+            fragments, fragment_mask, context, context_mask = words, word_mask, regions, region_mask
+        else:
+            fragments, fragment_mask, context, context_mask = regions, region_mask, words, word_mask
+        if projections is None:
+            projections = MemoryProjections(
+                first_query=self.query_projection(direction, fragments),
+                context=self.context_projection(direction, context),
+            )
+        steps = self.options.iteration_steps
+        pairs, queries, dim = fragments.shape
+        contexts = context.shape[1]
+        use_gram = contexts * (dim + steps * queries) < steps * queries * dim
+        gram = torch.bmm(context, context.transpose(1, 2)) if use_gram else None
+        query_padding = None if fragment_mask is None else ~fragment_mask.unsqueeze(1)
+        context_keep = None if context_mask is None else context_mask.unsqueeze(2)
+        if fragment_mask is None:
+            counts = torch.full((pairs,), queries, device=fragments.device)
+        else:
+            counts = fragment_mask.sum(dim=1)
+        fragment_norms = fragments.norm(dim=-1)
+        query_weight, _, query_bias = self.memory_weights(direction)
+        memory = joint = None
+        query = fragments
+        similarities: list[Tensor] = []
+        for step in range(steps):
+            if step == 0:
+                attention = F.leaky_relu(first_products, ATTENTION_LEAKY_SLOPE)
+            else:
+                attention = torch.bmm(context, query.transpose(1, 2))
+                F.leaky_relu_(attention, ATTENTION_LEAKY_SLOPE)
+            if query_padding is not None:  # updated memories of padded slots are not zero
+                attention.masked_fill_(query_padding, 0.0)
+            norms = attention.pow(2).sum(dim=2, keepdim=True, dtype=wide(attention)).sqrt_()
+            attention.div_(norms.add_(L2NORM_EPS)).mul_(self.options.lambda_softmax)
+            if context_keep is not None:
+                masked_logits(attention, context_keep, inplace=True)
+            weights = attention.softmax(dim=1).transpose(1, 2)  # [P, Q, C], a view
+            if gram is not None:
+                alpha = weights.to(gram.dtype)
+                dots = (alpha * first_products.transpose(1, 2)).sum(dim=-1)
+                squared = (torch.bmm(alpha, gram) * alpha).sum(dim=-1).clamp_(min=0)
+                attended_norms = squared.sqrt_()
+            else:
+                attended = torch.bmm(weights.to(context.dtype), context)
+                dots = (fragments * attended).sum(dim=-1)
+                attended_norms = attended.norm(dim=-1)
+            cosine = dots.div_((fragment_norms * attended_norms).clamp_(min=COSINE_EPS))
+            if fragment_mask is not None:
+                cosine.masked_fill_(~fragment_mask, 0.0)
+            similarities.append((cosine.sum(dim=1) / counts.to(cosine.dtype)).double())
+            if step == steps - 1:  # the official code also updates after the last step, unread
+                break
+            joint = torch.bmm(weights.to(projections.context.dtype), projections.context, out=joint)
+            if step == 0:  # W_q q⁰ + b, computed once per item
+                joint.add_(projections.first_query)
+            else:
+                joint.view(-1, joint.shape[-1]).addmm_(query.reshape(-1, dim), query_weight.t())
+                joint.add_(query_bias)
+            candidate, gate = joint.chunk(2, dim=-1)
+            candidate.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh
+            gate.sigmoid_()
+            memory = torch.sub(query, candidate, out=memory)
+            memory.mul_(gate).add_(candidate)
+            query = l2norm(memory) if self.options.memory_norm else memory
+        return torch.stack(similarities)
+
     # -- public forms -------------------------------------------------------------------------
     def step_similarities(
         self,
@@ -354,6 +443,20 @@ class ImramScorer(nn.Module):
         """Per direction of the mode, F_k for P aligned pairs: {direction: [K, P] float64}."""
         _check_pairs(regions, region_mask, words, word_mask)
         projections = projections or {}
+        if not torch.is_grad_enabled():
+            products = torch.bmm(regions, words.transpose(1, 2))  # [P, R, L], both directions'
+            return {
+                direction: self._run_direction_inference(
+                    direction,
+                    regions,
+                    region_mask,
+                    words,
+                    word_mask,
+                    projections.get(direction),
+                    products if direction == "text" else products.transpose(1, 2),
+                )
+                for direction in self.options.directions
+            }
         return {
             direction: self._run_direction(
                 direction,
