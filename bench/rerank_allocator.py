@@ -69,7 +69,6 @@ def child(mmap_kib: int, top_pad_kib: int, calls: int) -> dict:
     import numpy as np
     import torch
 
-    from model.architecture.precompute import ImagePrecompute
     from model.retrieval import RetrievalModel
     from service.search.rerank import PairReranker, RerankJob
 
@@ -78,7 +77,7 @@ def child(mmap_kib: int, top_pad_kib: int, calls: int) -> dict:
     rng = np.random.default_rng(0)
     regions = rng.standard_normal((CANDIDATES, REGIONS, model.region_dim)).astype(np.float16)
     precompute = model.precompute_images(regions)
-    images = tuple(ImagePrecompute.cat([precompute.select([row])]) for row in range(CANDIDATES))
+    images = tuple(type(precompute).cat([precompute.select([row])]) for row in range(CANDIDATES))
     query = model.encode_texts(["a man riding a wave on top of a surfboard"]).precompute
     scores = np.linspace(0.5, 0.1, CANDIDATES, dtype=np.float32)
     job = RerankJob(images=images, captions=(query.select([0]),), shortlist_scores=scores)
