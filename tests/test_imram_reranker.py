@@ -17,6 +17,7 @@ from service_support import ServerThread, coco_photos, make_settings, small_extr
 from shared_paths import PARITY_DIR
 from typer.testing import CliRunner
 
+from model.architecture import imram
 from model.architecture.encoders import EncodedText
 from model.architecture.imram import ImramMiniLMWordEncoder, ImramModel, ImramOptions
 from model.architecture.imram_precompute import (
@@ -111,12 +112,16 @@ def test_precomputed_pairs_equal_the_direct_form_with_padded_regions(mode):
 
 @pytest.mark.parametrize("memory_norm", [False, True])
 @pytest.mark.parametrize("embed_size", [8, 64], ids=["wide-context", "narrow-context"])
-def test_the_inference_path_scores_as_the_autograd_path(memory_norm, embed_size):
+@pytest.mark.parametrize("block_pairs", [64, 2], ids=["one-block", "blocks-of-2"])
+def test_the_inference_path_scores_as_the_autograd_path(
+    memory_norm, embed_size, block_pairs, monkeypatch
+):
     """Without autograd `score_pairs` takes its in-place path (shared first products, tanh as
-    a sigmoid, and for a context short next to d the attended context's Gram form): padded
-    regions and words on every pair, the query side repeated as a view as the reranker lays it
-    out, and every mode give the autograd path's scores. embed_size 8 keeps the attended
-    context in both directions; 64 takes the Gram form for Image-IMRAM."""
+    a sigmoid, and for a context short next to d the attended context's Gram form), in blocks
+    of pairs on the CPU: padded regions and words on every pair, the query side repeated as a
+    view as the reranker lays it out, and every mode give the autograd path's scores.
+    embed_size 8 keeps the attended context in both directions; 64 takes the Gram form."""
+    monkeypatch.setattr(imram, "CPU_INFERENCE_BLOCK_PAIRS", block_pairs)
     torch.manual_seed(3)
     for mode in ("full", "text", "image"):
         options = ImramOptions(mode=mode, memory_norm=memory_norm)
