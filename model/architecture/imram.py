@@ -300,14 +300,10 @@ class ImramScorer(nn.Module):
         """K steps of one direction over P pairs: step similarities [K, P] float64.
         `projections`: the memory layers applied ahead per item (same scores to float
         rounding, far fewer FLOPs); the trace always runs the layers as coded."""
-        if direction == "text":
-            fragments, fragment_mask, context, context_mask = words, word_mask, regions, region_mask
-        else:
-            fragments, fragment_mask, context, context_mask = regions, region_mask, words, word_mask
-        if fragment_mask is None:
-            counts = torch.full(fragments.shape[:1], fragments.shape[1], device=fragments.device)
-        else:
-            counts = fragment_mask.sum(dim=1)
+        fragments, fragment_mask, context, context_mask = _direction_sides(
+            direction, regions, region_mask, words, word_mask
+        )
+        counts = _fragment_counts(fragments, fragment_mask)
         query = fragments
         similarities: list[Tensor] = []
         steps: list[dict[str, Tensor]] = []
@@ -368,26 +364,22 @@ class ImramScorer(nn.Module):
         ||c*||² = α (C Cᵀ) αᵀ, products of [Q, C] and [C, C] tensors instead of [Q, d] ones.
         `first_products` [P, C, Q] = C q⁰ (any layout): the first step's attention before its
         LeakyReLU, one product that serves both directions."""
-        if direction == "text":
-            fragments, fragment_mask, context, context_mask = words, word_mask, regions, region_mask
-        else:
-            fragments, fragment_mask, context, context_mask = regions, region_mask, words, word_mask
+        fragments, fragment_mask, context, context_mask = _direction_sides(
+            direction, regions, region_mask, words, word_mask
+        )
         if projections is None:
             projections = MemoryProjections(
                 first_query=self.query_projection(direction, fragments),
                 context=self.context_projection(direction, context),
             )
         steps = self.options.iteration_steps
-        pairs, queries, dim = fragments.shape
+        queries, dim = fragments.shape[1:]
         contexts = context.shape[1]
         use_gram = contexts * (dim + steps * queries) < steps * queries * dim
         gram = torch.bmm(context, context.transpose(1, 2)) if use_gram else None
         query_padding = None if fragment_mask is None else ~fragment_mask.unsqueeze(1)
         context_keep = None if context_mask is None else context_mask.unsqueeze(2)
-        if fragment_mask is None:
-            counts = torch.full((pairs,), queries, device=fragments.device)
-        else:
-            counts = fragment_mask.sum(dim=1)
+        counts = _fragment_counts(fragments, fragment_mask)
         fragment_norms = fragments.norm(dim=-1)
         query_weight, _, query_bias = self.memory_weights(direction)
         memory = joint = None
@@ -556,6 +548,23 @@ class ImramScorer(nn.Module):
             scores=trace.scores.view(num_captions, num_images).t(),
             directions={name: t.map(unflatten) for name, t in trace.directions.items()},
         )
+
+
+def _direction_sides(
+    direction: str, regions: Tensor, region_mask: Tensor | None, words: Tensor, word_mask: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """(query fragments, their mask, context, its mask) of a direction: Text-IMRAM's words
+    query the regions, Image-IMRAM's regions query the words."""
+    if direction == "text":
+        return words, word_mask, regions, region_mask
+    return regions, region_mask, words, word_mask
+
+
+def _fragment_counts(fragments: Tensor, mask: Tensor | None) -> Tensor:
+    """Real query fragments per pair [P] (all of them without a mask)."""
+    if mask is None:
+        return torch.full(fragments.shape[:1], fragments.shape[1], device=fragments.device)
+    return mask.sum(dim=1)
 
 
 def _pair_rows(
