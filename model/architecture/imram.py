@@ -413,11 +413,17 @@ class ImramScorer(nn.Module):
             similarities.append((cosine.sum(dim=1) / counts.to(cosine.dtype)).double())
             if step == steps - 1:  # the official code also updates after the last step, unread
                 break
-            joint = torch.bmm(weights.to(projections.context.dtype), projections.context, out=joint)
+            if joint is None:  # the first update sets the buffer (autocast picks its dtype)
+                joint = torch.bmm(weights.to(projections.context.dtype), projections.context)
+            else:  # products with out= run in its dtype: the operands are cast to it
+                work = joint.dtype
+                torch.bmm(weights.to(work), projections.context.to(work), out=joint)
             if step == 0:  # W_q q⁰ + b, computed once per item
                 joint.add_(projections.first_query)
             else:
-                joint.view(-1, joint.shape[-1]).addmm_(query.reshape(-1, dim), query_weight.t())
+                joint.view(-1, joint.shape[-1]).addmm_(
+                    query.reshape(-1, dim).to(joint.dtype), query_weight.t().to(joint.dtype)
+                )
                 joint.add_(query_bias)
             candidate, gate = joint.chunk(2, dim=-1)
             candidate.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh
@@ -463,7 +469,7 @@ class ImramScorer(nn.Module):
         _check_pairs(regions, region_mask, words, word_mask)
         projections = projections or {}
         if not torch.is_grad_enabled():
-            block = len(regions) if regions.is_cuda else CPU_INFERENCE_BLOCK_PAIRS
+            block = max(1, len(regions)) if regions.is_cuda else CPU_INFERENCE_BLOCK_PAIRS
             blocks = [
                 self._step_similarities_inference(
                     *_pair_rows(
