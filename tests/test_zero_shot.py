@@ -156,8 +156,9 @@ def test_zero_shot_command_writes_a_new_version_with_its_class_embeddings(tmp_pa
     assert loaded.pooled_images(regions).shape == (len(regions), loaded.pooled_dim)
 
 
-def test_evaluate_ranks_with_and_without_the_channel_in_one_run(tmp_path, shared_dir):
-    """`camp-search evaluate --without-zero-shot` on 20 coco-mini photos, the shipped model."""
+def test_evaluate_ranks_with_and_without_the_channel_in_one_run(tmp_path, shared_dir, capsys):
+    """`camp-search evaluate --without-zero-shot` on 20 coco-mini photos, the shipped model;
+    both tables name the shipped scorer in the rows ranked by it alone."""
     from model.eval.data import read_lines
     from service.cli.evaluate import run_evaluate
 
@@ -171,8 +172,18 @@ def test_evaluate_ranks_with_and_without_the_channel_in_one_run(tmp_path, shared
     captions = [c for r in rows for c in r["captions"][:5]]
     (tmp_path / "dev_caps.txt").write_text("\n".join(captions) + "\n")
     result = run_evaluate(
-        tmp_path, "dev", None, None, ["pooled"], "cpu", ks="10", without_zero_shot=True
+        tmp_path,
+        "dev",
+        None,
+        None,
+        ["pooled", "two_stage"],
+        "cpu",
+        ks="10",
+        without_zero_shot=True,
     )
     with_channel, without = result["pooled"]["rsum"], result["without_zero_shot"]["pooled"]["rsum"]
     assert with_channel != without
     assert 0 < without <= 600 and 0 < with_channel <= 600
+    assert "10" in result["without_zero_shot"]["two_stage"]
+    printed = capsys.readouterr().err  # the commands' console is stderr
+    assert printed.count("IMRAM alone, top 10") == 2 and "CAMP alone" not in printed

@@ -29,7 +29,7 @@ def _row(table: Table, name: str, metrics: dict) -> None:
     )
 
 
-def metrics_table(result: dict, title: str, reranker: str = "CAMP") -> Table:
+def metrics_table(result: dict, title: str, reranker: str) -> Table:
     """The metrics as a table; `reranker` names the second-stage scorer in the rows that rank
     by its score alone (`camp_alone` in the result, whichever scorer it is)."""
     table = Table("mode", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum", title=title)
@@ -162,7 +162,8 @@ def _without_zero_shot(
     model.set_zero_shot(None)
     try:
         result = evaluate_model(model, dataset, modes=modes, ks=ks)
-        console.print(metrics_table(result, f"{dataset.name} ({model.version})"))
+        title = f"{dataset.name} ({model.version})"
+        console.print(metrics_table(result, title, reranker_label(model)))
     finally:
         model.set_zero_shot(settings)
     return result
