@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import gemm_peak, interleaved, module_at
 
-from model.architecture.imram import ImramScorer
+from model.architecture.imram import ImramScorer, attends_by_gram
 from model.architecture.imram_precompute import ImramPrecomputedScorer
 from model.retrieval import RetrievalModel
 from service.runtime.heap import fix_mmap_threshold, set_top_pad
@@ -90,9 +90,8 @@ def imram_pair_flops(
     sides = {"text": (words, regions), "image": (regions, words)}
     for name in directions:
         queries, contexts = sides[name]
-        gram = contexts * (dim + steps * queries) < steps * queries * dim  # as the scorer picks
         flops[f"{name}_attention_later_steps"] = (steps - 1) * 2 * queries * contexts * dim
-        if gram:
+        if attends_by_gram(contexts, queries, dim, steps):
             flops[f"{name}_gram"] = 2 * contexts * contexts * dim
             flops[f"{name}_attended_norms_by_gram"] = steps * 2 * queries * contexts * contexts
         else:

@@ -132,6 +132,9 @@ def test_the_inference_path_scores_as_the_autograd_path(
         with torch.no_grad():
             images = scorer.precompute_images(model.encode_images(regions), counts)
             captions = scorer.precompute_captions(model.encode_text(token_ids, lengths))
+        # Image-IMRAM (regions query words) takes the Gram form at 64, not at 8.
+        widest = (captions.words.shape[1], images.regions.shape[1], embed_size, 3)
+        assert imram.attends_by_gram(*widest) == (embed_size == 64)
         caption = captions.select([1]).repeat(len(counts))  # one query x 4 images, a view
         assert caption.words.stride(0) == 0
         for pair_images, pair_captions in (

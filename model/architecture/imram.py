@@ -345,10 +345,7 @@ class ImramScorer(nn.Module):
     def _run_direction_inference(
         self,
         direction: str,
-        regions: Tensor,
-        region_mask: Tensor | None,
-        words: Tensor,
-        word_mask: Tensor,
+        sides: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
         projections: MemoryProjections | None,
         first_products: Tensor,
     ) -> Tensor:
@@ -362,11 +359,10 @@ class ImramScorer(nn.Module):
         short next to the width (Image-IMRAM: a caption's words against d = 128), the attended
         context c* = α C is never formed: its cosine with q⁰ needs only q⁰·c* = α (C q⁰) and
         ||c*||² = α (C Cᵀ) αᵀ, products of [Q, C] and [C, C] tensors instead of [Q, d] ones.
-        `first_products` [P, C, Q] = C q⁰ (any layout): the first step's attention before its
-        LeakyReLU, one product that serves both directions."""
-        fragments, fragment_mask, context, context_mask = _direction_sides(
-            direction, regions, region_mask, words, word_mask
-        )
+        `sides`: the direction's (fragments, their mask, context, its mask); `first_products`
+        [P, C, Q] = C q⁰ (any layout): the first step's attention before its LeakyReLU, one
+        product that serves both directions."""
+        fragments, fragment_mask, context, context_mask = sides
         if projections is None:
             projections = MemoryProjections(
                 first_query=self.query_projection(direction, fragments),
@@ -375,8 +371,11 @@ class ImramScorer(nn.Module):
         steps = self.options.iteration_steps
         queries, dim = fragments.shape[1:]
         contexts = context.shape[1]
-        use_gram = contexts * (dim + steps * queries) < steps * queries * dim
-        gram = torch.bmm(context, context.transpose(1, 2)) if use_gram else None
+        gram = (
+            torch.bmm(context, context.transpose(1, 2))
+            if attends_by_gram(contexts, queries, dim, steps)
+            else None
+        )
         query_padding = None if fragment_mask is None else ~fragment_mask.unsqueeze(1)
         context_keep = None if context_mask is None else context_mask.unsqueeze(2)
         counts = _fragment_counts(fragments, fragment_mask)
@@ -446,10 +445,7 @@ class ImramScorer(nn.Module):
         return {
             direction: self._run_direction_inference(
                 direction,
-                regions,
-                region_mask,
-                words,
-                word_mask,
+                _direction_sides(direction, regions, region_mask, words, word_mask),
                 projections.get(direction),
                 products if direction == "text" else products.transpose(1, 2),
             )
@@ -554,6 +550,13 @@ class ImramScorer(nn.Module):
             scores=trace.scores.view(num_captions, num_images).t(),
             directions={name: t.map(unflatten) for name, t in trace.directions.items()},
         )
+
+
+def attends_by_gram(contexts: int, queries: int, dim: int, steps: int) -> bool:
+    """Whether the inference path takes the attended context's cosine in its Gram form
+    (C Cᵀ once, then [Q, C] x [C, C] a step) rather than forming c* ([Q, C] x [C, d] a step):
+    whichever multiplies less."""
+    return contexts * (dim + steps * queries) < steps * queries * dim
 
 
 def _direction_sides(
@@ -706,5 +709,6 @@ __all__ = [
     "ImramTextEncoder",
     "ImramTrace",
     "MemoryProjections",
+    "attends_by_gram",
     "cosine_rows",
 ]
