@@ -27,3 +27,14 @@ def resolve_device(device: str | torch.device = DEVICE_AUTO) -> torch.device:
             f"device {str(device)!r} was asked for but CUDA is not available; use 'cpu' or 'auto'"
         )
     return resolved
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA that supports bf16, or a CPU
+    with AVX512-BF16 or AMX (where oneDNN's bf16 GEMMs beat fp32 ones); elsewhere bf16 would be
+    emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False

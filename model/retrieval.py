@@ -24,7 +24,8 @@ from model.architecture.precompute import CaptionPrecompute, ImagePrecompute, Pr
 from model.calibration import ScoreCalibration
 from model.checkpoints.checkpoint import CampCheckpoint, load_checkpoint
 from model.checkpoints.extractor import ExtractorRecord
-from model.devices import DEVICE_AUTO, resolve_device
+from model.devices import DEVICE_AUTO, has_native_bf16, resolve_device
+from model.text.minilm import MiniLMBackbone
 from model.types import region_counts_problem
 from model.zeroshot import (
     GRID_EXTRACTOR,
@@ -46,6 +47,10 @@ CAMP_CHECKPOINT = WEIGHTS_DIR / "camp.pt"
 # bf16/fp16 (matmuls in the low precision, softmaxes and the fused score in fp32).
 Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# A search query's text encoder (the MiniLM backbone): fp32, or a copy whose linear layers
+# multiply in bf16 (`Bf16Linear`). "auto" is bf16 where the device multiplies bf16 in hardware.
+# Stored captions are always encoded in fp32, so the stored data never depends on this setting.
+QueryPrecision = Literal["auto", "fp32", "bf16"]
 # Host dtypes copied to the device as they are (float16 features travel at half the bytes).
 _DEVICE_COPY_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
@@ -101,13 +106,16 @@ class RetrievalModel:
         precision: Precision = "fp32",
         extractor_version: str = "",
         class_embeddings: dict[str, torch.Tensor] | None = None,
+        query_precision: QueryPrecision = "fp32",
     ) -> None:
         """class_embeddings: the zero-shot channel's E per prompt, when the checkpoint stores
-        it (else computed from the class names on first use)."""
+        it (else computed from the class names on first use); query_precision: see
+        `QueryPrecision` (bf16 needs the MiniLM text side)."""
         if precision != "fp32" and precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.network = network.to(device).eval()
         self.precision: Precision = precision
+        self.query_precision, self._query_backbone = self._query_text_side(query_precision, device)
         self.version = version
         self.extractor_name = extractor_name
         self.extractor_config = dict(extractor_config)
@@ -133,6 +141,24 @@ class RetrievalModel:
         self.set_zero_shot(ZeroShotSettings.from_metadata(self.metadata), from_checkpoint=True)
 
     # -- loading --------------------------------------------------------------------------------
+    def _query_text_side(
+        self, precision: QueryPrecision, device: torch.device
+    ) -> tuple[Literal["fp32", "bf16"], MiniLMBackbone | None]:
+        """The resolved query precision and, for bf16, the backbone copy queries run on."""
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"query precision must be auto, fp32 or bf16, got {precision!r}")
+        backbone = getattr(self.network.camp.text_encoder, "backbone", None)
+        if precision == "auto":
+            precision = "bf16" if backbone is not None and has_native_bf16(device) else "fp32"
+        if precision == "fp32":
+            return "fp32", None
+        if backbone is None:
+            raise ValueError(
+                "query precision bf16 needs the MiniLM text side; this checkpoint's is "
+                f"{self.network.spec.text_encoder!r}"
+            )
+        return "bf16", backbone.with_bf16_linears()
+
     @classmethod
     def load(
         cls,
@@ -140,10 +166,13 @@ class RetrievalModel:
         *,
         device: str = DEVICE_AUTO,
         precision: Precision = "fp32",
+        query_precision: QueryPrecision = "fp32",
     ) -> RetrievalModel:
         """None -> the shipped default model (model/weights/default.pt); weights only."""
         checkpoint = load_checkpoint(path or DEFAULT_CHECKPOINT)
-        return cls.from_checkpoint(checkpoint, device=device, precision=precision)
+        return cls.from_checkpoint(
+            checkpoint, device=device, precision=precision, query_precision=query_precision
+        )
 
     @classmethod
     def from_checkpoint(
@@ -152,6 +181,7 @@ class RetrievalModel:
         *,
         device: str | torch.device = DEVICE_AUTO,
         precision: Precision = "fp32",
+        query_precision: QueryPrecision = "fp32",
     ) -> RetrievalModel:
         meta = checkpoint.metadata
         extractor = ExtractorRecord.from_metadata(meta)
@@ -166,6 +196,7 @@ class RetrievalModel:
             metadata=meta,
             precision=precision,
             class_embeddings=stored_class_embeddings(checkpoint.extras),
+            query_precision=query_precision,
         )
 
     # -- zero-shot channel -------------------------------------------------------------------
@@ -174,7 +205,7 @@ class RetrievalModel:
     ) -> None:
         """Turn the zero-shot channel on with `settings` (weight 0 or None: off).
 
-        Only grid (EfficientNet-Lite0 ImageNet) features with a MiniLM text side can carry it.
+        Only grid (EfficientNet-Lite ImageNet) features with a MiniLM text side can carry it.
         Settings other than the checkpoint's change `version` ("+zs-w..-t.."), so shortlist
         vectors of two settings never share a namespace or an index.
         """
@@ -203,7 +234,7 @@ class RetrievalModel:
         spec = self.network.spec
         if self.extractor_name != GRID_EXTRACTOR or spec.region_dim != 1280:
             raise ZeroShotError(
-                "the zero-shot channel reads EfficientNet-Lite0 grid features; this model's "
+                "the zero-shot channel reads EfficientNet-Lite grid features; this model's "
                 f"extractor is {self.extractor_name!r} ({spec.region_dim}-d regions)"
             )
         if spec.text_encoder != "minilm":
@@ -248,17 +279,27 @@ class RetrievalModel:
                 raise ValueError(f"text {index} is empty; give at least one word")
         return self._tokenizer(texts)
 
-    def text_features(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad ids and run the text side up to CAMP's projection: ([B, L, h], lengths [B])."""
+    def text_features(
+        self, token_ids: list[list[int]], *, query: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad ids and run the text side up to CAMP's projection: ([B, L, h] float32, lengths
+        [B]); `query`: in `query_precision` (stored captions keep fp32)."""
         padded, lengths = pad_token_ids(token_ids)
         padded, lengths = self._to_device(padded), self._to_device(lengths)
         with torch.inference_mode():
-            features = self.network.text_features(padded, lengths)
+            if query and self._query_backbone is not None:
+                features = self.network.camp.text_encoder.features(
+                    padded, lengths, backbone=self._query_backbone
+                )
+            else:
+                features = self.network.text_features(padded, lengths)
         return features, lengths
 
-    def encode_texts(self, texts: Sequence[str]) -> EncodedTexts:
+    def encode_texts(self, texts: Sequence[str], *, query: bool = False) -> EncodedTexts:
+        """Both stages' vectors of `texts`; `query`: search queries, encoded in
+        `query_precision` (what is stored, captions, always in fp32)."""
         token_ids, tokens = self.tokenize(texts)
-        features, lengths = self.text_features(token_ids)
+        features, lengths = self.text_features(token_ids, query=query)
         with torch.inference_mode():
             pooled = self.network.pooled_text(features, lengths)
             if self.zero_shot is not None:

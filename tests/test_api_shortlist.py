@@ -89,6 +89,7 @@ def test_info_and_metrics_say_where_each_stage_runs(
     tmp_path, tiny_retrieval_model, small_grid_extractor, monkeypatch
 ) -> None:
     monkeypatch.setattr(tiny_retrieval_model, "precision", "bf16")  # autocast is CUDA only
+    monkeypatch.setattr(tiny_retrieval_model, "query_precision", "bf16")  # on every device
     server = _serve(tmp_path, tiny_retrieval_model, small_grid_extractor, device="cpu")
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -98,13 +99,14 @@ def test_info_and_metrics_say_where_each_stage_runs(
         server.stop()
     cpu = {"device": "cpu", "precision": "fp32", "indexes": None}
     assert stages == {
-        "text_encoder": cpu,
+        "text_encoder": {**cpu, "precision": "bf16"},
         "extractor": cpu,
         "shortlist": {**cpu, "indexes": {"images": "cpu", "captions": "cpu"}},
         "reranker": cpu,
     }
-    for stage in stages:
-        line = f'campsearch_stage_info{{device="cpu",precision="fp32",stage="{stage}"}} 1.0'
+    for stage, where in stages.items():
+        precision = where["precision"]
+        line = f'campsearch_stage_info{{device="cpu",precision="{precision}",stage="{stage}"}} 1.0'
         assert line in metrics
 
 

@@ -24,8 +24,11 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("CAMPSEARCH_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CAMPSEARCH_REDIS_URL", "redis://127.0.0.1:6390/0")
     monkeypatch.setenv("CAMPSEARCH_API_KEYS", "a-key-of-sixteen-chars, another-long-enough-key")
+    monkeypatch.setenv("CAMPSEARCH_QUERY_PRECISION", "fp32")
     settings = Settings(_env_file=None)
     assert settings.data_dir == tmp_path
+    assert settings.query_precision == "fp32"
+    assert Settings(_env_file=None, data_dir=tmp_path, query_precision="auto").query_precision
     assert settings.redis_url == "redis://127.0.0.1:6390/0"
     assert [key.get_secret_value() for key in settings.api_keys] == [
         "a-key-of-sixteen-chars",

@@ -182,7 +182,10 @@ def load_model(
         from model.retrieval import RetrievalModel
 
         model = RetrievalModel.load(
-            settings.checkpoint, device=settings.device, precision=settings.rerank_precision
+            settings.checkpoint,
+            device=settings.device,
+            precision=settings.rerank_precision,
+            query_precision=settings.query_precision,
         )
     return model, extractor or build_extractor(settings, model)
 
@@ -412,8 +415,9 @@ class ServiceRuntime:
         }
 
     def stages(self) -> dict[str, dict[str, Any]]:
-        """Where each stage runs ("cpu" / "cuda:N") and in what precision. The encoders and the
-        extractor run fp32; the reranker autocasts to `model.precision` on CUDA only; the
+        """Where each stage runs ("cpu" / "cuda:N") and in what precision. The text encoder
+        runs queries in `model.query_precision` (stored captions in fp32); the extractor runs
+        fp32; the reranker autocasts to `model.precision` on CUDA only; the
         shortlist is float32 FAISS, on the GPU where its index type can go (shortlist
         `indexes` says per index)."""
         index_devices = {
@@ -423,7 +427,7 @@ class ServiceRuntime:
         model_device = _device_name(self.model.device)
         reranker_precision = self.model.precision if model_device != CPU else "fp32"
         return {
-            "text_encoder": {"device": model_device, "precision": "fp32"},
+            "text_encoder": {"device": model_device, "precision": self.model.query_precision},
             "extractor": {"device": _device_name(self.extractor.device), "precision": "fp32"},
             "shortlist": {
                 "device": on_device[0] if on_device else CPU,

@@ -28,7 +28,7 @@ class QueryEncoder:
         if self._on_call is not None:
             self._on_call(len(texts))
         try:
-            encoded = self.model.encode_texts(list(texts))
+            encoded = self.model.encode_texts(list(texts), query=True)
         except ValueError as error:
             if len(texts) == 1:
                 return [error]
