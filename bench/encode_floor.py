@@ -8,7 +8,8 @@ on `--threads` threads), FLOPs counted from the shapes:
 * query encoding (`RetrievalModel.encode_texts` of one caption, the shipped model): MiniLM's
   linear layers (2 x weights x tokens) and attention (4 x L² x hidden per layer); the CAMP
   projection and per-caption tensors are counted too. Measured: the whole call (tokenising
-  included) and the MiniLM body alone.
+  included) and the MiniLM body alone, each in fp32 and with `query_precision="bf16"` (bf16
+  linear layers); both against the fp32 floor.
 * photo extraction (`GridExtractor.extract` of one decoded coco-mini photo at 224 px): every
   convolution, counted by forward hooks (2 x output elements x in-channels/groups x k²).
   "before" is the network as trained (batch norms apart, NCHW); "after" the extractor's own
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = gemm_peak(args.threads)
 
     # Query encoding.
-    model = RetrievalModel.load(device="cpu")
+    model = RetrievalModel.load(device="cpu", query_precision="fp32")
+    bf16 = RetrievalModel.load(device="cpu", query_precision="bf16")
     token_ids, _ = model.tokenize([CAPTION])
     tokens = len(token_ids[0])
     ids = torch.tensor(token_ids)
@@ -101,18 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         text = medians(
             {
-                "encode_texts": lambda: model.encode_texts([CAPTION]),
+                "encode_texts": lambda: model.encode_texts([CAPTION], query=True),
                 "minilm_body": lambda: backbone(ids, torch.ones_like(ids)),
+                "encode_texts_bf16": lambda: bf16.encode_texts([CAPTION], query=True),
+                "minilm_body_bf16": lambda: bf16._query_backbone(ids, torch.ones_like(ids)),
             },
             args.repeats,
         )
     print(
         f"GEMM peak {peak:.1f} GFLOP/s on {args.threads} threads\n"
         f"query encoding ({tokens} tokens): {(body_flops + camp_flops) / 1e6:.0f} MFLOP, floor "
-        f"{1e3 * text_floor:.2f} ms | encode_texts {1e3 * text['encode_texts']:.2f} ms "
-        f"({text['encode_texts'] / text_floor:.1f}x floor) | MiniLM body "
-        f"{1e3 * text['minilm_body']:.2f} ms ({text['minilm_body'] / text_floor:.1f}x floor)"
+        f"{1e3 * text_floor:.2f} ms"
     )
+    for suffix, label in (("", "fp32"), ("_bf16", "bf16 linears")):
+        whole, body = text[f"encode_texts{suffix}"], text[f"minilm_body{suffix}"]
+        print(
+            f"  {label}: encode_texts {1e3 * whole:.2f} ms ({whole / text_floor:.1f}x floor) | "
+            f"MiniLM body {1e3 * body:.2f} ms ({body / text_floor:.1f}x floor)"
+        )
+    print(f"  bf16 speed-up: {text['encode_texts'] / text['encode_texts_bf16']:.2f}x whole call")
 
     # Photo extraction.
     manifest = SHARED_DIR / "data" / "coco-mini" / "manifest.jsonl"
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "floor_ms": 1e3 * text_floor,
             "median_ms": {k: 1e3 * v for k, v in text.items()},
             "times_floor": {k: v / text_floor for k, v in text.items()},
+            "bf16_speedup": text["encode_texts"] / text["encode_texts_bf16"],
         },
         "photo_extraction": {
             "photo_size": list(photo.size),
