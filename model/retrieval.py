@@ -27,6 +27,7 @@ from model.checkpoints.extractor import ExtractorRecord
 from model.devices import DEVICE_AUTO, has_native_bf16, resolve_device
 from model.text.minilm import MiniLMBackbone
 from model.types import region_counts_problem
+from model.vision.efficientnet_lite import DEFAULT_VARIANT
 from model.zeroshot import (
     GRID_EXTRACTOR,
     ZeroShotChannel,
@@ -216,7 +217,9 @@ class RetrievalModel:
             prompt = settings.prompt
             if prompt not in self._class_embeddings:
                 self._class_embeddings[prompt] = self._embed_class_names(prompt)
-            weight, bias = imagenet_classifier()
+            weight, bias = imagenet_classifier(
+                self.extractor_config.get("variant", DEFAULT_VARIANT)
+            )
             self.zero_shot = ZeroShotChannel(
                 weight, bias, self._class_embeddings[prompt], settings
             ).to(self.device)

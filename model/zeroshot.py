@@ -1,7 +1,7 @@
 """A zero-shot channel: the frozen ImageNet classifier's predictions, named in MiniLM's space.
 
 The trained model learned from Flickr8K's people and dogs and does not know cups, coins or the
-moon; the frozen backbones do. The grid regions an image is stored as are EfficientNet-Lite0's
+moon; the frozen backbones do. The grid regions an image is stored as are EfficientNet-Lite's
 head features (`features()`), and its classifier is `_fc(mean of them)`, so each stored image
 has class probabilities p = softmax(_fc(mean of regions) / T) without re-extraction. Its
 zero-shot vector is z = normalise(p @ E), with E [1000, 384] the all-MiniLM-L6-v2 sentence
@@ -35,7 +35,7 @@ METADATA_KEY = "zero_shot"
 EXTRAS_KEY = "zero_shot"  # checkpoint extras: {"prompt": str, "class_embeddings": [1000, 384]}
 DEFAULT_PROMPT = "a photo of a {}."
 FORMAT_VERSION = 1
-# Which extractor's features the channel reads: the grid's EfficientNet-Lite0 head features.
+# Which extractor's features the channel reads: the grid's EfficientNet-Lite head features.
 GRID_EXTRACTOR = "grid"
 
 
@@ -61,12 +61,12 @@ def sentence_vectors(features: Tensor, lengths: Tensor) -> Tensor:
     return F.normalize(mean.float(), dim=-1)
 
 
-def imagenet_classifier() -> tuple[Tensor, Tensor]:
-    """EfficientNet-Lite0's `_fc` weight [1000, 1280] and bias [1000], from the shipped
+def imagenet_classifier(variant: str) -> tuple[Tensor, Tensor]:
+    """The EfficientNet-Lite variant's `_fc` weight [1000, 1280] and bias [1000], from the
     weights the grid extractor uses."""
     from model.vision.efficientnet_lite import pretrained_weights_path
 
-    state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(pretrained_weights_path(variant), map_location="cpu", weights_only=True)
     return state["_fc.weight"].float(), state["_fc.bias"].float()
 
 

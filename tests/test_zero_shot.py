@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from model.checkpoints.checkpoint import load_checkpoint
 from model.retrieval import DEFAULT_CHECKPOINT, RetrievalModel
-from model.vision.efficientnet_lite import efficientnet_lite0
+from model.vision.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
 from model.vision.extractors.grid import GridExtractor
 from model.vision.images import decode_image
 from model.zeroshot import (
@@ -66,6 +66,21 @@ def test_class_probabilities_from_stored_regions_equal_the_backbones_own_classif
         expected = torch.softmax(efficientnet_lite0("imagenet")(batch.contiguous()), dim=-1)
     assert torch.allclose(probabilities, expected, atol=2e-3)
     assert (probabilities.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_the_channel_reads_the_classifier_of_the_models_own_backbone(model, variant):
+    """A model whose grid extractor is Lite2 gets Lite2's ImageNet head, not Lite0's."""
+    original = model.extractor_config
+    model.extractor_config = {**original, "variant": variant}
+    try:
+        model.set_zero_shot(ZeroShotSettings(weight=1.0, temperature=1.0))
+        weight, bias = model.zero_shot.classifier_weight, model.zero_shot.classifier_bias
+    finally:
+        model.extractor_config = original
+        model.set_zero_shot(None)
+    shipped = torch.load(pretrained_weights_path(variant), map_location="cpu", weights_only=True)
+    assert torch.equal(weight, shipped["_fc.weight"]) and torch.equal(bias, shipped["_fc.bias"])
 
 
 def test_shortlist_inner_product_is_exactly_pooled_plus_w_times_zero_shot(model, regions):

