@@ -1,10 +1,10 @@
 """The zero-shot channel (model/zeroshot.py) with and without, on dev, coco-mini and the demo.
 
     python bench/zero_shot_channel.py --dev /work/cache/flickr8k-grid \\
-        --coco /work/cache/coco-grid [--json results/zero_shot_channel.json]
+        --coco /work/cache/coco-grid [--checkpoint PATH] [--json results/zero_shot_channel.json]
 
-One run, the shipped model, one encoding of every split; then for each temperature T and
-weight w of the sweep, the fused scores of both stages are formed from cached parts:
+One run, the shipped model (or --checkpoint's), one encoding of every split; then for each
+temperature T and weight w of the sweep, the fused scores of both stages come from cached parts:
 
     shortlist = pooled + w zs          (the order of the service's FAISS inner product)
     rerank    = a (pooled + w zs) + b camp   over each query's top K = 100 by the shortlist
@@ -208,16 +208,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dev", type=Path, required=True, help="Flickr8K grid features folder")
     parser.add_argument("--coco", type=Path, required=True, help="coco-mini grid features folder")
+    parser.add_argument(
+        "--coco-splits", default="train2017,val2017", help="the coco folder's splits, merged"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="default: the shipped model; its own "
+        "extractor must have made --dev and --coco (the demo photos are extracted here with it)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     started = time.perf_counter()
-    model = RetrievalModel.load(device="cpu")
+    model = RetrievalModel.load(args.checkpoint, device="cpu")
     model.set_zero_shot(ZeroShotSettings(weight=1.0, temperature=1.0))
     a = float(model.network.fusion.shortlist_weight.detach())
     b = float(model.network.fusion.camp_weight.detach())
     dev = load_precomputed(args.dev, "dev")
     coco = merge_splits(
-        [load_precomputed(args.coco, s) for s in ("train2017", "val2017")], "coco-mini"
+        [load_precomputed(args.coco, s) for s in args.coco_splits.split(",")], "coco-mini"
     )
     demo, names = demo_split(model)
     parts = {name: SplitParts(model, split) for name, split in
