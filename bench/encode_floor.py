@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.tensor(token_ids)
     encoder = model.network.camp.text_encoder
     backbone = encoder.backbone
+    bf16_body = backbone.with_bf16_linears()  # the copy `query_precision="bf16"` runs
     bert = backbone.bert
     layers, hidden = bert.config.num_hidden_layers, bert.config.hidden_size
     body_flops = linear_flops(bert.encoder, tokens) + layers * 4 * tokens * tokens * hidden
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 "encode_texts": lambda: model.encode_texts([CAPTION], query=True),
                 "minilm_body": lambda: backbone(ids, torch.ones_like(ids)),
                 "encode_texts_bf16": lambda: bf16.encode_texts([CAPTION], query=True),
-                "minilm_body_bf16": lambda: bf16._query_backbone(ids, torch.ones_like(ids)),
+                "minilm_body_bf16": lambda: bf16_body(ids, torch.ones_like(ids)),
             },
             args.repeats,
         )
