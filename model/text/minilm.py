@@ -76,7 +76,8 @@ class Bf16Linear(nn.Module):
     """Inference-only `nn.Linear` with its weight in bf16: the input is rounded to bf16 for
     the product (half the weight bytes, native bf16 GEMMs where the CPU has them), the bias
     added in fp32, the output fp32. Rounding only the products, not the residual stream that
-    adds them up, halves the drift of whole-network bf16 on MiniLM (tests/test_precision.py)."""
+    adds them up, halves the median drift of whole-network bf16 on MiniLM
+    (tests/test_precision.py)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
