@@ -15,7 +15,6 @@ from PIL import Image
 from model.vision.efficientnet_lite import (
     LITE_VARIANTS,
     EfficientNetLite,
-    EfficientNetLite0,
     efficientnet_lite,
     efficientnet_lite0,
     lite_variant,
@@ -93,7 +92,7 @@ def test_a_randomly_initialised_network_fails_the_same_test(
 
 def test_state_dict_keys_match_the_shipped_file_exactly() -> None:
     shipped = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
-    assert set(EfficientNetLite0().state_dict()) == set(shipped)
+    assert set(EfficientNetLite().state_dict()) == set(shipped)
     assert len(efficientnet_lite0()._blocks) == 16
 
 

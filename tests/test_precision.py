@@ -127,6 +127,12 @@ def test_bf16_queries_keep_the_fp32_ranking_of_real_searches(shortlists) -> None
         m.encode_texts(shortlists.captions[:5]).pooled for m in (fp32, bf16)
     )
     np.testing.assert_array_equal(stored_fp32, stored_bf16)
+    # The bf16 copy shares the backbone's other tensors (the embedding table) instead of
+    # holding a second fp32 copy, and leaves the backbone's own linear layers fp32.
+    original, low = bf16.network.camp.text_encoder.backbone.bert, bf16._query_backbone.bert
+    assert low.embeddings.word_embeddings.weight is original.embeddings.word_embeddings.weight
+    assert type(original.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    assert low.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
 
 
 def test_query_precision_auto_follows_the_hardware_and_unknown_values_are_refused() -> None:

@@ -63,8 +63,10 @@ class MiniLMBackbone(nn.Module):
 
     def with_bf16_linears(self) -> MiniLMBackbone:
         """A copy whose linear layers multiply in bf16 (`Bf16Linear`); the residual stream,
-        layer norms and softmaxes stay fp32. The original is left as it is."""
-        bert = copy.deepcopy(self.bert)
+        layer norms and softmaxes stay fp32. The original is left as it is. Every other tensor
+        (the 47 MB embedding table above all) is shared with it, not copied."""
+        tensors = (*self.bert.parameters(), *self.bert.buffers())
+        bert = copy.deepcopy(self.bert, memo={id(t): t for t in tensors})
         for module in list(bert.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):

@@ -248,9 +248,6 @@ class EfficientNetLite(nn.Module):
         return self._fc(self.features(x).mean(dim=(2, 3)))
 
 
-EfficientNetLite0 = EfficientNetLite  # its default stages are Lite0's
-
-
 def fold_batch_norms(model: EfficientNetLite) -> EfficientNetLite:
     """The network for inference only, in place: every BatchNorm folded into the convolution
     before it (and replaced by Identity), weights in channels-last layout. Features equal the
