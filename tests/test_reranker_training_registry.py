@@ -17,6 +17,7 @@ from model.architecture.rerankers import registered_rerankers, reranker_kind
 from model.architecture.scorer import l2norm
 from model.eval.data import load_precomputed
 from model.text.vocab import Vocabulary
+from model.training.dev_eval import evaluate_frozen
 from model.training.features import frozen_split
 from model.training.fusion_tuning import tune_fusion
 from model.training.gru_text import gru_frozen_split
@@ -348,6 +349,10 @@ def test_the_default_recipe_trains_every_scorer_on_minilm_words(minilm_slice, sc
         w * scale for w in (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 1000.0)
     }
     assert network.fusion.camp_weight.item() == pytest.approx(weight)
+    # The recipe's selection reads the chosen weight's figures from the sweep instead of
+    # ranking the split again: they are what the tuned network's own evaluation gives.
+    evaluated = evaluate_frozen(network, frozen_subset(dev, DEV_IMAGES), ks=(10,))
+    assert sweep[weight]["rsum"] == pytest.approx(evaluated["two_stage"]["10"]["rsum"])
 
 
 def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice, tmp_path):
@@ -386,10 +391,11 @@ def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice,
     assert model.network.fusion.camp_weight.item() == pytest.approx(fusion["camp_weight"])
 
 
-def test_the_lite2_preset_is_the_imram_preset_with_its_two_measured_changes():
-    """model/configs/train_imram_lite2_cpu.json (docs/training-log.md E16) changes only the
-    extractor (EfficientNet-Lite2 at 256 px) and the pooled epochs; its extractor record is
-    what the grid extractor built from it calls itself."""
+def test_the_lite2_preset_is_the_imram_preset_with_its_measured_changes():
+    """model/configs/train_imram_lite2_cpu.json (docs/training-log.md E16, E17) changes only
+    the extractor (EfficientNet-Lite2 at 256 px), the pooled epochs and the selection images
+    (the whole dev split); its extractor record is what the grid extractor built from it calls
+    itself."""
     from model.vision.extractors import create_extractor
 
     configs = REPO / "model" / "configs"
@@ -401,9 +407,11 @@ def test_the_lite2_preset_is_the_imram_preset_with_its_two_measured_changes():
         "data",
         "extractor",
         "pooled",
+        "selection",
         "out",
     }
     assert {k for k in imram["pooled"] if imram["pooled"][k] != lite2["pooled"][k]} == {"epochs"}
+    assert lite2["selection"] == {**imram["selection"], "dev_images": 1000}
     assert {k for k in imram["data"] if imram["data"][k] != lite2["data"][k]} == {"root"}
     config = TrainConfig.load(configs / "train_imram_lite2_cpu.json")
     extractor = create_extractor("grid", {**config.extractor["config"], "device": "cpu"})

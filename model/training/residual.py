@@ -16,9 +16,10 @@ from rich.console import Console
 
 from model.architecture.network import NetworkSpec, RetrievalNetwork
 from model.eval.data import load_precomputed
+from model.eval.protocol import retrieval_metrics
 from model.text.glove import GLOVE_NAME, init_embedding_from_glove
 from model.text.vocab import DEFAULT_MIN_COUNT, Vocabulary
-from model.training.dev_eval import evaluate_frozen
+from model.training.dev_eval import evaluate_frozen, pooled_scores
 from model.training.features import FrozenSplit, frozen_split, region_means
 from model.training.fusion_tuning import tune_fusion
 from model.training.gru_text import caption_ids, gru_frozen_split, train_gru_pooled
@@ -142,20 +143,25 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 camp_weight=weight,
                 sweep={str(w): m["rsum"] for w, m in sweep.items()},
             )
-            console.print(f"fusion tuned on the dev subset: CAMP weight {weight}")
-        result = evaluate_frozen(network, dev, ks=(int(select_k),))
-        rsum = result["two_stage"][select_k]["rsum"]
+            console.print(f"fusion tuned on the selection images: CAMP weight {weight}")
+            # The sweep already ranked the subset with the chosen weight: no second pass.
+            pooled_rsum = retrieval_metrics(pooled_scores(network, dev))["rsum"]
+            rsum = sweep[weight]["rsum"]
+        else:
+            result = evaluate_frozen(network, dev, ks=(int(select_k),))
+            pooled_rsum = result["pooled"]["rsum"]
+            rsum = result["two_stage"][select_k]["rsum"]
         run.log(
             event="dev",
             stage=stage,
             epoch=epoch,
-            pooled_rsum=result["pooled"]["rsum"],
+            pooled_rsum=pooled_rsum,
             two_stage_rsum=rsum,
             k=int(select_k),
         )
         console.print(
-            f"{stage} epoch {epoch}: dev-subset pooled rsum "
-            f"{result['pooled']['rsum']:.1f}, two-stage K={select_k} rsum {rsum:.1f}"
+            f"{stage} epoch {epoch}: selection images, pooled rsum "
+            f"{pooled_rsum:.1f}, two-stage K={select_k} rsum {rsum:.1f}"
         )
         if rsum > best:
             best = rsum
