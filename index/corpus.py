@@ -102,6 +102,7 @@ IMAGES_DIR = "images"
 INDEX_DIR = "index"
 AUTO_FACTORY = "auto"
 REBUILD_BATCH = 10_000
+STORED_FILE_BATCH = 1_000  # catalog rows read per query when checking stored photos
 EXTENSION_PATTERN = re.compile(r"^(\.[a-z0-9]{1,5})?$")
 POOLED_KEY = "vector"
 SHA256_NAME = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,5})?$")
@@ -612,17 +613,20 @@ class Corpus:
         record = self.catalog.get_image(image_id)
         if record is None:
             return None
+        path = self._readable_file(record)
+        return None if path is None else (record, path)
+
+    def _readable_file(self, record: ImageRecord) -> Path | None:
+        """The record's file, or None: gone, or its stored path leaves the data folder."""
         path = self.image_path(record).resolve()
         if not path.is_relative_to(self.data_dir.resolve()):
             # Stored paths are written here (sha256 names), never by clients; one that leaves
             # the data folder means a tampered catalog: serve nothing.
             logger.error(
-                "image %d has a stored path outside the data dir; not serving it", image_id
+                "image %d has a stored path outside the data dir; not serving it", record.id
             )
             return None
-        if not path.is_file():
-            return None
-        return record, path
+        return path if path.is_file() else None
 
     def search_images(self, vectors: np.ndarray, k: int) -> SearchResult:
         """Shortlist images for query vectors [Q, dim]: (scores [Q, k], ids [Q, k]; -1 empty)."""
@@ -749,6 +753,46 @@ class Corpus:
         return np.intersect1d(
             np.asarray(ids, dtype=np.int64), self.store.ids(self.regions_namespace)
         )
+
+    def ids_with_stored_files(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Those of `ids` whose photo file is stored (a region rebuild re-extracts it)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        found = []
+        for start in range(0, len(ids), STORED_FILE_BATCH):
+            records = self.catalog.get_images(ids[start : start + STORED_FILE_BATCH].tolist())
+            found += [i for i, record in records.items() if self._readable_file(record)]
+        return np.asarray(sorted(found), dtype=np.int64)
+
+    def put_region_features(self, regions: Mapping[int, RegionFeatures]) -> int:
+        """Store re-extracted region features of the current extractor for images that still
+        exist, in one transaction (images deleted meanwhile are skipped). Returns how many
+        were stored."""
+        with self._write_lock:
+            ids = [int(i) for i in regions]
+            present = self.catalog.get_images(ids)
+            kept: dict[int, Mapping[str, np.ndarray]] = {}
+            for i in ids:
+                record = present.get(i)
+                if record is None:
+                    continue
+                features, boxes = _region_arrays(regions[i].features, regions[i].boxes)
+                kept[i] = stored_region_arrays(features, boxes, (record.width, record.height))
+            if not kept:
+                return 0
+            if isinstance(self.store, PostgresFeatureStore):
+                stored = len(self.store.write_owned("images", self.regions_namespace, kept))
+            else:
+                self.store.write({self.regions_namespace: kept})
+                stored = len(kept)
+            self.regions.invalidate(list(kept))
+            return stored
+
+    def region_rebuild_lock(self) -> SessionLock | None:
+        """PostgreSQL mode: the lock that lets one replica at a time re-extract the region
+        features of this extractor version from the stored photos; None when embedded."""
+        if self.database is None:
+            return None
+        return SessionLock(self.database, f"region-rebuild:{self.regions_namespace}")
 
     def drop_region_features(self) -> int:
         """Delete the region features of images whose rerank tensors of this version are

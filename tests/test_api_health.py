@@ -41,9 +41,11 @@ def test_ready_only_after_loading_and_alive_meanwhile(
             "model",
             "indexes",
             "cache:local",
+            "region_features",
             "pooled_vectors",
             "rerank_tensors",
         }
+        assert components["region_features"]["detail"] == "complete (images 0/0)"
         for rebuild in ("pooled_vectors", "rerank_tensors"):
             assert components[rebuild]["detail"] == "complete (images 0/0, captions 0/0)"
 

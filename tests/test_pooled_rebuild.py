@@ -1,8 +1,9 @@
 """Issue 17, upgrading keeps users' data: a data dir filled by one model version and served by
 another re-embeds the pooled (shortlist) vectors it lacks in the background, from the stored
 region features and the catalog texts, so every photo and caption becomes searchable again
-with the new model's scores; /readyz and /metrics report the progress. With region features
-dropped the change is refused at start, naming what to re-run.
+with the new model's scores; /readyz and /metrics report the progress. Region features that
+were dropped, or of another extractor, are re-extracted from the stored photos first
+(tests/test_region_rebuild.py).
 
 The real stack (app, pipeline, corpus on disk, grid extractor) around the small random-weight
 model, with real coco-mini photos.
@@ -149,26 +150,6 @@ def test_a_new_model_version_re_embeds_every_item_and_serves_its_own_scores(
 def corpus_counts(corpus) -> tuple[int, int]:
     summaries = corpus.index_summaries()
     return summaries["images"].count, summaries["captions"].count
-
-
-def test_without_region_features_a_new_model_version_is_refused_naming_what_to_re_run(
-    tmp_path, tiny_retrieval_model, small_grid_extractor, shared_dir
-) -> None:
-    settings = make_settings(tmp_path / "data", keep_region_features=False)
-    app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
-    with running_client(app) as client:
-        upload_coco_photos(client, shared_dir, PHOTOS, CAPTIONS)
-
-    new_model = retrained(tiny_retrieval_model, version=f"{tiny_retrieval_model.version}-next")
-    app = create_app(settings, model=new_model, extractor=small_grid_extractor)
-    with running_client(app) as client:
-        assert app.state.service.phase == "failed"
-        detail = client.get("/readyz").json()["components"][0]["detail"]
-        assert f"no pooled vectors for model {new_model.version} ({PHOTOS} not searchable)" in (
-            detail
-        )
-        assert "CAMPSEARCH_KEEP_REGION_FEATURES=false" in detail
-        assert "camp-search ingest" in detail
 
 
 def test_postgres_one_replica_re_embeds_and_the_others_follow(

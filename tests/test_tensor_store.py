@@ -149,9 +149,11 @@ def test_a_model_change_rebuilds_in_the_background_and_searches_meanwhile_are_ri
                 assert score == pytest.approx(_scores(before)[hit_id], abs=2e-3)
 
 
-def test_without_region_features_a_model_change_is_refused_at_start(
+def test_without_region_features_or_photos_a_model_change_is_refused_at_start(
     tmp_path, tiny_retrieval_model, small_grid_extractor, shared_dir, monkeypatch
 ) -> None:
+    """Dropped region features are re-extracted from the stored photos after a model change
+    (tests/test_region_rebuild.py); with the photo files gone too nothing can be rebuilt."""
     settings = make_settings(tmp_path / "data", keep_region_features=False)
     app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
     with running_client(app) as client:
@@ -162,6 +164,8 @@ def test_without_region_features_a_model_change_is_refused_at_start(
         _searches(client, ids[0], coco_photos(shared_dir, 1)[0][1][0])
         described = client.get(f"/v1/images/{ids[0]}").json()
         assert described["regions"] == 4
+        for image_id in ids:
+            corpus.stored_file(image_id)[1].unlink()
     monkeypatch.undo()
 
     app = create_app(
@@ -171,6 +175,7 @@ def test_without_region_features_a_model_change_is_refused_at_start(
         assert app.state.service.phase == "failed"
         detail = client.get("/readyz").json()["components"][0]["detail"]
         assert "CAMPSEARCH_KEEP_REGION_FEATURES=false" in detail
+        assert "no stored photo to extract them from" in detail
         assert "camp-search ingest" in detail and f"{PHOTOS} images" in detail
 
     # The model they were stored with still serves (the lock was released on refusal).

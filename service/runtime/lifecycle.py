@@ -54,7 +54,12 @@ from service.search.pipeline import SearchPipeline
 from service.search.regions import UploadRegions
 from service.search.rerank import PairReranker, RerankJob
 from service.search.shortlist import ShortlistJob, ShortlistSearcher
-from service.search.tensor_rebuild import PooledRebuild, TensorRebuild, refuse_unbuildable
+from service.search.tensor_rebuild import (
+    PooledRebuild,
+    RegionRebuild,
+    TensorRebuild,
+    refuse_unbuildable,
+)
 
 if TYPE_CHECKING:
     from model.retrieval import EncodedTexts, RetrievalModel
@@ -252,6 +257,7 @@ class ServiceRuntime:
     lock: DataDirLock | None  # None in PostgreSQL mode: replicas share the database
     rebuild: TensorRebuild
     pooled_rebuild: PooledRebuild
+    region_rebuild: RegionRebuild
     saved_sequence: int = -1
     # The PostgreSQL primary and read replica; None with the embedded stores.
     read_router: ReadRouter | None = None
@@ -280,12 +286,11 @@ class ServiceRuntime:
             read_router = build_read_router(settings)
             gpu_id = faiss_gpu_id(settings.device)
             corpus = open_corpus(settings, model, extractor, cache, gpu_id, read_router)
-            if not settings.keep_region_features:
-                try:
-                    refuse_unbuildable(corpus)
-                except BaseException:
-                    corpus.close()
-                    raise
+            try:
+                refuse_unbuildable(corpus)
+            except BaseException:
+                corpus.close()
+                raise
         except BaseException:
             if read_router is not None:
                 read_router.close()
@@ -345,8 +350,13 @@ class ServiceRuntime:
             decode_memory_bytes=settings.decode_memory_mib * MEBIBYTE,
             decode_wait_s=settings.request_timeout_s,
         )
-        # Pooled vectors first (items without them are not searchable), then rerank tensors.
-        pooled_rebuild = PooledRebuild(corpus, pipeline)
+        # Region features of a new extractor first (re-extracted from the stored photos), then
+        # pooled vectors (items without them are not searchable), then rerank tensors.
+        region_rebuild = RegionRebuild(
+            corpus, pipeline, extractor, max_image_pixels=settings.max_image_pixels
+        )
+        region_rebuild.plan()
+        pooled_rebuild = PooledRebuild(corpus, pipeline, after=region_rebuild)
         pooled_rebuild.plan()
         rebuild = TensorRebuild(
             corpus,
@@ -370,6 +380,7 @@ class ServiceRuntime:
             lock=lock,
             rebuild=rebuild,
             pooled_rebuild=pooled_rebuild,
+            region_rebuild=region_rebuild,
             read_router=read_router,
         )
         runtime.saved_sequence = corpus.sequence
@@ -411,6 +422,10 @@ class ServiceRuntime:
             "pooled_rebuild": {
                 kind: (progress.done, progress.total)
                 for kind, progress in self.pooled_rebuild.progress().items()
+            },
+            "region_rebuild": {
+                kind: (progress.done, progress.total)
+                for kind, progress in self.region_rebuild.progress().items()
             },
         }
 
@@ -465,6 +480,7 @@ class ServiceRuntime:
     def close(self) -> None:
         """Save and release everything (blocking); the batchers must be stopped first."""
         try:
+            self.region_rebuild.stop()
             self.pooled_rebuild.stop()
             self.rebuild.stop()
             self.corpus.close()
@@ -517,7 +533,9 @@ class ServiceState:
                 )
             await runtime.shortlist.start()
             await runtime.batcher.start()
-            runtime.pooled_rebuild.start()  # the tensor rebuild waits for it to end
+            # Each waits for the one before it to end: regions, pooled vectors, tensors.
+            runtime.region_rebuild.start()
+            runtime.pooled_rebuild.start()
             runtime.rebuild.start()
         except Exception as error:  # reported by /readyz and /healthz; the process stays up
             logger.exception("the service failed to start")

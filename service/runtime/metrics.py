@@ -234,6 +234,15 @@ class _StateCollector(Collector):
                 "campsearch_rerank_tensor_rebuild_items.",
                 pooled,
             )
+        regions = state.get("region_rebuild")
+        if regions is not None:
+            yield _rebuild_gauge(
+                "campsearch_region_feature_rebuild_items",
+                "The background re-extraction of region features from the stored photos after "
+                "a change of extractor (the pooled and tensor rebuilds wait for it): images "
+                "done and the total to do; read like campsearch_rerank_tensor_rebuild_items.",
+                regions,
+            )
         built = state.get("tensors_built")
         if built is not None:
             here = CounterMetricFamily(

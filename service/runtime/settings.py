@@ -153,8 +153,8 @@ class Settings(BaseSettings):
         default=True,
         description="Keep each photo's raw region features beside its stored rerank tensors "
         "(float16: ~123 KiB a photo with 49 grid regions). false drops them once the tensors "
-        "are stored (~71 KiB a photo left): searches never need them, but a new model can then "
-        "not rebuild its tensors and is refused at start.",
+        "are stored (~71 KiB a photo left): searches never need them; a new model then "
+        "re-extracts them from the stored photos in the background before it rebuilds.",
     )
     search_memory_mib: int = Field(
         default=256,

@@ -1,5 +1,13 @@
-"""Rebuilding what a new model lacks, in the background, with progress: first the pooled
-(shortlist) vectors, then the rerank tensors.
+"""Rebuilding what a new model lacks, in the background, with progress: first the region
+features (when the extractor changed), then the pooled (shortlist) vectors, then the rerank
+tensors.
+
+A model trained on another extractor (`RetrievalModel.extractor_config`: another backbone,
+input size or grid; the checkpoint records it) finds no region features of its extractor's
+version: regions are keyed by it (`index.namespaces.regions_namespace`), so versions never mix.
+`RegionRebuild` re-extracts them from the stored photos (the data dir keeps every ingested
+photo), for the images the pooled or tensor rebuild will need, and the other two wait for it.
+The old version's regions stay where they are: serving the old checkpoint again needs nothing.
 
 A model change with a new model version (`RetrievalModel.version`) finds no pooled vectors in
 its own namespace: those items are not searchable until `PooledRebuild` re-embeds them, images
@@ -16,8 +24,9 @@ in its own namespace. The service starts anyway: searches compute the missing it
 the fly (service/search/pipeline.py), so results are never wrong, while one thread builds them
 from the stored region features (images) and the catalog texts (captions), a batch at a time,
 and stores them through `Corpus.put_rerank_tensors`. /readyz and Prometheus report how far it
-is. With `CAMPSEARCH_KEEP_REGION_FEATURES=false` an image whose features were dropped cannot be
-rebuilt; `unbuildable_images` finds them so the service can refuse to start.
+is. With `CAMPSEARCH_KEEP_REGION_FEATURES=false` an image whose features were dropped is
+re-extracted from its stored photo first; one whose photo file is gone too cannot be rebuilt:
+`unbuildable_images` finds them so the service can refuse to start.
 
 PostgreSQL mode: the rebuild is done once per database, not once per replica. A replica builds
 only while it holds the session advisory lock of this model's rebuild (`Corpus.
@@ -37,10 +46,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from index.corpus import Corpus, Kind
 from index.errors import DatabaseUnavailableError
 from index.postgres import SessionLock
+from model.types import RegionFeatures
+from model.vision.extractors import RegionExtractor
+from model.vision.images import ImageInputError, decode_image
 from service.search.stored_tensors import caption_record, image_record, record_or_none
 
 if TYPE_CHECKING:
@@ -72,29 +85,36 @@ class RebuildProgress:
         return self.done >= self.total
 
 
-def unbuildable_images(corpus: Corpus) -> np.ndarray:
+def images_needing_regions(corpus: Corpus) -> np.ndarray:
     """Ids of images without pooled vectors or rerank tensors of the current model and
-    without region features (so neither can be rebuilt)."""
+    without region features of the current extractor (what a rebuild would read), sorted."""
     missing = np.union1d(
         corpus.ids_without_rerank_tensors("images"), corpus.ids_without_pooled("images")
     )
     return np.setdiff1d(missing, corpus.ids_with_region_features(missing))
 
 
+def unbuildable_images(corpus: Corpus) -> np.ndarray:
+    """Ids of images that need region features (`images_needing_regions`) and whose stored
+    photo is gone, so they can be neither re-extracted nor rebuilt."""
+    lacking = images_needing_regions(corpus)
+    return np.setdiff1d(lacking, corpus.ids_with_stored_files(lacking))
+
+
 def refuse_unbuildable(corpus: Corpus) -> None:
     """Raise `TensorsUnbuildableError`, naming what to re-run, when a model change cannot be
-    served because region features were dropped."""
+    served because region features and photo files are both gone."""
     lacking = unbuildable_images(corpus)
     if len(lacking):
         unsearchable = np.intersect1d(lacking, corpus.ids_without_pooled("images"))
         raise TensorsUnbuildableError(
             f"{len(lacking)} images have no rerank tensors for model {corpus.tensor_version} "
             f"or no pooled vectors for model {corpus.model_version} ({len(unsearchable)} not "
-            "searchable) and their region features were dropped "
-            "(CAMPSEARCH_KEEP_REGION_FEATURES=false), so they cannot be rebuilt: serve the "
-            "checkpoint they were stored with, or re-run `camp-search ingest` of the photos "
-            "into a fresh data dir with this model "
-            f"(first ids: {lacking[:5].tolist()})"
+            f"searchable), no region features of extractor {corpus.extractor_version} (with "
+            "CAMPSEARCH_KEEP_REGION_FEATURES=false they are dropped) and no stored photo to "
+            "extract them from, so they cannot be rebuilt: serve the checkpoint they were "
+            "stored with, or re-run `camp-search ingest` of the photos into a fresh data dir "
+            f"with this model (first ids: {lacking[:5].tolist()})"
         )
 
 
@@ -114,6 +134,7 @@ class BackgroundRebuild:
 
     what = "rerank tensors"  # for log lines
     thread_name = "tensor-rebuild"
+    kinds: tuple[Kind, ...] = KINDS  # what it builds records of
 
     def __init__(
         self,
@@ -124,20 +145,21 @@ class BackgroundRebuild:
         poll_s: float | None = None,
         after: BackgroundRebuild | None = None,
     ) -> None:
-        """`poll_s`: see WAIT_POLL_S. `after`: a rebuild whose thread must end before this
-        one builds (the pooled vectors, without which items are not searchable, go first)."""
+        """`poll_s`: see WAIT_POLL_S. `after`: a rebuild that must end before this one builds
+        (the regions a re-embedding reads, and the pooled vectors, without which items are not
+        searchable, go first)."""
         self.corpus = corpus
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.poll_s = WAIT_POLL_S if poll_s is None else poll_s
         self.after = after
         self.claim = self._claim()  # None: embedded, this process does it all
-        self._missing: dict[Kind, np.ndarray] = {kind: np.empty(0, np.int64) for kind in KINDS}
-        self._done = dict.fromkeys(KINDS, 0)
-        self._skipped = dict.fromkeys(KINDS, 0)
+        self._missing: dict[Kind, np.ndarray] = {kind: np.empty(0, np.int64) for kind in self.kinds}
+        self._done = dict.fromkeys(self.kinds, 0)
+        self._skipped = dict.fromkeys(self.kinds, 0)
         # PostgreSQL mode: (items that have them, items) per kind, as last read or built here.
-        self._counts: dict[Kind, tuple[int, int]] = dict.fromkeys(KINDS, (0, 0))
-        self.built = dict.fromkeys(KINDS, 0)  # items whose records this process stored
+        self._counts: dict[Kind, tuple[int, int]] = dict.fromkeys(self.kinds, (0, 0))
+        self.built = dict.fromkeys(self.kinds, 0)  # items whose records this process stored
         self.elsewhere = False  # PostgreSQL mode: another replica holds the rebuild lock
         self._finished = False
         self._lock = threading.Lock()
@@ -181,13 +203,15 @@ class BackgroundRebuild:
         return planned
 
     def _find_missing(self) -> dict[Kind, int]:
-        missing = {kind: self._missing_ids(kind) for kind in KINDS}
+        missing = {kind: self._missing_ids(kind) for kind in self.kinds}
         counts = (
-            {kind: self._stored_counts(kind) for kind in KINDS} if self.claim is not None else {}
+            {kind: self._stored_counts(kind) for kind in self.kinds}
+            if self.claim is not None
+            else {}
         )
         with self._lock:
             self._missing = missing
-            self._done = dict.fromkeys(KINDS, 0)
+            self._done = dict.fromkeys(self.kinds, 0)
             self._counts.update(counts)
         return {kind: len(ids) for kind, ids in missing.items()}
 
@@ -196,13 +220,13 @@ class BackgroundRebuild:
             if self.claim is not None:
                 return {
                     kind: RebuildProgress(*self._counts[kind], self._skipped[kind])
-                    for kind in KINDS
+                    for kind in self.kinds
                 }
             return {
                 kind: RebuildProgress(
                     self._done[kind], len(self._missing[kind]), self._skipped[kind]
                 )
-                for kind in KINDS
+                for kind in self.kinds
             }
 
     @property
@@ -215,6 +239,13 @@ class BackgroundRebuild:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ended(self) -> bool:
+        """Finished, or its thread is over without finishing (stopped, or an error): what a
+        rebuild started `after` it waits for. Not started yet is not ended."""
+        started_and_over = self._thread is not None and not self._thread.is_alive()
+        return self.finished or started_and_over
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name=self.thread_name, daemon=True)
@@ -230,7 +261,7 @@ class BackgroundRebuild:
         """Build every planned item, a batch at a time (the thread's body; callable directly).
         PostgreSQL mode: only while holding the rebuild lock, else wait for it."""
         try:
-            while self.after is not None and self.after.running and not self._stop.is_set():
+            while self.after is not None and not self.after.ended and not self._stop.is_set():
                 self._stop.wait(0.05)
             if self.claim is None:
                 self._build_planned()
@@ -246,7 +277,7 @@ class BackgroundRebuild:
     def _build_planned(self) -> bool:
         """Build the planned items; False when stopped or (PostgreSQL mode) when the rebuild
         lock was lost on the way."""
-        for kind in KINDS:
+        for kind in self.kinds:
             ids = self._missing[kind]
             for start in range(0, len(ids), self.batch_size):
                 if self._stop.is_set():
@@ -291,7 +322,7 @@ class BackgroundRebuild:
                         self.claim.release()
                 else:
                     self.elsewhere = True
-                    counts = {kind: self._stored_counts(kind) for kind in KINDS}
+                    counts = {kind: self._stored_counts(kind) for kind in self.kinds}
                     with self._lock:
                         self._counts.update(counts)
                 problem = ""
@@ -300,6 +331,81 @@ class BackgroundRebuild:
                     logger.warning("%s rebuild waiting for the database: %s", self.what, error)
                 problem = str(error)
             self._stop.wait(self.poll_s)
+
+
+class RegionRebuild(BackgroundRebuild):
+    """Re-extracts, from the stored photos, the region features of the served extractor that
+    images lack and the pooled or tensor rebuild will read (a model trained on another
+    extractor; or, with region features dropped, any model change). Photos are decoded as
+    uploads are (`decode_image`, at the extractor's `decode_size`) and extracted a batch at a
+    time; an image whose photo is gone or no longer decodes is skipped (logged)."""
+
+    what = "region features"
+    thread_name = "region-rebuild"
+    kinds: tuple[Kind, ...] = ("images",)
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        pipeline: SearchPipeline,
+        extractor: RegionExtractor,
+        *,
+        max_image_pixels: int,
+        batch_size: int = REBUILD_BATCH,
+        poll_s: float | None = None,
+    ) -> None:
+        """`max_image_pixels`: the largest photo decoded (the service's upload limit)."""
+        self.extractor = extractor
+        self.max_image_pixels = max_image_pixels
+        super().__init__(corpus, pipeline, batch_size=batch_size, poll_s=poll_s)
+
+    def _claim(self) -> SessionLock | None:
+        return self.corpus.region_rebuild_lock()
+
+    def _missing_ids(self, kind: Kind) -> np.ndarray:
+        return images_needing_regions(self.corpus)
+
+    def _stored_counts(self, kind: Kind) -> tuple[int, int]:
+        # Images that keep no regions (dropped once their tensors were stored) count as done.
+        items = self.corpus.count_images()
+        return items - len(self._missing_ids(kind)), items
+
+    def _planned_message(self, planned: Mapping[Kind, int]) -> str:
+        return (
+            f"region features of extractor {self.corpus.extractor_version} missing for "
+            f"{planned['images']} images: re-extracting them from the stored photos in the "
+            "background (those images are not searchable until their pooled vectors follow)"
+        )
+
+    def _build(self, kind: Kind, ids: Sequence[int]) -> tuple[int, int]:
+        regions: dict[int, RegionFeatures] = {}
+        # Decoded a network batch at a time: a batch of full-size PNGs would hold gigabytes.
+        for start in range(0, len(ids), self.extractor.batch_size):
+            photos = self._decoded(ids[start : start + self.extractor.batch_size])
+            if photos:
+                extracted = self.extractor.extract(list(photos.values()))
+                regions.update(zip(photos, extracted, strict=True))
+        return self.corpus.put_region_features(regions), len(ids) - len(regions)
+
+    def _decoded(self, ids: Sequence[int]) -> dict[int, Image.Image]:
+        photos = {}
+        for image_id in ids:
+            found = self.corpus.stored_file(image_id)
+            if found is None:  # deleted meanwhile, or its file is gone
+                continue
+            try:
+                data = found[1].read_bytes()
+                decoded = decode_image(
+                    data,
+                    max_bytes=max(len(data), 1),
+                    max_pixels=self.max_image_pixels,
+                    reduce_to=self.extractor.decode_size,
+                )
+            except (OSError, ImageInputError) as error:
+                logger.error("image %d not re-extracted: %s", image_id, error)
+                continue
+            photos[image_id] = decoded.image
+        return photos
 
 
 class PooledRebuild(BackgroundRebuild):

@@ -69,6 +69,7 @@ async def readyz(state: StateDep) -> JSONResponse:
         ComponentState(
             name=f"cache:{cache_status.backend}", ok=cache_ok, detail=cache_status.detail
         ),
+        _rebuild_state(runtime.region_rebuild, "region_features"),
         _rebuild_state(runtime.pooled_rebuild, "pooled_vectors"),
         _rebuild_state(runtime.rebuild, "rerank_tensors"),
     ]
@@ -96,8 +97,9 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 
 def _rebuild_state(rebuild: BackgroundRebuild, name: str) -> ComponentState:
-    """How far the pooled vectors (`pooled_vectors`: items without them are not searchable
-    until re-embedded) or the rerank tensors (`rerank_tensors`: items not built yet are scored
+    """How far the region features (`region_features`: re-extracted from the stored photos
+    after a change of extractor), the pooled vectors (`pooled_vectors`: items without them are
+    not searchable until re-embedded) or the rerank tensors (`rerank_tensors`: items not built yet are scored
     from features computed on the fly, slower, never wrong) of the served model are built.
     Always ok: the service serves meanwhile. In PostgreSQL mode the counts are the database's
     (items that have them / items), and it says whether this replica or another one is
