@@ -355,18 +355,10 @@ def test_the_default_recipe_trains_every_scorer_on_minilm_words(minilm_slice, sc
     assert sweep[weight]["rsum"] == pytest.approx(evaluated["two_stage"]["10"]["rsum"])
 
 
-def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice, tmp_path):
-    """model/configs/train_imram_cpu.json, shrunk to the slice (sizes, steps, paths only): the
-    recipe runs end to end and its checkpoint serves IMRAM over MiniLM words with the heads."""
-
-    from model.retrieval import RetrievalModel
-
+def _imram_preset_on_the_slice(gru_slice, tmp_path: Path) -> dict:
+    """model/configs/train_imram_cpu.json shrunk to the slice (sizes, steps, paths only)."""
     _, _, root = gru_slice
     config = json.loads((REPO / "model" / "configs" / "train_imram_cpu.json").read_text())
-    shipped = json.loads((REPO / "model" / "configs" / "train_default_cpu.json").read_text())
-    differs = {k for k in shipped if shipped[k] != config[k]}
-    assert differs == {"version", "notes", "network", "out"}
-    assert {k: v for k, v in config["network"].items() if k != "scorer"} == shipped["network"]
     config["data"] = {
         **config["data"],
         "root": str(root / "precomp"),
@@ -379,7 +371,50 @@ def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice,
     config["reranker"].update(epochs=1, steps=4, queries_per_direction=4)
     config["selection"] = {"dev_images": DEV_IMAGES, "k": 10}
     config["out"] = str(tmp_path / "run")
+    return config
+
+
+def test_the_reranker_s_negatives_can_change_by_epoch(gru_slice, tmp_path):
+    """`reranker.negatives_from` as a list: in-batch negatives in epoch 0, then each query's
+    own pooled shortlist (hard negatives once the scorer has warmed up); the last one repeats.
+    A source that does not exist is refused before training."""
+    config = _imram_preset_on_the_slice(gru_slice, tmp_path)
+    config["reranker"].update(epochs=3, negatives_from=["batch", "shortlist"], negatives=3, pool=10)
     events = train_through_cli(config, tmp_path)
+    steps = [e for e in events if e["event"] == "step" and e["stage"] == "reranker"]
+    by_epoch = {(e["epoch"], e["negatives_from"]) for e in steps}
+    assert by_epoch == {(0, "batch"), (1, "shortlist"), (2, "shortlist")}
+    assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled"] + ["reranker"] * 3
+
+    from typer.testing import CliRunner
+
+    from service.cli.main import app
+
+    with pytest.raises(ValueError, match="need a pool of at least 8"):
+        config_error = RerankerTrainingConfig(negatives_from="shortlist", negatives=3, pool=7)
+        train_reranker(_network("imram", gru_slice[1]), None, None, config_error)
+
+    config["reranker"]["negatives_from"] = ["batch", "hardest"]
+    config["out"] = str(tmp_path / "refused")
+    path = tmp_path / "refused.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code != 0
+    assert "reranker.negatives_from must be one of" in result.output
+
+
+def test_train_command_runs_the_imram_preset_on_the_shipped_text_side(gru_slice, tmp_path):
+    """model/configs/train_imram_cpu.json, shrunk to the slice (sizes, steps, paths only): the
+    recipe runs end to end and its checkpoint serves IMRAM over MiniLM words with the heads."""
+
+    from model.retrieval import RetrievalModel
+
+    config = json.loads((REPO / "model" / "configs" / "train_imram_cpu.json").read_text())
+    shipped = json.loads((REPO / "model" / "configs" / "train_default_cpu.json").read_text())
+    differs = {k for k in shipped if shipped[k] != config[k]}
+    assert differs == {"version", "notes", "network", "out"}
+    assert {k: v for k, v in config["network"].items() if k != "scorer"} == shipped["network"]
+    events = train_through_cli(_imram_preset_on_the_slice(gru_slice, tmp_path), tmp_path)
     assert [e["stage"] for e in events if e["event"] == "dev"] == ["pooled", "reranker"]
     fusion = next(e for e in events if e["event"] == "fusion")
     assert len(fusion["sweep"]) == 12 and fusion["camp_weight"] in map(float, fusion["sweep"])

@@ -177,6 +177,12 @@ def train_reranker(
         )
     if config.negatives_from == "batch" and config.loss != "listwise":
         raise ValueError("in-batch negatives train with the listwise loss")
+    if config.negatives_from == "shortlist" and config.negatives + CAPTIONS_PER_IMAGE > config.pool:
+        raise ValueError(
+            f"shortlist negatives: {config.negatives} negatives per query need a pool of at "
+            f"least {config.negatives + CAPTIONS_PER_IMAGE} (an image's {CAPTIONS_PER_IMAGE} "
+            f"captions may be in it), got pool {config.pool}"
+        )
     if config.negatives_from == "shortlist" and mined is None:
         raise ValueError("shortlist negatives need the mined shortlists")
     if config.residual and not config.train_fusion and network.fusion.camp_weight.item() == 0:

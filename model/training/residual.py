@@ -27,6 +27,7 @@ from model.training.mining import mine_shortlists
 from model.training.pooled import PooledTrainingConfig, train_pooled_heads
 from model.training.recipes import TrainConfig, TrainConfigError
 from model.training.reranker import (
+    NEGATIVE_SOURCES,
     RerankerTrainingConfig,
     init_residual,
     reranker_optimizer,
@@ -58,6 +59,20 @@ def frozen_subset(data: FrozenSplit, images: int) -> FrozenSplit:
         tokens=sub_tokens,
         text_means=token_means(sub_tokens),
     )
+
+
+def negatives_schedule(reranker: dict) -> list[str]:
+    """`reranker.negatives_from` as one source per epoch (the last one repeats): a string for
+    every epoch, or a list such as ["batch", "shortlist"] (in-batch negatives while the scorer
+    warms up, then each query's own shortlist, the candidates it must order at search time)."""
+    given = reranker.get("negatives_from", RerankerTrainingConfig.negatives_from)
+    schedule = [given] if isinstance(given, str) else list(given)
+    if not schedule or any(source not in NEGATIVE_SOURCES for source in schedule):
+        raise TrainConfigError(
+            f"reranker.negatives_from must be one of {NEGATIVE_SOURCES} or a non-empty list of "
+            f"them (one per epoch), got {given!r}"
+        )
+    return schedule
 
 
 # The scorer whose network's draws from the seed start every run's shortlist heads.
@@ -121,8 +136,13 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
     best = state["best_rsum"] if state else float("-inf")
     pooled_cfg = PooledTrainingConfig(**{"seed": config.seed, **config.pooled})
     rerank_epochs = int(config.reranker.get("epochs", 1))
+    negatives = negatives_schedule(config.reranker)
     rerank_cfg = RerankerTrainingConfig(
-        **{"seed": config.seed, **{k: v for k, v in config.reranker.items() if k != "epochs"}}
+        **{
+            "seed": config.seed,
+            **{k: v for k, v in config.reranker.items() if k not in ("epochs", "negatives_from")},
+            "negatives_from": negatives[0],
+        }
     )
     done_pooled = state is not None
     done_rerank = state["epoch"] + 1 if state and state["stage"] == "reranker" else 0
@@ -235,7 +255,11 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
     if state is not None and state["stage"] == "reranker":
         optimizer.load_state_dict(state["optimizer"])
     for epoch in range(done_rerank, rerank_epochs):
-        cfg = RerankerTrainingConfig(**{**rerank_cfg.__dict__, "seed": config.seed + epoch})
+        cfg = dataclasses.replace(
+            rerank_cfg,
+            seed=config.seed + epoch,
+            negatives_from=negatives[min(epoch, len(negatives) - 1)],
+        )
         started = time.perf_counter()
 
         def on_step(step, loss, pairs_per_s, epoch=epoch, cfg=cfg, started=started) -> None:
@@ -247,6 +271,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                     step=step,
                     loss=loss,
                     pairs_per_s=pairs_per_s,
+                    negatives_from=cfg.negatives_from,
                     fusion=[
                         float(network.fusion.shortlist_weight.detach()),
                         float(network.fusion.camp_weight.detach()),
