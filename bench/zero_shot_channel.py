@@ -32,7 +32,10 @@ import numpy as np
 import torch
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+# The repository first: bench/service.py would shadow the `service` package.
+sys.path[:] = (
+    [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+)
 
 from model.eval.data import RetrievalSplit, load_precomputed  # noqa: E402
 from model.eval.evaluate_model import EncodedSplit  # noqa: E402
