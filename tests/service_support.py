@@ -80,6 +80,12 @@ def small_extractor() -> GridExtractor:
     return GridExtractor(input_size=SMALL_INPUT_SIZE, device="cpu")
 
 
+def readyz_component(client: TestClient, name: str) -> dict:
+    """One component of /readyz (e.g. "region_features", "pooled_vectors")."""
+    ready = client.get("/readyz").json()
+    return next(c for c in ready["components"] if c["name"] == name)
+
+
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(data_dir=data_dir, _env_file=None, **overrides)  # type: ignore[call-arg]
 

@@ -19,6 +19,7 @@ import pytest
 from service_support import (
     coco_photos,
     make_settings,
+    readyz_component,
     retrained,
     running_client,
     upload_coco_photos,
@@ -32,11 +33,6 @@ from service.search.tensor_rebuild import PooledRebuild
 PHOTOS = 4
 CAPTIONS = 2
 REBUILD_WAIT_S = 60.0
-
-
-def _component(client, name: str) -> dict:
-    ready = client.get("/readyz").json()
-    return next(c for c in ready["components"] if c["name"] == name)
 
 
 def _wait_for(rebuild) -> None:
@@ -67,7 +63,7 @@ def test_a_new_model_version_re_embeds_every_item_and_serves_its_own_scores(
         runtime = app.state.service.runtime
         assert "re-embedding in the background" in caplog.text
         total = PHOTOS * CAPTIONS
-        assert _component(client, "pooled_vectors") == {
+        assert readyz_component(client, "pooled_vectors") == {
             "name": "pooled_vectors",
             "ok": True,
             "detail": f"rebuilding (images 0/{PHOTOS}, captions 0/{total})",
@@ -87,7 +83,7 @@ def test_a_new_model_version_re_embeds_every_item_and_serves_its_own_scores(
 
         real_start(runtime.pooled_rebuild)
         _wait_for(runtime.pooled_rebuild)
-        assert _component(client, "pooled_vectors")["detail"] == (
+        assert readyz_component(client, "pooled_vectors")["detail"] == (
             f"complete (images {PHOTOS}/{PHOTOS}, captions {total}/{total})"
         )
         gauges = client.get("/metrics").text
@@ -137,7 +133,7 @@ def test_a_new_model_version_re_embeds_every_item_and_serves_its_own_scores(
             "captions": 0,
         }
         assert corpus_counts(runtime.corpus) == (PHOTOS, total)
-        assert _component(client, "pooled_vectors")["detail"] == (
+        assert readyz_component(client, "pooled_vectors")["detail"] == (
             "complete (images 0/0, captions 0/0)"
         )
         # The old version's vectors are kept apart (a rollback to it serves at once).
@@ -172,7 +168,7 @@ def test_postgres_one_replica_re_embeds_and_the_others_follow(
     with running_client(follower_app) as follower:
         waiting = follower_app.state.service.runtime
         assert corpus_counts(waiting.corpus) == (0, 0)  # nothing of the old version
-        assert _component(follower, "pooled_vectors")["detail"] == (
+        assert readyz_component(follower, "pooled_vectors")["detail"] == (
             f"rebuilding on this replica (images 0/{PHOTOS}, captions 0/{total})"
         )
         monkeypatch.setattr(PooledRebuild, "start", real_start)
@@ -181,7 +177,7 @@ def test_postgres_one_replica_re_embeds_and_the_others_follow(
             building = builder_app.state.service.runtime
             _wait_for(building.pooled_rebuild)
             assert building.pooled_rebuild.built == {"images": PHOTOS, "captions": total}
-            assert _component(builder, "pooled_vectors")["detail"] == (
+            assert readyz_component(builder, "pooled_vectors")["detail"] == (
                 f"complete (images {PHOTOS}/{PHOTOS}, captions {total}/{total})"
             )
             deadline = time.monotonic() + REBUILD_WAIT_S
@@ -199,7 +195,7 @@ def test_postgres_one_replica_re_embeds_and_the_others_follow(
             real_start(waiting.pooled_rebuild)  # takes the lock, finds nothing left
             _wait_for(waiting.pooled_rebuild)
             assert waiting.pooled_rebuild.built == {"images": 0, "captions": 0}
-            assert _component(follower, "pooled_vectors")["detail"] == (
+            assert readyz_component(follower, "pooled_vectors")["detail"] == (
                 f"complete (images {PHOTOS}/{PHOTOS}, captions {total}/{total})"
             )
 

@@ -19,6 +19,7 @@ import pytest
 from service_support import (
     coco_photos,
     make_settings,
+    readyz_component,
     retrained,
     running_client,
     upload_coco_photos,
@@ -39,11 +40,6 @@ REBUILD_WAIT_S = 120.0
 @pytest.fixture(scope="module")
 def other_extractor() -> GridExtractor:
     return GridExtractor(input_size=NEW_INPUT_SIZE, device="cpu")
-
-
-def _component(client, name: str) -> dict:
-    ready = client.get("/readyz").json()
-    return next(c for c in ready["components"] if c["name"] == name)
 
 
 def _wait_for_all(runtime) -> None:
@@ -83,7 +79,7 @@ def test_a_model_on_another_extractor_re_extracts_every_photo_and_serves_it(
     with running_client(app) as client:
         runtime = app.state.service.runtime
         assert "re-extracting them from the stored photos" in caplog.text
-        assert _component(client, "region_features")["detail"] == (
+        assert readyz_component(client, "region_features")["detail"] == (
             f"rebuilding (images 0/{PHOTOS})"
         )
         gauges = client.get("/metrics").text
@@ -100,7 +96,7 @@ def test_a_model_on_another_extractor_re_extracts_every_photo_and_serves_it(
 
         real_start(runtime.region_rebuild)
         _wait_for_all(runtime)
-        assert _component(client, "region_features")["detail"] == (
+        assert readyz_component(client, "region_features")["detail"] == (
             f"complete (images {PHOTOS}/{PHOTOS})"
         )
         assert runtime.region_rebuild.built == {"images": PHOTOS}
@@ -148,7 +144,7 @@ def test_a_model_on_another_extractor_re_extracts_every_photo_and_serves_it(
         runtime = app.state.service.runtime
         assert runtime.region_rebuild.finished
         assert runtime.region_rebuild.built == {"images": 0}
-        assert _component(client, "region_features")["detail"] == "complete (images 0/0)"
+        assert readyz_component(client, "region_features")["detail"] == "complete (images 0/0)"
 
 
 def test_a_photo_that_is_gone_or_broken_is_skipped_and_said(
@@ -176,7 +172,7 @@ def test_a_photo_that_is_gone_or_broken_is_skipped_and_said(
     with running_client(app) as client:
         runtime = app.state.service.runtime
         _wait_for_all(runtime)
-        assert _component(client, "region_features")["detail"] == (
+        assert readyz_component(client, "region_features")["detail"] == (
             f"complete (images {PHOTOS}/{PHOTOS} (1 skipped))"
         )
         assert f"image {ids[0]} not re-extracted" in caplog.text
@@ -247,7 +243,7 @@ def test_postgres_one_replica_re_extracts_for_the_database(
     waiting_app = create_app(settings, model=new_model, extractor=other_extractor)
     with running_client(waiting_app) as waiting_client:
         waiting = waiting_app.state.service.runtime
-        assert _component(waiting_client, "region_features")["detail"] == (
+        assert readyz_component(waiting_client, "region_features")["detail"] == (
             f"rebuilding on this replica (images 0/{PHOTOS})"
         )
         monkeypatch.setattr(RegionRebuild, "start", real_start)
@@ -256,7 +252,7 @@ def test_postgres_one_replica_re_extracts_for_the_database(
             building = builder_app.state.service.runtime
             _wait_for_all(building)
             assert building.region_rebuild.built == {"images": PHOTOS}
-            assert _component(builder_client, "region_features")["detail"] == (
+            assert readyz_component(builder_client, "region_features")["detail"] == (
                 f"complete (images {PHOTOS}/{PHOTOS})"
             )
             regions = building.corpus.get_region_features(ids)
@@ -265,7 +261,7 @@ def test_postgres_one_replica_re_extracts_for_the_database(
             real_start(waiting.region_rebuild)  # takes the lock, finds nothing left
             _wait_for_all(waiting)
             assert waiting.region_rebuild.built == {"images": 0}
-            assert _component(waiting_client, "region_features")["detail"] == (
+            assert readyz_component(waiting_client, "region_features")["detail"] == (
                 f"complete (images {PHOTOS}/{PHOTOS})"
             )
             found = waiting_client.post(
