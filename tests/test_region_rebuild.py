@@ -29,6 +29,7 @@ from index.namespaces import regions_namespace
 from model.vision.extractors.grid import GridExtractor
 from model.vision.images import decode_image
 from service.api.app import create_app
+from service.search import tensor_rebuild
 from service.search.tensor_rebuild import RegionRebuild
 
 PHOTOS = 4
@@ -194,11 +195,12 @@ def test_a_photo_that_is_gone_or_broken_is_skipped_and_said(
 
 
 def test_without_kept_region_features_a_model_change_re_extracts_from_the_photos(
-    tmp_path, tiny_retrieval_model, small_grid_extractor, shared_dir
+    tmp_path, tiny_retrieval_model, small_grid_extractor, shared_dir, monkeypatch
 ) -> None:
     """CAMPSEARCH_KEEP_REGION_FEATURES=false drops the regions once the tensors are stored; a
     new model re-extracts them from the stored photos (same extractor), rebuilds, and drops
-    them again."""
+    them again. Decoded photos are extracted as soon as their pixels reach the rebuild's
+    byte bound (here 1 byte: one photo a call)."""
     settings = make_settings(tmp_path / "data", keep_region_features=False)
     app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)
     with running_client(app) as client:
@@ -207,12 +209,22 @@ def test_without_kept_region_features_a_model_change_re_extracts_from_the_photos
         assert app.state.service.runtime.corpus.store.count(namespace) == 0
 
     new_model = retrained(tiny_retrieval_model, version=f"{tiny_retrieval_model.version}-next")
+    monkeypatch.setattr(tensor_rebuild, "REGION_DECODE_BYTES", 1)
+    batches: list[int] = []
+    real_extract = small_grid_extractor.extract
+
+    def counting(images):
+        batches.append(len(images))
+        return real_extract(images)
+
+    monkeypatch.setattr(small_grid_extractor, "extract", counting)
     app = create_app(settings, model=new_model, extractor=small_grid_extractor)
     with running_client(app) as client:
         runtime = app.state.service.runtime
         assert app.state.service.phase == "ready"
         _wait_for_all(runtime)
         assert runtime.region_rebuild.built == {"images": PHOTOS}
+        assert batches == [1] * PHOTOS
         assert runtime.pooled_rebuild.built["images"] == PHOTOS
         assert runtime.corpus.ids_without_rerank_tensors("images").size == 0
         assert runtime.corpus.store.count(namespace) == 0  # dropped again

@@ -164,7 +164,7 @@ def run_residual(config: TrainConfig, run: RunFolder, resume: bool, console: Con
                 sweep={str(w): m["rsum"] for w, m in sweep.items()},
             )
             console.print(f"fusion tuned on the selection images: CAMP weight {weight}")
-            # The sweep already ranked the subset with the chosen weight: no second pass.
+            # The sweep already ranked the selection images with the chosen weight.
             pooled_rsum = retrieval_metrics(pooled_scores(network, dev))["rsum"]
             rsum = sweep[weight]["rsum"]
         else:

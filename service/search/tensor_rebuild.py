@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REBUILD_BATCH = 64  # items per precompute call and per LMDB transaction
+# Decoded pixels the region rebuild holds before it extracts them (bytes).
+REGION_DECODE_BYTES = 256 * 1024 * 1024
 # PostgreSQL mode: how often a replica that does not hold the rebuild lock tries to take it and
 # reads the progress (two counts) from the database.
 WAIT_POLL_S = 2.0
@@ -379,33 +381,44 @@ class RegionRebuild(BackgroundRebuild):
 
     def _build(self, kind: Kind, ids: Sequence[int]) -> tuple[int, int]:
         regions: dict[int, RegionFeatures] = {}
-        # Decoded a network batch at a time: a batch of full-size PNGs would hold gigabytes.
-        for start in range(0, len(ids), self.extractor.batch_size):
-            photos = self._decoded(ids[start : start + self.extractor.batch_size])
-            if photos:
-                extracted = self.extractor.extract(list(photos.values()))
-                regions.update(zip(photos, extracted, strict=True))
+        pending: dict[int, Image.Image] = {}
+        pending_bytes = 0
+        # Extracted a network batch at a time, and sooner when the decoded pixels waiting
+        # reach REGION_DECODE_BYTES: 32 decoded 12-megapixel PNGs would hold over a gigabyte.
+        for image_id in ids:
+            photo = self._decoded(image_id)
+            if photo is not None:
+                pending[image_id] = photo
+                pending_bytes += photo.width * photo.height * len(photo.getbands())
+            full = len(pending) >= self.extractor.batch_size
+            if pending and (full or pending_bytes >= REGION_DECODE_BYTES):
+                regions.update(self._extracted(pending))
+                pending, pending_bytes = {}, 0
+        regions.update(self._extracted(pending))
         return self.corpus.put_region_features(regions), len(ids) - len(regions)
 
-    def _decoded(self, ids: Sequence[int]) -> dict[int, Image.Image]:
-        photos = {}
-        for image_id in ids:
-            found = self.corpus.stored_file(image_id)
-            if found is None:  # deleted meanwhile, or its file is gone
-                continue
-            try:
-                data = found[1].read_bytes()
-                decoded = decode_image(
-                    data,
-                    max_bytes=max(len(data), 1),
-                    max_pixels=self.max_image_pixels,
-                    reduce_to=self.extractor.decode_size,
-                )
-            except (OSError, ImageInputError) as error:
-                logger.error("image %d not re-extracted: %s", image_id, error)
-                continue
-            photos[image_id] = decoded.image
-        return photos
+    def _extracted(self, photos: Mapping[int, Image.Image]) -> dict[int, RegionFeatures]:
+        if not photos:
+            return {}
+        return dict(zip(photos, self.extractor.extract(list(photos.values())), strict=True))
+
+    def _decoded(self, image_id: int) -> Image.Image | None:
+        """The stored photo decoded as an upload is, or None (gone, or no longer decodes)."""
+        found = self.corpus.stored_file(image_id)
+        if found is None:  # deleted meanwhile, or its file is gone
+            return None
+        try:
+            data = found[1].read_bytes()
+            decoded = decode_image(
+                data,
+                max_bytes=max(len(data), 1),
+                max_pixels=self.max_image_pixels,
+                reduce_to=self.extractor.decode_size,
+            )
+        except (OSError, ImageInputError) as error:
+            logger.error("image %d not re-extracted: %s", image_id, error)
+            return None
+        return decoded.image
 
 
 class PooledRebuild(BackgroundRebuild):

@@ -99,8 +99,9 @@ async def readyz(state: StateDep) -> JSONResponse:
 def _rebuild_state(rebuild: BackgroundRebuild, name: str) -> ComponentState:
     """How far the region features (`region_features`: re-extracted from the stored photos
     after a change of extractor), the pooled vectors (`pooled_vectors`: items without them are
-    not searchable until re-embedded) or the rerank tensors (`rerank_tensors`: items not built yet are scored
-    from features computed on the fly, slower, never wrong) of the served model are built.
+    not searchable until re-embedded) or the rerank tensors (`rerank_tensors`: items not built
+    yet are scored from features computed on the fly, slower, never wrong) of the served model
+    are built.
     Always ok: the service serves meanwhile. In PostgreSQL mode the counts are the database's
     (items that have them / items), and it says whether this replica or another one is
     building them."""
