@@ -3,6 +3,8 @@ worker has to chunk them."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -267,3 +269,72 @@ def test_pairs_of_very_different_widths_are_scored_in_groups_like_one_call(
     counting.calls = 0
     PairReranker(counting, memory_budget_bytes=2**40)([small])
     assert counting.calls == 1
+
+
+class _ThreadRecordingModel(_CountingModel):
+    """The real model's `rerank_pairs`, with the pairs each thread scored."""
+
+    def __init__(self, model, fail_on_thread: str | None = None) -> None:
+        super().__init__(model)
+        self.device = model.device
+        self.pairs_by_thread: dict[str, int] = {}
+        self.fail_on_thread = fail_on_thread
+
+    def rerank_pairs(self, images, captions, shortlist):
+        name = threading.current_thread().name
+        if self.fail_on_thread and name.startswith(self.fail_on_thread):
+            raise RuntimeError("this part failed")
+        self.pairs_by_thread[name] = self.pairs_by_thread.get(name, 0) + len(shortlist)
+        return super().rerank_pairs(images, captions, shortlist)
+
+
+def test_worker_threads_split_a_call_into_parts_that_score_like_one_thread(
+    tiny_retrieval_model, items
+) -> None:
+    """`workers=2` on the CPU: a text search's 100 pairs are scored as two parts of 50 at once,
+    one on the calling thread and one on the reranker's; an image search's captions of two
+    widths as one part per width group; every score equal to the one-thread call's."""
+    model = tiny_retrieval_model
+    images, _ = items
+    captions = [
+        model.encode_texts([text]).precompute
+        for text in [CAPTIONS[1]] * 40 + [" ".join([CAPTIONS[2], CAPTIONS[4]])] * 40
+    ]
+    shortlist = np.linspace(0.5, 0.1, 100, dtype=np.float32)
+    text_job = RerankJob(
+        images=tuple(images[i % 5] for i in range(100)),
+        captions=(captions[0],),
+        shortlist_scores=shortlist,
+    )
+    image_job = RerankJob(
+        images=(images[0],), captions=tuple(captions), shortlist_scores=shortlist[:80]
+    )
+    expected = PairReranker(model, memory_budget_bytes=2**40)([text_job, image_job])
+    for jobs, parts in (([text_job], [50, 50]), ([image_job], [40, 40])):
+        recording = _ThreadRecordingModel(model)
+        scores = PairReranker(recording, memory_budget_bytes=2**40, workers=2)(jobs)
+        reference = expected[0] if jobs[0] is text_job else expected[1]
+        np.testing.assert_array_equal(scores[0], reference)
+        assert sorted(recording.pairs_by_thread.values()) == parts
+        assert any(name.startswith("rerank-part") for name in recording.pairs_by_thread)
+    few = RerankJob(images=tuple(images), captions=(captions[0],), shortlist_scores=shortlist[:5])
+    recording = _ThreadRecordingModel(model)
+    PairReranker(recording, memory_budget_bytes=2**40, workers=2)([few])
+    assert list(recording.pairs_by_thread.values()) == [5]  # too few pairs to split
+
+
+def test_a_failing_part_fails_the_call_after_every_part_has_ended(
+    tiny_retrieval_model, items
+) -> None:
+    images, captions = items
+    shortlist = np.linspace(0.5, 0.1, 100, dtype=np.float32)
+    job = RerankJob(
+        images=tuple(images[i % 5] for i in range(100)),
+        captions=(captions[0],),
+        shortlist_scores=shortlist,
+    )
+    for failing in ("rerank-part", threading.current_thread().name):
+        recording = _ThreadRecordingModel(tiny_retrieval_model, fail_on_thread=failing)
+        with pytest.raises(RuntimeError, match="this part failed"):
+            PairReranker(recording, memory_budget_bytes=2**40, workers=2)([job])
+        assert list(recording.pairs_by_thread.values()) == [50]  # the other part finished

@@ -86,6 +86,14 @@ def test_cache_budgets_reach_the_caches_and_metrics(
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     assert default_torch_threads() == 1
     assert Settings(_env_file=None, torch_threads=0).threads_per_torch_call is None
+    # One rerank call's pairs go over the cores its torch calls leave (at most 4 threads).
+    assert settings.rerank_threads == 2
+    assert Settings(_env_file=None, torch_threads=0).rerank_threads == 1
+    assert Settings(_env_file=None, rerank_workers=1).rerank_threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)))
+    assert Settings(_env_file=None).rerank_threads == 3  # 10 torch threads a call
+    assert Settings(_env_file=None, torch_threads=1).rerank_threads == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     threads_before = torch.get_num_threads()
     torch.set_num_threads(2)  # the runtime sets its own: 1 on two cores
     app = create_app(settings, model=tiny_retrieval_model, extractor=small_grid_extractor)

@@ -353,9 +353,12 @@ class ImramScorer(nn.Module):
         similarities [K, P] float64, equal to `_run_direction`'s to float rounding.
 
         The same steps, arranged for a CPU (bench/pair_floor.py): the element-wise work runs in
-        place, the memory update into buffers reused from step to step, written
-        c̃ + g ⊙ (q - c̃) with tanh(x) = 2σ(2x) - 1 (torch's CPU tanh is several times slower
-        than its sigmoid); masks and the fragments' norms are taken once. Where the context is
+        place, the memory update into buffers reused from step to step, its biases and query
+        half added by the products themselves (`baddbmm`, `addmm`), written
+        lerp(c̃, q, g) = c̃ + g ⊙ (q - c̃) with tanh(x) = 2σ(2x) - 1 (torch's CPU tanh is
+        several times slower than its sigmoid); masks and the fragments' norms are taken once,
+        and on a CPU a mask that keeps every slot (one caption against K grid images) is not
+        applied at all. Where the context is
         short next to the width (Image-IMRAM: a caption's words against d = 128), the attended
         context c* = α C is never formed: its cosine with q⁰ needs only q⁰·c* = α (C q⁰) and
         ||c*||² = α (C Cᵀ) αᵀ, products of [Q, C] and [C, C] tensors instead of [Q, d] ones.
@@ -392,8 +395,8 @@ class ImramScorer(nn.Module):
                 F.leaky_relu_(attention, ATTENTION_LEAKY_SLOPE)
             if query_padding is not None:  # updated memories of padded slots are not zero
                 attention.masked_fill_(query_padding, 0.0)
-            norms = attention.pow(2).sum(dim=2, keepdim=True, dtype=wide(attention)).sqrt_()
-            attention.div_(norms.add_(L2NORM_EPS)).mul_(self.options.lambda_softmax)
+            norms = torch.linalg.vector_norm(attention, dim=2, keepdim=True, dtype=wide(attention))
+            attention.mul_(norms.add_(L2NORM_EPS).reciprocal_().mul_(self.options.lambda_softmax))
             if context_keep is not None:
                 masked_logits(attention, context_keep, inplace=True)
             weights = attention.softmax(dim=1).transpose(1, 2)  # [P, Q, C], a view
@@ -412,23 +415,26 @@ class ImramScorer(nn.Module):
             similarities.append((cosine.sum(dim=1) / counts.to(cosine.dtype)).double())
             if step == steps - 1:  # the official code also updates after the last step, unread
                 break
-            if joint is None:  # the first update sets the buffer (autocast picks its dtype)
-                joint = torch.bmm(weights.to(projections.context.dtype), projections.context)
+            if joint is None:  # W_q q⁰ + b (once per item) + α (C W_cᵀ); autocast picks the dtype
+                joint = torch.baddbmm(
+                    projections.first_query,
+                    weights.to(projections.context.dtype),
+                    projections.context,
+                )
             else:  # products with out= run in its dtype: the operands are cast to it
                 work = joint.dtype
-                torch.bmm(weights.to(work), projections.context.to(work), out=joint)
-            if step == 0:  # W_q q⁰ + b, computed once per item
-                joint.add_(projections.first_query)
-            else:
-                joint.view(-1, joint.shape[-1]).addmm_(
-                    query.reshape(-1, dim).to(joint.dtype), query_weight.t().to(joint.dtype)
+                torch.addmm(
+                    query_bias.to(work),
+                    query.reshape(-1, dim).to(work),
+                    query_weight.t().to(work),
+                    out=joint.view(-1, joint.shape[-1]),
                 )
-                joint.add_(query_bias)
+                joint.baddbmm_(weights.to(work), projections.context.to(work))
             candidate, gate = joint.chunk(2, dim=-1)
             candidate.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh
             gate.sigmoid_()
-            memory = torch.sub(query, candidate, out=memory)
-            memory.mul_(gate).add_(candidate)
+            # q ← g ⊙ q + (1 - g) ⊙ c̃ = c̃ + g ⊙ (q - c̃), in the query's dtype
+            memory = torch.lerp(candidate.to(query.dtype), query, gate.to(query.dtype), out=memory)
             query = l2norm(memory) if self.options.memory_norm else memory
         return torch.stack(similarities)
 
@@ -437,10 +443,12 @@ class ImramScorer(nn.Module):
         regions: Tensor,
         region_mask: Tensor | None,
         words: Tensor,
-        word_mask: Tensor,
+        word_mask: Tensor | None,
         projections: Mapping[str, MemoryProjections],
     ) -> dict[str, Tensor]:
         """`step_similarities` of one block of pairs on the inference path."""
+        if not regions.is_cuda:  # a mask that keeps every slot only costs passes to apply
+            region_mask, word_mask = _unless_full(region_mask), _unless_full(word_mask)
         products = torch.bmm(regions, words.transpose(1, 2))  # [P, R, L], both directions'
         return {
             direction: self._run_direction_inference(
@@ -560,13 +568,22 @@ def attends_by_gram(contexts: int, queries: int, dim: int, steps: int) -> bool:
 
 
 def _direction_sides(
-    direction: str, regions: Tensor, region_mask: Tensor | None, words: Tensor, word_mask: Tensor
+    direction: str,
+    regions: Tensor,
+    region_mask: Tensor | None,
+    words: Tensor,
+    word_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """(query fragments, their mask, context, its mask) of a direction: Text-IMRAM's words
     query the regions, Image-IMRAM's regions query the words."""
     if direction == "text":
         return words, word_mask, regions, region_mask
     return regions, region_mask, words, word_mask
+
+
+def _unless_full(mask: Tensor | None) -> Tensor | None:
+    """None for a mask that keeps every slot (a host read: CPU tensors only)."""
+    return None if mask is None or bool(mask.all()) else mask
 
 
 def _fragment_counts(fragments: Tensor, mask: Tensor | None) -> Tensor:

@@ -298,7 +298,9 @@ class ServiceRuntime:
                 lock.release()
             raise
         reranker = PairReranker(
-            model, on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs)
+            model,
+            on_call=lambda jobs, _s: metrics.rerank_batch_jobs.observe(jobs),
+            workers=settings.rerank_threads,
         )
         # The reranker waits up to batch_max_wait_ms for company only while other searches are
         # on their way to it (encoding, shortlist, tensors): a lone search never waits.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 # the shipped model (~0.5 MB a pair) a batch of 16 queries x K = 100 then runs as one call on a
 # 16 GB+ GPU instead of two on the CPU's budget.
 GPU_MEMORY_SHARE = 1 / 16
+# A CPU call's pairs are split over the reranker's worker threads only in parts of at least this
+# many pairs: smaller parts cost more in per-operation overhead than the second core gives back.
+MIN_PART_PAIRS = 32
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -107,11 +111,21 @@ class PairReranker:
         *,
         memory_budget_bytes: int | None = None,
         on_call: Callable[[int, float], None] | None = None,
+        workers: int = 1,
     ) -> None:
-        """memory_budget_bytes None: `default_memory_budget` of the model's device."""
+        """memory_budget_bytes None: `default_memory_budget` of the model's device.
+        `workers`: on a CPU, the threads a model call's pairs are split over (the calling
+        thread and `workers - 1` of the reranker's own; parts of at least `MIN_PART_PAIRS`):
+        one search's 100 pairs then use a second idle core. A GPU call is never split."""
         self.model = model
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget(model.device)
         self._on_call = on_call  # (jobs in the batch, seconds of model time), for metrics
+        self.workers = 1 if workers <= 1 or model.device.type == "cuda" else workers
+        self._parts = (
+            ThreadPoolExecutor(self.workers - 1, thread_name_prefix="rerank-part")
+            if self.workers > 1
+            else None
+        )
 
     def __call__(self, jobs: Sequence[RerankJob]) -> list[np.ndarray]:
         started = time.perf_counter()
@@ -135,15 +149,35 @@ class PairReranker:
         chunk: list[tuple[int, int, int]],
         outputs: list[np.ndarray],
     ) -> None:
-        """One model call for the chunk, or one per group of similar widths (`_width_groups`)."""
-        groups = _width_groups(jobs, chunk)
-        if groups is None:
-            self._score_group(jobs, [(j, range(a, b)) for j, a, b in chunk], outputs)
+        """One model call for the chunk, or one per group of similar widths (`_width_groups`);
+        on a CPU with `workers` > 1 the calls run on the worker threads at once, a group of
+        many pairs split into parts of at least `MIN_PART_PAIRS` (`_parts_of`)."""
+        groups = _width_groups(jobs, chunk) or [[(j, range(a, b)) for j, a, b in chunk]]
+        parts = [
+            part
+            for group in groups
+            for part in _parts_of(group, min(self.workers, _pair_count(group) // MIN_PART_PAIRS))
+        ]
+        if self._parts is None or len(parts) == 1:
+            for part in parts:
+                self._score_part(jobs, part, outputs)
             return
-        for group in groups:
-            self._score_group(jobs, group, outputs)
+        # The calling thread takes every `workers`-th part, the reranker's threads the rest;
+        # each part writes its own positions of `outputs`.
+        others = [
+            self._parts.submit(self._score_part, jobs, part, outputs)
+            for k, part in enumerate(parts)
+            if k % self.workers
+        ]
+        try:
+            for part in parts[:: self.workers]:
+                self._score_part(jobs, part, outputs)
+        finally:
+            wait(others)  # no part outlives the call, whichever fails
+        for other in others:
+            other.result()
 
-    def _score_group(
+    def _score_part(
         self,
         jobs: Sequence[RerankJob],
         group: list[tuple[int, Sequence[int]]],
@@ -204,6 +238,25 @@ def _width_groups(
     if carried:
         groups.append(list(carried.items()))
     return groups
+
+
+def _pair_count(group: list[tuple[int, Sequence[int]]]) -> int:
+    return sum(len(positions) for _, positions in group)
+
+
+def _parts_of(
+    group: list[tuple[int, Sequence[int]]], count: int
+) -> list[list[tuple[int, Sequence[int]]]]:
+    """The group's pairs, in order, as `count` groups of (nearly) equal size (at least one)."""
+    pairs = [(j, position) for j, positions in group for position in positions]
+    count = max(1, min(count, len(pairs)))
+    parts: list[list[tuple[int, Sequence[int]]]] = []
+    for k in range(count):
+        part: dict[int, list[int]] = {}
+        for j, position in pairs[k * len(pairs) // count : (k + 1) * len(pairs) // count]:
+            part.setdefault(j, []).append(position)
+        parts.append(list(part.items()))
+    return parts
 
 
 def _doubling(width: int) -> int:
