@@ -278,6 +278,7 @@ class _ThreadRecordingModel(_CountingModel):
         super().__init__(model)
         self.device = model.device
         self.pairs_by_thread: dict[str, int] = {}
+        self.call_sizes: list[int] = []
         self.fail_on_thread = fail_on_thread
 
     def rerank_pairs(self, images, captions, shortlist):
@@ -285,6 +286,7 @@ class _ThreadRecordingModel(_CountingModel):
         if self.fail_on_thread and name.startswith(self.fail_on_thread):
             raise RuntimeError("this part failed")
         self.pairs_by_thread[name] = self.pairs_by_thread.get(name, 0) + len(shortlist)
+        self.call_sizes.append(len(shortlist))
         return super().rerank_pairs(images, captions, shortlist)
 
 
@@ -317,6 +319,14 @@ def test_worker_threads_split_a_call_into_parts_that_score_like_one_thread(
         np.testing.assert_array_equal(scores[0], reference)
         assert sorted(recording.pairs_by_thread.values()) == parts
         assert any(name.startswith("rerank-part") for name in recording.pairs_by_thread)
+    # Concurrent searches' 300 pairs: parts of at most 64, still scored like one call.
+    many = [text_job, image_job, text_job]
+    recording = _ThreadRecordingModel(model)
+    scores = PairReranker(recording, memory_budget_bytes=2**40, workers=2)(many)
+    for got, want in zip(scores, [expected[0], expected[1], expected[0]], strict=True):
+        np.testing.assert_array_equal(got, want)
+    # the short captions of all three jobs are one width group: 240 pairs in 4 parts of 60
+    assert sorted(recording.call_sizes) == [40, 60, 60, 60, 60]
     few = RerankJob(images=tuple(images), captions=(captions[0],), shortlist_scores=shortlist[:5])
     recording = _ThreadRecordingModel(model)
     PairReranker(recording, memory_budget_bytes=2**40, workers=2)([few])
