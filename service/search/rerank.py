@@ -7,7 +7,9 @@ costs almost nothing, and the only copies are the ones the worker makes for the 
 scoring. `PairReranker` is the micro-batcher's batch function: it lays the jobs' pairs end to
 end and scores them with as few `RetrievalModel.rerank_pairs` calls as the memory budget
 allows (usually one), so concurrent requests share one model call; pairs of very different
-widths are scored in a few calls of similar widths instead (`_width_groups`).
+widths are scored in a few calls of similar widths instead (`_width_groups`). On a CPU the
+pairs go in parts of 32 to 64 over the reranker's worker threads (`CAMPSEARCH_RERANK_WORKERS`),
+one model call a part, so a lone search uses the cores that intra-op threads would not.
 
 The hot path never waits for the device per item: job sizes, region widths and caption widths
 come from tensor shapes, the query side is repeated as a view, each chunk is built by one
@@ -118,9 +120,11 @@ class PairReranker:
         workers: int = 1,
     ) -> None:
         """memory_budget_bytes None: `default_memory_budget` of the model's device.
-        `workers`: on a CPU, the threads a model call's pairs are split over (the calling
-        thread and `workers - 1` of the reranker's own; parts of at least `MIN_PART_PAIRS`):
-        one search's 100 pairs then use a second idle core. A GPU call is never split."""
+        `workers`: on a CPU, the threads the pairs are scored on (the calling thread and
+        `workers - 1` of the reranker's own), in parts of MIN_PART_PAIRS to MAX_PART_PAIRS
+        pairs: one search's 100 pairs then use a second idle core. The parts of a call hold
+        no more pairs at once than the call, so the memory budget holds. A GPU call is never
+        split."""
         self.model = model
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget(model.device)
         self._on_call = on_call  # (jobs in the batch, seconds of model time), for metrics
