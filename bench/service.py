@@ -25,6 +25,7 @@ corpus). The shortlist (FAISS), catalog and caption index are at full size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from index.corpus import (  # noqa: E402
     CATALOG_FILE,
     POOLED_KEY,
     STORE_DIR,
+    Corpus,
     pooled_namespace,
     regions_namespace,
     rerank_namespace,
@@ -196,26 +198,52 @@ def write_synthetic_corpus(
     catalog.close()
 
 
-def alias_region_features(corpus, stored: int) -> None:
-    """Ids above `stored` read the region record and the rerank tensors of
-    ((id - 1) mod stored) + 1 (see the docstring)."""
-    real = corpus.get_region_features
-    real_tensors = corpus.get_rerank_tensors
+@contextlib.contextmanager
+def aliased_region_features(stored: int) -> Iterator[None]:
+    """While open, every `Corpus` serves ids above `stored` from the region record and rerank
+    tensors of ((id - 1) mod stored) + 1 (see the docstring), and counts them as having both:
+    installed before the app opens its corpus, so the start's checks and rebuilds see the
+    corpus as a real one of that size (nothing to refuse, no GBs of tensors to rebuild while
+    the searches are timed)."""
 
-    def aliased(ids) -> dict[int, RegionFeatures]:
-        source = {int(i): (int(i) - 1) % stored + 1 for i in ids}
-        found = real(sorted(set(source.values())))
+    def sources(ids) -> dict[int, int]:
+        return {int(i): (int(i) - 1) % stored + 1 for i in ids}
+
+    def get_region_features(self, ids) -> dict[int, RegionFeatures]:
+        source = sources(ids)
+        found = real["get_region_features"](self, sorted(set(source.values())))
         return {i: found[s] for i, s in source.items() if s in found}
 
-    def aliased_tensors(kind, ids) -> dict[int, dict[str, np.ndarray]]:
+    def get_rerank_tensors(self, kind, ids) -> dict[int, dict[str, np.ndarray]]:
         if kind != "images":
-            return real_tensors(kind, ids)
-        source = {int(i): (int(i) - 1) % stored + 1 for i in ids}
-        found = real_tensors(kind, sorted(set(source.values())))
+            return real["get_rerank_tensors"](self, kind, ids)
+        source = sources(ids)
+        found = real["get_rerank_tensors"](self, kind, sorted(set(source.values())))
         return {i: found[s] for i, s in source.items() if s in found}
 
-    corpus.get_region_features = aliased
-    corpus.get_rerank_tensors = aliased_tensors
+    def ids_without_rerank_tensors(self, kind) -> np.ndarray:
+        missing = real["ids_without_rerank_tensors"](self, kind)
+        return missing if kind != "images" else missing[missing <= stored]
+
+    def ids_with_region_features(self, ids) -> np.ndarray:
+        source = sources(ids)
+        found = set(real["ids_with_region_features"](self, sorted(set(source.values()))).tolist())
+        return np.asarray(sorted(i for i, s in source.items() if s in found), dtype=np.int64)
+
+    aliases = {
+        "get_region_features": get_region_features,
+        "get_rerank_tensors": get_rerank_tensors,
+        "ids_without_rerank_tensors": ids_without_rerank_tensors,
+        "ids_with_region_features": ids_with_region_features,
+    }
+    real = {name: getattr(Corpus, name) for name in aliases}
+    for name, method in aliases.items():
+        setattr(Corpus, name, method)
+    try:
+        yield
+    finally:
+        for name, method in real.items():
+            setattr(Corpus, name, method)
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -274,14 +302,14 @@ def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, capti
         captions=captions,
     )
     build_s = time.perf_counter() - started
+    with aliased_region_features(args.stored_regions):
+        return _serve_and_measure(args, size, model, captions, settings, extractor, build_s)
+
+
+def _serve_and_measure(args, size, model, captions, settings, extractor, build_s):
     app = create_app(settings, model=model, extractor=extractor, static_dir=None)
     server = ServerThread(app).start(timeout_s=1800)
     runtime = app.state.service.runtime
-    if size > args.stored_regions:
-        alias_region_features(runtime.corpus, args.stored_regions)
-        # The startup rebuild found the aliased ids' rerank tensors missing in the store and
-        # would build them (GBs of writes) while the searches are timed; they read aliases.
-        runtime.rebuild.stop()
     factories = {k: v.factory for k, v in runtime.corpus.index_summaries().items()}
     print(f"\n== N = {size:,} images, {size * CAPTIONS_PER_IMAGE:,} captions "
           f"(written in {build_s:.0f} s; indexes {factories})")  # fmt: skip
