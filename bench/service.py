@@ -286,7 +286,14 @@ def measure(
 
 
 def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, captions: list[str]):
-    settings_dir = Path(tempfile.mkdtemp(prefix=f"campsearch-bench-{size}-"))
+    with tempfile.TemporaryDirectory(prefix=f"campsearch-bench-{size}-") as folder:
+        return _bench_in(Path(folder), args, size, model, captions)
+
+
+def _bench_in(
+    settings_dir: Path, args: argparse.Namespace, size: int, model: RetrievalModel, captions
+):
+    """`bench_size` in a data dir that is removed afterwards (15 GB at 100k images)."""
     settings = Settings(
         data_dir=settings_dir, _env_file=None, device=args.device, max_candidates=CANDIDATES
     )  # type: ignore[call-arg]
@@ -307,6 +314,7 @@ def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, capti
 
 
 def _serve_and_measure(args, size, model, captions, settings, extractor, build_s):
+    """Serve the written corpus and measure every direction, with and without the rerank."""
     app = create_app(settings, model=model, extractor=extractor, static_dir=None)
     server = ServerThread(app).start(timeout_s=1800)
     runtime = app.state.service.runtime
