@@ -354,14 +354,14 @@ class ImramScorer(nn.Module):
 
         The same steps, arranged for a CPU (bench/pair_floor.py): the element-wise work runs in
         place, the memory update into buffers reused from step to step, its biases and query
-        half added by the products themselves (`baddbmm`, `addmm`), written
-        lerp(c̃, q, g) = c̃ + g ⊙ (q - c̃) with tanh(x) = 2σ(2x) - 1 (torch's CPU tanh is
-        several times slower than its sigmoid); masks and the fragments' norms are taken once,
-        and on a CPU a mask that keeps every slot (one caption against K grid images) is not
-        applied at all. Where the context is
-        short next to the width (Image-IMRAM: a caption's words against d = 128), the attended
-        context c* = α C is never formed: its cosine with q⁰ needs only q⁰·c* = α (C q⁰) and
-        ||c*||² = α (C Cᵀ) αᵀ, products of [Q, C] and [C, C] tensors instead of [Q, d] ones.
+        half added by the products themselves (`baddbmm`, `addmm`), written lerp(c̃, q, g) =
+        c̃ + g ⊙ (q - c̃) with tanh(x) = 2σ(2x) - 1 (torch's CPU tanh is several times slower
+        than its sigmoid); masks and the fragments' norms are taken once, and on a CPU a mask
+        that keeps every slot (one caption against K grid images) is not applied at all.
+        Where the context is short next to the width (Image-IMRAM: a caption's words against
+        d = 128), the attended context c* = α C is never formed: its cosine with q⁰ needs only
+        q⁰·c* = α (C q⁰) and ||c*||² = α (C Cᵀ) αᵀ, products of [Q, C] and [C, C] tensors
+        instead of [Q, d] ones.
         `sides`: the direction's (fragments, their mask, context, its mask); `first_products`
         [P, C, Q] = C q⁰ (any layout): the first step's attention before its LeakyReLU, one
         product that serves both directions."""
