@@ -147,9 +147,11 @@ def text_request(text: str):
 
 
 def photo_request(photo: bytes, rng: random.Random):
-    data = photo + rng.randbytes(16)  # after the JPEG's end: a new sha256, same pixels
-
     def send(client: httpx.AsyncClient):
+        # A new tail after the JPEG's end at every send: a new sha256, the same pixels, so
+        # neither the corpus nor the upload-region cache knows the photo (drawn once per photo,
+        # every round after the first was answered from that cache).
+        data = photo + rng.randbytes(16)
         return client.post("/v1/search/captions", files={"file": ("q.jpg", data, "image/jpeg")})
 
     return send
