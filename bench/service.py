@@ -286,83 +286,77 @@ def measure(
 
 
 def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, captions: list[str]):
-    with tempfile.TemporaryDirectory(prefix=f"campsearch-bench-{size}-") as folder:
-        return _bench_in(Path(folder), args, size, model, captions)
+    """Write a corpus of `size` images, serve it and measure every direction with and without
+    the rerank; in a data dir removed afterwards (15 GB at 100k images), with the ids above
+    `--stored-regions` aliased from before the app opens its corpus."""
+    with (
+        tempfile.TemporaryDirectory(prefix=f"campsearch-bench-{size}-") as folder,
+        aliased_region_features(args.stored_regions),
+    ):
+        settings_dir = Path(folder)
+        settings = Settings(
+            data_dir=settings_dir, _env_file=None, device=args.device, max_candidates=CANDIDATES
+        )  # type: ignore[call-arg]
+        extractor = build_extractor(settings, model)
+        started = time.perf_counter()
+        write_synthetic_corpus(
+            settings_dir,
+            images=size,
+            stored_regions=args.stored_regions,
+            model=model,
+            extractor_name=extractor.name,
+            extractor_version=extractor.version,
+            captions=captions,
+        )
+        build_s = time.perf_counter() - started
+        app = create_app(settings, model=model, extractor=extractor, static_dir=None)
+        server = ServerThread(app).start(timeout_s=1800)
+        runtime = app.state.service.runtime
+        factories = {k: v.factory for k, v in runtime.corpus.index_summaries().items()}
+        print(f"\n== N = {size:,} images, {size * CAPTIONS_PER_IMAGE:,} captions "
+              f"(written in {build_s:.0f} s; indexes {factories})")  # fmt: skip
+        queries = captions[4::5]  # coco-mini's 5th captions
+        rng = np.random.default_rng(1)
+        image_ids = rng.integers(1, size + 1, size=100_000)
+        results = []
+        for direction in ("text->image", "image->caption"):
+            for rerank in (True, False):
 
+                def send(client: httpx.Client, i: int, direction=direction, rerank=rerank) -> None:
+                    options = {"limit": LIMIT, "candidates": CANDIDATES, "rerank": rerank}
+                    if direction == "text->image":
+                        body = {"text": queries[i % len(queries)], **options}
+                        response = client.post("/v1/search/images", json=body)
+                    else:
+                        body = {"image_id": int(image_ids[i]), **options}
+                        response = client.post("/v1/search/captions", json=body)
+                    response.raise_for_status()
 
-def _bench_in(
-    settings_dir: Path, args: argparse.Namespace, size: int, model: RetrievalModel, captions
-):
-    """`bench_size` in a data dir that is removed afterwards (15 GB at 100k images)."""
-    settings = Settings(
-        data_dir=settings_dir, _env_file=None, device=args.device, max_candidates=CANDIDATES
-    )  # type: ignore[call-arg]
-    extractor = build_extractor(settings, model)
-    started = time.perf_counter()
-    write_synthetic_corpus(
-        settings_dir,
-        images=size,
-        stored_regions=args.stored_regions,
-        model=model,
-        extractor_name=extractor.name,
-        extractor_version=extractor.version,
-        captions=captions,
-    )
-    build_s = time.perf_counter() - started
-    with aliased_region_features(args.stored_regions):
-        return _serve_and_measure(args, size, model, captions, settings, extractor, build_s)
-
-
-def _serve_and_measure(args, size, model, captions, settings, extractor, build_s):
-    """Serve the written corpus and measure every direction, with and without the rerank."""
-    app = create_app(settings, model=model, extractor=extractor, static_dir=None)
-    server = ServerThread(app).start(timeout_s=1800)
-    runtime = app.state.service.runtime
-    factories = {k: v.factory for k, v in runtime.corpus.index_summaries().items()}
-    print(f"\n== N = {size:,} images, {size * CAPTIONS_PER_IMAGE:,} captions "
-          f"(written in {build_s:.0f} s; indexes {factories})")  # fmt: skip
-    queries = captions[4::5]  # coco-mini's 5th captions
-    rng = np.random.default_rng(1)
-    image_ids = rng.integers(1, size + 1, size=100_000)
-    results = []
-    for direction in ("text->image", "image->caption"):
-        for rerank in (True, False):
-
-            def send(client: httpx.Client, i: int, direction=direction, rerank=rerank) -> None:
-                options = {"limit": LIMIT, "candidates": CANDIDATES, "rerank": rerank}
-                if direction == "text->image":
-                    body = {"text": queries[i % len(queries)], **options}
-                    response = client.post("/v1/search/images", json=body)
-                else:
-                    body = {"image_id": int(image_ids[i]), **options}
-                    response = client.post("/v1/search/captions", json=body)
-                response.raise_for_status()
-
-            measure(send, server.url, 4, 1)  # warm-up
-            for clients, requests in ((1, args.requests), (16, args.concurrent_requests)):
-                row = {"size": size, "direction": direction, "rerank": rerank}
-                row.update(measure(send, server.url, requests, clients))
-                results.append(row)
+                measure(send, server.url, 4, 1)  # warm-up
+                for clients, requests in ((1, args.requests), (16, args.concurrent_requests)):
+                    row = {"size": size, "direction": direction, "rerank": rerank}
+                    row.update(measure(send, server.url, requests, clients))
+                    results.append(row)
+                    print(
+                        f"{direction:15s} rerank={rerank!s:5s} clients={clients:2d}  "
+                        f"p50 {row['p50']:8.1f}  p95 {row['p95']:8.1f}  p99 {row['p99']:8.1f} ms  "
+                        f"{row['throughput_qps']:7.2f} q/s"
+                    )
+        server.stop()
+        for direction in ("text->image", "image->caption"):
+            for clients in (1, CONCURRENT_CLIENTS):
+                pick = {
+                    r["rerank"]: r
+                    for r in results
+                    if r["direction"] == direction and r["clients"] == clients
+                }
+                slower = pick[True]["p50"] / pick[False]["p50"]
+                fewer = pick[False]["throughput_qps"] / pick[True]["throughput_qps"]
                 print(
-                    f"{direction:15s} rerank={rerank!s:5s} clients={clients:2d}  "
-                    f"p50 {row['p50']:8.1f}  p95 {row['p95']:8.1f}  p99 {row['p99']:8.1f} ms  "
-                    f"{row['throughput_qps']:7.2f} q/s"
+                    f"{direction:15s} clients={clients:2d}: reranking costs x{slower:.1f} p50 "
+                    f"latency and x{fewer:.1f} throughput"
                 )
-    server.stop()
-    for direction in ("text->image", "image->caption"):
-        for clients in (1, CONCURRENT_CLIENTS):
-            pick = {
-                r["rerank"]: r
-                for r in results
-                if r["direction"] == direction and r["clients"] == clients
-            }
-            slower = pick[True]["p50"] / pick[False]["p50"]
-            fewer = pick[False]["throughput_qps"] / pick[True]["throughput_qps"]
-            print(
-                f"{direction:15s} clients={clients:2d}: reranking costs x{slower:.1f} p50 "
-                f"latency and x{fewer:.1f} throughput"
-            )
-    return results, build_s
+        return results, build_s
 
 
 def main() -> None:
