@@ -11,9 +11,10 @@ default model on the CPU and 100 candidates, as a text search has them:
 * FAISS threads: one query against a flat index of `--vectors` shortlist vectors, after an idle
   gap of 20 ms (as between two searches), on one OpenMP thread against every core's, in
   alternating blocks of 10 searches;
-* stored tensors: 100 stored float16 image records turned into float32 tensors, one numpy
-  conversion per tensor per record (before) against one stack and one torch conversion per
-  tensor (`image_tensors_many`), on 1 torch thread (the service's default) and on one per core.
+* stored tensors: a search's 100 cache misses, stored float16 image records turned into the
+  float32 tensors the in-process cache keeps, each item owning its memory: one stack and one
+  conversion per tensor, then every item's rows copied out of the batch (the code before),
+  against one conversion per record and tensor (`image_tensors_many`), on 1 torch thread.
 
 Prints each pair with its ratio and the load average (the machine may be shared), and writes
 them as JSON with --json.
@@ -27,24 +28,24 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
-# Run as a script, this folder comes first on sys.path, and bench/service.py would shadow the
-# `service` package: the folder goes last (for bench/timing.py).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+# The repository before this folder: bench/service.py would shadow the `service` package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import interleaved  # noqa: E402
+from timing import interleaved
 
-from index.codec import decode_arrays, encode_arrays  # noqa: E402
-from model.architecture.precompute import ImagePrecompute  # noqa: E402
-from model.retrieval import RetrievalModel  # noqa: E402
-from service.search.rerank import PairReranker, RerankJob  # noqa: E402
-from service.search.stored_tensors import (  # noqa: E402
+from index.codec import decode_arrays, encode_arrays
+from model.retrieval import RetrievalModel
+from service.search.pipeline import _compacted
+from service.search.rerank import PairReranker, RerankJob
+from service.search.stored_tensors import (
     ImageTensors,
     caption_record,
     caption_tensors,
@@ -120,34 +121,44 @@ def faiss_threads(vectors: int, repeats: int) -> dict:
     return medians_ms(times)
 
 
-def stored_decoding(records: dict[int, dict[str, np.ndarray]], repeats: int) -> dict:
+def stored_decoding(
+    records: dict[int, dict[str, np.ndarray]], image_type: type, repeats: int
+) -> dict:
+    """A search's cache misses, from stored records to the tensors the in-process cache keeps
+    (each item owning its memory), on 1 torch thread (the service's default)."""
     device = torch.device("cpu")
+    names = tuple(f.name for f in fields(image_type) if f.name != "region_counts")
 
-    def one_by_one():
-        """The conversion searches made before: one float32 copy per tensor per record."""
+    def stacked_then_copied():
+        """The code before: per tensor one stack of the records and one conversion, each
+        item a row of that batch, then each row copied out of it for the cache."""
+        batch = {
+            name: torch.from_numpy(np.stack([r[name] for r in records.values()])).float()
+            for name in names
+        }
+        counts = torch.full((len(records),), REGIONS, dtype=torch.int64)
+        decoded = {}
+        for row, (item_id, record) in enumerate(records.items()):
+            precompute = image_type(
+                region_counts=counts[row : row + 1],
+                **{name: batch[name][row : row + 1] for name in names},
+            )
+            width, height = (int(v) for v in record["image_size"])
+            decoded[item_id] = ImageTensors(precompute, np.array(record["boxes"]), (width, height))
         return {
-            item_id: {
-                name: torch.from_numpy(np.array(array, dtype=np.float32)[None]).to(device)
-                for name, array in record.items()
-                if name not in ("boxes", "image_size")
-            }
-            for item_id, record in records.items()
+            item_id: replace(item, precompute=_compacted(item.precompute))
+            for item_id, item in decoded.items()
         }
 
+    def per_record():
+        return image_tensors_many(records, device, image_type)
+
     cores = torch.get_num_threads()
-
-    def one_pass(threads: int):
-        def run():
-            torch.set_num_threads(threads)
-            return image_tensors_many(records, device)
-
-        return run
-
+    torch.set_num_threads(1)
     seconds, _ = interleaved(
         {
-            "per record and tensor": one_by_one,
-            "one pass per tensor, 1 torch thread": one_pass(1),
-            f"one pass per tensor, {cores} torch threads": one_pass(cores),
+            "one stack and conversion per tensor, rows copied for the cache": stacked_then_copied,
+            "one conversion per record and tensor (image_tensors_many)": per_record,
         },
         repeats,
     )
@@ -174,10 +185,14 @@ def main() -> None:
         )
         for row, item_id in enumerate(range(1, CANDIDATES + 1))
     }
-    images = tuple(t.precompute for t in image_tensors_many(records, model.device).values())
-    images = tuple(ImagePrecompute.cat([image]) for image in images)  # each owns its memory
+    image_type, caption_type = model.reranker.image_precompute, model.reranker.caption_precompute
+    images = tuple(
+        t.precompute for t in image_tensors_many(records, model.device, image_type).values()
+    )
     query = caption_tensors(
-        caption_record(model.encode_texts([QUERIES[0]]).precompute.select([0])), model.device
+        caption_record(model.encode_texts([QUERIES[0]]).precompute.select([0])),
+        model.device,
+        caption_type,
     )
     scores = np.linspace(0.5, 0.1, CANDIDATES, dtype=np.float32)
     job = RerankJob(images=images, captions=(query,), shortlist_scores=scores)
@@ -185,7 +200,7 @@ def main() -> None:
     figures = {
         "torch_threads_ms": torch_threads(model, job, args.repeats),
         "faiss_threads_ms": faiss_threads(args.vectors, args.repeats),
-        "stored_decoding_ms": stored_decoding(records, args.repeats),
+        "stored_decoding_ms": stored_decoding(records, image_type, args.repeats),
     }
     for section, ways in figures.items():
         (first, reference), *others = ways.items()

@@ -127,8 +127,9 @@ def test_a_tensor_that_overflows_float16_is_refused(model, jobs) -> None:
 
 
 def test_records_decoded_together_equal_each_decoded_alone(model, jobs) -> None:
-    """A search decodes its records in one pass per tensor and shape: the same values, in the
-    records' order, for images of several region counts and captions of several lengths."""
+    """A search decodes its records together: the same values, in the records' order, for
+    images of several region counts and captions of several lengths, each item's tensors in
+    memory of their own (the cache keeps items one by one: a row of a batch would pin it)."""
     rng = np.random.default_rng(1)
     images = []
     for regions in (49, 12, 49, 30, 12):
@@ -160,10 +161,12 @@ def test_records_decoded_together_equal_each_decoded_alone(model, jobs) -> None:
 
 
 def _assert_record_values(decoded, record) -> None:
-    """Every stored array of `record`, widened to float32, is the decoded item's tensor [1, ...]."""
+    """Every stored array of `record`, widened to float32, is the decoded item's tensor [1, ...],
+    which holds exactly its own elements."""
     for name, array in record.items():
         if name in ("boxes", "image_size"):
             continue
         tensor = getattr(decoded, name)
         assert tensor.dtype == torch.float32 and tensor.shape == (1, *array.shape)
         np.testing.assert_array_equal(tensor[0].cpu().numpy(), array.astype(np.float32))
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()

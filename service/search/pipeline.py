@@ -396,7 +396,6 @@ class SearchPipeline:
             decode=lambda records, device: image_tensors_many(
                 records, device, self.model.reranker.image_precompute
             ),
-            own=lambda item: replace(item, precompute=_compacted(item.precompute)),
             compute=lambda unstored: self.computed_image_tensors(
                 self.corpus.get_region_features(unstored)
             ),
@@ -433,7 +432,6 @@ class SearchPipeline:
             decode=lambda records, device: caption_tensors_many(
                 records, device, self.model.reranker.caption_precompute
             ),
-            own=_compacted,
             compute=encoded,
         )
 
@@ -445,14 +443,12 @@ class SearchPipeline:
         found: dict[int, Any],
         *,
         decode: Callable[[dict[int, Any], torch.device], dict[int, Any]],
-        own: Callable[[Any], Any],
         compute: Callable[[list[int]], dict[int, Any]],
     ) -> dict[int, Any]:
         """`ids`' rerank tensors, in order, of the items that exist: `found` (the LRU's hits),
-        then the stored records of the misses (`decode`d all at once: their tensors are rows
-        of shared batches), then `compute` for items without them. What was read or computed
-        goes into `lru` when it keeps anything, decoded items as copies that `own` their
-        memory (a row would pin its whole batch); with the LRU off nothing is copied."""
+        then the stored records of the misses (`decode`d all at once), then `compute` for
+        items without them. What was read or computed goes into `lru` when it keeps anything:
+        both give items whose tensors own their memory, so caching one pins nothing else."""
         label = kind.removesuffix("s")  # the metric's "image" / "caption"
         self.metrics.precompute_cache.labels(label, "hit").inc(len(found))
         missing = [i for i in ids if i not in found]
@@ -460,8 +456,6 @@ class SearchPipeline:
             return found
         built = decode(self.corpus.get_rerank_tensors(kind, missing), self.model.device)
         self.metrics.precompute_cache.labels(label, "stored").inc(len(built))
-        if lru.max_bytes > 0:
-            built = {item_id: own(item) for item_id, item in built.items()}
         unstored = [i for i in missing if i not in built]
         if unstored:
             self.metrics.precompute_cache.labels(label, "miss").inc(len(unstored))

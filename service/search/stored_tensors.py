@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from model.architecture.precompute import CaptionPrecompute, ImagePrecompute
 from model.types import RegionFeatures
@@ -80,25 +81,20 @@ def image_tensors_many(
     records: Mapping[int, Record], device: torch.device, precompute_type: type = ImagePrecompute
 ) -> dict[int, ImageTensors]:
     """Images' tensors (of `precompute_type`) from their stored records, float32 on `device`,
-    in the records' order.
-
-    Records of one region count are decoded together: per tensor one stack of the float16
-    views and one conversion, not one per record (100 records: 7 conversions, not 700). Each
-    item's tensors are rows of those batches (views: `_compacted` them before caching)."""
+    in the records' order; each item's tensors own their memory (`_decoded`), so a cache may
+    keep any of them alone."""
     names = _stored(precompute_type, _IMAGE_COUNTS)
     decoded: dict[int, ImageTensors] = {}
     for ids, group in _same_shapes(records, "regions"):
-        batch = _stacked(group, names, device)
-        counts = torch.full((len(ids),), group[0]["regions"].shape[0], dtype=torch.int64)
-        counts = counts.to(device)
-        for row, (item_id, record) in enumerate(zip(ids, group, strict=True)):
-            precompute = precompute_type(
-                region_counts=counts[row : row + 1],
-                **{name: tensor[row : row + 1] for name, tensor in batch.items()},
-            )
+        counts = _count(group, "regions", device)
+        for item_id, record, tensors in zip(
+            ids, group, _decoded(group, names, device), strict=True
+        ):
             width, height = (int(v) for v in record[IMAGE_SIZE_KEY])
             decoded[item_id] = ImageTensors(
-                precompute, np.array(record[BOXES_KEY]), (width, height)
+                precompute_type(region_counts=counts, **tensors),
+                np.array(record[BOXES_KEY]),
+                (width, height),
             )
     return {item_id: decoded[item_id] for item_id in records}
 
@@ -122,19 +118,13 @@ def caption_tensors_many(
     records: Mapping[int, Record], device: torch.device, precompute_type: type = CaptionPrecompute
 ) -> dict[int, CaptionPrecompute]:
     """Captions' tensors (of `precompute_type`) from their stored records, float32 on `device`,
-    in the records' order: records of one length decoded together, as `image_tensors_many`
-    does."""
+    in the records' order, decoded as `image_tensors_many` decodes images."""
     names = _stored(precompute_type, _CAPTION_COUNTS)
     decoded: dict[int, CaptionPrecompute] = {}
     for ids, group in _same_shapes(records, "words"):
-        batch = _stacked(group, names, device)
-        lengths = torch.full((len(ids),), group[0]["words"].shape[0], dtype=torch.int64)
-        lengths = lengths.to(device)
-        for row, item_id in enumerate(ids):
-            decoded[item_id] = precompute_type(
-                lengths=lengths[row : row + 1],
-                **{name: tensor[row : row + 1] for name, tensor in batch.items()},
-            )
+        lengths = _count(group, "words", device)
+        for item_id, tensors in zip(ids, _decoded(group, names, device), strict=True):
+            decoded[item_id] = precompute_type(lengths=lengths, **tensors)
     return {item_id: decoded[item_id] for item_id in records}
 
 
@@ -177,14 +167,34 @@ def _same_shapes(records: Mapping[int, Record], key: str) -> list[tuple[list[int
     return list(groups.values())
 
 
-def _stacked(
+def _decoded(
     group: list[Record], names: tuple[str, ...], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """{name: float32 [n, ...] on `device`}: the records' float16 arrays stacked (one copy into
-    memory this process owns; the records are read-only views), then converted once."""
-    return {
+) -> list[dict[str, Tensor]]:
+    """Per record of one shape, {name: float32 [1, ...] on `device`}, each tensor owning its
+    memory.
+
+    On a CPU each is its record's float16 array widened in one copy (the search's misses go
+    to the cache as they are; stacking them into a batch and copying each row out again
+    cost two more passes, and large short-lived buffers). On a GPU the records travel as one
+    stacked batch per tensor (one host-to-device copy, not one per record), then each row is
+    copied out on the device."""
+    if device.type == "cpu":
+        return [
+            {name: torch.tensor(record[name][None], dtype=torch.float32) for name in names}
+            for record in group
+        ]
+    batch = {
         name: torch.from_numpy(np.stack([record[name] for record in group])).to(
             device=device, dtype=torch.float32
         )
         for name in names
     }
+    return [
+        {name: batch[name][row : row + 1].clone() for name in names} for row in range(len(group))
+    ]
+
+
+def _count(group: list[Record], key: str, device: torch.device) -> Tensor:
+    """The region count or length (`key`'s rows) that records of one shape share: one [1]
+    int64 tensor on `device` for all of them (never written to)."""
+    return torch.tensor([group[0][key].shape[0]], dtype=torch.int64, device=device)
