@@ -362,7 +362,8 @@ class SearchPipeline:
         self, ids: Sequence[int], held: contextlib.AsyncExitStack
     ) -> dict[int, ImageTensors]:
         """`tensors_of_images`, once the search's share of `search_memory` is reserved in
-        `held` (it waits there, within the request timeout, while the budget is spent)."""
+        `held` (it waits there, within the request timeout, while the budget is spent). When
+        the LRU holds every candidate nothing is read: no worker thread is needed."""
         found = self.image_tensors.get_many(ids)
         misses = len(ids) - len(found)
         await held.enter_async_context(
@@ -370,16 +371,22 @@ class SearchPipeline:
                 len(ids) * self._bytes_per_image + misses * self._bytes_per_image_miss
             )
         )
+        if not misses:
+            return self.tensors_of_images(ids, found=found)
         return await asyncio.to_thread(self.tensors_of_images, ids, found=found)
 
     async def _hold_caption_tensors(
         self, ids: Sequence[int], held: contextlib.AsyncExitStack
     ) -> dict[int, CaptionPrecompute]:
-        """`tensors_of_captions`, once the search's share of `search_memory` is reserved."""
+        """`tensors_of_captions`, once the search's share of `search_memory` is reserved; on
+        the event loop when the LRU holds every candidate, as for images."""
         await held.enter_async_context(
             self.search_memory.reserve(len(ids) * self._bytes_per_caption)
         )
-        return await asyncio.to_thread(self.tensors_of_captions, ids)
+        found = self.caption_tensors.get_many(ids)
+        if len(found) == len(ids):
+            return self.tensors_of_captions(ids, found=found)
+        return await asyncio.to_thread(self.tensors_of_captions, ids, found=found)
 
     def tensors_of_images(
         self, ids: Sequence[int], *, found: dict[int, ImageTensors] | None = None
@@ -416,9 +423,12 @@ class SearchPipeline:
             built[image_id] = ImageTensors.of(_compacted(own), stored[image_id])
         return built
 
-    def tensors_of_captions(self, ids: Sequence[int]) -> dict[int, CaptionPrecompute]:
-        """Rerank tensors of the captions that exist: LRU hits, then stored tensors (one
-        round trip); only captions without them are re-encoded, in one call."""
+    def tensors_of_captions(
+        self, ids: Sequence[int], *, found: dict[int, CaptionPrecompute] | None = None
+    ) -> dict[int, CaptionPrecompute]:
+        """Rerank tensors of the captions that exist: LRU hits (or `found`, hits the caller
+        already looked up), then stored tensors (one round trip); only captions without them
+        are re-encoded, in one call."""
 
         def encoded(unstored: list[int]) -> dict[int, CaptionPrecompute]:
             records = self.corpus.get_captions(unstored)
@@ -428,7 +438,7 @@ class SearchPipeline:
             "captions",
             ids,
             self.caption_tensors,
-            self.caption_tensors.get_many(ids),
+            self.caption_tensors.get_many(ids) if found is None else found,
             decode=lambda records, device: caption_tensors_many(
                 records, device, self.model.reranker.caption_precompute
             ),
