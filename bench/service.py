@@ -5,7 +5,9 @@ data directory (catalog rows, 5 captions per image with real coco-mini texts, ra
 shortlist vectors, random float16 49x1280 region features and the rerank tensors ingest
 stores with them, computed by the model), the real app opens it (its
 recovery rule builds the FAISS indexes from the store, with the "auto" factory) and uvicorn
-serves it on a free port with the shipped default model. Then, for text -> images (held-out
+serves it on a free port with the shipped default model, in a process of its own (this script
+again, `--serve`), as `camp-search serve` runs: the timed clients' threads do not share the
+server's interpreter. Then, for text -> images (held-out
 coco-mini captions) and image -> captions (by stored image id), with and without the
 reranker, K = 100 candidates, limit 10:
   * sequential: one client, `--requests` queries;
@@ -29,8 +31,10 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -82,33 +86,56 @@ SHARED_DIR = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 COCO_MANIFEST = SHARED_DIR / "data" / "coco-mini" / "manifest.jsonl"
 
 
-class ServerThread:
-    """uvicorn serving an app on a free port in a thread (real sockets, real HTTP)."""
+class ServerProcess:
+    """This script with `--serve`: the real app on a free port, in a process of its own."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        command = [sys.executable, __file__, "--serve", str(data_dir), "--port", str(port)]
+        command += ["--stored-regions", str(args.stored_regions), "--device", args.device]
+        if args.checkpoint is not None:
+            command += ["--checkpoint", str(args.checkpoint)]
+        self.process = subprocess.Popen(command)
 
-    def start(self, timeout_s: float) -> ServerThread:
-        self.thread.start()
+    def start(self, timeout_s: float) -> ServerProcess:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.thread.is_alive():
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.2)
+        self.stop()
         raise RuntimeError(f"the server on {self.url} did not become ready")
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=120)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def serve(args: argparse.Namespace) -> None:
+    """`--serve DATA_DIR`: open the written corpus with the real app, its aliased ids installed
+    first (`aliased_region_features`), and serve it on `--port` until SIGTERM."""
+    with aliased_region_features(args.stored_regions):
+        settings = bench_settings(args.serve, args.device)
+        model = RetrievalModel.load(args.checkpoint, device=args.device)
+        extractor = build_extractor(settings, model)
+        app = create_app(settings, model=model, extractor=extractor, static_dir=None)
+        config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.Server(config).run()
+
+
+def bench_settings(data_dir: Path, device: str) -> Settings:
+    return Settings(data_dir=data_dir, _env_file=None, device=device, max_candidates=CANDIDATES)  # type: ignore[call-arg]
 
 
 def coco_captions() -> list[str]:
@@ -286,21 +313,15 @@ def measure(
 
 
 def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, captions: list[str]):
-    """Write a corpus of `size` images, serve it and measure every direction with and without
-    the rerank; in a data dir removed afterwards (15 GB at 100k images), with the ids above
-    `--stored-regions` aliased from before the app opens its corpus."""
-    with (
-        tempfile.TemporaryDirectory(prefix=f"campsearch-bench-{size}-") as folder,
-        aliased_region_features(args.stored_regions),
-    ):
-        settings_dir = Path(folder)
-        settings = Settings(
-            data_dir=settings_dir, _env_file=None, device=args.device, max_candidates=CANDIDATES
-        )  # type: ignore[call-arg]
-        extractor = build_extractor(settings, model)
+    """Write a corpus of `size` images, serve it (`ServerProcess`, its ids above
+    `--stored-regions` aliased) and measure every direction with and without the rerank; in a
+    data dir removed afterwards (15 GB at 100k images)."""
+    with tempfile.TemporaryDirectory(prefix=f"campsearch-bench-{size}-") as folder:
+        data_dir = Path(folder)
+        extractor = build_extractor(bench_settings(data_dir, args.device), model)
         started = time.perf_counter()
         write_synthetic_corpus(
-            settings_dir,
+            data_dir,
             images=size,
             stored_regions=args.stored_regions,
             model=model,
@@ -309,54 +330,64 @@ def bench_size(args: argparse.Namespace, size: int, model: RetrievalModel, capti
             captions=captions,
         )
         build_s = time.perf_counter() - started
-        app = create_app(settings, model=model, extractor=extractor, static_dir=None)
-        server = ServerThread(app).start(timeout_s=1800)
-        runtime = app.state.service.runtime
-        factories = {k: v.factory for k, v in runtime.corpus.index_summaries().items()}
-        print(f"\n== N = {size:,} images, {size * CAPTIONS_PER_IMAGE:,} captions "
-              f"(written in {build_s:.0f} s; indexes {factories})")  # fmt: skip
-        queries = captions[4::5]  # coco-mini's 5th captions
-        rng = np.random.default_rng(1)
-        image_ids = rng.integers(1, size + 1, size=100_000)
-        results = []
-        for direction in ("text->image", "image->caption"):
-            for rerank in (True, False):
+        server = ServerProcess(args, data_dir)
+        try:
+            server.start(timeout_s=1800)
+            factories = httpx.get(f"{server.url}/v1/info", timeout=30).json()["index_factories"]
+            print(f"\n== N = {size:,} images, {size * CAPTIONS_PER_IMAGE:,} captions "
+                  f"(written in {build_s:.0f} s; indexes {factories})")  # fmt: skip
+            results = measure_directions(server.url, size, captions, args)
+        finally:
+            server.stop()
+    for direction in ("text->image", "image->caption"):
+        for clients in (1, CONCURRENT_CLIENTS):
+            pick = {
+                r["rerank"]: r
+                for r in results
+                if r["direction"] == direction and r["clients"] == clients
+            }
+            slower = pick[True]["p50"] / pick[False]["p50"]
+            fewer = pick[False]["throughput_qps"] / pick[True]["throughput_qps"]
+            print(
+                f"{direction:15s} clients={clients:2d}: reranking costs x{slower:.1f} p50 "
+                f"latency and x{fewer:.1f} throughput"
+            )
+    return results, build_s
 
-                def send(client: httpx.Client, i: int, direction=direction, rerank=rerank) -> None:
-                    options = {"limit": LIMIT, "candidates": CANDIDATES, "rerank": rerank}
-                    if direction == "text->image":
-                        body = {"text": queries[i % len(queries)], **options}
-                        response = client.post("/v1/search/images", json=body)
-                    else:
-                        body = {"image_id": int(image_ids[i]), **options}
-                        response = client.post("/v1/search/captions", json=body)
-                    response.raise_for_status()
 
-                measure(send, server.url, 4, 1)  # warm-up
-                for clients, requests in ((1, args.requests), (16, args.concurrent_requests)):
-                    row = {"size": size, "direction": direction, "rerank": rerank}
-                    row.update(measure(send, server.url, requests, clients))
-                    results.append(row)
-                    print(
-                        f"{direction:15s} rerank={rerank!s:5s} clients={clients:2d}  "
-                        f"p50 {row['p50']:8.1f}  p95 {row['p95']:8.1f}  p99 {row['p99']:8.1f} ms  "
-                        f"{row['throughput_qps']:7.2f} q/s"
-                    )
-        server.stop()
-        for direction in ("text->image", "image->caption"):
-            for clients in (1, CONCURRENT_CLIENTS):
-                pick = {
-                    r["rerank"]: r
-                    for r in results
-                    if r["direction"] == direction and r["clients"] == clients
-                }
-                slower = pick[True]["p50"] / pick[False]["p50"]
-                fewer = pick[False]["throughput_qps"] / pick[True]["throughput_qps"]
+def measure_directions(
+    url: str, size: int, captions: list[str], args: argparse.Namespace
+) -> list[dict]:
+    """Text -> images (held-out captions) and image -> captions (stored ids), with and without
+    the rerank, one client and 16: a row of figures each."""
+    queries = captions[4::5]  # coco-mini's 5th captions
+    rng = np.random.default_rng(1)
+    image_ids = rng.integers(1, size + 1, size=100_000)
+    results = []
+    for direction in ("text->image", "image->caption"):
+        for rerank in (True, False):
+
+            def send(client: httpx.Client, i: int, direction=direction, rerank=rerank) -> None:
+                options = {"limit": LIMIT, "candidates": CANDIDATES, "rerank": rerank}
+                if direction == "text->image":
+                    body = {"text": queries[i % len(queries)], **options}
+                    response = client.post("/v1/search/images", json=body)
+                else:
+                    body = {"image_id": int(image_ids[i]), **options}
+                    response = client.post("/v1/search/captions", json=body)
+                response.raise_for_status()
+
+            measure(send, url, 4, 1)  # warm-up
+            for clients, requests in ((1, args.requests), (16, args.concurrent_requests)):
+                row = {"size": size, "direction": direction, "rerank": rerank}
+                row.update(measure(send, url, requests, clients))
+                results.append(row)
                 print(
-                    f"{direction:15s} clients={clients:2d}: reranking costs x{slower:.1f} p50 "
-                    f"latency and x{fewer:.1f} throughput"
+                    f"{direction:15s} rerank={rerank!s:5s} clients={clients:2d}  "
+                    f"p50 {row['p50']:8.1f}  p95 {row['p95']:8.1f}  p99 {row['p99']:8.1f} ms  "
+                    f"{row['throughput_qps']:7.2f} q/s"
                 )
-        return results, build_s
+    return results
 
 
 def main() -> None:
@@ -368,13 +399,19 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # ServerProcess's child
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve is not None:
+        serve(args)
+        return
 
     model = RetrievalModel.load(args.checkpoint, device=args.device)
+    server_threads = bench_settings(REPO, args.device).threads_per_torch_call  # the service's own
     device = str(model.device)
     gpu = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None
     print(f"model {model.version} on {device}{f' ({gpu})' if gpu else ''}, "
-          f"torch threads {torch.get_num_threads()}, K={CANDIDATES}, limit={LIMIT}")  # fmt: skip
+          f"server torch threads {server_threads}, K={CANDIDATES}, limit={LIMIT}")  # fmt: skip
     captions = coco_captions()
     all_rows, builds = [], {}
     for size in args.sizes:
@@ -389,7 +426,7 @@ def main() -> None:
                     "model": model.version,
                     "device": device,
                     "gpu": gpu,
-                    "torch_threads": torch.get_num_threads(),
+                    "server_torch_threads": server_threads,
                     "candidates": CANDIDATES,
                     "limit": LIMIT,
                     "stored_regions": args.stored_regions,
