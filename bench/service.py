@@ -135,7 +135,10 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def bench_settings(data_dir: Path, device: str) -> Settings:
-    return Settings(data_dir=data_dir, _env_file=None, device=device, max_candidates=CANDIDATES)  # type: ignore[call-arg]
+    """The service's own defaults (no .env file) over a bench data dir."""
+    return Settings(  # type: ignore[call-arg]
+        data_dir=data_dir, _env_file=None, device=device, max_candidates=CANDIDATES
+    )
 
 
 def coco_captions() -> list[str]:
