@@ -137,6 +137,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_server(process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (the service's graceful shutdown), then SIGKILL past `timeout_s`."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def start_server(
     workdir: Path,
     port: int,
@@ -450,11 +462,7 @@ async def main_async(args: argparse.Namespace, extra_env: dict[str, str] | None 
             result["rss_after_idle_mib"] = round(rss_mib(process.pid), 1)
         return result
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process, timeout_s=30)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -31,8 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,10 +46,13 @@ import numpy as np
 import torch
 import uvicorn
 
-# This file is named like the `service` package: run as a script, its folder is first on
-# sys.path and would shadow the package.
+# This file is named like the `service` package: the repository goes before this folder on
+# sys.path (run as a script, the folder comes first and would shadow the package).
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
+sys.path.append(str(_HERE))  # bench/load.py
+
+from load import free_port, stop_server  # noqa: E402
 
 from index.catalog import CaptionRecord, Catalog, ImageRecord  # noqa: E402
 from index.corpus import (  # noqa: E402
@@ -90,9 +91,7 @@ class ServerProcess:
     """This script with `--serve`: the real app on a free port, in a process of its own."""
 
     def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = [sys.executable, __file__, "--serve", str(data_dir), "--port", str(port)]
         command += ["--stored-regions", str(args.stored_regions), "--device", args.device]
@@ -113,13 +112,7 @@ class ServerProcess:
         raise RuntimeError(f"the server on {self.url} did not become ready")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_server(self.process, timeout_s=120)
 
 
 def serve(args: argparse.Namespace) -> None:
