@@ -138,7 +138,8 @@ def free_port() -> int:
 
 
 def stop_server(process: subprocess.Popen, timeout_s: float = 60) -> None:
-    """SIGTERM (the service's graceful shutdown), then SIGKILL past `timeout_s`."""
+    """SIGTERM (the service's graceful shutdown: it saves its indexes), then SIGKILL past
+    `timeout_s`. The benches' and the tests' servers alike."""
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)

@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis_server import RedisServer, redis_server_binary
-from ui_stack import NGINX, IngestedPhoto, NginxServer, free_port, ingest_coco_mini, stop_process
+from ui_stack import NGINX, IngestedPhoto, NginxServer, free_port, ingest_coco_mini, stop_server
 
 pytestmark = pytest.mark.image
 
@@ -491,7 +491,7 @@ def test_image_installs_serves_and_searches(image, image_root, redis_url, shared
     finally:
         if frontend is not None:
             frontend.stop()
-        stop_process(server)
+        stop_server(server, timeout_s=15)
     # uvicorn shuts down gracefully on SIGTERM, then ends by the same signal.
     assert server.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
     assert "Application shutdown complete" in log.read_text()

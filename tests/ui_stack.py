@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from bench.load import stop_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATIC_DIR = REPO_ROOT / "service" / "static"
@@ -77,17 +78,6 @@ def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen) -> Non
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
-    """SIGTERM (graceful: the API saves its indexes), then SIGKILL if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- the API ---------------------------------------------------------------------------------
@@ -153,7 +143,7 @@ class ApiServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_process(self.process)
+            stop_server(self.process, timeout_s=15)
 
 
 @dataclass(frozen=True)
@@ -290,7 +280,7 @@ class NginxServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_process(self.process, timeout_s=5)
+            stop_server(self.process, timeout_s=5)
 
 
 # --- the browser -------------------------------------------------------------------------------
