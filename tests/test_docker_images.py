@@ -47,7 +47,9 @@ from pathlib import Path
 import httpx
 import pytest
 from redis_server import RedisServer, redis_server_binary
-from ui_stack import NGINX, IngestedPhoto, NginxServer, free_port, ingest_coco_mini, stop_server
+from ui_stack import NGINX, IngestedPhoto, NginxServer, free_port, ingest_coco_mini
+
+from bench.load import stop_server
 
 pytestmark = pytest.mark.image
 
